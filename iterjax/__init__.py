@@ -1,0 +1,25 @@
+"""iterjax: iterative computation as composable, pure JAX transformations."""
+
+from . import linear as linear
+from ._iterate import AbstractFixedPointSolver as AbstractFixedPointSolver
+from ._iterate import iterative_solve as iterative_solve
+from ._solution import NonConvergenceError as NonConvergenceError
+from ._solution import Solution as Solution
+from .fixed_point import Anderson as Anderson
+from .fixed_point import Broyden as Broyden
+from .fixed_point import Halpern as Halpern
+from .fixed_point import Newton as Newton
+from .fixed_point import Picard as Picard
+from .fixed_point import fixed_point as fixed_point
+from .fixed_point import root as root
+from .implicit import AbstractAdjoint as AbstractAdjoint
+from .implicit import ImplicitAdjoint as ImplicitAdjoint
+from .implicit import PhantomAdjoint as PhantomAdjoint
+from .implicit import UnrolledAdjoint as UnrolledAdjoint
+from .linear import CG as CG
+from .linear import GMRES as GMRES
+from .linear import BiCGStab as BiCGStab
+from .linear import Neumann as Neumann
+from .linear import Richardson as Richardson
+
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""The one driver loop behind every iterative solver.
+
+A solver is an immutable pytree of hyperparameters with three pure methods::
+
+    state = solver.init(fn, y0, args)            # evaluates fn(y0, args)
+    y, state = solver.step(fn, y, args, state)   # one iteration, one fn evaluation
+    state.residual                               # fn(y, args) - y at the current y
+
+`iterative_solve` owns the loop: `lax.while_loop` bounded by `max_steps` for the
+forward solve, or a masked `lax.scan` of `max_steps` steps when the loop itself is
+differentiated (`UnrolledAdjoint`). After every step it applies the stopping rule
+
+    |fn(y) - y|_i <= atol + rtol * |y|_i   for every element i,
+
+and stops early on non-finite residuals. Under `vmap` the loop runs until every lane
+is done; JAX's batching of `while_loop` selects the old carry for finished lanes, so
+each element keeps its own `num_steps` and its converged value stops changing.
+"""
+
+import abc
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from . import _tree as tu
+from ._solution import Solution, result_code
+
+
+class AbstractFixedPointSolver(struct.PyTreeNode):
+    """Base class of the solvers of `fixed_point` and `root`.
+
+    Concrete solvers hold hyperparameters as fields (floats are pytree leaves, so
+    they can be vmapped over; structural ints are static) and never loop.
+    """
+
+    @abc.abstractmethod
+    def init(self, fn, y0, args):
+        """Initial state; must hold `residual = fn(y0, args) - y0`."""
+
+    @abc.abstractmethod
+    def step(self, fn, y, args, state):
+        """One iteration: returns `(y_next, state_next)` with identical structure."""
+
+
+class _Carry(NamedTuple):
+    y: object
+    state: object
+    num_steps: jax.Array  # shape=(), int32
+    done: jax.Array  # shape=(), bool
+    converged: jax.Array  # shape=(), bool
+    residual: jax.Array  # shape=(), real dtype of y
+    trace: object  # shape=(max_steps,) or None
+
+
+def _status(y, residual_tree, atol, rtol):
+    """(converged, finite, norm) of a residual pytree: one reduction when rtol=0."""
+    norm = tu.max_abs(residual_tree)
+    finite = jnp.isfinite(norm)
+    if isinstance(rtol, (int, float)) and rtol == 0:
+        converged = norm <= atol
+    else:
+        converged = tu.tree_all_close(residual_tree, y, atol, rtol)
+    return converged & finite, finite, norm
+
+
+def iterative_solve(
+    solver, fn, y0, args, *, atol, rtol, max_steps, trace=False, unrolled=False
+) -> Solution:
+    """Run `solver` on the fixed-point map `fn` from `y0` and return a `Solution`.
+
+    Args:
+      solver: an `AbstractFixedPointSolver`.
+      fn: `fn(y, args) -> y`-like pytree.
+      y0, args: initial guess and parameters (pytrees).
+      atol, rtol: stopping tolerances (see module docstring).
+      max_steps: static bound on the number of steps.
+      trace: also record the residual norm after every step.
+      unrolled: run a fixed-length masked `lax.scan` instead of a `while_loop`, so
+        that reverse-mode AD can differentiate through the iterations.
+    """
+    state = solver.init(fn, y0, args)
+    converged, finite, norm = _status(y0, state.residual, atol, rtol)
+    trace_buf = jnp.full((max_steps,), jnp.nan, norm.dtype) if trace else None
+    carry = _Carry(y0, state, jnp.int32(0), ~finite | converged, converged, norm, trace_buf)
+
+    def body(c):
+        y, s = solver.step(fn, c.y, args, c.state)
+        conv, fin, nrm = _status(y, s.residual, atol, rtol)
+        tr = None if c.trace is None else c.trace.at[c.num_steps].set(nrm)
+        return _Carry(y, s, c.num_steps + 1, conv | ~fin, conv, nrm, tr)
+
+    if unrolled:
+        masked = lambda c, _: (jax.lax.cond(c.done, lambda c: c, body, c), None)
+        carry, _ = jax.lax.scan(masked, carry, None, length=max_steps)
+    else:
+        cond = lambda c: ~c.done & (c.num_steps < max_steps)
+        carry = jax.lax.while_loop(cond, body, carry)
+
+    return Solution(
+        value=carry.y,
+        converged=carry.converged,
+        num_steps=carry.num_steps,
+        residual=carry.residual,
+        result=result_code(carry.converged, jnp.isfinite(carry.residual)),
+        trace=carry.trace,
+    )
+
+
+def solve_with(adjoint, solver, fn, y0, args, **kwargs) -> Solution:
+    """`iterative_solve` differentiated as `adjoint` says."""
+    return adjoint.apply(functools.partial(iterative_solve, **kwargs), solver, fn, y0, args)

@@ -1,0 +1,96 @@
+"""The result of every iterative solve."""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+# Result codes carried as int32 arrays so that they survive jit and vmap.
+SUCCESSFUL = 0
+MAX_STEPS_REACHED = 1
+NONFINITE = 2
+
+MESSAGES = {
+    SUCCESSFUL: "converged",
+    MAX_STEPS_REACHED: (
+        "did not converge: max_steps was reached before the residual fell below "
+        "atol + rtol * |y|; raise max_steps, loosen the tolerances or try another "
+        "solver"
+    ),
+    NONFINITE: (
+        "diverged: the iterate or its residual became non-finite (inf or NaN); "
+        "the map may not be contractive, try damping or another solver"
+    ),
+}
+
+
+class NonConvergenceError(RuntimeError):
+    """Raised by `throw=True` solves and `Solution.raise_if_failed`."""
+
+
+@struct.dataclass
+class Solution:
+    """What an iterative solve returns.
+
+    Attributes:
+      value: the final iterate, a pytree like `y0`.
+      converged: bool array, `True` when the stopping rule was met.
+      num_steps: int array, the number of solver steps taken (function evaluations
+        are `num_steps + 1` for Picard, Anderson, Broyden and Halpern).
+      residual: the infinity norm of `fn(value) - value` (fixed points) or of
+        `F(value)` (roots).
+      result: int32 code: 0 converged, 1 max_steps reached, 2 non-finite.
+      trace: residual norms after each step, shape `[max_steps]`, NaN after the solve
+        stopped; `None` unless `trace=True` was passed.
+      stats: solver-specific extras (e.g. `max_steps`).
+    """
+
+    value: Any
+    converged: jax.Array
+    num_steps: jax.Array
+    residual: jax.Array
+    result: jax.Array
+    trace: Any = None
+    stats: dict = struct.field(default_factory=dict)
+
+    @property
+    def message(self) -> str:
+        """A human-readable description of `result` (concrete results only)."""
+        codes = np.unique(np.asarray(self.result))
+        return "; ".join(MESSAGES[int(c)] for c in codes)
+
+    def raise_if_failed(self) -> "Solution":
+        """Raise `NonConvergenceError` unless every (batch) element converged."""
+        _raise_on_codes(np.asarray(self.result), "solve")
+        return self
+
+
+def _raise_on_codes(codes, what):
+    bad = codes[codes != SUCCESSFUL]
+    if bad.size:
+        n = bad.size
+        detail = MESSAGES[int(bad.flat[0])]
+        where = f" ({n} of {codes.size} batch elements)" if codes.size > 1 else ""
+        raise NonConvergenceError(f"iterjax: {what} {detail}{where}")
+
+
+def error_if_failed(result: jax.Array, what: str) -> None:
+    """Raise on failure: at once when `result` is concrete, else from the device.
+
+    Under `jit` the error surfaces as a `JaxRuntimeError` whose message contains the
+    `NonConvergenceError` text.
+    """
+    if isinstance(result, jax.core.Tracer):
+        jax.debug.callback(lambda c: _raise_on_codes(np.asarray(c), what), result)
+    else:
+        _raise_on_codes(np.asarray(result), what)
+
+
+def result_code(converged, finite):
+    return jnp.where(
+        converged,
+        jnp.int32(SUCCESSFUL),
+        jnp.where(finite, jnp.int32(MAX_STEPS_REACHED), jnp.int32(NONFINITE)),
+    )

@@ -1,0 +1,9 @@
+"""Fixed points and roots: `fixed_point`, `root` and their solvers."""
+
+from ._api import fixed_point as fixed_point
+from ._api import root as root
+from .anderson import Anderson as Anderson
+from .broyden import Broyden as Broyden
+from .halpern import Halpern as Halpern
+from .newton import Newton as Newton
+from .picard import Picard as Picard

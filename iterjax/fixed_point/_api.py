@@ -1,0 +1,124 @@
+"""`fixed_point` and `root`: the public entry points of pillar 2."""
+
+import jax
+
+from .. import _tree as tu
+from .._checks import check_inexact, check_int, check_range, check_same_structure
+from .._iterate import AbstractFixedPointSolver, solve_with
+from .._solution import Solution, error_if_failed
+from ..implicit import AbstractAdjoint, ImplicitAdjoint
+from .anderson import Anderson
+from .newton import Newton
+
+
+def fixed_point(
+    fn,
+    y0,
+    args=None,
+    *,
+    solver: AbstractFixedPointSolver = Anderson(),
+    atol: float = 1e-6,
+    rtol: float = 0.0,
+    max_steps: int = 256,
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),
+    throw: bool = False,
+    trace: bool = False,
+) -> Solution:
+    """Solve y = fn(y, args) for y.
+
+    Stops when |fn(y, args) - y|_i <= atol + rtol |y|_i for every element, or after
+    `max_steps` steps. Works under `jit`, `vmap` (every batch element keeps its own
+    step count) and differentiation as the `adjoint` says: `ImplicitAdjoint`
+    (default; `grad` and `jvp`, memory independent of the number of steps),
+    `UnrolledAdjoint` or `PhantomAdjoint`.
+
+    Args:
+      fn: the map, `fn(y, args) -> pytree` with the structure, shapes and dtypes of
+        `y0`. Put everything you differentiate or vmap over in `args`.
+      y0: initial guess, a pytree of float or complex arrays.
+      args: any pytree of parameters.
+      solver: `Picard`, `Anderson` (default), `Broyden`, `Newton` or `Halpern`.
+      atol, rtol: absolute and relative tolerances (>= 0).
+      max_steps: the largest number of steps (>= 1).
+      adjoint: how gradients are computed.
+      throw: raise `NonConvergenceError` (under jit: a runtime error carrying its
+        message) when the solve did not converge.
+      trace: record the residual norm after each step in `Solution.trace`.
+
+    Returns:
+      A `Solution`: `value`, `converged`, `num_steps`, `residual` (the infinity
+      norm of fn(value) - value), `result`, `trace`.
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> sol = iterjax.fixed_point(lambda y, a: a * jnp.tanh(y) + 1.0,
+      ...                           jnp.zeros(3), jnp.array(0.5))
+      >>> bool(sol.converged)
+      True
+    """
+    _check_call("fixed_point", fn, y0, args, solver, atol, rtol, max_steps, adjoint)
+    return _solve("fixed_point", fn, y0, args, solver, atol, rtol, max_steps, adjoint, throw, trace)
+
+
+def root(
+    fn,
+    y0,
+    args=None,
+    *,
+    solver: AbstractFixedPointSolver = Newton(),
+    atol: float = 1e-6,
+    rtol: float = 0.0,
+    max_steps: int = 256,
+    adjoint: AbstractAdjoint = ImplicitAdjoint(),
+    throw: bool = False,
+    trace: bool = False,
+) -> Solution:
+    """Solve F(y, args) = 0 for y.
+
+    Implemented as the fixed point of y - F(y, args), so every fixed-point solver and
+    adjoint applies (Picard on this map is a unit-step residual iteration; `Newton`,
+    the default, and `Broyden` are invariant to the sign). `Solution.residual` is
+    the infinity norm of F(value). Arguments as in `fixed_point`.
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> sol = iterjax.root(lambda y, a: y**2 - a, jnp.array(1.0), jnp.array(2.0))
+      >>> round(float(sol.value), 6)
+      1.414214
+    """
+    _check_call("root", fn, y0, args, solver, atol, rtol, max_steps, adjoint)
+    fp = lambda y, a: tu.tree_sub(y, fn(y, a))
+    return _solve("root", fp, y0, args, solver, atol, rtol, max_steps, adjoint, throw, trace)
+
+
+def _solve(what, fn, y0, args, solver, atol, rtol, max_steps, adjoint, throw, trace):
+    sol = solve_with(
+        adjoint, solver, fn, y0, args, atol=atol, rtol=rtol, max_steps=max_steps, trace=trace
+    )
+    if throw:
+        error_if_failed(sol.result, what)
+    return sol
+
+
+def _check_call(what, fn, y0, args, solver, atol, rtol, max_steps, adjoint):
+    if not callable(fn):
+        raise TypeError(f"{what}: `fn` must be callable, got {type(fn).__name__}")
+    if not isinstance(solver, AbstractFixedPointSolver):
+        raise TypeError(
+            f"{what}: `solver` must be an iterjax solver (Picard, Anderson, Broyden, "
+            f"Newton, Halpern), got {solver!r}"
+        )
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            f"{what}: `adjoint` must be ImplicitAdjoint, UnrolledAdjoint or "
+            f"PhantomAdjoint, got {adjoint!r}"
+        )
+    check_int(what, "max_steps", max_steps, 1)
+    check_range(what, "atol", atol, lo=0.0)
+    check_range(what, "rtol", rtol, lo=0.0)
+    check_inexact(what, "y0", y0)
+    out = jax.eval_shape(fn, y0, args)
+    check_same_structure(what, "fn(y0, args)", out, tu.tree_structs(y0))
+
+
+__all__ = ["fixed_point", "root"]

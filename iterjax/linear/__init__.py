@@ -1,0 +1,8 @@
+"""Matrix-free linear solvers used by Newton and by the implicit adjoint."""
+
+from ._base import AbstractLinearSolver as AbstractLinearSolver
+from .krylov import CG as CG
+from .krylov import GMRES as GMRES
+from .krylov import BiCGStab as BiCGStab
+from .neumann import Neumann as Neumann
+from .neumann import Richardson as Richardson

@@ -1,0 +1,80 @@
+"""Solvers built on the fixed-point form x = b + (I - A) x of `A x = b`.
+
+For the implicit adjoint, A = I - J^T with J the Jacobian of the fixed-point map,
+so (I - A) = J^T and both solvers only need vector-Jacobian products:
+
+* `Neumann(terms=k)`:  x = sum_{i=0}^{k} (I - A)^i b  (truncated Neumann series,
+  Lorraine et al. 2020, "Optimizing Millions of Hyperparameters...").
+* `Richardson()`: iterate x <- x + (b - A x) to tolerance: fixed-point iteration
+  on the adjoint, the classical DEQ backward pass (Bai et al. 2019).
+
+Both converge when the spectral radius of (I - A) is below one, i.e. when the
+forward map is a contraction at the solution.
+"""
+
+import jax
+from flax import struct
+
+from .. import _tree as tu
+from .._checks import check_int, check_range
+from ._base import AbstractLinearSolver
+
+
+class Neumann(AbstractLinearSolver):
+    """Truncated Neumann series with `terms` matrix-vector products.
+
+    Attributes:
+      terms: number of powers of (I - A) beyond the identity.
+    """
+
+    terms: int = struct.field(pytree_node=False, default=10)
+
+    def __post_init__(self):
+        check_int("Neumann", "terms", self.terms, 0)
+
+    def solve(self, matvec, b):
+        def body(_, carry):
+            x, term = carry
+            term = tu.tree_sub(term, matvec(term))  # (I - A) term
+            return tu.tree_add(x, term), term
+
+        x, _ = jax.lax.fori_loop(0, self.terms, body, (b, b))
+        return x
+
+
+class Richardson(AbstractLinearSolver):
+    """Fixed-point (Richardson) iteration x <- x + damping * (b - A x).
+
+    Runs on iterjax's own driver loop, stopping when |b - A x|_inf <= atol + rtol|x|.
+
+    Attributes:
+      damping: step size in (0, 1].
+      atol, rtol, max_steps: as in `fixed_point`.
+    """
+
+    damping: float = struct.field(pytree_node=False, default=1.0)
+    atol: float = struct.field(pytree_node=False, default=1e-10)
+    rtol: float = struct.field(pytree_node=False, default=0.0)
+    max_steps: int = struct.field(pytree_node=False, default=1000)
+
+    def __post_init__(self):
+        check_range("Richardson", "damping", self.damping, 0.0, 1.0, lo_open=True)
+        check_range("Richardson", "atol", self.atol, lo=0.0)
+        check_range("Richardson", "rtol", self.rtol, lo=0.0)
+        check_int("Richardson", "max_steps", self.max_steps, 1)
+
+    def solve(self, matvec, b):
+        from .._iterate import iterative_solve
+        from ..fixed_point.picard import Picard
+
+        fn = lambda x, _: tu.tree_add(x, tu.tree_sub(b, matvec(x)))
+        sol = iterative_solve(
+            Picard(damping=self.damping),
+            fn,
+            tu.tree_zeros_like(b),
+            None,
+            atol=self.atol,
+            rtol=self.rtol,
+            max_steps=self.max_steps,
+        )
+        return sol.value
