@@ -80,17 +80,18 @@ class Anderson(AbstractFixedPointSolver):
         return y_tree, AndersonState(residual, r_new, dy, dr, gram, state.count + 1)
 
     def _coefficients(self, r, dr, gram, count):
+        """γ of the column-scaled, regularised normal equations; 0 if non-finite."""
         m = self.history
-        valid = jnp.arange(m) < count
-        both = valid[:, None] & valid[None, :]
+        valid = jnp.arange(m, dtype=count.dtype) < count
         norms = jnp.sqrt(jnp.real(jnp.diagonal(gram)))
         small = tiny(r.dtype)
-        inv = safe_div(jnp.ones_like(norms), norms, small)
+        inv = safe_div(jnp.ones_like(norms), norms, small).astype(r.dtype)
         eps = jnp.finfo(norms.dtype).eps
-        lam = jnp.maximum(self.regularization, 100 * eps).astype(norms.dtype)
-        scaled = jnp.where(both, gram * (inv[:, None] * inv[None, :]), 0.0)
-        eye = jnp.eye(m, dtype=norms.dtype)
-        system = scaled + eye * jnp.where(valid, lam, 1.0)
-        rhs = jnp.where(valid & (norms > small), (jnp.conj(dr) @ r) * inv, 0.0)
-        gamma = jnp.linalg.solve(system.astype(rhs.dtype), rhs) * inv
+        lam = jnp.maximum(self.regularization, 100 * eps).astype(r.dtype)
+        both = valid[:, None] & valid[None, :]
+        scaled = jnp.where(both, gram * (inv[:, None] * inv[None, :]), 0)
+        diag = jnp.where(valid, lam, jnp.ones_like(lam))
+        system = scaled + jnp.eye(m, dtype=r.dtype) * diag[None, :]
+        rhs = jnp.where(valid, (jnp.conj(dr) @ r) * inv, 0)
+        gamma = jnp.linalg.solve(system, rhs) * inv
         return jnp.where(jnp.all(jnp.isfinite(gamma)), gamma, jnp.zeros_like(gamma))

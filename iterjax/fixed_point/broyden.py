@@ -22,8 +22,9 @@ class BroydenState(NamedTuple):
 class Broyden(AbstractFixedPointSolver):
     """Broyden's "good" method on g(y) = f(y) - y with a limited-memory inverse.
 
-    The inverse Jacobian of g is approximated by H = -I + Σ_i u_i v_iᵀ (the last m
-    rank-one updates; H0 = -I makes the first step a Picard step). Each step:
+    The inverse Jacobian of g is approximated by H = -I + Σ_i u_i v_iᵀ (at most m
+    rank-one updates, then a restart from H0 = -I; a step from H0 is a Picard
+    step). Each step:
 
         s = -H g(y),   y <- y + s,   Δg = g(y_new) - g(y)
         H <- H + (s - H Δg) (sᴴ H) / (sᴴ H Δg)      (Sherman-Morrison)
@@ -32,7 +33,7 @@ class Broyden(AbstractFixedPointSolver):
     superlinear convergence near a solution (Bai et al. 2019 use it for DEQs).
 
     Attributes:
-      history: m >= 1, the number of rank-one updates kept (oldest overwritten).
+      history: m >= 1, the number of rank-one updates before a restart.
     """
 
     history: int = struct.field(pytree_node=False, default=16)
@@ -49,6 +50,11 @@ class Broyden(AbstractFixedPointSolver):
     def step(self, fn, y, args, state):
         y_flat, unravel = ravel(y)
         g, us, vs = state.g, state.us, state.vs
+        # Full memory: restart from H0 = -I. Overwriting the oldest pair instead
+        # (as torchdeq does) breaks the chain of Sherman-Morrison updates and can
+        # diverge on indefinite Jacobians.
+        full = (state.count > 0) & (state.count % self.history == 0)
+        us, vs = jnp.where(full, 0.0, us), jnp.where(full, 0.0, vs)
 
         def hmv(x):  # H x
             return -x + (vs @ x) @ us

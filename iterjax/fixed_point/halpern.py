@@ -29,7 +29,8 @@ class Halpern(AbstractFixedPointSolver):
         return HalpernState(tu.tree_sub(fn(y0, args), y0), y0, jnp.int32(0))
 
     def step(self, fn, y, args, state):
-        beta = 1.0 / (state.count + 2.0)
+        real = jnp.real(jax.tree_util.tree_leaves(y)[0]).dtype
+        beta = 1.0 / (state.count + 2).astype(real)
         fy = tu.tree_add(y, state.residual)
         y = tu.tree_lerp(beta, fy, state.anchor)
         return y, HalpernState(tu.tree_sub(fn(y, args), y), state.anchor, state.count + 1)

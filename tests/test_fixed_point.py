@@ -1,0 +1,163 @@
+"""Forward results of every solver against scipy / closed forms (float64)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import iterjax as ij
+from helpers import ALL_SOLVERS, IDS, PROBLEMS, reference
+
+
+@pytest.mark.parametrize("problem", sorted(PROBLEMS))
+@pytest.mark.parametrize("solver", ALL_SOLVERS, ids=IDS)
+def test_converges_to_reference(solver, problem):
+    fn, args, y0 = PROBLEMS[problem]()
+    sol = ij.fixed_point(fn, y0, args, solver=solver, atol=1e-10, max_steps=2000)
+    assert bool(sol.converged), (sol.num_steps, sol.residual)
+    assert int(sol.result) == 0
+    assert float(sol.residual) <= 1e-10
+    expected = reference(fn, y0, args)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), sol.value, expected
+    )
+
+
+def test_residual_is_that_of_value():
+    fn, args, y0 = PROBLEMS["tanh"]()
+    sol = ij.fixed_point(fn, y0, args, solver=ij.Anderson(), atol=1e-8)
+    true = jnp.max(jnp.abs(fn(sol.value, args) - sol.value))
+    np.testing.assert_allclose(sol.residual, true, rtol=1e-12)
+
+
+def test_accelerated_solvers_beat_picard_on_slow_problem():
+    fn, args, y0 = PROBLEMS["slow"]()
+    steps = {
+        type(s).__name__: int(
+            ij.fixed_point(fn, y0, args, solver=s, atol=1e-8, max_steps=5000).num_steps
+        )
+        for s in [ij.Picard(), ij.Anderson(), ij.Broyden(), ij.Newton()]
+    }
+    assert steps["Picard"] > 150, steps
+    assert steps["Anderson"] < steps["Picard"] / 4, steps
+    assert steps["Broyden"] < steps["Picard"] / 4, steps
+    assert steps["Newton"] <= 8
+
+
+def test_rtol_criterion():
+    fn = lambda y, a: 0.5 * y + a
+    a = jnp.array([1.0, 1000.0])
+    sol = ij.fixed_point(fn, jnp.zeros(2), a, solver=ij.Picard(), atol=0.0, rtol=1e-6)
+    assert bool(sol.converged)
+    r = jnp.abs(fn(sol.value, a) - sol.value)
+    assert bool(jnp.all(r <= 1e-6 * jnp.abs(sol.value)))
+
+
+def test_root_newton_and_others():
+    F = lambda y, a: y**3 + y - a
+    a = jnp.array([0.5, 2.0, 10.0])
+    for solver in [ij.Newton(), ij.Broyden()]:
+        sol = ij.root(F, jnp.ones(3), a, solver=solver, atol=1e-12)
+        assert bool(sol.converged), solver
+        np.testing.assert_allclose(F(sol.value, a), 0.0, atol=1e-10)
+        np.testing.assert_allclose(sol.residual, jnp.max(jnp.abs(F(sol.value, a))), atol=1e-15)
+
+
+def test_newton_quadratic_convergence():
+    sol = ij.root(lambda y, a: y**2 - a, jnp.array(1.0), jnp.array(2.0), atol=1e-14, trace=True)
+    tr = np.asarray(sol.trace[: int(sol.num_steps)])
+    assert int(sol.num_steps) <= 6
+    # Each error roughly squares the previous one.
+    assert tr[2] < 10 * tr[1] ** 2
+    np.testing.assert_allclose(sol.value, np.sqrt(2.0), rtol=1e-14)
+
+
+def test_complex_linear_fixed_point(getkey):
+    n = 6
+    cplx = lambda shape: jax.lax.complex(
+        jax.random.normal(getkey(), shape), jax.random.normal(getkey(), shape)
+    )
+    a = cplx((n, n))
+    a = a / jnp.linalg.norm(a, 2).astype(a.dtype) * 0.8
+    b = cplx((n,))
+    expected = jnp.linalg.solve(jnp.eye(n, dtype=a.dtype) - a, b)
+    for solver in [ij.Picard(), ij.Anderson(), ij.Broyden(), ij.Newton()]:
+        sol = ij.fixed_point(lambda y, p: p[0] @ y + p[1], jnp.zeros(n, complex), (a, b),
+                             solver=solver, atol=1e-11)
+        assert bool(sol.converged), solver
+        np.testing.assert_allclose(sol.value, expected, atol=1e-9)
+
+
+def test_halpern_converges_on_nonexpansive_map_where_picard_cycles():
+    # A rotation about c is an isometry: Picard cycles forever, Halpern converges.
+    t = 1.0
+    rot = jnp.array([[jnp.cos(t), -jnp.sin(t)], [jnp.sin(t), jnp.cos(t)]])
+    c = jnp.array([1.0, -2.0])
+    fn = lambda y, a: a[0] @ (y - a[1]) + a[1]
+    y0 = jnp.array([3.0, 3.0])
+    picard = ij.fixed_point(fn, y0, (rot, c), solver=ij.Picard(), atol=1e-3, max_steps=3000)
+    halpern = ij.fixed_point(fn, y0, (rot, c), solver=ij.Halpern(), atol=1e-3, max_steps=3000)
+    assert not bool(picard.converged)
+    assert bool(halpern.converged)
+    np.testing.assert_allclose(halpern.value, c, atol=1e-2)
+
+
+def test_halpern_rate_is_one_over_k():
+    t = 2.0
+    rot = jnp.array([[jnp.cos(t), -jnp.sin(t)], [jnp.sin(t), jnp.cos(t)]])
+    fn = lambda y, a: a @ y
+    sol = ij.fixed_point(fn, jnp.array([1.0, 0.0]), rot, solver=ij.Halpern(), atol=0.0,
+                         max_steps=1000, trace=True)
+    tr = np.asarray(sol.trace)
+    # k * residual stays bounded (O(1/k)) and the residual keeps shrinking.
+    assert tr[999] < tr[99] / 3
+    assert np.max(np.arange(1, 1001)[100:] * tr[100:]) < 10
+
+
+def test_trace_layout():
+    fn, args, y0 = PROBLEMS["tanh"]()
+    sol = ij.fixed_point(fn, y0, args, solver=ij.Picard(), atol=1e-8, max_steps=100, trace=True)
+    k = int(sol.num_steps)
+    assert sol.trace.shape == (100,)
+    assert np.all(np.isfinite(sol.trace[:k]))
+    assert np.all(np.isnan(sol.trace[k:]))
+    np.testing.assert_allclose(sol.trace[k - 1], sol.residual)
+    assert ij.fixed_point(fn, y0, args).trace is None
+
+
+def test_already_converged_initial_guess_takes_no_step():
+    fn, args, y0 = PROBLEMS["tanh"]()
+    y_star = ij.fixed_point(fn, y0, args, atol=1e-12).value
+    sol = ij.fixed_point(fn, y_star, args, atol=1e-8)
+    assert int(sol.num_steps) == 0 and bool(sol.converged)
+
+
+@pytest.mark.parametrize("solver", ALL_SOLVERS + [ij.Halpern()], ids=IDS + ["halpern"])
+def test_float32_dtype_preserved(solver):
+    fn, args, y0 = PROBLEMS["tanh"]()
+    args32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), args)
+    sol = ij.fixed_point(fn, y0.astype(jnp.float32), args32, solver=solver, atol=1e-5,
+                         max_steps=300)
+    assert sol.value.dtype == jnp.float32
+    assert sol.residual.dtype == jnp.float32
+    if not isinstance(solver, ij.Halpern):
+        assert bool(sol.converged)
+
+
+def test_linear_solvers_against_numpy(getkey):
+    n = 8
+    m = jax.random.normal(getkey(), (n, n))
+    spd = m @ m.T + n * jnp.eye(n)
+    contraction = 0.5 * m / jnp.linalg.norm(m, 2)  # A = I - contraction
+    b = jax.random.normal(getkey(), (n,))
+    for solver in [ij.CG(rtol=1e-12), ij.GMRES(rtol=1e-12), ij.BiCGStab(rtol=1e-12)]:
+        x = solver.solve(lambda v: spd @ v, b)
+        np.testing.assert_allclose(x, jnp.linalg.solve(spd, b), rtol=1e-8)
+    a = jnp.eye(n) - contraction
+    exact = jnp.linalg.solve(a, b)
+    x = ij.Richardson(atol=1e-13).solve(lambda v: a @ v, b)
+    np.testing.assert_allclose(x, exact, atol=1e-11)
+    # Neumann with k terms has error |contraction|^(k+1) |x|.
+    for k, tol in [(5, 0.5**6), (40, 1e-11)]:
+        x = ij.Neumann(terms=k).solve(lambda v: a @ v, b)
+        assert float(jnp.linalg.norm(x - exact)) <= tol * float(jnp.linalg.norm(exact)) * 2
