@@ -125,9 +125,9 @@ class PhantomAdjoint(AbstractAdjoint):
     def apply(self, solve, solver, fn, y0, args):
         fn2, args2 = _hoist_closure(fn, y0, args)
         sol = solve(_stop(solver), fn2, _stop(y0), _stop(args2), unrolled=False)
-        y = z = sol.value
-        for _ in range(self.steps):
-            z = tu.tree_lerp(self.damping, z, fn2(z, args2))
+        y = sol.value
+        step = lambda _, z: tu.tree_lerp(self.damping, z, fn2(z, args2))
+        z = jax.lax.fori_loop(0, self.steps, step, y)
         # Forward value stays exactly y*; only the gradient is the phantom one.
         value = tu.tree_map(lambda a, b: a + (b - _stop(b)), y, z)
         return sol.replace(value=value)
