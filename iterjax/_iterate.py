@@ -12,7 +12,8 @@ differentiated (`UnrolledAdjoint`). After every step it applies the stopping rul
 
     |fn(y) - y|_i <= atol + rtol * |y|_i   for every element i,
 
-and stops early on non-finite residuals. Under `vmap` the loop runs until every lane
+and stops early on non-finite residuals. Another norm can replace the infinity
+norm: `norm(r / (atol + rtol |y|)) <= 1`. Under `vmap` the loop runs until every lane
 is done; JAX's batching of `while_loop` selects the old carry for finished lanes, so
 each element keeps its own `num_steps` and its converged value stops changing.
 """
@@ -55,19 +56,29 @@ class _Carry(NamedTuple):
     trace: object  # shape=(max_steps,) or None
 
 
-def _status(y, residual_tree, atol, rtol):
-    """(converged, finite, norm) of a residual pytree: one reduction when rtol=0."""
-    norm = tu.max_abs(residual_tree)
-    finite = jnp.isfinite(norm)
+def _status(y, residual_tree, atol, rtol, norm):
+    """(converged, finite, |r|) of a residual pytree: one reduction when rtol=0."""
+    size = norm(residual_tree)
+    finite = jnp.isfinite(size)
     if isinstance(rtol, (int, float)) and rtol == 0:
-        converged = norm <= atol
+        converged = size <= atol
     else:
-        converged = tu.tree_all_close(residual_tree, y, atol, rtol)
-    return converged & finite, finite, norm
+        converged = norm(tu.tree_scaled(residual_tree, y, atol, rtol)) <= 1
+    return converged & finite, finite, size
 
 
 def iterative_solve(
-    solver, fn, y0, args, *, atol, rtol, max_steps, trace=False, unrolled=False
+    solver,
+    fn,
+    y0,
+    args,
+    *,
+    atol,
+    rtol,
+    max_steps,
+    norm=tu.max_abs,
+    trace=False,
+    unrolled=False,
 ) -> Solution:
     """Run `solver` on the fixed-point map `fn` from `y0` and return a `Solution`.
 
@@ -76,19 +87,21 @@ def iterative_solve(
       fn: `fn(y, args) -> y`-like pytree.
       y0, args: initial guess and parameters (pytrees).
       atol, rtol: stopping tolerances (see module docstring).
+      norm: the norm of the stopping rule, `norm(r / (atol + rtol |y|)) <= 1`
+        (`norm(r) <= atol` when rtol is 0); default the infinity norm.
       max_steps: static bound on the number of steps.
       trace: also record the residual norm after every step.
       unrolled: run a fixed-length masked `lax.scan` instead of a `while_loop`, so
         that reverse-mode AD can differentiate through the iterations.
     """
     state = solver.init(fn, y0, args)
-    converged, finite, norm = _status(y0, state.residual, atol, rtol)
+    converged, finite, norm = _status(y0, state.residual, atol, rtol, norm)
     trace_buf = jnp.full((max_steps,), jnp.nan, norm.dtype) if trace else None
     carry = _Carry(y0, state, jnp.int32(0), ~finite | converged, converged, norm, trace_buf)
 
     def body(c):
         y, s = solver.step(fn, c.y, args, c.state)
-        conv, fin, nrm = _status(y, s.residual, atol, rtol)
+        conv, fin, nrm = _status(y, s.residual, atol, rtol, norm)
         tr = None if c.trace is None else c.trace.at[c.num_steps].set(nrm)
         return _Carry(y, s, c.num_steps + 1, conv | ~fin, conv, nrm, tr)
 

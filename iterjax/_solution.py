@@ -39,8 +39,8 @@ class Solution:
       converged: bool array, `True` when the stopping rule was met.
       num_steps: int array, the number of solver steps taken (function evaluations
         are `num_steps + 1` for Picard, Anderson, Broyden and Halpern).
-      residual: the infinity norm of `fn(value) - value` (fixed points) or of
-        `F(value)` (roots).
+      residual: the norm (default: infinity norm) of `fn(value) - value` (fixed
+        points) or of `F(value)` (roots).
       result: int32 code: 0 converged, 1 max_steps reached, 2 non-finite.
       trace: residual norms after each step, shape `[max_steps]`, NaN after the solve
         stopped; `None` unless `trace=True` was passed.

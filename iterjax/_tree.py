@@ -5,6 +5,8 @@ return 0-d arrays. Inner products conjugate their first argument, so complex
 pytrees work wherever the mathematics does.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -50,7 +52,26 @@ def tree_vdot(x, y):
 def max_abs(x):
     """The infinity norm of a pytree: the largest |x_i| over all leaves."""
     leaves = [jnp.max(jnp.abs(a), initial=0.0) for a in jtu.tree_leaves(x)]
-    return jnp.max(jnp.stack(leaves)) if leaves else jnp.array(0.0)
+    return _reduce(jnp.max, leaves)
+
+
+def two_norm(x):
+    """The Euclidean norm of a pytree (all leaves flattened together)."""
+    leaves = [jnp.sum(jnp.abs(a) ** 2) for a in jtu.tree_leaves(x)]
+    return jnp.sqrt(_reduce(jnp.sum, leaves))
+
+
+def rms_norm(x):
+    """two_norm(x) / sqrt(number of elements)."""
+    size = sum(jnp.size(a) for a in jtu.tree_leaves(x))
+    return two_norm(x) / max(size, 1) ** 0.5
+
+
+def _reduce(op, leaves):
+    if not leaves:
+        return jnp.array(0.0)
+    dtype = functools.reduce(jnp.promote_types, [a.dtype for a in leaves])
+    return op(jnp.stack([a.astype(dtype) for a in leaves]))
 
 
 def tree_where(pred, x, y):
@@ -58,13 +79,9 @@ def tree_where(pred, x, y):
     return tree_map(lambda a, b: jnp.where(pred, a, b), x, y)
 
 
-def tree_all_close(r, y, atol, rtol):
-    """True when |r_i| <= atol + rtol * |y_i| for every element of every leaf."""
-    oks = [
-        jnp.all(jnp.abs(a) <= atol + rtol * jnp.abs(b))
-        for a, b in zip(jtu.tree_leaves(r), jtu.tree_leaves(y))
-    ]
-    return jnp.all(jnp.stack(oks)) if oks else jnp.array(True)
+def tree_scaled(r, y, atol, rtol):
+    """r_i / (atol + rtol |y_i|), the argument of a mixed absolute/relative test."""
+    return tree_map(lambda a, b: a / (atol + rtol * jnp.abs(b)).astype(a.dtype), r, y)
 
 
 def tree_isfinite(x):

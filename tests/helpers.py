@@ -7,6 +7,7 @@ import numpy as np
 import scipy.optimize
 
 import iterjax as ij
+from experiments import problems
 
 # Solvers that reach 1e-10 on contractions. Halpern (O(1/k)) is tested separately.
 ALL_SOLVERS = [
@@ -27,44 +28,16 @@ IDS = [
 ]
 
 
-def _orthogonal(key, n):
-    q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n)))
-    return q
-
-
 def tanh_cell(n=12, radius=0.8, seed=0):
-    """A small DEQ cell y = tanh(W y + x) with |W|_2 = radius."""
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-    s = jnp.linspace(radius, radius / 4, n)
-    w = _orthogonal(k1, n) @ jnp.diag(s) @ _orthogonal(k2, n).T
-    x = jax.random.normal(k3, (n,))
-    return (lambda y, a: jnp.tanh(a[0] @ y + a[1])), (w, x), jnp.zeros(n)
+    return problems.tanh_deq(n, radius, seed)
 
 
 def slow_system(n=12, radius=0.97, seed=1):
-    """y = A tanh(y) + b with symmetric A of spectral radius `radius`: Picard is slow."""
-    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    q = _orthogonal(k1, n)
-    a = q @ jnp.diag(jnp.linspace(-radius, radius, n)) @ q.T
-    b = 0.1 * jax.random.normal(k2, (n,))
-    return (lambda y, p: p[0] @ jnp.tanh(y) + p[1]), (a, b), jnp.zeros(n)
+    return problems.slow_system(n, radius, seed)
 
 
 def pytree_problem(seed=2):
-    """A coupled contraction over a dict holding a vector and a tuple of matrices."""
-    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
-    m1 = 0.3 * jax.random.normal(k1, (3, 4)) / 2
-    m2 = 0.3 * jax.random.normal(k2, (4, 3)) / 2
-    c = jax.random.normal(k3, (3,))
-
-    def fn(y, p):
-        m1, m2, c = p
-        a = jnp.cos(m1 @ y["b"][0].reshape(-1)) + c
-        b = jnp.tanh(m2 @ a).reshape(2, 2)
-        return {"a": a, "b": (b,)}
-
-    y0 = {"a": jnp.zeros(3), "b": (jnp.zeros((2, 2)),)}
-    return fn, (m1, m2, c), y0
+    return problems.pytree_problem(4, seed)
 
 
 PROBLEMS = {"tanh": tanh_cell, "slow": slow_system, "pytree": pytree_problem}

@@ -161,3 +161,17 @@ def test_linear_solvers_against_numpy(getkey):
     for k, tol in [(5, 0.5**6), (40, 1e-11)]:
         x = ij.Neumann(terms=k).solve(lambda v: a @ v, b)
         assert float(jnp.linalg.norm(x - exact)) <= tol * float(jnp.linalg.norm(exact)) * 2
+
+
+def test_norm_option_changes_stopping_rule_and_reported_residual():
+    fn, args, y0 = PROBLEMS["tanh"]()
+    kw = dict(solver=ij.Picard(), atol=1e-6)
+    inf = ij.fixed_point(fn, y0, args, **kw)
+    two = ij.fixed_point(fn, y0, args, norm=ij.two_norm, **kw)
+    r = fn(two.value, args) - two.value
+    np.testing.assert_allclose(two.residual, jnp.linalg.norm(r), rtol=1e-12)
+    assert float(two.residual) <= 1e-6
+    assert int(two.num_steps) >= int(inf.num_steps)
+    rms = ij.fixed_point(fn, y0, args, norm=ij.rms_norm, **kw)
+    r = fn(rms.value, args) - rms.value
+    np.testing.assert_allclose(rms.residual, jnp.sqrt(jnp.mean(r**2)), rtol=1e-12)

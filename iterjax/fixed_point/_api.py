@@ -23,6 +23,7 @@ def fixed_point(
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     throw: bool = False,
     trace: bool = False,
+    norm=tu.max_abs,
 ) -> Solution:
     """Solve y = fn(y, args) for y.
 
@@ -44,10 +45,13 @@ def fixed_point(
       throw: raise `NonConvergenceError` (under jit: a runtime error carrying its
         message) when the solve did not converge.
       trace: record the residual norm after each step in `Solution.trace`.
+      norm: the norm of the stopping rule and of `Solution.residual`:
+        `iterjax.max_norm` (default), `iterjax.two_norm`, `iterjax.rms_norm` or any
+        function of a pytree returning a scalar.
 
     Returns:
-      A `Solution`: `value`, `converged`, `num_steps`, `residual` (the infinity
-      norm of fn(value) - value), `result`, `trace`.
+      A `Solution`: `value`, `converged`, `num_steps`, `residual` (the norm of
+      fn(value) - value), `result`, `trace`.
 
     Example:
       >>> import jax.numpy as jnp, iterjax
@@ -57,7 +61,8 @@ def fixed_point(
       True
     """
     _check_call("fixed_point", fn, y0, args, solver, atol, rtol, max_steps, adjoint)
-    return _solve("fixed_point", fn, y0, args, solver, atol, rtol, max_steps, adjoint, throw, trace)
+    return _solve("fixed_point", fn, y0, args, solver, adjoint, throw,
+                  atol=atol, rtol=rtol, max_steps=max_steps, trace=trace, norm=norm)
 
 
 def root(
@@ -72,13 +77,14 @@ def root(
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     throw: bool = False,
     trace: bool = False,
+    norm=tu.max_abs,
 ) -> Solution:
     """Solve F(y, args) = 0 for y.
 
     Implemented as the fixed point of y - F(y, args), so every fixed-point solver and
     adjoint applies (Picard on this map is a unit-step residual iteration; `Newton`,
     the default, and `Broyden` are invariant to the sign). `Solution.residual` is
-    the infinity norm of F(value). Arguments as in `fixed_point`.
+    the norm of F(value). Arguments as in `fixed_point`.
 
     Example:
       >>> import jax.numpy as jnp, iterjax
@@ -88,13 +94,12 @@ def root(
     """
     _check_call("root", fn, y0, args, solver, atol, rtol, max_steps, adjoint)
     fp = lambda y, a: tu.tree_sub(y, fn(y, a))
-    return _solve("root", fp, y0, args, solver, atol, rtol, max_steps, adjoint, throw, trace)
+    return _solve("root", fp, y0, args, solver, adjoint, throw,
+                  atol=atol, rtol=rtol, max_steps=max_steps, trace=trace, norm=norm)
 
 
-def _solve(what, fn, y0, args, solver, atol, rtol, max_steps, adjoint, throw, trace):
-    sol = solve_with(
-        adjoint, solver, fn, y0, args, atol=atol, rtol=rtol, max_steps=max_steps, trace=trace
-    )
+def _solve(what, fn, y0, args, solver, adjoint, throw, **options):
+    sol = solve_with(adjoint, solver, fn, y0, args, **options)
     if throw:
         error_if_failed(sol.result, what)
     return sol

@@ -1,0 +1,151 @@
+"""Fixed-point study: every solver on every problem, iterations and residual traces.
+
+For each (problem, solver) pair: steps and function evaluations (JVPs counted
+separately) to reach `atol`, the final residual, the median wall time of the
+jitted solve, and the residual after each step (plotted). A last check compares
+the implicit, unrolled and phantom (JFB) gradients on the DEQ cell.
+"""
+
+import dataclasses
+import statistics
+import time
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import iterjax as ij  # noqa: E402
+from experiments.problems import PROBLEMS  # noqa: E402
+from iterjax.config import Spec, spec  # noqa: E402
+from iterjax.registry import build  # noqa: E402
+
+Problem = Literal["tanh_deq", "slow_system", "pytree"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    problems: tuple[Problem, ...] = ("tanh_deq", "slow_system", "pytree")
+    solvers: tuple[spec("solver"), ...] = (
+        Spec("picard"),
+        Spec("anderson"),
+        Spec("broyden"),
+        Spec("newton"),
+        Spec("halpern"),
+    )
+    dim: int = 64
+    atol: float = 1e-8
+    max_steps: int = 1000
+    repeats: int = 5
+    seed: int = 0
+    x64: bool = True
+
+
+def _label(s: Spec) -> str:
+    opts = ",".join(f"{k}={v}" for k, v in s.options)
+    return f"{s.name}({opts})" if opts else s.name
+
+
+def _median_time(f, *args, repeats):
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def run(cfg: Config, workdir) -> dict:
+    jax.config.update("jax_enable_x64", cfg.x64)
+    rows, traces = [], {}
+    total = len(cfg.problems) * len(cfg.solvers)
+    with workdir.progress(total, "solving") as advance:
+        for pname in cfg.problems:
+            make = PROBLEMS[pname]
+            fn, args, y0 = make(dim=cfg.dim, seed=cfg.seed)
+            for s in cfg.solvers:
+                solver = build("solver", s)
+                solve = jax.jit(
+                    lambda a, fn=fn, y0=y0, solver=solver: ij.fixed_point(
+                        fn, y0, a, solver=solver, atol=cfg.atol, max_steps=cfg.max_steps,
+                        trace=True,
+                    )
+                )
+                sol = solve(args)
+                counter = ij.diagnostics.EvalCounter(fn)
+                jax.block_until_ready(
+                    ij.fixed_point(counter.fn, y0, args, solver=solver, atol=cfg.atol,
+                                   max_steps=cfg.max_steps).value
+                )
+                evals = counter.read()
+                seconds = _median_time(solve, args, repeats=cfg.repeats)
+                row = dict(
+                    problem=pname,
+                    solver=_label(s),
+                    steps=int(sol.num_steps),
+                    f_evals=evals["f"],
+                    jvps=evals["jvp"],
+                    converged=bool(sol.converged),
+                    residual=float(sol.residual),
+                    ms=1e3 * seconds,
+                )
+                workdir.log(**row)
+                rows.append(row)
+                traces[(pname, _label(s))] = np.asarray(sol.trace)
+                advance()
+
+    grads = _gradient_check(cfg)
+    workdir.log(kind="gradients", **grads)
+    _plot(cfg, traces, workdir)
+    return {"rows": rows, "gradients": grads, "table": _table(rows)}
+
+
+def _gradient_check(cfg):
+    fn, (w, x), y0 = PROBLEMS["tanh_deq"](dim=cfg.dim, seed=cfg.seed)
+    c = jnp.linspace(-1.0, 1.0, x.shape[0])
+
+    def grad(adjoint):
+        loss = lambda x: c @ ij.fixed_point(
+            fn, y0, (w, x), atol=1e-12, max_steps=cfg.max_steps, adjoint=adjoint
+        ).value
+        return jax.jit(jax.grad(loss))(x)
+
+    g_imp = grad(ij.ImplicitAdjoint())
+    g_unr = grad(ij.UnrolledAdjoint())
+    g_jfb = grad(ij.PhantomAdjoint(steps=1))
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+    cos = lambda a, b: float(a @ b / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
+    return {
+        "implicit_vs_unrolled_rel_diff": rel(g_imp, g_unr),
+        "jfb_vs_implicit_cosine": cos(g_jfb, g_imp),
+    }
+
+
+def _plot(cfg, traces, workdir):
+    fig, axes = plt.subplots(1, len(cfg.problems), figsize=(5 * len(cfg.problems), 4),
+                             squeeze=False)
+    for ax, pname in zip(axes[0], cfg.problems):
+        for (p, label), tr in traces.items():
+            if p == pname:
+                ax.semilogy(np.arange(1, len(tr) + 1), tr, label=label)
+        ax.axhline(cfg.atol, color="k", lw=0.5, ls="--")
+        ax.set(title=pname, xlabel="step", ylabel="|f(y) - y|_inf")
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+    workdir.savefig(fig, "residuals.png")
+
+
+def _table(rows):
+    head = "| problem | solver | steps | f evals | JVPs | converged | residual | ms |"
+    lines = [head, "|" + "---|" * 8]
+    for r in rows:
+        lines.append(
+            f"| {r['problem']} | {r['solver']} | {r['steps']} | {r['f_evals']} | "
+            f"{r['jvps']} | {r['converged']} | {r['residual']:.1e} | {r['ms']:.3f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""Fixed-point problems shared by experiments, benchmarks and tests.
+
+Each constructor returns `(fn, args, y0)` with `fn(y, args)` a contraction.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _orthogonal(key, n):
+    q, _ = jnp.linalg.qr(jax.random.normal(key, (n, n)))
+    return q
+
+
+def tanh_deq(dim=64, radius=0.9, seed=0):
+    """A DEQ cell y = tanh(W y + x) with singular values of W in [radius/4, radius]."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    s = jnp.linspace(radius, radius / 4, dim)
+    w = _orthogonal(k1, dim) @ jnp.diag(s) @ _orthogonal(k2, dim).T
+    x = jax.random.normal(k3, (dim,))
+    return _tanh_cell, (w, x), jnp.zeros(dim)
+
+
+def _tanh_cell(y, args):
+    w, x = args
+    return jnp.tanh(w @ y + x)
+
+
+def slow_system(dim=64, radius=0.98, seed=1):
+    """y = A tanh(y) + b, A symmetric with eigenvalues in [-radius, radius].
+
+    The Jacobian at the (small) solution has spectral radius close to `radius`, so
+    Picard iteration contracts by about `radius` per step: slow.
+    """
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    q = _orthogonal(k1, dim)
+    a = q @ jnp.diag(jnp.linspace(-radius, radius, dim)) @ q.T
+    b = 0.1 * jax.random.normal(k2, (dim,))
+    return _slow_map, (a, b), jnp.zeros(dim)
+
+
+def _slow_map(y, args):
+    a, b = args
+    return a @ jnp.tanh(y) + b
+
+
+def pytree_problem(dim=4, seed=2):
+    """A coupled contraction on {'a': vector[3], 'b': (matrix[2, dim // 2],)}."""
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    m1 = 0.15 * jax.random.normal(k1, (3, dim))
+    m2 = 0.15 * jax.random.normal(k2, (dim, 3))
+    c = jax.random.normal(k3, (3,))
+    y0 = {"a": jnp.zeros(3), "b": (jnp.zeros((2, dim // 2)),)}
+    return _pytree_map, (m1, m2, c), y0
+
+
+def _pytree_map(y, args):
+    m1, m2, c = args
+    a = jnp.cos(m1 @ y["b"][0].reshape(-1)) + c
+    b = jnp.tanh(m2 @ a).reshape(y["b"][0].shape)
+    return {"a": a, "b": (b,)}
+
+
+PROBLEMS = {"tanh_deq": tanh_deq, "slow_system": slow_system, "pytree": pytree_problem}

@@ -1,0 +1,88 @@
+"""Names used in config files, resolved through explicit dictionaries."""
+
+import dataclasses
+import importlib
+
+from . import implicit, linear
+from .fixed_point import Anderson, Broyden, Halpern, Newton, Picard
+from .config import ConfigError
+
+EXPERIMENTS = {
+    "fixed_point_study": "experiments.fixed_point_study",
+}
+
+SOLVERS = {
+    "picard": Picard,
+    "anderson": Anderson,
+    "broyden": Broyden,
+    "newton": Newton,
+    "halpern": Halpern,
+}
+LINEAR_SOLVERS = {
+    "cg": linear.CG,
+    "gmres": linear.GMRES,
+    "bicgstab": linear.BiCGStab,
+    "neumann": linear.Neumann,
+    "richardson": linear.Richardson,
+}
+ADJOINTS = {
+    "implicit": implicit.ImplicitAdjoint,
+    "unrolled": implicit.UnrolledAdjoint,
+    "phantom": implicit.PhantomAdjoint,
+}
+KINDS = {"solver": SOLVERS, "linear_solver": LINEAR_SOLVERS, "adjoint": ADJOINTS}
+
+
+def _options(cls):
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def validate(kind, spec, where):
+    """Check a `Spec`'s name and options; raise ConfigError naming the key."""
+    table = KINDS[kind]
+    if spec.name not in table:
+        raise ConfigError(
+            f"config key `{where}.name`: unknown {kind} {spec.name!r}; "
+            f"allowed: {sorted(table)}"
+        )
+    try:
+        build(kind, spec, where)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key `{where}`: {e}") from None
+
+
+def build(kind, spec, where="?"):
+    """Instantiate the object a `Spec` names (nested specs for linear solvers)."""
+    cls = KINDS[kind][spec.name]
+    fields = _options(cls)
+    kwargs = {}
+    for key, value in spec.options:
+        if key not in fields:
+            raise ConfigError(
+                f"config key `{where}.{key}`: unknown option for {spec.name}; "
+                f"allowed: {sorted(fields)}"
+            )
+        if key == "linear_solver":
+            from .config import _to_spec
+
+            value = build("linear_solver", _to_spec("linear_solver", value, f"{where}.{key}"))
+        elif isinstance(value, bool) != isinstance(fields[key].default, bool):
+            raise ConfigError(f"config key `{where}.{key}`: wrong type {value!r}")
+        elif isinstance(fields[key].default, int) and not isinstance(fields[key].default, bool):
+            if not isinstance(value, int):
+                raise ConfigError(f"config key `{where}.{key}`: expected an int, got {value!r}")
+        elif isinstance(fields[key].default, float) and not isinstance(value, (int, float)):
+            raise ConfigError(f"config key `{where}.{key}`: expected a number, got {value!r}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def experiment(name):
+    if name not in EXPERIMENTS:
+        raise ConfigError(
+            f"config key `experiment`: unknown experiment {name!r}; "
+            f"allowed: {sorted(EXPERIMENTS)}"
+        )
+    return importlib.import_module(EXPERIMENTS[name])
