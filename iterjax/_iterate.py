@@ -95,9 +95,9 @@ def iterative_solve(
         that reverse-mode AD can differentiate through the iterations.
     """
     state = solver.init(fn, y0, args)
-    converged, finite, norm = _status(y0, state.residual, atol, rtol, norm)
-    trace_buf = jnp.full((max_steps,), jnp.nan, norm.dtype) if trace else None
-    carry = _Carry(y0, state, jnp.int32(0), ~finite | converged, converged, norm, trace_buf)
+    converged, finite, size = _status(y0, state.residual, atol, rtol, norm)
+    trace_buf = jnp.full((max_steps,), jnp.nan, size.dtype) if trace else None
+    carry = _Carry(y0, state, jnp.int32(0), ~finite | converged, converged, size, trace_buf)
 
     def body(c):
         y, s = solver.step(fn, c.y, args, c.state)

@@ -1,0 +1,122 @@
+"""Every config in configs/ runs shrunk; invalid configs are rejected by key."""
+
+import json
+import pathlib
+
+import pytest
+import yaml
+
+from iterjax import config as cfglib
+from iterjax import registry
+from iterjax.run import CONFIG_DIR, main, prepare, run_experiment
+
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_there_are_configs_and_each_names_a_registered_experiment():
+    assert CONFIGS
+    for path in CONFIGS:
+        text = path.read_text()
+        assert text.startswith("#"), f"{path.name} must start with a comment header"
+        name = yaml.safe_load(text)["experiment"]
+        assert name in registry.EXPERIMENTS
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_smoke_runs(path, tmp_path):
+    run_dir, summary = run_experiment(path, out=tmp_path, smoke=True, quiet=True)
+    for name in ["config.yaml", "metrics.jsonl", "summary.json"]:
+        assert (run_dir / name).exists(), name
+    assert list(run_dir.glob("*.png")), "no plot written"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert resolved["experiment"] == summary["experiment"]
+    # The resolved config is itself a valid config.
+    cfglib.from_dict(registry.experiment(resolved.pop("experiment")).Config, resolved)
+
+
+def test_fixed_point_study_numbers(tmp_path):
+    _, summary = run_experiment(
+        CONFIG_DIR / "fixed_point_study.yaml", ["dim=16", "repeats=1"], out=tmp_path,
+        quiet=True,
+    )
+    rows = {(r["problem"], r["solver"].split("(")[0]): r for r in summary["rows"]}
+    slow = {k[1]: v for k, v in rows.items() if k[0] == "slow_system"}
+    assert slow["anderson"]["f_evals"] < slow["picard"]["f_evals"]
+    assert slow["newton"]["converged"] and slow["newton"]["jvps"] > 0
+    for (p, s), r in rows.items():
+        if s != "halpern":
+            assert r["converged"], (p, s)
+            assert r["f_evals"] == r["steps"] + 1 or s == "newton"
+    assert summary["gradients"]["implicit_vs_unrolled_rel_diff"] < 1e-8
+    assert summary["gradients"]["jfb_vs_implicit_cosine"] > 0
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    "text, overrides, match",
+    [
+        ("experiment: nope\n", [], "unknown experiment 'nope'"),
+        ("experiment: fixed_point_study\ndimm: 3\n", [], "`dimm`: unknown key"),
+        ("experiment: fixed_point_study\ndim: three\n", [], "`dim`: expected an int"),
+        ("experiment: fixed_point_study\ndim: 3.5\n", [], "`dim`: expected an int"),
+        ("experiment: fixed_point_study\natol: yes\n", [], "`atol`: expected a number"),
+        ("experiment: fixed_point_study\nproblems: [tanh_deq, nope]\n", [],
+         r"`problems\[1\]`: 'nope' is not one of"),
+        ("experiment: fixed_point_study\nsolvers: [{name: andersen}]\n", [],
+         r"`solvers\[0\].name`: unknown solver 'andersen'"),
+        ("experiment: fixed_point_study\nsolvers: [{name: anderson, histroy: 3}]\n", [],
+         r"`solvers\[0\].histroy`: unknown option for anderson"),
+        ("experiment: fixed_point_study\nsolvers: [{name: anderson, history: 0}]\n", [],
+         r"`solvers\[0\]`: .*history"),
+        ("experiment: fixed_point_study\nsolvers: [{name: picard, damping: 2.0}]\n", [],
+         r"`solvers\[0\]`: .*damping"),
+        ("experiment: fixed_point_study\n", ["seed=x"], "`seed`: expected an int"),
+        ("experiment: fixed_point_study\n", ["nokey=1"], "`nokey`: unknown key"),
+        ("experiment: fixed_point_study\n", ["dim"], "key=value"),
+        ("dim: 3\n", [], "experiment"),
+    ],
+)
+def test_invalid_configs_are_rejected_by_key(tmp_path, text, overrides, match):
+    with pytest.raises(cfglib.ConfigError, match=match):
+        prepare(_write(tmp_path, text), overrides)
+
+
+def test_cli_reports_config_errors_with_exit_code(tmp_path, capsys):
+    path = _write(tmp_path, "experiment: fixed_point_study\ndimm: 3\n")
+    assert main(["run", str(path), "--out", str(tmp_path)]) == 2
+    assert "dimm" in capsys.readouterr().err
+
+
+def test_cli_list(capsys):
+    assert main(["list"]) == 0
+    assert "fixed_point_study" in capsys.readouterr().out
+
+
+def test_overrides_reach_nested_specs(tmp_path):
+    _, _, cfg = prepare(
+        CONFIG_DIR / "fixed_point_study.yaml",
+        ["solvers=[{name: anderson, history: 3, mixing: 0.5}]", "dim=8"],
+    )
+    assert cfg.dim == 8
+    solver = registry.build("solver", cfg.solvers[0])
+    assert solver.history == 3 and solver.mixing == 0.5
+
+
+def test_newton_linear_solver_spec_nests():
+    spec = cfglib._to_spec("solver", {"name": "newton", "linear_solver": {"name": "bicgstab"}},
+                           "s")
+    solver = registry.build("solver", spec)
+    assert type(solver.linear_solver).__name__ == "BiCGStab"
+    with pytest.raises(cfglib.ConfigError, match="unknown linear_solver"):
+        cfglib._to_spec("solver", {"name": "newton", "linear_solver": "lu"}, "s")
+
+
+def test_config_dir_is_the_repo_configs():
+    assert CONFIG_DIR == pathlib.Path(__file__).resolve().parent.parent / "configs"
