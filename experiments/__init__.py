@@ -1,1 +1,1 @@
-"""Runnable experiments: one module per config, each with `Config` and `run(cfg, workdir)`."""
+"""Runnable experiments: one module per config, each with `Config` and `run`."""

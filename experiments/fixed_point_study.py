@@ -72,15 +72,26 @@ def run(cfg: Config, workdir) -> dict:
                 solver = build("solver", s)
                 solve = jax.jit(
                     lambda a, fn=fn, y0=y0, solver=solver: ij.fixed_point(
-                        fn, y0, a, solver=solver, atol=cfg.atol, max_steps=cfg.max_steps,
+                        fn,
+                        y0,
+                        a,
+                        solver=solver,
+                        atol=cfg.atol,
+                        max_steps=cfg.max_steps,
                         trace=True,
                     )
                 )
                 sol = solve(args)
                 counter = ij.diagnostics.EvalCounter(fn)
                 jax.block_until_ready(
-                    ij.fixed_point(counter.fn, y0, args, solver=solver, atol=cfg.atol,
-                                   max_steps=cfg.max_steps).value
+                    ij.fixed_point(
+                        counter.fn,
+                        y0,
+                        args,
+                        solver=solver,
+                        atol=cfg.atol,
+                        max_steps=cfg.max_steps,
+                    ).value
                 )
                 evals = counter.read()
                 seconds = _median_time(solve, args, repeats=cfg.repeats)
@@ -110,9 +121,12 @@ def _gradient_check(cfg):
     c = jnp.linspace(-1.0, 1.0, x.shape[0])
 
     def grad(adjoint):
-        loss = lambda x: c @ ij.fixed_point(
-            fn, y0, (w, x), atol=1e-12, max_steps=cfg.max_steps, adjoint=adjoint
-        ).value
+        loss = lambda x: (
+            c
+            @ ij.fixed_point(
+                fn, y0, (w, x), atol=1e-12, max_steps=cfg.max_steps, adjoint=adjoint
+            ).value
+        )
         return jax.jit(jax.grad(loss))(x)
 
     g_imp = grad(ij.ImplicitAdjoint())
@@ -127,8 +141,9 @@ def _gradient_check(cfg):
 
 
 def _plot(cfg, traces, workdir):
-    fig, axes = plt.subplots(1, len(cfg.problems), figsize=(5 * len(cfg.problems), 4),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(cfg.problems), figsize=(5 * len(cfg.problems), 4), squeeze=False
+    )
     for ax, pname in zip(axes[0], cfg.problems):
         for (p, label), tr in traces.items():
             if p == pname:

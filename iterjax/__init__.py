@@ -5,10 +5,10 @@ from . import linear as linear
 from ._iterate import AbstractFixedPointSolver as AbstractFixedPointSolver
 from ._iterate import iterative_solve as iterative_solve
 from ._solution import NonConvergenceError as NonConvergenceError
-from ._tree import max_abs as max_norm
+from ._solution import Solution as Solution
+from ._tree import max_norm as max_norm
 from ._tree import rms_norm as rms_norm
 from ._tree import two_norm as two_norm
-from ._solution import Solution as Solution
 from .fixed_point import Anderson as Anderson
 from .fixed_point import Broyden as Broyden
 from .fixed_point import Halpern as Halpern

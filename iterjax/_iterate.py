@@ -97,7 +97,9 @@ def iterative_solve(
     state = solver.init(fn, y0, args)
     converged, finite, size = _status(y0, state.residual, atol, rtol, norm)
     trace_buf = jnp.full((max_steps,), jnp.nan, size.dtype) if trace else None
-    carry = _Carry(y0, state, jnp.int32(0), ~finite | converged, converged, size, trace_buf)
+    carry = _Carry(
+        y0, state, jnp.int32(0), ~finite | converged, converged, size, trace_buf
+    )
 
     def body(c):
         y, s = solver.step(fn, c.y, args, c.state)
@@ -106,7 +108,12 @@ def iterative_solve(
         return _Carry(y, s, c.num_steps + 1, conv | ~fin, conv, nrm, tr)
 
     if unrolled:
-        masked = lambda c, _: (jax.lax.cond(c.done, lambda c: c, body, c), None)
+        # Mask with `where`, not `lax.cond`: residuals of a cond inside a scan are
+        # stacked per step even when loop-invariant (e.g. a weight matrix), which
+        # made reverse-mode memory O(max_steps * |args|) instead of O(max_steps * |y|).
+        def masked(c, _):
+            return tu.tree_where(c.done, c, body(c)), None
+
         carry, _ = jax.lax.scan(masked, carry, None, length=max_steps)
     else:
         cond = lambda c: ~c.done & (c.num_steps < max_steps)
@@ -124,4 +131,6 @@ def iterative_solve(
 
 def solve_with(adjoint, solver, fn, y0, args, **kwargs) -> Solution:
     """`iterative_solve` differentiated as `adjoint` says."""
-    return adjoint.apply(functools.partial(iterative_solve, **kwargs), solver, fn, y0, args)
+    return adjoint.apply(
+        functools.partial(iterative_solve, **kwargs), solver, fn, y0, args
+    )

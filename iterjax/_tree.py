@@ -55,6 +55,9 @@ def max_abs(x):
     return _reduce(jnp.max, leaves)
 
 
+max_norm = max_abs
+
+
 def two_norm(x):
     """The Euclidean norm of a pytree (all leaves flattened together)."""
     leaves = [jnp.sum(jnp.abs(a) ** 2) for a in jtu.tree_leaves(x)]

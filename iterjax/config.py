@@ -91,10 +91,14 @@ def _convert(tp, value, where):
         if not isinstance(value, (list, tuple)):
             _fail(where, f"expected a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+            return tuple(
+                _convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)
+            )
         if len(args) != len(value):
             _fail(where, f"expected {len(args)} items, got {len(value)}")
-        return tuple(_convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+        return tuple(
+            _convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))
+        )
     if tp in _SCALARS:
         ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
@@ -121,7 +125,10 @@ def _to_dataclass(cls, value, where):
         key = f"{where}.{name}" if where else name
         if name in value:
             kwargs[name] = _convert(hints[name], value[name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        elif (
+            f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
             _fail(key, "missing required key")
     return cls(**kwargs)
 
@@ -181,7 +188,9 @@ def load(path, overrides=(), smoke: bool = False):
     with open(path) as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict) or "experiment" not in data:
-        raise ConfigError(f"{path}: a config must be a mapping with an `experiment` key")
+        raise ConfigError(
+            f"{path}: a config must be a mapping with an `experiment` key"
+        )
     name = data.pop("experiment")
     smoke_overrides = data.pop("smoke", {}) or {}
     if smoke:

@@ -22,7 +22,7 @@ class EvalCounter:
 
     def __init__(self, fn):
         self.counts = collections.Counter()
-        add = lambda key: (lambda *_: self.counts.update([key]))
+        add = lambda key: lambda *_: self.counts.update([key])
 
         @jax.custom_jvp
         def counted(y, args):

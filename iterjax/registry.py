@@ -4,8 +4,8 @@ import dataclasses
 import importlib
 
 from . import implicit, linear
-from .fixed_point import Anderson, Broyden, Halpern, Newton, Picard
 from .config import ConfigError
+from .fixed_point import Anderson, Broyden, Halpern, Newton, Picard
 
 EXPERIMENTS = {
     "fixed_point_study": "experiments.fixed_point_study",
@@ -67,14 +67,24 @@ def build(kind, spec, where="?"):
         if key == "linear_solver":
             from .config import _to_spec
 
-            value = build("linear_solver", _to_spec("linear_solver", value, f"{where}.{key}"))
+            value = build(
+                "linear_solver", _to_spec("linear_solver", value, f"{where}.{key}")
+            )
         elif isinstance(value, bool) != isinstance(fields[key].default, bool):
             raise ConfigError(f"config key `{where}.{key}`: wrong type {value!r}")
-        elif isinstance(fields[key].default, int) and not isinstance(fields[key].default, bool):
+        elif isinstance(fields[key].default, int) and not isinstance(
+            fields[key].default, bool
+        ):
             if not isinstance(value, int):
-                raise ConfigError(f"config key `{where}.{key}`: expected an int, got {value!r}")
-        elif isinstance(fields[key].default, float) and not isinstance(value, (int, float)):
-            raise ConfigError(f"config key `{where}.{key}`: expected a number, got {value!r}")
+                raise ConfigError(
+                    f"config key `{where}.{key}`: expected an int, got {value!r}"
+                )
+        elif isinstance(fields[key].default, float) and not isinstance(
+            value, (int, float)
+        ):
+            raise ConfigError(
+                f"config key `{where}.{key}`: expected a number, got {value!r}"
+            )
         kwargs[key] = value
     return cls(**kwargs)
 

@@ -88,7 +88,9 @@ def resolve_config_path(name_or_path: str) -> pathlib.Path:
     candidate = CONFIG_DIR / (p.name if p.suffix else p.name + ".yaml")
     if candidate.exists():
         return candidate
-    raise cfglib.ConfigError(f"no config file {name_or_path!r} (looked in {CONFIG_DIR})")
+    raise cfglib.ConfigError(
+        f"no config file {name_or_path!r} (looked in {CONFIG_DIR})"
+    )
 
 
 def prepare(path, overrides=(), smoke=False):
@@ -126,7 +128,10 @@ def environment() -> dict:
 
     try:
         commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=CONFIG_DIR.parent,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -142,18 +147,24 @@ def environment() -> dict:
 def _list_configs():
     for p in sorted(CONFIG_DIR.glob("*.yaml")):
         first = p.read_text().splitlines()[0:1]
-        desc = first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        desc = (
+            first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
+        )
         print(f"{p.stem:28s} {desc}")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="iterjax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="iterjax", description=__doc__.splitlines()[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run an experiment from a config file")
     r.add_argument("config", help="path to a YAML config, or a name in configs/")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     r.add_argument("--out", default=os.environ.get("ITERJAX_RUNS", "runs"))
-    r.add_argument("--smoke", action="store_true", help="apply the config's smoke overrides")
+    r.add_argument(
+        "--smoke", action="store_true", help="apply the config's smoke overrides"
+    )
     r.add_argument("--quiet", action="store_true")
     sub.add_parser("list", help="list the configs in configs/")
     args = parser.parse_args(argv)
@@ -162,7 +173,11 @@ def main(argv=None):
         return 0
     try:
         path, summary = run_experiment(
-            args.config, args.overrides, out=args.out, smoke=args.smoke, quiet=args.quiet
+            args.config,
+            args.overrides,
+            out=args.out,
+            smoke=args.smoke,
+            quiet=args.quiet,
         )
     except cfglib.ConfigError as e:
         print(f"iterjax: {e}", file=sys.stderr)

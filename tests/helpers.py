@@ -66,9 +66,15 @@ def fd_directional(f, x, v, eps=1e-6):
 def random_like(key, tree):
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     keys = jax.random.split(key, len(leaves))
-    new = [jax.random.normal(k, jnp.shape(x), jnp.result_type(x)) for k, x in zip(keys, leaves)]
+    new = [
+        jax.random.normal(k, jnp.shape(x), jnp.result_type(x))
+        for k, x in zip(keys, leaves)
+    ]
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
 def tree_dot(a, b):
-    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+    return sum(
+        jnp.vdot(x, y)
+        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+    )

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import PROBLEMS
 from jax.test_util import check_grads
 
 import iterjax as ij
-from helpers import PROBLEMS
 
 TIGHT = dict(atol=1e-13, max_steps=500)
 
@@ -15,9 +15,11 @@ TIGHT = dict(atol=1e-13, max_steps=500)
 def _value(adjoint, solver=ij.Anderson()):
     fn, _, y0 = PROBLEMS["tanh"]()
     return jax.jit(
-        lambda w, x: ij.fixed_point(
-            fn, y0, (w, x), solver=solver, adjoint=adjoint, **TIGHT
-        ).value
+        lambda w, x: (
+            ij.fixed_point(
+                fn, y0, (w, x), solver=solver, adjoint=adjoint, **TIGHT
+            ).value
+        )
     )
 
 
@@ -29,7 +31,9 @@ LINEAR_SOLVERS = [
 ]
 
 
-@pytest.mark.parametrize("linear_solver", LINEAR_SOLVERS, ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "linear_solver", LINEAR_SOLVERS, ids=lambda s: type(s).__name__
+)
 def test_check_grads_implicit(linear_solver):
     _, args, _ = PROBLEMS["tanh"]()
     f = _value(ij.ImplicitAdjoint(linear_solver))
@@ -43,12 +47,22 @@ def test_check_grads_implicit_cg_on_symmetric_problem(getkey):
     sym = 0.4 * (m + m.T) / jnp.linalg.norm(m + m.T, 2)
     fn = lambda y, p: p[0] @ y + p[1]
     f = jax.jit(
-        lambda a, b: ij.fixed_point(
-            fn, jnp.zeros(n), (a, b), adjoint=ij.ImplicitAdjoint(ij.CG(rtol=1e-13)), **TIGHT
-        ).value
+        lambda a, b: (
+            ij.fixed_point(
+                fn,
+                jnp.zeros(n),
+                (a, b),
+                adjoint=ij.ImplicitAdjoint(ij.CG(rtol=1e-13)),
+                **TIGHT,
+            ).value
+        )
     )
-    check_grads(lambda b: f(sym, b), (jax.random.normal(getkey(), (n,)),),
-                order=1, modes=("rev",))
+    check_grads(
+        lambda b: f(sym, b),
+        (jax.random.normal(getkey(), (n,)),),
+        order=1,
+        modes=("rev",),
+    )
 
 
 def test_check_grads_unrolled():
@@ -117,8 +131,16 @@ def test_initial_guess_gets_zero_gradient_under_implicit():
 
 def test_unrolled_gradient_reaches_initial_guess_when_not_converged():
     fn = lambda y, a: 0.5 * y + a
-    loss = lambda y0: ij.fixed_point(fn, y0, jnp.array(1.0), solver=ij.Picard(),
-                                     max_steps=3, adjoint=ij.UnrolledAdjoint()).value
+    loss = lambda y0: (
+        ij.fixed_point(
+            fn,
+            y0,
+            jnp.array(1.0),
+            solver=ij.Picard(),
+            max_steps=3,
+            adjoint=ij.UnrolledAdjoint(),
+        ).value
+    )
     np.testing.assert_allclose(jax.grad(loss)(jnp.array(0.0)), 0.5**3)
 
 
@@ -135,7 +157,9 @@ def test_grad_wrt_pytree_args_and_integer_leaves():
     # Integer leaves in args (e.g. a step count) must not break differentiation.
     fn = lambda y, a: 0.5 * jnp.tanh(y * a["scale"]) + a["shift"] * a["n"]
     args = {"scale": jnp.array(0.7), "shift": jnp.array(0.2), "n": jnp.array(2)}
-    loss = lambda s: ij.fixed_point(fn, jnp.array(0.0), {**args, "scale": s}, **TIGHT).value
+    loss = lambda s: (
+        ij.fixed_point(fn, jnp.array(0.0), {**args, "scale": s}, **TIGHT).value
+    )
     eps = 1e-6
     fd = (loss(0.7 + eps) - loss(0.7 - eps)) / (2 * eps)
     np.testing.assert_allclose(jax.grad(loss)(jnp.array(0.7)), fd, rtol=1e-7)

@@ -28,7 +28,10 @@ def test_config_smoke_runs(path, tmp_path):
     for name in ["config.yaml", "metrics.jsonl", "summary.json"]:
         assert (run_dir / name).exists(), name
     assert list(run_dir.glob("*.png")), "no plot written"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert rows
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert resolved["experiment"] == summary["experiment"]
@@ -38,7 +41,9 @@ def test_config_smoke_runs(path, tmp_path):
 
 def test_fixed_point_study_numbers(tmp_path):
     _, summary = run_experiment(
-        CONFIG_DIR / "fixed_point_study.yaml", ["dim=16", "repeats=1"], out=tmp_path,
+        CONFIG_DIR / "fixed_point_study.yaml",
+        ["dim=16", "repeats=1"],
+        out=tmp_path,
         quiet=True,
     )
     rows = {(r["problem"], r["solver"].split("(")[0]): r for r in summary["rows"]}
@@ -67,16 +72,31 @@ def _write(tmp_path, text):
         ("experiment: fixed_point_study\ndim: three\n", [], "`dim`: expected an int"),
         ("experiment: fixed_point_study\ndim: 3.5\n", [], "`dim`: expected an int"),
         ("experiment: fixed_point_study\natol: yes\n", [], "`atol`: expected a number"),
-        ("experiment: fixed_point_study\nproblems: [tanh_deq, nope]\n", [],
-         r"`problems\[1\]`: 'nope' is not one of"),
-        ("experiment: fixed_point_study\nsolvers: [{name: andersen}]\n", [],
-         r"`solvers\[0\].name`: unknown solver 'andersen'"),
-        ("experiment: fixed_point_study\nsolvers: [{name: anderson, histroy: 3}]\n", [],
-         r"`solvers\[0\].histroy`: unknown option for anderson"),
-        ("experiment: fixed_point_study\nsolvers: [{name: anderson, history: 0}]\n", [],
-         r"`solvers\[0\]`: .*history"),
-        ("experiment: fixed_point_study\nsolvers: [{name: picard, damping: 2.0}]\n", [],
-         r"`solvers\[0\]`: .*damping"),
+        (
+            "experiment: fixed_point_study\nproblems: [tanh_deq, nope]\n",
+            [],
+            r"`problems\[1\]`: 'nope' is not one of",
+        ),
+        (
+            "experiment: fixed_point_study\nsolvers: [{name: andersen}]\n",
+            [],
+            r"`solvers\[0\].name`: unknown solver 'andersen'",
+        ),
+        (
+            "experiment: fixed_point_study\nsolvers: [{name: anderson, histroy: 3}]\n",
+            [],
+            r"`solvers\[0\].histroy`: unknown option for anderson",
+        ),
+        (
+            "experiment: fixed_point_study\nsolvers: [{name: anderson, history: 0}]\n",
+            [],
+            r"`solvers\[0\]`: .*history",
+        ),
+        (
+            "experiment: fixed_point_study\nsolvers: [{name: picard, damping: 2.0}]\n",
+            [],
+            r"`solvers\[0\]`: .*damping",
+        ),
         ("experiment: fixed_point_study\n", ["seed=x"], "`seed`: expected an int"),
         ("experiment: fixed_point_study\n", ["nokey=1"], "`nokey`: unknown key"),
         ("experiment: fixed_point_study\n", ["dim"], "key=value"),
@@ -110,8 +130,9 @@ def test_overrides_reach_nested_specs(tmp_path):
 
 
 def test_newton_linear_solver_spec_nests():
-    spec = cfglib._to_spec("solver", {"name": "newton", "linear_solver": {"name": "bicgstab"}},
-                           "s")
+    spec = cfglib._to_spec(
+        "solver", {"name": "newton", "linear_solver": {"name": "bicgstab"}}, "s"
+    )
     solver = registry.build("solver", spec)
     assert type(solver.linear_solver).__name__ == "BiCGStab"
     with pytest.raises(cfglib.ConfigError, match="unknown linear_solver"):

@@ -87,8 +87,13 @@ def test_wrong_solver_or_adjoint_type():
 
 
 def test_non_convergence_is_reported_not_raised():
-    sol = ij.fixed_point(lambda y, a: 0.999 * y + 1.0, jnp.array(0.0), None,
-                         solver=ij.Picard(), max_steps=10)
+    sol = ij.fixed_point(
+        lambda y, a: 0.999 * y + 1.0,
+        jnp.array(0.0),
+        None,
+        solver=ij.Picard(),
+        max_steps=10,
+    )
     assert not bool(sol.converged)
     assert int(sol.result) == 1
     assert np.isfinite(sol.value) and np.isfinite(sol.residual)
@@ -98,8 +103,13 @@ def test_non_convergence_is_reported_not_raised():
 
 
 def test_divergence_is_reported_as_nonfinite_and_stops():
-    sol = ij.fixed_point(lambda y, a: 3.0 * y + 1.0, jnp.array(1.0), None,
-                         solver=ij.Picard(), max_steps=5000)
+    sol = ij.fixed_point(
+        lambda y, a: 3.0 * y + 1.0,
+        jnp.array(1.0),
+        None,
+        solver=ij.Picard(),
+        max_steps=5000,
+    )
     assert not bool(sol.converged)
     assert int(sol.result) == 2
     assert int(sol.num_steps) < 1000  # stopped when it overflowed, not at max_steps
@@ -108,24 +118,48 @@ def test_divergence_is_reported_as_nonfinite_and_stops():
 
 def test_throw_raises_eagerly_with_message():
     with pytest.raises(ij.NonConvergenceError, match="fixed_point did not converge"):
-        ij.fixed_point(lambda y, a: 0.999 * y + 1.0, jnp.array(0.0), None,
-                       solver=ij.Picard(), max_steps=10, throw=True)
+        ij.fixed_point(
+            lambda y, a: 0.999 * y + 1.0,
+            jnp.array(0.0),
+            None,
+            solver=ij.Picard(),
+            max_steps=10,
+            throw=True,
+        )
     with pytest.raises(ij.NonConvergenceError, match="root diverged"):
-        ij.root(lambda y, a: -(y**2) - 1.0, jnp.array(0.0), None,
-                solver=ij.Picard(), max_steps=1000, throw=True)
+        ij.root(
+            lambda y, a: -(y**2) - 1.0,
+            jnp.array(0.0),
+            None,
+            solver=ij.Picard(),
+            max_steps=1000,
+            throw=True,
+        )
 
 
 def test_throw_raises_under_jit():
-    solve = jax.jit(lambda a: ij.fixed_point(lambda y, a: a * y + 1.0, jnp.array(0.0), a,
-                                             solver=ij.Picard(), max_steps=10,
-                                             throw=True).value)
+    solve = jax.jit(
+        lambda a: (
+            ij.fixed_point(
+                lambda y, a: a * y + 1.0,
+                jnp.array(0.0),
+                a,
+                solver=ij.Picard(),
+                max_steps=10,
+                throw=True,
+            ).value
+        )
+    )
     np.testing.assert_allclose(solve(0.1), 1 / 0.9, atol=1e-5)  # converges: no error
     with pytest.raises(Exception, match="did not converge"):
         jax.block_until_ready(solve(0.999))
 
 
 def test_throw_true_converged_does_not_raise_under_vmap_and_grad():
-    f = lambda a: ij.fixed_point(lambda y, a: a * y + 1.0, jnp.array(0.0), a,
-                                 throw=True, atol=1e-10).value
+    f = lambda a: (
+        ij.fixed_point(
+            lambda y, a: a * y + 1.0, jnp.array(0.0), a, throw=True, atol=1e-10
+        ).value
+    )
     out = jax.jit(jax.vmap(jax.grad(f)))(jnp.array([0.1, 0.5]))
     np.testing.assert_allclose(out, 1 / (1 - jnp.array([0.1, 0.5])) ** 2, rtol=1e-8)

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ALL_SOLVERS, IDS, PROBLEMS, reference
 
 import iterjax as ij
-from helpers import ALL_SOLVERS, IDS, PROBLEMS, reference
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
@@ -19,7 +19,9 @@ def test_converges_to_reference(solver, problem):
     assert float(sol.residual) <= 1e-10
     expected = reference(fn, y0, args)
     jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0), sol.value, expected
+        lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=0),
+        sol.value,
+        expected,
     )
 
 
@@ -60,11 +62,15 @@ def test_root_newton_and_others():
         sol = ij.root(F, jnp.ones(3), a, solver=solver, atol=1e-12)
         assert bool(sol.converged), solver
         np.testing.assert_allclose(F(sol.value, a), 0.0, atol=1e-10)
-        np.testing.assert_allclose(sol.residual, jnp.max(jnp.abs(F(sol.value, a))), atol=1e-15)
+        np.testing.assert_allclose(
+            sol.residual, jnp.max(jnp.abs(F(sol.value, a))), atol=1e-15
+        )
 
 
 def test_newton_quadratic_convergence():
-    sol = ij.root(lambda y, a: y**2 - a, jnp.array(1.0), jnp.array(2.0), atol=1e-14, trace=True)
+    sol = ij.root(
+        lambda y, a: y**2 - a, jnp.array(1.0), jnp.array(2.0), atol=1e-14, trace=True
+    )
     tr = np.asarray(sol.trace[: int(sol.num_steps)])
     assert int(sol.num_steps) <= 6
     # Each error roughly squares the previous one.
@@ -82,8 +88,13 @@ def test_complex_linear_fixed_point(getkey):
     b = cplx((n,))
     expected = jnp.linalg.solve(jnp.eye(n, dtype=a.dtype) - a, b)
     for solver in [ij.Picard(), ij.Anderson(), ij.Broyden(), ij.Newton()]:
-        sol = ij.fixed_point(lambda y, p: p[0] @ y + p[1], jnp.zeros(n, complex), (a, b),
-                             solver=solver, atol=1e-11)
+        sol = ij.fixed_point(
+            lambda y, p: p[0] @ y + p[1],
+            jnp.zeros(n, complex),
+            (a, b),
+            solver=solver,
+            atol=1e-11,
+        )
         assert bool(sol.converged), solver
         np.testing.assert_allclose(sol.value, expected, atol=1e-9)
 
@@ -95,8 +106,12 @@ def test_halpern_converges_on_nonexpansive_map_where_picard_cycles():
     c = jnp.array([1.0, -2.0])
     fn = lambda y, a: a[0] @ (y - a[1]) + a[1]
     y0 = jnp.array([3.0, 3.0])
-    picard = ij.fixed_point(fn, y0, (rot, c), solver=ij.Picard(), atol=1e-3, max_steps=3000)
-    halpern = ij.fixed_point(fn, y0, (rot, c), solver=ij.Halpern(), atol=1e-3, max_steps=3000)
+    picard = ij.fixed_point(
+        fn, y0, (rot, c), solver=ij.Picard(), atol=1e-3, max_steps=3000
+    )
+    halpern = ij.fixed_point(
+        fn, y0, (rot, c), solver=ij.Halpern(), atol=1e-3, max_steps=3000
+    )
     assert not bool(picard.converged)
     assert bool(halpern.converged)
     np.testing.assert_allclose(halpern.value, c, atol=1e-2)
@@ -106,8 +121,15 @@ def test_halpern_rate_is_one_over_k():
     t = 2.0
     rot = jnp.array([[jnp.cos(t), -jnp.sin(t)], [jnp.sin(t), jnp.cos(t)]])
     fn = lambda y, a: a @ y
-    sol = ij.fixed_point(fn, jnp.array([1.0, 0.0]), rot, solver=ij.Halpern(), atol=0.0,
-                         max_steps=1000, trace=True)
+    sol = ij.fixed_point(
+        fn,
+        jnp.array([1.0, 0.0]),
+        rot,
+        solver=ij.Halpern(),
+        atol=0.0,
+        max_steps=1000,
+        trace=True,
+    )
     tr = np.asarray(sol.trace)
     # k * residual stays bounded (O(1/k)) and the residual keeps shrinking.
     assert tr[999] < tr[99] / 3
@@ -116,7 +138,9 @@ def test_halpern_rate_is_one_over_k():
 
 def test_trace_layout():
     fn, args, y0 = PROBLEMS["tanh"]()
-    sol = ij.fixed_point(fn, y0, args, solver=ij.Picard(), atol=1e-8, max_steps=100, trace=True)
+    sol = ij.fixed_point(
+        fn, y0, args, solver=ij.Picard(), atol=1e-8, max_steps=100, trace=True
+    )
     k = int(sol.num_steps)
     assert sol.trace.shape == (100,)
     assert np.all(np.isfinite(sol.trace[:k]))
@@ -136,8 +160,9 @@ def test_already_converged_initial_guess_takes_no_step():
 def test_float32_dtype_preserved(solver):
     fn, args, y0 = PROBLEMS["tanh"]()
     args32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), args)
-    sol = ij.fixed_point(fn, y0.astype(jnp.float32), args32, solver=solver, atol=1e-5,
-                         max_steps=300)
+    sol = ij.fixed_point(
+        fn, y0.astype(jnp.float32), args32, solver=solver, atol=1e-5, max_steps=300
+    )
     assert sol.value.dtype == jnp.float32
     assert sol.residual.dtype == jnp.float32
     if not isinstance(solver, ij.Halpern):
@@ -160,7 +185,9 @@ def test_linear_solvers_against_numpy(getkey):
     # Neumann with k terms has error |contraction|^(k+1) |x|.
     for k, tol in [(5, 0.5**6), (40, 1e-11)]:
         x = ij.Neumann(terms=k).solve(lambda v: a @ v, b)
-        assert float(jnp.linalg.norm(x - exact)) <= tol * float(jnp.linalg.norm(exact)) * 2
+        assert (
+            float(jnp.linalg.norm(x - exact)) <= tol * float(jnp.linalg.norm(exact)) * 2
+        )
 
 
 def test_norm_option_changes_stopping_rule_and_reported_residual():

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ALL_SOLVERS, IDS, PROBLEMS, fd_directional, random_like, tree_dot
 
 import iterjax as ij
-from helpers import ALL_SOLVERS, IDS, PROBLEMS, fd_directional, random_like, tree_dot
 
 
 @pytest.mark.parametrize("problem", ["tanh", "pytree"])
@@ -22,7 +22,9 @@ def test_grad_matches_finite_differences(solver, problem, getkey):
     loss = jax.jit(loss)
     grad = jax.jit(jax.grad(loss))(args)
     v = random_like(getkey(), args)
-    np.testing.assert_allclose(tree_dot(grad, v), fd_directional(loss, args, v), rtol=1e-6)
+    np.testing.assert_allclose(
+        tree_dot(grad, v), fd_directional(loss, args, v), rtol=1e-6
+    )
 
 
 def test_grad_through_root():
@@ -56,8 +58,15 @@ def test_second_order_hessian_vector_product_unrolled(getkey):
     fn = lambda y, a: 0.5 * jnp.tanh(y + a)
     a = jax.random.normal(getkey(), (3,))
     loss = lambda a: jnp.sum(
-        ij.fixed_point(fn, jnp.zeros(3), a, solver=ij.Picard(), atol=1e-14,
-                       max_steps=80, adjoint=ij.UnrolledAdjoint()).value
+        ij.fixed_point(
+            fn,
+            jnp.zeros(3),
+            a,
+            solver=ij.Picard(),
+            atol=1e-14,
+            max_steps=80,
+            adjoint=ij.UnrolledAdjoint(),
+        ).value
     )
     h = jax.jit(jax.hessian(loss))(a)
     fd = jax.jit(jax.jacfwd(jax.grad(loss)))(a)

@@ -4,9 +4,9 @@ import chex
 import jax
 import numpy as np
 import pytest
+from helpers import ALL_SOLVERS, IDS, PROBLEMS
 
 import iterjax as ij
-from helpers import ALL_SOLVERS, IDS, PROBLEMS
 
 
 @pytest.mark.parametrize("solver", ALL_SOLVERS + [ij.Halpern()], ids=IDS + ["halpern"])

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import ALL_SOLVERS, IDS, PROBLEMS
 
 import iterjax as ij
-from helpers import ALL_SOLVERS, IDS, PROBLEMS
 
 
 def _batch(args, scales):
@@ -40,11 +40,14 @@ def test_vmap_over_initial_guess_and_hyperparameter():
     y0s = jnp.stack([y0, y0 + 1.0, y0 - 2.0])
     dampings = jnp.array([1.0, 0.8, 0.6])
     out = jax.vmap(
-        lambda y, d: ij.fixed_point(fn, y, args, solver=ij.Picard(damping=d), atol=1e-10)
+        lambda y, d: ij.fixed_point(
+            fn, y, args, solver=ij.Picard(damping=d), atol=1e-10
+        )
     )(y0s, dampings)
     assert bool(jnp.all(out.converged))
-    np.testing.assert_allclose(out.value, jnp.broadcast_to(out.value[0], out.value.shape),
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        out.value, jnp.broadcast_to(out.value[0], out.value.shape), atol=1e-9
+    )
     assert int(out.num_steps[2]) > int(out.num_steps[0])
 
 
@@ -52,7 +55,9 @@ def test_vmap_mixed_convergence_reports_per_lane():
     fn = lambda y, a: a * y + 1.0  # contraction iff |a| < 1
     a = jnp.array([0.5, 1.5, 0.9])
     out = jax.vmap(
-        lambda a: ij.fixed_point(fn, jnp.array(0.0), a, solver=ij.Picard(), max_steps=300)
+        lambda a: ij.fixed_point(
+            fn, jnp.array(0.0), a, solver=ij.Picard(), max_steps=300
+        )
     )(a)
     np.testing.assert_array_equal(out.converged, [True, False, True])
     np.testing.assert_allclose(out.value[0], 2.0, atol=1e-5)

@@ -61,8 +61,20 @@ def fixed_point(
       True
     """
     _check_call("fixed_point", fn, y0, args, solver, atol, rtol, max_steps, adjoint)
-    return _solve("fixed_point", fn, y0, args, solver, adjoint, throw,
-                  atol=atol, rtol=rtol, max_steps=max_steps, trace=trace, norm=norm)
+    return _solve(
+        "fixed_point",
+        fn,
+        y0,
+        args,
+        solver,
+        adjoint,
+        throw,
+        atol=atol,
+        rtol=rtol,
+        max_steps=max_steps,
+        trace=trace,
+        norm=norm,
+    )
 
 
 def root(
@@ -94,8 +106,20 @@ def root(
     """
     _check_call("root", fn, y0, args, solver, atol, rtol, max_steps, adjoint)
     fp = lambda y, a: tu.tree_sub(y, fn(y, a))
-    return _solve("root", fp, y0, args, solver, adjoint, throw,
-                  atol=atol, rtol=rtol, max_steps=max_steps, trace=trace, norm=norm)
+    return _solve(
+        "root",
+        fp,
+        y0,
+        args,
+        solver,
+        adjoint,
+        throw,
+        atol=atol,
+        rtol=rtol,
+        max_steps=max_steps,
+        trace=trace,
+        norm=norm,
+    )
 
 
 def _solve(what, fn, y0, args, solver, adjoint, throw, **options):

@@ -33,4 +33,6 @@ class Halpern(AbstractFixedPointSolver):
         beta = 1.0 / (state.count + 2).astype(real)
         fy = tu.tree_add(y, state.residual)
         y = tu.tree_lerp(beta, fy, state.anchor)
-        return y, HalpernState(tu.tree_sub(fn(y, args), y), state.anchor, state.count + 1)
+        return y, HalpernState(
+            tu.tree_sub(fn(y, args), y), state.anchor, state.count + 1
+        )

@@ -37,7 +37,9 @@ class CG(_Krylov):
         self._check()
 
     def solve(self, matvec, b):
-        return jsl.cg(matvec, b, tol=self.rtol, atol=self.atol, maxiter=self.max_steps)[0]
+        return jsl.cg(matvec, b, tol=self.rtol, atol=self.atol, maxiter=self.max_steps)[
+            0
+        ]
 
 
 class BiCGStab(_Krylov):
@@ -58,13 +60,20 @@ class GMRES(_Krylov):
     Attributes:
       restart: Krylov subspace size between restarts.
       max_steps: number of restarts (jax.scipy's `maxiter`).
+      solve_method: jax.scipy's 'batched' (default) or 'incremental'.
     """
 
     restart: int = struct.field(pytree_node=False, default=20)
+    solve_method: str = struct.field(pytree_node=False, default="batched")
 
     def __post_init__(self):
         self._check()
         check_int("GMRES", "restart", self.restart, 1)
+        if self.solve_method not in ("batched", "incremental"):
+            raise ValueError(
+                f"GMRES: `solve_method` must be 'batched' or 'incremental', "
+                f"got {self.solve_method!r}"
+            )
 
     def solve(self, matvec, b):
         return jsl.gmres(
@@ -74,5 +83,5 @@ class GMRES(_Krylov):
             atol=self.atol,
             restart=self.restart,
             maxiter=self.max_steps,
-            solve_method="batched",
+            solve_method=self.solve_method,
         )[0]
