@@ -54,8 +54,11 @@ def test_fixed_point_study_numbers(tmp_path):
         if s != "halpern":
             assert r["converged"], (p, s)
             assert r["f_evals"] == r["steps"] + 1 or s == "newton"
-    assert summary["gradients"]["implicit_vs_unrolled_rel_diff"] < 1e-8
-    assert summary["gradients"]["jfb_vs_implicit_cosine"] > 0
+    grads = summary["gradients"]
+    assert grads["implicit"]["rel_err"] < 1e-8
+    assert grads["implicit(linear_solver=richardson)"]["rel_err"] < 1e-7
+    assert grads["unrolled"]["rel_err"] < 1e-8
+    assert 0 < grads["phantom(steps=1)"]["cosine"] < 1 - 1e-6
 
 
 def _write(tmp_path, text):

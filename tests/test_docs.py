@@ -1,6 +1,7 @@
 """The README's examples and the docstring examples run as written."""
 
 import doctest
+import importlib
 import pathlib
 import re
 import subprocess
@@ -8,10 +9,11 @@ import sys
 
 import pytest
 
-import iterjax
-import iterjax.diagnostics
-import iterjax.fixed_point._api
-import iterjax.fixed_point.picard
+MODULES = [
+    "iterjax.fixed_point._api",
+    "iterjax.fixed_point.picard",
+    "iterjax.diagnostics",
+]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
@@ -51,12 +53,9 @@ def test_readme_example_three_matches_scan_and_is_faster_than_T():
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize(
-    "module",
-    [iterjax.fixed_point._api, iterjax.fixed_point.picard, iterjax.diagnostics],
-    ids=lambda m: m.__name__,
-)
-def test_docstring_examples(module):
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0

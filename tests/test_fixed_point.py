@@ -202,3 +202,10 @@ def test_norm_option_changes_stopping_rule_and_reported_residual():
     rms = ij.fixed_point(fn, y0, args, norm=ij.rms_norm, **kw)
     r = fn(rms.value, args) - rms.value
     np.testing.assert_allclose(rms.residual, jnp.sqrt(jnp.mean(r**2)), rtol=1e-12)
+
+
+def test_krylov_default_tolerance_is_dtype_aware():
+    from iterjax.linear.krylov import default_rtol
+
+    assert default_rtol(jnp.zeros(3)) == 1e-8
+    assert 1e-7 < default_rtol(jnp.zeros(3, jnp.float32)) < 1e-5

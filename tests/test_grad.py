@@ -72,3 +72,17 @@ def test_second_order_hessian_vector_product_unrolled(getkey):
     fd = jax.jit(jax.jacfwd(jax.grad(loss)))(a)
     np.testing.assert_allclose(h, fd, atol=1e-8)
     np.testing.assert_allclose(h, h.T, atol=1e-8)
+
+
+def test_float32_gradient_dtype_and_accuracy():
+    fn, args, y0 = PROBLEMS["tanh"]()
+    args32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), args)
+
+    def loss(a, y0):
+        return jnp.sum(ij.fixed_point(fn, y0, a, atol=1e-6).value ** 2)
+
+    g32 = jax.jit(jax.grad(loss))(args32, y0.astype(jnp.float32))
+    g64 = jax.jit(jax.grad(loss))(args, y0)
+    assert g32[0].dtype == jnp.float32
+    np.testing.assert_allclose(g32[0], g64[0], atol=1e-4)
+    np.testing.assert_allclose(g32[1], g64[1], atol=1e-4)

@@ -2,9 +2,13 @@
 
 We do not re-implement Krylov methods; these classes only fix hyperparameters so
 that a solver is a hashable value that can be passed to adjoints and Newton.
-Convergence: `|b - A x| <= max(rtol * |b|, atol)` (2-norms), as in jax.scipy.
+Convergence: `|b - A x| <= max(rtol * |b|, atol)` (2-norms), as in jax.scipy. The
+default `rtol=None` is max(1e-8, 10 ε) for the dtype of `b`: 1e-8 in float64 and
+about 1e-6 in float32, where 1e-8 is out of reach and would run to `max_steps`.
 """
 
+import jax
+import jax.numpy as jnp
 import jax.scipy.sparse.linalg as jsl
 from flax import struct
 
@@ -12,14 +16,24 @@ from .._checks import check_int, check_range
 from ._base import AbstractLinearSolver
 
 
+def default_rtol(b):
+    leaves = jax.tree_util.tree_leaves(b)
+    eps = max(float(jnp.finfo(jnp.result_type(x)).eps) for x in leaves)
+    return max(1e-8, 10 * eps)
+
+
 class _Krylov(AbstractLinearSolver):
-    rtol: float = struct.field(pytree_node=False, default=1e-8)
+    rtol: float | None = struct.field(pytree_node=False, default=None)
     atol: float = struct.field(pytree_node=False, default=0.0)
     max_steps: int | None = struct.field(pytree_node=False, default=None)
 
+    def _rtol(self, b):
+        return default_rtol(b) if self.rtol is None else self.rtol
+
     def _check(self):
         name = type(self).__name__
-        check_range(name, "rtol", self.rtol, lo=0.0)
+        if self.rtol is not None:
+            check_range(name, "rtol", self.rtol, lo=0.0)
         check_range(name, "atol", self.atol, lo=0.0)
         if self.max_steps is not None:
             check_int(name, "max_steps", self.max_steps, 1)
@@ -29,7 +43,7 @@ class CG(_Krylov):
     """Conjugate gradients (A must be symmetric positive definite).
 
     Attributes:
-      rtol, atol: stopping tolerances on the residual norm.
+      rtol, atol: stopping tolerances on the residual norm (rtol=None: dtype-aware).
       max_steps: iteration cap (jax.scipy's default, 10 * n, when None).
     """
 
@@ -37,9 +51,9 @@ class CG(_Krylov):
         self._check()
 
     def solve(self, matvec, b):
-        return jsl.cg(matvec, b, tol=self.rtol, atol=self.atol, maxiter=self.max_steps)[
-            0
-        ]
+        return jsl.cg(
+            matvec, b, tol=self._rtol(b), atol=self.atol, maxiter=self.max_steps
+        )[0]
 
 
 class BiCGStab(_Krylov):
@@ -50,7 +64,7 @@ class BiCGStab(_Krylov):
 
     def solve(self, matvec, b):
         return jsl.bicgstab(
-            matvec, b, tol=self.rtol, atol=self.atol, maxiter=self.max_steps
+            matvec, b, tol=self._rtol(b), atol=self.atol, maxiter=self.max_steps
         )[0]
 
 
@@ -79,7 +93,7 @@ class GMRES(_Krylov):
         return jsl.gmres(
             matvec,
             b,
-            tol=self.rtol,
+            tol=self._rtol(b),
             atol=self.atol,
             restart=self.restart,
             maxiter=self.max_steps,
