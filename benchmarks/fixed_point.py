@@ -123,7 +123,7 @@ def bench_problem(pname, dim, rounds):
         except Exception as e:  # a peer failing is a result, not a crash
             print(f"  {pname:12s} {name:34s} FAILED: {type(e).__name__}", flush=True)
             rows[name] = None
-    for kind, n in [("ms", rounds), ("vmap", max(5, rounds // 5)), ("grad", rounds)]:
+    for kind, n in [("ms", rounds), ("vmap", max(10, rounds // 5)), ("grad", rounds)]:
         timed = interleaved_median_ms({k: v[kind] for k, v in calls.items()}, n)
         for name, ms in timed.items():
             rows[name][kind] = ms
