@@ -25,12 +25,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore")
 
 import iterjax as ij  # noqa: E402
-from benchmarks._common import (  # noqa: E402
-    compiled_bytes,
-    interleaved_median_ms,
-    markdown,
-)
+from benchmarks._common import compiled_bytes, markdown  # noqa: E402
 from experiments.problems import PROBLEMS  # noqa: E402
+from iterjax.diagnostics import time_calls  # noqa: E402
 
 TOL = 1e-6
 MAX_STEPS = 2000
@@ -124,7 +121,7 @@ def bench_problem(pname, dim, rounds):
             print(f"  {pname:12s} {name:34s} FAILED: {type(e).__name__}", flush=True)
             rows[name] = None
     for kind, n in [("ms", rounds), ("vmap", max(10, rounds // 5)), ("grad", rounds)]:
-        timed = interleaved_median_ms({k: v[kind] for k, v in calls.items()}, n)
+        timed = time_calls({k: v[kind] for k, v in calls.items()}, n)
         for name, ms in timed.items():
             rows[name][kind] = ms
     for name, r in rows.items():
@@ -274,7 +271,7 @@ def bench_driver(rounds):
         mine = lambda a: (lambda s: (s.value, s.num_steps))(
             ij.fixed_point(fn, y0, a, solver=ij.Picard(), atol=TOL, max_steps=MAX_STEPS)
         )
-        timed = interleaved_median_ms(
+        timed = time_calls(
             {"hand": (jax.jit(hand), (args,)), "mine": (jax.jit(mine), (args,))},
             rounds * 4,
         )

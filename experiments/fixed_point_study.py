@@ -9,8 +9,6 @@ time of `jax.grad`.
 """
 
 import dataclasses
-import statistics
-import time
 from typing import Literal
 
 import jax
@@ -61,14 +59,8 @@ def _label(s: Spec) -> str:
     return f"{s.name}({opts})" if opts else s.name
 
 
-def _median_time(f, *args, repeats):
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def _time(f, x, repeats):
+    return ij.diagnostics.time_calls({"f": (f, (x,))}, repeats)["f"]
 
 
 def run(cfg: Config, workdir) -> dict:
@@ -105,7 +97,6 @@ def run(cfg: Config, workdir) -> dict:
                     ).value
                 )
                 evals = counter.read()
-                seconds = _median_time(solve, args, repeats=cfg.repeats)
                 row = dict(
                     problem=pname,
                     solver=_label(s),
@@ -114,7 +105,7 @@ def run(cfg: Config, workdir) -> dict:
                     jvps=evals["jvp"],
                     converged=bool(sol.converged),
                     residual=float(sol.residual),
-                    ms=1e3 * seconds,
+                    ms=_time(solve, args, cfg.repeats),
                 )
                 workdir.log(**row)
                 rows.append(row)
@@ -157,7 +148,7 @@ def _gradient_check(cfg, workdir):
             "adjoint": _label(s),
             "rel_err": float(jnp.linalg.norm(value - ref) / jnp.linalg.norm(ref)),
             "cosine": float(value @ ref / norms),
-            "grad_ms": 1e3 * _median_time(g, x, repeats=cfg.repeats),
+            "grad_ms": _time(g, x, cfg.repeats),
         }
         workdir.log(kind="gradient", **row)
         out[row["adjoint"]] = row

@@ -1,6 +1,8 @@
-"""Diagnostics: count the function evaluations and JVPs a solver really makes."""
+"""Diagnostics: count the evaluations a solver really makes; time jitted calls."""
 
 import collections
+import statistics
+import time
 
 import jax
 
@@ -48,3 +50,20 @@ class EvalCounter:
     def reset(self) -> None:
         jax.effects_barrier()
         self.counts.clear()
+
+
+def time_calls(calls: dict, rounds: int = 50) -> dict:
+    """Median wall time in ms of each `name -> (f, args)`, after a warm-up call.
+
+    The calls are timed round-robin, so that drift in machine load affects every
+    one alike; compare them as ratios.
+    """
+    for f, args in calls.values():
+        jax.block_until_ready(f(*args))
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, (f, args) in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
