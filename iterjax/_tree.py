@@ -87,11 +87,6 @@ def tree_scaled(r, y, atol, rtol):
     return tree_map(lambda a, b: a / (atol + rtol * jnp.abs(b)).astype(a.dtype), r, y)
 
 
-def tree_isfinite(x):
-    oks = [jnp.all(jnp.isfinite(a)) for a in jtu.tree_leaves(x)]
-    return jnp.all(jnp.stack(oks)) if oks else jnp.array(True)
-
-
 def tree_zeros_like(x):
     return tree_map(jnp.zeros_like, x)
 

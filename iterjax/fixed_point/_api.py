@@ -60,9 +60,9 @@ def fixed_point(
       >>> bool(sol.converged)
       True
     """
-    _check_call("fixed_point", fn, y0, args, solver, atol, rtol, max_steps, adjoint)
     return _solve(
         "fixed_point",
+        fn,
         fn,
         y0,
         args,
@@ -104,10 +104,10 @@ def root(
       >>> round(float(sol.value), 6)
       1.414214
     """
-    _check_call("root", fn, y0, args, solver, atol, rtol, max_steps, adjoint)
     fp = lambda y, a: tu.tree_sub(y, fn(y, a))
     return _solve(
         "root",
+        fn,
         fp,
         y0,
         args,
@@ -122,7 +122,19 @@ def root(
     )
 
 
-def _solve(what, fn, y0, args, solver, adjoint, throw, **options):
+def _solve(what, user_fn, fn, y0, args, solver, adjoint, throw, **options):
+    """Validate the user's call, then solve y = fn(y, args) as `adjoint` says."""
+    _check_call(
+        what,
+        user_fn,
+        y0,
+        args,
+        solver,
+        options["atol"],
+        options["rtol"],
+        options["max_steps"],
+        adjoint,
+    )
     sol = solve_with(adjoint, solver, fn, y0, args, **options)
     if throw:
         error_if_failed(sol.result, what)
