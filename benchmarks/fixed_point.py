@@ -132,7 +132,34 @@ def bench_problem(pname, dim, rounds):
                 f"grad {r['grad']:7.3f} ms",
                 flush=True,
             )
-    return rows
+    return rows, calls
+
+
+def head_to_head(rows, calls, rounds):
+    """Re-time the two best iterjax methods against the two best peers.
+
+    Nine methods interleaved in one round-robin disturb each other's caches; on
+    microsecond-scale solves that moved ratios by up to 1.4x between runs. The
+    headline ratios come from this quieter two-way measurement.
+    """
+    out = {}
+    ok = {k: v for k, v in rows.items() if v is not None and _ok(v)}
+    for kind in ["ms", "vmap", "grad"]:
+        rank = lambda mine: sorted(
+            (k for k in ok if k.startswith("iterjax") == mine),
+            key=lambda k: ok[k][kind],
+        )[:2]
+        timed = time_calls(
+            {k: calls[k][kind] for k in rank(True) + rank(False)}, rounds
+        )
+        mine = min(rank(True), key=timed.get)
+        peer = min(rank(False), key=timed.get)
+        out[kind] = (mine, timed[mine], peer, timed[peer])
+    return out
+
+
+def _ok(row):
+    return row["res"] <= TOL * 1.0001
 
 
 def _prepare(make, fn, args, y0, rest, xs, weights):
@@ -161,11 +188,11 @@ def _prepare(make, fn, args, y0, rest, xs, weights):
     return dict(f=evals["f"], jvp=evals["jvp"], res=res), calls
 
 
-def _ratio_table(pname, rows):
+def _ratio_table(pname, rows, pairs):
     failed = [k for k, v in rows.items() if v is None]
     rows = {k: v for k, v in rows.items() if v is not None}
     peers = {k: v for k, v in rows.items() if not k.startswith("iterjax")}
-    ok = lambda r: r["res"] <= TOL * 1.0001
+    ok = _ok
     best = {
         m: min(v[m] for v in peers.values() if ok(v)) for m in ["ms", "vmap", "grad"]
     }
@@ -197,15 +224,14 @@ def _ratio_table(pname, rows):
         "grad ms",
         "x best peer",
     ]
-    mine = {k: v for k, v in rows.items() if k.startswith("iterjax") and ok(v)}
-    best_mine = min(mine.items(), key=lambda kv: kv[1]["ms"])
-    best_peer = min(
-        ((k, v) for k, v in peers.items() if ok(v)), key=lambda kv: kv[1]["ms"]
-    )
+    labels = {"ms": "forward", "vmap": "vmap64", "grad": "grad"}
     summary = (
-        f"best iterjax ({best_mine[0]}, {best_mine[1]['ms']:.3f} ms) / best peer "
-        f"({best_peer[0]}, {best_peer[1]['ms']:.3f} ms) = "
-        f"**{best_mine[1]['ms'] / best_peer[1]['ms']:.2f}x** wall time"
+        "Re-timed head to head (top two of each, 4-way): best iterjax / best peer: "
+        + "; ".join(
+            f"{labels[kind]} {mine} {t_mine:.3f} ms / {peer} {t_peer:.3f} ms = "
+            f"**{t_mine / t_peer:.2f}x**"
+            for kind, (mine, t_mine, peer, t_peer) in pairs.items()
+        )
     )
     aa_mine = rows["iterjax Anderson(m=5)"]["f"]
     aa_peer = rows.get("jaxopt AndersonAcceleration(m=5)")
@@ -318,7 +344,9 @@ def main():
         ("tanh_deq", 512, max(5, rounds // 5)),
         ("slow_system", 512, max(5, rounds // 5)),
     ]:
-        parts.append(_ratio_table(f"{pname} (dim {dim})", bench_problem(pname, dim, n)))
+        rows, calls = bench_problem(pname, dim, n)
+        pairs = head_to_head(rows, calls, 5 * n)
+        parts.append(_ratio_table(f"{pname} (dim {dim})", rows, pairs))
     parts.append(
         "#### Implicit backward pass memory (grad, tanh_deq dim 256, Picard)\n\n"
         + bench_memory()
