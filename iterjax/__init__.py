@@ -2,6 +2,7 @@
 
 from . import diagnostics as diagnostics
 from . import linear as linear
+from . import sequence as sequence
 from ._iterate import AbstractFixedPointSolver as AbstractFixedPointSolver
 from ._iterate import iterative_solve as iterative_solve
 from ._solution import NonConvergenceError as NonConvergenceError
@@ -25,5 +26,12 @@ from .linear import GMRES as GMRES
 from .linear import BiCGStab as BiCGStab
 from .linear import Neumann as Neumann
 from .linear import Richardson as Richardson
+from .sequence import DEER as DEER
+from .sequence import GaussSeidel as GaussSeidel
+from .sequence import Jacobi as Jacobi
+from .sequence import QuasiDEER as QuasiDEER
+from .sequence import ScanStats as ScanStats
+from .sequence import Sequential as Sequential
+from .sequence import scan as scan
 
 __version__ = "0.1.0"

@@ -45,6 +45,10 @@ class AbstractFixedPointSolver(struct.PyTreeNode):
     def step(self, fn, y, args, state):
         """One iteration: returns `(y_next, state_next)` with identical structure."""
 
+    def summary(self, state) -> dict:
+        """Solver-specific extras for `Solution.stats`, from the final state."""
+        return {}
+
 
 class _Carry(NamedTuple):
     y: object
@@ -126,6 +130,7 @@ def iterative_solve(
         residual=carry.residual,
         result=result_code(carry.converged, jnp.isfinite(carry.residual)),
         trace=carry.trace,
+        stats=solver.summary(carry.state),
     )
 
 

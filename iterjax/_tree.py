@@ -6,6 +6,8 @@ pytrees work wherever the mathematics does.
 """
 
 import functools
+import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -94,3 +96,26 @@ def tree_zeros_like(x):
 def tree_structs(x):
     """The `jax.ShapeDtypeStruct` of every leaf."""
     return tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), x)
+
+
+def ravel(tree):
+    """Flatten a pytree to one 1-d array of the leaves' promoted dtype.
+
+    Returns `(flat, unravel)`; `unravel` restores every leaf's shape and dtype. Unlike
+    `jax.flatten_util.ravel_pytree` it promotes explicitly, so mixed float32/float64
+    pytrees work under `jax_numpy_dtype_promotion="strict"`.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    dtypes = [jnp.result_type(leaf) for leaf in leaves]
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.result_type(*dtypes)
+    shapes = [jnp.shape(leaf) for leaf in leaves]
+    sizes = [math.prod(s) for s in shapes]
+    flat = jnp.concatenate([jnp.ravel(leaf).astype(dtype) for leaf in leaves])
+
+    def unravel(vec):
+        parts = jnp.split(vec, list(itertools.accumulate(sizes))[:-1])
+        out = [p.reshape(s).astype(d) for p, s, d in zip(parts, shapes, dtypes)]
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    return flat, unravel

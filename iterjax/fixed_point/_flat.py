@@ -2,12 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-
-def ravel(y):
-    """Flatten a pytree to a 1-d array; returns (flat, unravel)."""
-    return ravel_pytree(y)
+from .._tree import ravel as ravel  # noqa: F401
 
 
 def safe_div(num, den, tiny):

@@ -1,0 +1,293 @@
+"""`iterjax.scan`: `jax.lax.scan` solved over the whole sequence at once."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+from flax import struct
+
+from .._checks import check_int, check_range, check_same_structure
+from .._iterate import iterative_solve
+from .._solution import error_if_failed
+from .._tree import ravel
+from ._core import AbstractSequenceMethod, Sweeps, shift
+from .deer import DEER
+
+
+class Sequential(AbstractSequenceMethod):
+    """Plain `jax.lax.scan`: the reference, and the method for integer carries."""
+
+
+@struct.dataclass
+class ScanStats:
+    """How a parallel scan went (`iterjax.scan(..., return_stats=True)`).
+
+    Attributes:
+      num_sweeps: sweeps taken (each one parallel evaluation of f over the
+        sequence); 0 for `Sequential`.
+      converged: every position met |f(s_{t-1}, x_t) - s_t| <= atol + rtol |s_t|.
+      residual: the largest |f(s_{t-1}, x_t) - s_t| over the sequence.
+      result: 0 converged, 1 max_sweeps reached, 2 non-finite.
+      fallbacks: sweeps in which some position's update was not finite and fell back
+        to the Jacobi update.
+      trace: the residual after every sweep (`trace=True`), else None.
+    """
+
+    num_sweeps: jax.Array
+    converged: jax.Array
+    residual: jax.Array
+    result: jax.Array
+    fallbacks: jax.Array
+    trace: object = None
+
+
+def scan(
+    f,
+    init,
+    xs=None,
+    length=None,
+    reverse=False,
+    *,
+    method: AbstractSequenceMethod = DEER(),
+    atol: float = 1e-6,
+    rtol: float = 0.0,
+    max_sweeps: int | None = None,
+    return_stats: bool = False,
+    throw: bool = False,
+    trace: bool = False,
+):
+    """`jax.lax.scan(f, init, xs, length, reverse)`, solved in parallel over time.
+
+    The carries s_1..s_T of s_t = f(s_{t-1}, x_t)[0] are found together by sweeps of
+    `method` (see `iterjax.sequence`), then the outputs y_t = f(s_{t-1}, x_t)[1] are
+    evaluated in one parallel pass. Stops when |f(s_{t-1}, x_t) - s_t| <= atol +
+    rtol |s_t| for every t and component; every method is exact after at most T
+    sweeps (converged prefixes freeze), so `max_sweeps` defaults to T.
+
+    Gradients (`grad`, `jvp`, `vjp`) are those of the recurrence at the solution,
+    computed by one more parallel solve of the linear (reverse, for `grad`)
+    recurrence of tangents with the same method; no sweep is stored.
+
+    Args:
+      f: `f(carry, x) -> (carry, y)`, as for `lax.scan`. The carry must keep its
+        pytree structure, shapes and dtypes; its leaves must be float (use
+        `Sequential()` for integer carries).
+      init, xs, length, reverse: as for `lax.scan`.
+      method: `DEER()` (default), `QuasiDEER()`, `ELK()`, `Jacobi()`,
+        `GaussSeidel(block)`, `iterjax.sequence.Picard()` or `Sequential()`.
+      atol, rtol: tolerances on the per-step residual.
+      max_sweeps: the largest number of sweeps (default and at most useful: T).
+      return_stats: also return a `ScanStats`.
+      throw: raise `NonConvergenceError` when the solve did not converge.
+      trace: record the residual after each sweep in `ScanStats.trace`.
+
+    Returns:
+      `(carry, ys)`, or `(carry, ys, stats)` with `return_stats=True`.
+    """
+    T = _check_call(f, init, xs, length, method, atol, rtol, max_sweeps)
+    if isinstance(method, Sequential):
+        carry, ys = jax.lax.scan(f, init, xs, length=length, reverse=reverse)
+        zero = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(init)))
+        none = jnp.int32(0)
+        stats = ScanStats(none, jnp.bool_(True), zero, none, none)
+        return (carry, ys, stats) if return_stats else (carry, ys)
+
+    flip = lambda tree: jtu.tree_map(lambda a: jnp.flip(a, 0), tree)
+    if reverse:
+        xs = flip(xs)
+    s0, unravel = ravel(init)
+    cell, consts = _flat_cell(f, init, s0, unravel, xs)
+    X, stats = _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace)
+    outputs = lambda h, x: f(unravel(h), x)[1]
+    ys = jax.vmap(outputs)(shift(X, s0), xs)
+    if reverse:
+        ys = flip(ys)
+    if throw:
+        error_if_failed(stats.result, "scan")
+    carry = unravel(X[-1])
+    return (carry, ys, stats) if return_stats else (carry, ys)
+
+
+def _flat_cell(f, init, s0, unravel, xs):
+    """The carry update on flat vectors, with closed-over arrays hoisted out."""
+
+    def cell(h, x):
+        carry = f(unravel(h), x)[0]
+        return ravel(carry)[0]
+
+    x0 = jtu.tree_map(lambda a: a[0], xs)
+    closed, consts = jax.closure_convert(cell, s0, x0)
+    return (lambda h, x, c: closed(h, x, *c)), tuple(consts)
+
+
+def _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace=False):
+    """Solve for X = (s_1..s_T) by sweeps; differentiable in (s0, xs, consts).
+
+    The initial guess repeats s_0 over the sequence.
+    """
+    args = jax.lax.stop_gradient((s0, xs, consts))
+    max_sweeps = T if max_sweeps is None else max_sweeps
+    X0 = jnp.broadcast_to(args[0], (T,) + s0.shape)
+    sol = iterative_solve(
+        Sweeps(method, atol, rtol),
+        cell,
+        X0,
+        args,
+        atol=atol,
+        rtol=rtol,
+        max_steps=max_sweeps,
+        trace=trace,
+    )
+    stats = ScanStats(
+        num_sweeps=sol.num_steps,
+        converged=sol.converged,
+        residual=sol.residual,
+        result=sol.result,
+        fallbacks=sol.stats["fallbacks"],
+        trace=sol.trace,
+    )
+    options = (method, atol, rtol)
+    X = _trajectory(cell, options, sol.value, (s0, xs, consts))
+    return X, stats
+
+
+def _trajectory_map(cell, X, args):
+    """F(X)_t = f(X_{t-1}, x_t): the map whose fixed point is the trajectory."""
+    s0, xs, consts = args
+    return jax.vmap(lambda h, x: cell(h, x, consts))(shift(X, s0), xs)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _trajectory(cell, options, X, args):
+    return X
+
+
+@_trajectory.defjvp
+def _trajectory_jvp(cell, options, primals, tangents):
+    """Tangent of the trajectory: (I - ∂F/∂X) dX = (∂F/∂args) dargs.
+
+    ∂F/∂X is J_t on the sub-diagonal, so the solve is the linear recurrence
+    dX_t = J_t dX_{t-1} + b_t, and its transpose (for `grad`) the reverse recurrence
+    u_t = J_{t+1}^T u_{t+1} + v_t. Both are solved by the same parallel sweeps as
+    the forward problem, on a linear cell.
+    """
+    X, args = primals
+    _, dargs = tangents
+    _, rhs = jax.jvp(lambda a: _trajectory_map(cell, X, a), (args,), (dargs,))
+
+    def matvec(t):
+        return t - jax.jvp(lambda Y: _trajectory_map(cell, Y, args), (X,), (t,))[1]
+
+    solve = lambda _, b: _tangent_recurrence(cell, options, X, args, b)
+    transpose_solve = lambda _, v: _cotangent_recurrence(cell, options, X, args, v)
+    dX = jax.lax.custom_linear_solve(matvec, rhs, solve, transpose_solve)
+    return X, dX
+
+
+def _sweep_linear(options, cell, inputs, s0):
+    """Solve a linear recurrence h_t = cell(h_{t-1}, inputs_t) from h_0 = 0.
+
+    Exact after at most T sweeps (frozen prefix), one for DEER.
+    """
+    method, atol, rtol = options
+    T = inputs[0].shape[0]
+    zero = jnp.zeros_like(s0)
+    sol = iterative_solve(
+        Sweeps(method, atol, rtol),
+        lambda h, x, _: cell(h, x),
+        jnp.zeros((T,) + zero.shape, zero.dtype),
+        (zero, inputs, ()),
+        atol=atol,
+        rtol=rtol,
+        max_steps=T,
+    )
+    return sol.value
+
+
+def _tangent_recurrence(cell, options, X, args, b):
+    """dX_t = J_t dX_{t-1} + b_t, J_t = ∂f/∂h at (X_{t-1}, x_t)."""
+    s0, xs, consts = args
+
+    def lin(h, inp):
+        p, x, bt = inp
+        return jax.jvp(lambda q: cell(q, x, consts), (p,), (h,))[1] + bt
+
+    return _sweep_linear(options, lin, (shift(X, s0), xs, b), s0)
+
+
+def _cotangent_recurrence(cell, options, X, args, v):
+    """u_t = J_{t+1}^T u_{t+1} + v_t (u_{T+1} = 0), solved as a forward recurrence
+    over the reversed sequence."""
+    s0, xs, consts = args
+    T = X.shape[0]
+    # Step t+1 reads X_t and x_{t+1}; the last position has no successor.
+    x_next = jtu.tree_map(lambda a: jnp.concatenate([a[1:], a[-1:]]), xs)
+    has_next = jnp.arange(T) < T - 1
+
+    def lin(u, inp):
+        p, x, vt, m = inp
+        _, pullback = jax.vjp(lambda q: cell(q, x, consts), p)
+        return jnp.where(m, pullback(u)[0], 0) + vt
+
+    flip = lambda tree: jtu.tree_map(lambda a: jnp.flip(a, 0), tree)
+    u = _sweep_linear(options, lin, flip((X, x_next, v, has_next)), s0)
+    return jnp.flip(u, 0)
+
+
+def _check_call(f, init, xs, length, method, atol, rtol, max_sweeps):
+    """Validate a `scan` call; return the sequence length T."""
+    if not callable(f):
+        raise TypeError(f"scan: `f` must be callable, got {type(f).__name__}")
+    if not isinstance(method, AbstractSequenceMethod):
+        raise TypeError(
+            "scan: `method` must be an iterjax sequence method (Sequential, Jacobi, "
+            f"GaussSeidel, Picard, DEER, QuasiDEER, ELK), got {method!r}"
+        )
+    check_range("scan", "atol", atol, lo=0.0)
+    check_range("scan", "rtol", rtol, lo=0.0)
+    if max_sweeps is not None:
+        check_int("scan", "max_sweeps", max_sweeps, 1)
+    leaves = jtu.tree_leaves_with_path(xs)
+    lengths = {jnp.shape(a)[0] if jnp.ndim(a) else None for _, a in leaves}
+    if None in lengths:
+        path = next(p for p, a in leaves if not jnp.ndim(a))
+        raise ValueError(
+            f"scan: every leaf of `xs` needs a leading time axis; xs{jtu.keystr(path)} "
+            "is a scalar"
+        )
+    if len(lengths) > 1:
+        shapes = ", ".join(f"xs{jtu.keystr(p)}: {jnp.shape(a)}" for p, a in leaves)
+        raise ValueError(
+            f"scan: the leaves of `xs` have different leading axis sizes ({shapes})"
+        )
+    if length is not None:
+        check_int("scan", "length", length, 0)
+        if lengths and lengths != {length}:
+            raise ValueError(
+                f"scan: `length`={length} but `xs` has leading axis size "
+                f"{lengths.pop()}"
+            )
+    elif not lengths:
+        raise ValueError("scan: pass `xs` with a leading time axis, or `length`")
+    T = length if length is not None else lengths.pop()
+    x0 = jtu.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
+    out = jax.eval_shape(f, init, x0)
+    if not (isinstance(out, tuple) and len(out) == 2):
+        raise ValueError(
+            "scan: `f(carry, x)` must return a pair (new_carry, y), got "
+            f"{jtu.tree_structure(out)}"
+        )
+    check_same_structure(
+        "scan", "f(carry, x)[0] (the new carry)", out[0], init, expected_name="init"
+    )
+    if not isinstance(method, Sequential):
+        for path, leaf in jtu.tree_leaves_with_path(init):
+            dtype = jnp.result_type(leaf)
+            if not jnp.issubdtype(dtype, jnp.floating):
+                raise TypeError(
+                    f"scan: method {type(method).__name__} needs a float carry, but "
+                    f"init{jtu.keystr(path)} has dtype {dtype}; use "
+                    "iterjax.Sequential() for integer or complex carries"
+                )
+    return T

@@ -1,0 +1,30 @@
+"""Picard sweeps for increment recurrences: A_t = I."""
+
+import jax
+import jax.numpy as jnp
+
+from ._core import AbstractSequenceMethod
+
+
+class Picard(AbstractSequenceMethod):
+    """Picard iteration (ParaDiGMS) for recurrences s_t = s_{t-1} + d(s_{t-1}, x_t).
+
+        X^{k+1}_t = s_0 + Σ_{u<=t} d(X^k_{u-1}, x_u)
+
+    i.e. A_t = I: every sweep re-evaluates all increments at the current iterate
+    in parallel and takes their prefix sum. Natural for ODE solvers and diffusion
+    samplers (the increment is one integrator step), where it converges in far
+    fewer sweeps than T when the step size is small. Exact after T sweeps.
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> euler = lambda h, dt: (h + dt * jnp.cos(h), h)   # dh/dt = cos(h)
+      >>> h, _ = iterjax.scan(euler, jnp.zeros(1), jnp.full(64, 1 / 64),
+      ...                     method=iterjax.sequence.Picard(), atol=1e-10)
+      >>> round(float(h[0]), 4)
+      0.8657
+    """
+
+    def linearize(self, cell, prev, xs):
+        fx = jax.vmap(cell)(prev, xs)
+        return fx, jnp.ones_like(fx)

@@ -1,0 +1,299 @@
+"""iterjax.scan against jax.lax.scan: forward, jit, vmap, grad and bad inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import iterjax as ij
+from experiments import cells
+
+METHODS = [
+    ij.Jacobi(),
+    ij.GaussSeidel(block=4),
+    ij.sequence.Picard(),
+    ij.DEER(),
+    ij.DEER(damping=0.3),
+    ij.QuasiDEER(),
+    ij.QuasiDEER(jvp_batch=3),
+]
+IDS = ["jacobi", "gauss-seidel", "picard", "deer", "deer-damped", "quasi", "quasi-b3"]
+
+CELLS = {
+    "contractive": lambda: cells.tanh_rnn(dim=5, length=64, scale=0.8),
+    "expanding": lambda: cells.tanh_rnn(dim=5, length=40, scale=1.6, seed=3),
+    "gru": lambda: cells.gru(dim=6, length=64, input_dim=3),
+}
+
+
+def _close(a, b, tol):
+    jax.tree_util.tree_map(
+        lambda u, v: np.testing.assert_allclose(u, v, atol=tol, rtol=tol), a, b
+    )
+
+
+# ----------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
+def test_matches_lax_scan(method, cell):
+    f, init, xs = CELLS[cell]()
+    kw = dict(method=method, atol=1e-12, return_stats=True)
+    carry, ys, stats = ij.scan(f, init, xs, **kw)
+    ref_carry, ref_ys = jax.lax.scan(f, init, xs)
+    _close((carry, ys), (ref_carry, ref_ys), 1e-8)
+    assert bool(stats.converged) and int(stats.result) == 0
+    assert 1 <= int(stats.num_sweeps) <= xs.shape[0]
+    assert float(stats.residual) <= 1e-12
+
+
+def test_newton_needs_few_sweeps_jacobi_needs_more():
+    f, init, xs = cells.gru(dim=8, length=1024)
+    run = lambda m: ij.scan(f, init, xs, method=m, atol=1e-10, return_stats=True)
+    sweeps = {
+        name: int(run(m)[2].num_sweeps)
+        for name, m in [("deer", ij.DEER()), ("jacobi", ij.Jacobi())]
+    }
+    assert sweeps["deer"] <= 8, sweeps
+    assert sweeps["deer"] < sweeps["jacobi"] < 1024, sweeps
+
+
+@pytest.mark.parametrize("method", [ij.Jacobi(), ij.GaussSeidel(block=3)])
+def test_exact_after_length_sweeps_even_without_tolerance(method):
+    """Causality + frozen prefix: T sweeps reproduce lax.scan on any cell."""
+    f, init, xs = cells.tanh_rnn(dim=4, length=24, scale=2.5, seed=1)
+    carry, ys = ij.scan(f, init, xs, method=method, atol=0.0, max_sweeps=24)
+    _close((carry, ys), jax.lax.scan(f, init, xs), 1e-12)
+
+
+def test_gauss_seidel_block_t_is_one_sweep():
+    f, init, xs = cells.gru(dim=4, length=30)
+    out = ij.scan(f, init, xs, method=ij.GaussSeidel(block=30), return_stats=True)
+    assert int(out[2].num_sweeps) == 1
+    _close(out[:2], jax.lax.scan(f, init, xs), 1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
+def test_pytree_carry_inputs_and_outputs(method):
+    k1, k2 = jax.random.split(jax.random.PRNGKey(4))
+    xs = {"a": jax.random.normal(k1, (50, 3)), "b": (jax.random.normal(k2, (50,)),)}
+    init = {"h": jnp.zeros(3), "c": (jnp.ones((2, 1)),)}
+
+    def f(carry, x):
+        h = jnp.tanh(0.5 * carry["h"] + x["a"] + carry["c"][0].sum())
+        c = 0.7 * jnp.cos(carry["c"][0]) + x["b"][0]
+        return {"h": h, "c": (c,)}, (h.sum(), {"c": c})
+
+    out = ij.scan(f, init, xs, method=method, atol=1e-12)
+    _close(out, jax.lax.scan(f, init, xs), 1e-8)
+
+
+def test_mixed_precision_carry_keeps_dtypes():
+    init = {"a": jnp.zeros(2, jnp.float32), "b": jnp.zeros(3)}
+    f = lambda c, x: (
+        {"a": jnp.tanh(c["a"] + x[:2].astype(jnp.float32)), "b": 0.5 * c["b"] + x},
+        None,
+    )
+    xs = jnp.ones((20, 3))
+    carry, _ = ij.scan(f, init, xs, atol=1e-10)
+    assert carry["a"].dtype == jnp.float32 and carry["b"].dtype == jnp.float64
+    _close(carry, jax.lax.scan(f, init, xs)[0], 1e-6)
+
+
+@pytest.mark.parametrize("method", [ij.DEER(), ij.Jacobi()], ids=["deer", "jacobi"])
+def test_reverse_and_length_without_xs(method):
+    f, init, xs = cells.tanh_rnn(dim=4, length=30)
+    out = ij.scan(f, init, xs, reverse=True, method=method, atol=1e-12)
+    _close(out, jax.lax.scan(f, init, xs, reverse=True), 1e-9)
+    g = lambda h, _: (jnp.cos(h) * 0.9, h[0])
+    out = ij.scan(g, jnp.ones(2), None, length=25, method=method, atol=1e-12)
+    _close(out, jax.lax.scan(g, jnp.ones(2), None, length=25), 1e-9)
+
+
+def test_sequential_is_lax_scan_and_takes_integer_carries():
+    f = lambda c, x: (c + x, c * 2)
+    xs = jnp.arange(10)
+    out = ij.scan(f, jnp.int32(0), xs.astype(jnp.int32), method=ij.Sequential())
+    _close(out, jax.lax.scan(f, jnp.int32(0), xs.astype(jnp.int32)), 0)
+
+
+def test_float32():
+    f, init, xs = cells.gru(dim=8, length=256)
+    to32 = lambda t: jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), t)
+    init32, xs32 = to32(init), to32(xs)
+    f32 = lambda h, x: jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float32), f(h.astype(jnp.float64), x.astype(jnp.float64))
+    )
+    carry, ys, stats = ij.scan(f32, init32, xs32, atol=1e-5, return_stats=True)
+    assert carry.dtype == jnp.float32 and bool(stats.converged)
+    _close(carry, jax.lax.scan(f, init, xs)[0], 1e-4)
+
+
+# ----------------------------------------------------------- robustness
+
+
+def test_diverging_newton_falls_back_and_stays_finite():
+    """Undamped DEER on a strongly expanding cell: no NaN, still exact by T sweeps."""
+    f, init, xs = cells.tanh_rnn(dim=6, length=48, scale=6.0, seed=2)
+    carry, ys, stats = ij.scan(
+        f, init, xs, method=ij.DEER(), atol=1e-10, return_stats=True
+    )
+    assert bool(jnp.all(jnp.isfinite(ys))) and bool(stats.converged)
+    assert float(stats.residual) <= 1e-10
+
+
+def test_non_convergence_is_reported_and_thrown():
+    f, init, xs = cells.tanh_rnn(dim=4, length=200, scale=0.95)
+    _, ys, stats = ij.scan(
+        f, init, xs, method=ij.Jacobi(), max_sweeps=3, return_stats=True
+    )
+    assert not bool(stats.converged) and int(stats.result) == 1
+    assert int(stats.num_sweeps) == 3 and bool(jnp.all(jnp.isfinite(ys)))
+    with pytest.raises(ij.NonConvergenceError, match="scan"):
+        ij.scan(f, init, xs, method=ij.Jacobi(), max_sweeps=3, throw=True)
+
+
+def test_nan_in_cell_is_reported_not_hidden():
+    f = lambda h, x: (jnp.where(x > 5, jnp.nan, 0.5 * h + x), h)
+    xs = jnp.arange(10.0)
+    _, _, stats = ij.scan(f, jnp.zeros(()), xs, method=ij.DEER(), return_stats=True)
+    assert int(stats.result) == 2 and not bool(stats.converged)
+
+
+def test_trace_records_residual_per_sweep():
+    f, init, xs = cells.gru(dim=4, length=100)
+    *_, stats = ij.scan(f, init, xs, atol=1e-10, return_stats=True, trace=True)
+    k = int(stats.num_sweeps)
+    assert stats.trace.shape == (100,)
+    assert bool(jnp.all(jnp.isfinite(stats.trace[:k])))
+    assert bool(jnp.all(jnp.isnan(stats.trace[k:])))
+
+
+# ----------------------------------------------------------------- jit / vmap
+
+
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
+def test_jit(method):
+    f, init, xs = CELLS["gru"]()
+    run = jax.jit(lambda i, x: ij.scan(f, i, x, method=method, atol=1e-12))
+    _close(run(init, xs), jax.lax.scan(f, init, xs), 1e-8)
+
+
+@pytest.mark.parametrize(
+    "method", [ij.Jacobi(), ij.DEER(), ij.GaussSeidel(4)], ids=["jacobi", "deer", "gs"]
+)
+def test_vmap_per_element_sweeps(method):
+    _, init, xs = cells.tanh_rnn(dim=4, length=80)
+    _, _, batch_xs = cells.tanh_rnn(dim=4, length=80, seed=7)
+    scales = jnp.array([0.1, 0.6, 0.95])  # contraction rates differ: so do sweeps
+    k = jax.random.normal(jax.random.PRNGKey(0), (4, 4))
+    w = k / jnp.linalg.norm(k, 2)
+
+    def run(scale):
+        f = lambda h, x: (jnp.tanh(scale * (w @ h) + x), h[0])
+        return ij.scan(f, init, batch_xs, method=method, atol=1e-11, return_stats=True)
+
+    carry, ys, stats = jax.vmap(run)(scales)
+    singles = [run(s) for s in scales]
+    sweeps = [int(s[2].num_sweeps) for s in singles]
+    np.testing.assert_array_equal(stats.num_sweeps, sweeps)
+    assert len(set(sweeps)) > 1, sweeps
+    for i, s in enumerate(singles):
+        _close((carry[i], ys[i]), s[:2], 1e-13)
+
+
+# ----------------------------------------------------------------- grad
+
+
+def _gru_loss(method, scan):
+    def loss(params, init, xs):
+        f = lambda h, x: (cells.gru_cell(params, h, x), jnp.sum(h**2))
+        if scan is jax.lax.scan:
+            carry, ys = scan(f, init, xs)
+        else:
+            carry, ys = scan(f, init, xs, method=method, atol=1e-12)
+        return jnp.sum(ys * jnp.linspace(0, 1, ys.shape[0])) + jnp.sum(jnp.sin(carry))
+
+    return loss
+
+
+@pytest.mark.parametrize("method", METHODS, ids=IDS)
+def test_grad_matches_lax_scan(method):
+    params = cells.gru_params(jax.random.PRNGKey(1), 5, 3)
+    init = 0.1 * jnp.ones(5)
+    xs = jax.random.normal(jax.random.PRNGKey(2), (48, 3))
+    mine = jax.grad(_gru_loss(method, ij.scan), argnums=(0, 1, 2))(params, init, xs)
+    ref = jax.grad(_gru_loss(None, jax.lax.scan), argnums=(0, 1, 2))(params, init, xs)
+    _close(mine, ref, 1e-7)
+
+
+@pytest.mark.parametrize("method", [ij.DEER(), ij.Jacobi()], ids=["deer", "jacobi"])
+def test_check_grads_forward_and_reverse(method):
+    params = cells.gru_params(jax.random.PRNGKey(3), 3, 2)
+    xs = jax.random.normal(jax.random.PRNGKey(4), (12, 2))
+    loss = lambda p, i, x: _gru_loss(method, ij.scan)(p, i, x)
+    check_grads(loss, (params, jnp.zeros(3), xs), order=1, modes=("fwd", "rev"))
+
+
+def test_grad_under_jit_and_vmap():
+    params = cells.gru_params(jax.random.PRNGKey(5), 4, 2)
+    xs = jax.random.normal(jax.random.PRNGKey(6), (3, 40, 2))
+    init = jnp.zeros(4)
+    mine = jax.jit(jax.vmap(jax.grad(_gru_loss(ij.DEER(), ij.scan)), (None, None, 0)))
+    ref = jax.vmap(jax.grad(_gru_loss(None, jax.lax.scan)), (None, None, 0))
+    _close(mine(params, init, xs), ref(params, init, xs), 1e-7)
+
+
+# ----------------------------------------------------------------- errors
+
+
+def test_carry_changing_shape_is_rejected():
+    f = lambda h, x: (jnp.concatenate([h, x[:1]]), None)
+    with pytest.raises(ValueError, match="new carry.*shape"):
+        ij.scan(f, jnp.zeros(2), jnp.ones((5, 2)))
+
+
+def test_carry_changing_dtype_or_structure_is_rejected():
+    with pytest.raises(ValueError, match="dtype"):
+        ij.scan(lambda h, x: (h.astype(jnp.float32), None), jnp.zeros(2), jnp.ones(4))
+    with pytest.raises(ValueError, match="structure"):
+        ij.scan(lambda h, x: ((h, h), None), jnp.zeros(2), jnp.ones(4))
+
+
+def test_mismatched_xs_lengths_are_rejected():
+    xs = (jnp.ones((5, 2)), jnp.ones((6,)))
+    with pytest.raises(ValueError, match="leading axis"):
+        ij.scan(lambda h, x: (h, None), jnp.zeros(2), xs)
+    with pytest.raises(ValueError, match="length"):
+        ij.scan(lambda h, x: (h, None), jnp.zeros(2), jnp.ones(5), length=4)
+    with pytest.raises(ValueError, match="length"):
+        ij.scan(lambda h, x: (h, None), jnp.zeros(2), None)
+
+
+@pytest.mark.parametrize("method", [ij.DEER(), ij.Jacobi()], ids=["deer", "jacobi"])
+def test_integer_carry_with_parallel_method_is_rejected(method):
+    with pytest.raises(TypeError, match="float carry.*Sequential"):
+        ij.scan(
+            lambda c, x: (c + x, None),
+            jnp.int32(0),
+            jnp.ones(5, jnp.int32),
+            method=method,
+        )
+
+
+def test_bad_arguments_are_rejected():
+    f, init, xs = cells.tanh_rnn(dim=2, length=5)
+    with pytest.raises(TypeError, match="method"):
+        ij.scan(f, init, xs, method=ij.Picard())
+    with pytest.raises(ValueError, match="max_sweeps"):
+        ij.scan(f, init, xs, max_sweeps=0)
+    with pytest.raises(ValueError, match="atol"):
+        ij.scan(f, init, xs, atol=-1.0)
+    with pytest.raises(ValueError, match="pair"):
+        ij.scan(lambda h, x: h, init, xs)
+    with pytest.raises(ValueError, match="damping"):
+        ij.DEER(damping=1.0)
+    with pytest.raises(ValueError, match="block"):
+        ij.GaussSeidel(block=0)
