@@ -27,6 +27,7 @@ from .linear import BiCGStab as BiCGStab
 from .linear import Neumann as Neumann
 from .linear import Richardson as Richardson
 from .sequence import DEER as DEER
+from .sequence import ELK as ELK
 from .sequence import GaussSeidel as GaussSeidel
 from .sequence import Jacobi as Jacobi
 from .sequence import QuasiDEER as QuasiDEER

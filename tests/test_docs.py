@@ -13,6 +13,9 @@ MODULES = [
     "iterjax.fixed_point._api",
     "iterjax.fixed_point.picard",
     "iterjax.diagnostics",
+    "iterjax.sequence.jacobi",
+    "iterjax.sequence.picard",
+    "iterjax.sequence.deer",
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -37,10 +40,10 @@ def test_readme_example_runs_with_default_jax_config(index):
     assert out.returncode == 0, out.stderr[-3000:]
 
 
-def test_readme_example_three_matches_scan_and_is_faster_than_T():
+def test_readme_example_three_matches_lax_scan_in_few_sweeps():
     checks = [
-        "assert int(sol.num_steps) < T // 4",
-        "assert float(jnp.max(jnp.abs(sol.value - ref))) < 1e-5",
+        "assert int(stats.num_sweeps) < 20 and bool(stats.converged)",
+        "assert float(jnp.max(jnp.abs(ys - ref))) < 1e-3",
     ]
     code = EXAMPLES[2] + "\n" + "\n".join(checks) + "\n"
     out = subprocess.run(

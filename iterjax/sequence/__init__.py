@@ -11,6 +11,7 @@ sweeps of one core update (see `_core`) with a method choosing the matrix A_t:
 | `Picard()` | I | O(T D) | increment recurrences (ODE / diffusion steps) |
 | `QuasiDEER()` | diag ∂f/∂s | O(T D) | linearly, faster than Jacobi |
 | `DEER()` | ∂f/∂s | O(T D^2) | quadratically near the solution |
+| `ELK(damping)` | Levenberg-Marquardt step | O(T D) | stably where Newton overshoots |
 """
 
 from ._core import AbstractSequenceMethod as AbstractSequenceMethod
@@ -19,6 +20,7 @@ from ._scan import Sequential as Sequential
 from ._scan import scan as scan
 from .deer import DEER as DEER
 from .deer import QuasiDEER as QuasiDEER
+from .elk import ELK as ELK
 from .gauss_seidel import GaussSeidel as GaussSeidel
 from .jacobi import Jacobi as Jacobi
 from .picard import Picard as Picard

@@ -21,8 +21,9 @@ Guarantees of the core, whatever A_t is:
 * Frozen prefix. Positions whose residual meets the tolerance, and all before them,
   are kept as they are (their r is set to 0, so δ is exactly 0 there). The first
   unconverged position p then gets δ_p = r_p, i.e. X_p = f(X_{p-1}, x_p) from an
-  accepted predecessor: every sweep accepts at least one more position, so every
-  method finishes in at most T sweeps.
+  accepted predecessor (enforced for methods that are not a linear recurrence):
+  every sweep accepts at least one more position, so every method finishes in at
+  most T sweeps.
 * No garbage. A position whose update is not finite (a diverging Newton step, an
   overflowing Jacobian) falls back to the Jacobi update f(X^k_{t-1}, x_t), or keeps
   its value when that is not finite either; the number of sweeps with a fallback is
@@ -149,6 +150,10 @@ class Sweeps(AbstractFixedPointSolver):
         fine = jnp.all(jnp.isfinite(new), axis=-1)
         jacobi = jnp.where(jnp.abs(r) < jnp.finfo(r.dtype).max, y + r, y)
         new = jnp.where(fine[:, None], new, jacobi)
+        # The first unaccepted position takes the exact step from its accepted
+        # predecessor (automatic for linear-recurrence methods, enforced for ELK).
+        frontier = jnp.cumsum(~frozen) == 1
+        new = jnp.where(frontier[:, None], jacobi, new)
         new = jnp.where(frozen[:, None], y, new)
         r_new, A_new = self._evaluate(fn, new, args)
         fallbacks = state.fallbacks + jnp.any(~fine).astype(jnp.int32)

@@ -32,8 +32,8 @@ class DEER(AbstractSequenceMethod):
       >>> f = lambda h, x: (jnp.tanh(0.9 * h + x), h)
       >>> h, _ = iterjax.scan(f, jnp.zeros(3), jnp.ones((1000, 3)),
       ...                     method=iterjax.DEER(), atol=1e-10)
-      >>> round(float(h[0]), 6)
-      0.960265
+      >>> round(float(h[0]), 4)
+      0.9524
     """
 
     damping: float = 0.0

@@ -19,8 +19,8 @@ class Jacobi(AbstractSequenceMethod):
       >>> f = lambda h, x: (0.5 * jnp.tanh(h) + x, h)
       >>> h, _ = iterjax.scan(f, jnp.zeros(2), jnp.ones((100, 2)),
       ...                     method=iterjax.Jacobi(), atol=1e-10)
-      >>> round(float(h[0]), 6)
-      1.534218
+      >>> round(float(h[0]), 4)
+      1.4476
     """
 
     def linearize(self, cell, prev, xs):

@@ -22,7 +22,7 @@ class Picard(AbstractSequenceMethod):
       >>> h, _ = iterjax.scan(euler, jnp.zeros(1), jnp.full(64, 1 / 64),
       ...                     method=iterjax.sequence.Picard(), atol=1e-10)
       >>> round(float(h[0]), 4)
-      0.8657
+      0.868
     """
 
     def linearize(self, cell, prev, xs):
