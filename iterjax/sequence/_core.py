@@ -47,14 +47,14 @@ from .._iterate import AbstractFixedPointSolver
 class AbstractSequenceMethod(struct.PyTreeNode):
     """How `iterjax.scan` solves a recurrence: the choice of A_t in the core update.
 
-    Subclasses implement `linearize`, or override `sweep` for updates that are not a
-    linear recurrence (`GaussSeidel`).
+    Subclasses override `linearize` to choose A_t, or `sweep` for updates that are
+    not a linear recurrence (`GaussSeidel`, `ELK`).
     """
 
     def linearize(self, cell, prev, xs):
-        """`(f(prev_t, x_t), A_t)` for every t: A is None (zero), (T, D) diagonal or
-        (T, D, D) dense."""
-        raise NotImplementedError
+        """`(f(prev_t, x_t), A_t)` for every t: A is None (zero, the default), (T, D)
+        diagonal or (T, D, D) dense."""
+        return jax.vmap(cell)(prev, xs), None
 
     def sweep(self, cell, s0, X, xs, r, A, frozen):
         """The correction δ of one sweep, given the residual r (zero on the frozen

@@ -93,20 +93,24 @@ def scan(
         stats = ScanStats(none, jnp.bool_(True), zero, none, none)
         return (carry, ys, stats) if return_stats else (carry, ys)
 
-    flip = lambda tree: jtu.tree_map(lambda a: jnp.flip(a, 0), tree)
     if reverse:
-        xs = flip(xs)
+        xs = _flip(xs)
     s0, unravel = ravel(init)
     cell, consts = _flat_cell(f, init, s0, unravel, xs)
     X, stats = _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace)
     outputs = lambda h, x: f(unravel(h), x)[1]
     ys = jax.vmap(outputs)(shift(X, s0), xs)
     if reverse:
-        ys = flip(ys)
+        ys = _flip(ys)
     if throw:
         error_if_failed(stats.result, "scan")
     carry = unravel(X[-1])
     return (carry, ys, stats) if return_stats else (carry, ys)
+
+
+def _flip(tree):
+    """Reverse the time axis of every leaf."""
+    return jtu.tree_map(lambda a: jnp.flip(a, 0), tree)
 
 
 def _flat_cell(f, init, s0, unravel, xs):
@@ -230,8 +234,7 @@ def _cotangent_recurrence(cell, options, X, args, v):
         _, pullback = jax.vjp(lambda q: cell(q, x, consts), p)
         return jnp.where(m, pullback(u)[0], 0) + vt
 
-    flip = lambda tree: jtu.tree_map(lambda a: jnp.flip(a, 0), tree)
-    u = _sweep_linear(options, lin, flip((X, x_next, v, has_next)), s0)
+    u = _sweep_linear(options, lin, _flip((X, x_next, v, has_next)), s0)
     return jnp.flip(u, 0)
 
 

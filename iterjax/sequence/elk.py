@@ -40,9 +40,6 @@ class ELK(AbstractSequenceMethod):
         check_range("ELK", "damping", self.damping, lo=0.0, lo_open=True)
         check_int("ELK", "cg_steps", self.cg_steps, 1)
 
-    def linearize(self, cell, prev, xs):
-        return jax.vmap(cell)(prev, xs), None
-
     def sweep(self, cell, s0, X, xs, r, A, frozen):
         free = ~frozen[:, None]
         _, jvp = jax.linearize(lambda P: jax.vmap(cell)(P, xs), shift(X, s0))

@@ -26,9 +26,6 @@ class GaussSeidel(AbstractSequenceMethod):
     def __post_init__(self):
         check_int("GaussSeidel", "block", self.block, 1)
 
-    def linearize(self, cell, prev, xs):
-        return jax.vmap(cell)(prev, xs), None
-
     def sweep(self, cell, s0, X, xs, r, A, frozen):
         T = X.shape[0]
         B = min(self.block, T)
