@@ -55,7 +55,7 @@ def test_matches_lax_scan(method, cell):
     ref_carry, ref_ys = jax.lax.scan(f, init, xs)
     _close((carry, ys), (ref_carry, ref_ys), 1e-8)
     assert bool(stats.converged) and int(stats.result) == 0
-    assert 1 <= int(stats.num_sweeps) <= xs.shape[0]
+    assert 2 <= int(stats.num_sweeps) <= xs.shape[0] + 1
     assert float(stats.residual) <= 1e-12
 
 
@@ -78,11 +78,59 @@ def test_exact_after_length_sweeps_even_without_tolerance(method):
     _close((carry, ys), jax.lax.scan(f, init, xs), 1e-12)
 
 
-def test_gauss_seidel_block_t_is_one_sweep():
+def test_gauss_seidel_block_t_is_one_update_and_one_check():
     f, init, xs = cells.gru(dim=4, length=30)
     out = ij.scan(f, init, xs, method=ij.GaussSeidel(block=30), return_stats=True)
-    assert int(out[2].num_sweeps) == 1
+    assert int(out[2].num_sweeps) == 2
     _close(out[:2], jax.lax.scan(f, init, xs), 1e-12)
+
+
+WINDOWED = [
+    ij.sequence.Picard(8),
+    ij.DEER(window=16),
+    ij.GaussSeidel(block=3, window=9),
+]
+
+
+@pytest.mark.parametrize("cell", ["contractive", "expanding"])
+@pytest.mark.parametrize("method", WINDOWED, ids=["picard", "deer", "gs"])
+def test_sliding_window_matches_lax_scan(method, cell):
+    f, init, xs = CELLS[cell]()
+    carry, ys, stats = ij.scan(
+        f, init, xs, method=method, atol=1e-12, return_stats=True
+    )
+    _close((carry, ys), jax.lax.scan(f, init, xs), 1e-8)
+    assert bool(stats.converged) and float(stats.residual) <= 1e-12
+    # every sweep accepts at least one position of the window
+    assert int(stats.num_sweeps) <= xs.shape[0] + 1
+
+
+def test_sliding_window_jacobi_is_exact_after_length_sweeps():
+    f, init, xs = cells.tanh_rnn(dim=4, length=24, scale=2.5, seed=1)
+    out = ij.scan(f, init, xs, method=ij.Jacobi(window=5), atol=0.0, max_sweeps=24)
+    _close(out, jax.lax.scan(f, init, xs), 1e-12)
+
+
+def test_picard_window_trades_sweeps_for_evaluations():
+    """ParaDiGMS: a window of W steps evaluates W increments per sweep; on an Euler
+    ODE solve with small steps it needs about T / W * (sweeps per window)."""
+    euler = lambda h, dt: (h + dt * jnp.cos(h) + dt * jnp.sin(3 * h), h)
+    xs = jnp.full(256, 2.0 / 256)
+    ref = jax.lax.scan(euler, jnp.ones(2), xs)
+    sweeps = {}
+    for w in (None, 64, 16):
+        *out, stats = ij.scan(
+            euler,
+            jnp.ones(2),
+            xs,
+            atol=1e-12,
+            return_stats=True,
+            method=ij.sequence.Picard(w),
+        )
+        _close(tuple(out), ref, 1e-10)
+        sweeps[w] = int(stats.num_sweeps)
+    assert sweeps[None] < sweeps[64] < sweeps[16] < 256, sweeps
+    assert 16 * sweeps[16] < 256 * sweeps[None], sweeps  # fewer evaluations
 
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
@@ -199,9 +247,12 @@ def test_trace_records_residual_per_sweep():
     f, init, xs = cells.gru(dim=4, length=100)
     *_, stats = ij.scan(f, init, xs, atol=1e-10, return_stats=True, trace=True)
     k = int(stats.num_sweeps)
-    assert stats.trace.shape == (100,)
+    assert stats.trace.shape == (101,)  # T + 1 sweeps at most
     assert bool(jnp.all(jnp.isfinite(stats.trace[:k])))
     assert bool(jnp.all(jnp.isnan(stats.trace[k:])))
+    # the last sweep confirms convergence at the returned value
+    assert float(stats.trace[k - 1]) == float(stats.residual) <= 1e-10
+    assert float(stats.trace[k - 2]) > 1e-10
 
 
 # ----------------------------------------------------------------- jit / vmap
@@ -316,6 +367,14 @@ def test_integer_carry_with_parallel_method_is_rejected(method):
             jnp.ones(5, jnp.int32),
             method=method,
         )
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5])
+def test_bad_window_is_rejected(window):
+    with pytest.raises(ValueError, match="window"):
+        ij.DEER(window=window)
+    with pytest.raises(ValueError, match="window"):
+        ij.sequence.Picard(window)
 
 
 def test_bad_arguments_are_rejected():

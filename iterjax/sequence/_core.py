@@ -22,8 +22,12 @@ Guarantees of the core, whatever A_t is:
   are kept as they are (their r is set to 0, so δ is exactly 0 there). The first
   unconverged position p then gets δ_p = r_p, i.e. X_p = f(X_{p-1}, x_p) from an
   accepted predecessor (enforced for methods that are not a linear recurrence):
-  every sweep accepts at least one more position, so every method finishes in at
-  most T sweeps.
+  every sweep accepts at least one more position, so every method is exact after
+  T sweeps and confirms it with one more: at most T + 1 sweeps.
+* Sliding window (`window=W`, ParaDiGMS). A sweep evaluates and updates only the
+  W positions from the first unaccepted one; later positions take the window's
+  last value (a better guess than s_0). Work and memory per sweep are O(W), and
+  the window slides as far as the prefix is accepted.
 * No garbage. A position whose update is not finite (a diverging Newton step, an
   overflowing Jacobian) falls back to the Jacobi update f(X^k_{t-1}, x_t), or keeps
   its value when that is not finite either; the number of sweeps with a fallback is
@@ -31,7 +35,9 @@ Guarantees of the core, whatever A_t is:
   float, so that only a non-finite residual at an accepted predecessor (a genuine
   NaN of f) stops the solve as diverged.
 
-The sweeps run on the fixed-point driver (`iterative_solve`), so stopping rules,
+One sweep evaluates f (and A_t) at the current iterate, then updates it, so the
+number of sweeps is the number of parallel evaluations of f. The sweeps run on
+the fixed-point driver (`iterative_solve`), so stopping rules,
 `vmap` with per-element sweep counts and residual traces come from there.
 """
 
@@ -41,6 +47,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver
 
 
@@ -49,7 +56,19 @@ class AbstractSequenceMethod(struct.PyTreeNode):
 
     Subclasses override `linearize` to choose A_t, or `sweep` for updates that are
     not a linear recurrence (`GaussSeidel`, `ELK`).
+
+    Attributes:
+      window: sweep only this many positions at a time, from the first unaccepted
+        one (a sliding window, as in ParaDiGMS); positions past the window take
+        the window's last value. Bounds the work and memory of one sweep (DEER's
+        Jacobians are (window, D, D)); None (default) sweeps the whole sequence.
     """
+
+    window: int | None = struct.field(pytree_node=False, default=None, kw_only=True)
+
+    def __post_init__(self):
+        if self.window is not None:
+            check_int(type(self).__name__, "window", self.window, 1)
 
     def linearize(self, cell, prev, xs):
         """`(f(prev_t, x_t), A_t)` for every t: A is None (zero, the default), (T, D)
@@ -104,8 +123,8 @@ def accepted_prefix(ok):
 
 
 class SweepState(NamedTuple):
-    residual: jax.Array  # (T, D): f(X_{t-1}, x_t) - X_t, cleaned (see module doc)
-    jacobian: object  # None, (T, D) or (T, D, D): A_t at the current X
+    residual: jax.Array  # (T, D): f(X_{t-1}, x_t) - X_t where known, else the max
+    accepted: jax.Array  # int32: length of the accepted prefix
     fallbacks: jax.Array  # int32: sweeps in which some position fell back
 
 
@@ -113,48 +132,63 @@ class Sweeps(AbstractFixedPointSolver):
     """Adapter running an `AbstractSequenceMethod` on the fixed-point driver.
 
     The driver's `fn` is the flat cell `cell(h, x, consts) -> h` and its `args` are
-    `(s0, xs, consts)`.
+    `(s0, xs, consts)`. One step is one sweep: evaluate f (and A_t) on the window
+    at the current iterate, accept the converged prefix, update the rest. The
+    residual is therefore that of the iterate the sweep started from, and the
+    last sweep is the one that finds every position accepted (and changes
+    nothing). Positions never evaluated at their current value report the
+    largest float.
     """
 
     method: AbstractSequenceMethod
     atol: float
     rtol: float
 
-    def _evaluate(self, cell, X, args):
-        s0, xs, consts = args
-        fx, A = self.method.linearize(lambda h, x: cell(h, x, consts), shift(X, s0), xs)
-        r = fx - X
-        # Past the first unaccepted position a non-finite residual is an artefact
-        # of a bad iterate, not of f: report it as large but finite.
-        beyond = jnp.cumsum(~position_ok(r, X, self.atol, self.rtol)) > 1
-        bad = beyond[:, None] & ~jnp.isfinite(r)
-        r = jnp.where(bad, jnp.finfo(r.dtype).max, r)
-        return r, A
-
     def summary(self, state):
         return {"fallbacks": state.fallbacks}
 
     def init(self, fn, y0, args):
-        r, A = self._evaluate(fn, y0, args)
-        return SweepState(r, A, jnp.int32(0))
+        unknown = jnp.full(y0.shape, jnp.finfo(y0.dtype).max)
+        return SweepState(unknown, jnp.int32(0), jnp.int32(0))
 
     def step(self, fn, y, args, state):
         s0, xs, consts = args
-        r = state.residual
-        frozen = accepted_prefix(position_ok(r, y, self.atol, self.rtol))
-        rm = jnp.where(frozen[:, None], 0, r)
+        cell = lambda h, x: fn(h, x, consts)
+        T = y.shape[0]
+        W = T if self.method.window is None else min(self.method.window, T)
+        start = jnp.minimum(state.accepted, T - W)
+        window = lambda a: jax.lax.dynamic_slice_in_dim(a, start, W)
+        X, prev = window(y), window(shift(y, s0))
+        xw = jax.tree_util.tree_map(window, xs)
+
+        fx, A = self.method.linearize(cell, prev, xw)
+        r = fx - X
+        ok = position_ok(r, X, self.atol, self.rtol)
+        # Past the first unaccepted position a non-finite residual is an artefact
+        # of a bad iterate, not of f: report it as large but finite.
+        big = jnp.finfo(r.dtype).max
+        r = jnp.where((jnp.cumsum(~ok) > 1)[:, None] & ~jnp.isfinite(r), big, r)
+        frozen = accepted_prefix(ok)
+
         delta = self.method.sweep(
-            lambda h, x: fn(h, x, consts), s0, y, xs, rm, state.jacobian, frozen
+            cell, prev[0], X, xw, jnp.where(frozen[:, None], 0, r), A, frozen
         )
-        new = y + delta
+        new = X + delta
         fine = jnp.all(jnp.isfinite(new), axis=-1)
-        jacobi = jnp.where(jnp.abs(r) < jnp.finfo(r.dtype).max, y + r, y)
+        jacobi = jnp.where(jnp.abs(r) < big, X + r, X)
         new = jnp.where(fine[:, None], new, jacobi)
         # The first unaccepted position takes the exact step from its accepted
         # predecessor (automatic for linear-recurrence methods, enforced for ELK).
         frontier = jnp.cumsum(~frozen) == 1
         new = jnp.where(frontier[:, None], jacobi, new)
-        new = jnp.where(frozen[:, None], y, new)
-        r_new, A_new = self._evaluate(fn, new, args)
+        new = jnp.where(frozen[:, None], X, new)
+
+        past = (jnp.arange(T, dtype=jnp.int32) >= start + W)[:, None]
+        y_new = jnp.where(
+            past, new[-1], jax.lax.dynamic_update_slice_in_dim(y, new, start, 0)
+        )
+        residual = jax.lax.dynamic_update_slice_in_dim(state.residual, r, start, 0)
+        residual = jnp.where(past, big, residual)
+        accepted = start + jnp.sum(frozen, dtype=jnp.int32)
         fallbacks = state.fallbacks + jnp.any(~fine).astype(jnp.int32)
-        return new, SweepState(r_new, A_new, fallbacks)
+        return y_new, SweepState(residual, accepted, fallbacks)

@@ -62,8 +62,10 @@ def scan(
     The carries s_1..s_T of s_t = f(s_{t-1}, x_t)[0] are found together by sweeps of
     `method` (see `iterjax.sequence`), then the outputs y_t = f(s_{t-1}, x_t)[1] are
     evaluated in one parallel pass. Stops when |f(s_{t-1}, x_t) - s_t| <= atol +
-    rtol |s_t| for every t and component; every method is exact after at most T
-    sweeps (converged prefixes freeze), so `max_sweeps` defaults to T.
+    rtol |s_t| for every t and component. A sweep is one parallel evaluation of f
+    (over the method's window); every method is exact after T sweeps (converged
+    prefixes freeze) and confirms it in one more, so `max_sweeps` defaults to
+    T + 1.
 
     Gradients (`grad`, `jvp`, `vjp`) are those of the recurrence at the solution,
     computed by one more parallel solve of the linear (reverse, for `grad`)
@@ -77,7 +79,7 @@ def scan(
       method: `DEER()` (default), `QuasiDEER()`, `ELK()`, `Jacobi()`,
         `GaussSeidel(block)`, `iterjax.sequence.Picard()` or `Sequential()`.
       atol, rtol: tolerances on the per-step residual.
-      max_sweeps: the largest number of sweeps (default and at most useful: T).
+      max_sweeps: the largest number of sweeps (default and at most useful: T + 1).
       return_stats: also return a `ScanStats`.
       throw: raise `NonConvergenceError` when the solve did not converge.
       trace: record the residual after each sweep in `ScanStats.trace`.
@@ -131,7 +133,7 @@ def _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace=False)
     The initial guess repeats s_0 over the sequence.
     """
     args = jax.lax.stop_gradient((s0, xs, consts))
-    max_sweeps = T if max_sweeps is None else max_sweeps
+    max_sweeps = T + 1 if max_sweeps is None else max_sweeps
     X0 = jnp.broadcast_to(args[0], (T,) + s0.shape)
     sol = iterative_solve(
         Sweeps(method, atol, rtol),
@@ -192,7 +194,7 @@ def _trajectory_jvp(cell, options, primals, tangents):
 def _sweep_linear(options, cell, inputs, s0):
     """Solve a linear recurrence h_t = cell(h_{t-1}, inputs_t) from h_0 = 0.
 
-    Exact after at most T sweeps (frozen prefix), one for DEER.
+    Exact after at most T + 1 sweeps (frozen prefix), two for DEER.
     """
     method, atol, rtol = options
     T = inputs[0].shape[0]
@@ -204,7 +206,7 @@ def _sweep_linear(options, cell, inputs, s0):
         (zero, inputs, ()),
         atol=atol,
         rtol=rtol,
-        max_steps=T,
+        max_steps=T + 1,
     )
     return sol.value
 

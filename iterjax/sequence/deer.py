@@ -39,6 +39,7 @@ class DEER(AbstractSequenceMethod):
     damping: float = 0.0
 
     def __post_init__(self):
+        super().__post_init__()
         check_range("DEER", "damping", self.damping, 0.0, 1.0, hi_open=True)
 
     def linearize(self, cell, prev, xs):
@@ -64,6 +65,7 @@ class QuasiDEER(AbstractSequenceMethod):
     jvp_batch: int | None = struct.field(pytree_node=False, default=16)
 
     def __post_init__(self):
+        super().__post_init__()
         check_range("QuasiDEER", "damping", self.damping, 0.0, 1.0, hi_open=True)
         if self.jvp_batch is not None:
             check_int("QuasiDEER", "jvp_batch", self.jvp_batch, 1)

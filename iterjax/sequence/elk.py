@@ -37,6 +37,7 @@ class ELK(AbstractSequenceMethod):
     cg_steps: int = struct.field(pytree_node=False, default=20)
 
     def __post_init__(self):
+        super().__post_init__()
         check_range("ELK", "damping", self.damping, lo=0.0, lo_open=True)
         check_int("ELK", "cg_steps", self.cg_steps, 1)
 

@@ -24,6 +24,7 @@ class GaussSeidel(AbstractSequenceMethod):
     block: int = struct.field(pytree_node=False, default=8)
 
     def __post_init__(self):
+        super().__post_init__()
         check_int("GaussSeidel", "block", self.block, 1)
 
     def sweep(self, cell, s0, X, xs, r, A, frozen):

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from ._core import AbstractSequenceMethod
 
@@ -16,6 +17,13 @@ class Picard(AbstractSequenceMethod):
     samplers (the increment is one integrator step), where it converges in far
     fewer sweeps than T when the step size is small. Exact after T sweeps.
 
+    With `window=W` each sweep evaluates only the W steps from the first
+    unconverged one, and the window slides forward as its prefix converges
+    (ParaDiGMS, Shih et al. 2023): W parallel evaluations per sweep instead of T.
+
+    Attributes:
+      window: steps evaluated per sweep (>= 1), or None for the whole sequence.
+
     Example:
       >>> import jax.numpy as jnp, iterjax
       >>> euler = lambda h, dt: (h + dt * jnp.cos(h), h)   # dh/dt = cos(h)
@@ -24,6 +32,8 @@ class Picard(AbstractSequenceMethod):
       >>> round(float(h[0]), 4)
       0.868
     """
+
+    window: int | None = struct.field(pytree_node=False, default=None)
 
     def linearize(self, cell, prev, xs):
         fx = jax.vmap(cell)(prev, xs)
