@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 
 
-def tanh_rnn(dim=8, length=256, scale=0.8, input_dim=None, seed=0):
+def tanh_rnn(dim=8, length=256, scale=0.8, input_dim=None, seed=0, dtype=None):
     """h_t = tanh(W h_{t-1} + U x_t + b), W with spectral norm `scale`.
 
     scale < 1 is a contraction; scale > 1 gives expanding (and, for large scale,
-    chaotic) dynamics.
+    chaotic) dynamics. `dtype` (default: JAX's default float) of every array.
     """
     input_dim = input_dim or dim
     k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(seed), 4)
@@ -21,12 +21,14 @@ def tanh_rnn(dim=8, length=256, scale=0.8, input_dim=None, seed=0):
     u = jax.random.normal(k2, (dim, input_dim)) / jnp.sqrt(input_dim)
     b = 0.1 * jax.random.normal(k3, (dim,))
     xs = jax.random.normal(k4, (length, input_dim))
+    if dtype is not None:
+        w, u, b, xs = (a.astype(dtype) for a in (w, u, b, xs))
 
     def f(h, x):
         h = jnp.tanh(w @ h + u @ x + b)
         return h, jnp.sum(h)
 
-    return f, jnp.zeros(dim), xs
+    return f, jnp.zeros(dim, xs.dtype), xs
 
 
 def gru_params(key, dim, input_dim, scale=1.0):
@@ -60,3 +62,57 @@ def gru(dim=16, length=256, input_dim=4, scale=1.0, seed=0):
 
 
 CELLS = {"tanh_rnn": tanh_rnn, "gru": gru}
+
+
+def parallel_depth(method, length):
+    """Sequential depth of one sweep of `method` over `length` steps, in cell
+    evaluations and associative-combine levels (the unit a GPU pays in latency).
+
+    Jacobi: 1. Gauss-Seidel: the block. Picard/DEER/QuasiDEER: 1 + the 2 log2(W)
+    levels of `associative_scan`. ELK: 2 per CG step (one JVP, one VJP). Sequential:
+    the length.
+    """
+    import math
+
+    from iterjax import sequence as seq
+
+    w = min(method.window or length, length)
+    levels = 2 * math.ceil(math.log2(max(w, 2)))
+    if isinstance(method, seq.Sequential):
+        return length
+    if isinstance(method, seq.GaussSeidel):
+        return min(method.block, w)
+    if isinstance(method, seq.ELK):
+        return 1 + 2 * method.cg_steps
+    if isinstance(method, seq.Jacobi):
+        return 1
+    return 1 + levels
+
+
+def sweep_errors(f, init, xs, method, atol, num_sweeps):
+    """max |X^k - X*| after each of `num_sweeps` sweeps of `method`, X* from
+    `lax.scan`: the error-vs-sweeps curve that `ScanStats.trace` (a residual) only
+    bounds. Steps the sweep core one jitted sweep at a time."""
+    import numpy as np
+
+    from iterjax._tree import ravel
+    from iterjax.sequence._core import Sweeps
+    from iterjax.sequence._scan import _flat_cell
+
+    s0, unravel = ravel(init)
+    cell, consts = _flat_cell(f, init, s0, unravel, xs)
+    ref = jax.vmap(lambda c: ravel(c)[0])(
+        jax.lax.scan(lambda c, x: (f(c, x)[0],) * 2, init, xs)[1]
+    )
+    solver = Sweeps(method, atol, 0.0)
+    args = (s0, xs, consts)
+    X = jnp.broadcast_to(s0, ref.shape)
+    state = solver.init(cell, X, args)
+    step = jax.jit(lambda X, s: solver.step(cell, X, args, s))
+    errors = []
+    for _ in range(num_sweeps):
+        X, state = step(X, state)
+        errors.append(float(jnp.max(jnp.abs(X - ref))))
+        if int(state.accepted) == ref.shape[0]:  # converged: X stops changing
+            break
+    return np.asarray(errors)

@@ -3,12 +3,14 @@
 import dataclasses
 import importlib
 
-from . import implicit, linear
+from . import implicit, linear, sequence
 from .config import ConfigError
 from .fixed_point import Anderson, Broyden, Halpern, Newton, Picard
 
 EXPERIMENTS = {
     "fixed_point_study": "experiments.fixed_point_study",
+    "jacobi_rnn": "experiments.jacobi_rnn",
+    "deer_gru": "experiments.deer_gru",
 }
 
 SOLVERS = {
@@ -30,7 +32,21 @@ ADJOINTS = {
     "unrolled": implicit.UnrolledAdjoint,
     "phantom": implicit.PhantomAdjoint,
 }
-KINDS = {"solver": SOLVERS, "linear_solver": LINEAR_SOLVERS, "adjoint": ADJOINTS}
+SEQUENCE_METHODS = {
+    "sequential": sequence.Sequential,
+    "jacobi": sequence.Jacobi,
+    "gauss_seidel": sequence.GaussSeidel,
+    "picard": sequence.Picard,
+    "deer": sequence.DEER,
+    "quasi_deer": sequence.QuasiDEER,
+    "elk": sequence.ELK,
+}
+KINDS = {
+    "solver": SOLVERS,
+    "linear_solver": LINEAR_SOLVERS,
+    "adjoint": ADJOINTS,
+    "sequence_method": SEQUENCE_METHODS,
+}
 
 
 def _options(cls):

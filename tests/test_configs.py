@@ -37,6 +37,26 @@ def test_config_smoke_runs(path, tmp_path):
     assert resolved["experiment"] == summary["experiment"]
     # The resolved config is itself a valid config.
     cfglib.from_dict(registry.experiment(resolved.pop("experiment")).Config, resolved)
+    SMOKE_CHECKS.get(path.stem, lambda s: None)(summary)
+
+
+def _check_jacobi_rnn(summary):
+    rows = summary["rows"]
+    assert rows and all(r["converged"] and r["error"] < 1e-6 for r in rows), rows
+    sweeps = {(r["cell"], r["length"], r["method"]): r["sweeps"] for r in rows}
+    for (cell, T, m), n in sweeps.items():
+        assert n <= T + 1
+        if m == "deer":
+            assert n < sweeps[(cell, T, "jacobi")]
+
+
+def _check_deer_gru(summary):
+    assert all(r["converged"] and r["error"] < 1e-5 for r in summary["long"])
+    assert all(r["converged"] for r in summary["chaotic"])
+    assert summary["train"]["loss_gap"] < 1e-6
+
+
+SMOKE_CHECKS = {"jacobi_rnn": _check_jacobi_rnn, "deer_gru": _check_deer_gru}
 
 
 def test_fixed_point_study_numbers(tmp_path):

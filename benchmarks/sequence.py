@@ -1,0 +1,140 @@
+"""iterjax.scan's methods side by side with jax.lax.scan on GRU cells.
+
+One process, same cell, same inputs. For each (hidden, T, batch) case and method:
+sweeps to atol 1e-6 (float64; the largest over the batch), parallel depth (sweeps x
+depth of one sweep, vs T for lax.scan), wall time of the jitted forward pass and of
+`jax.grad` of a loss through it, as ratios to lax.scan, and the compiled temporary
+memory of both (MB). On a CPU parallel-in-time methods do T-fold more work
+in fewer sequential steps: the wall ratios there are > 1 and the depth is the
+number to read; on a GPU the depth is what the wall time pays.
+
+Run: make bench   (or: python benchmarks/sequence.py [--quick])
+"""
+
+import argparse
+import pathlib
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+
+jax.config.update("jax_enable_x64", True)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+warnings.filterwarnings("ignore")
+
+import iterjax as ij  # noqa: E402
+from benchmarks._common import compiled_bytes, markdown  # noqa: E402
+from experiments import cells  # noqa: E402
+from iterjax.diagnostics import time_calls  # noqa: E402
+
+ATOL = 1e-6
+# (hidden, T, batch)
+CASES = [
+    (16, 1024, 1),
+    (16, 16384, 1),
+    (64, 16384, 1),
+    (16, 4096, 16),
+    (16, 1024, 64),
+    (256, 4096, 1),
+]
+QUICK = [(16, 1024, 1), (16, 256, 8)]
+
+
+def methods(hidden, T):
+    dense = ij.DEER() if hidden * hidden * T <= 2**26 else ij.DEER(window=1024)
+    return {
+        "lax.scan": ij.Sequential(),
+        "jacobi": ij.Jacobi(),
+        "gauss_seidel(8)": ij.GaussSeidel(block=8),
+        "quasi_deer": ij.QuasiDEER(),
+        "deer" if dense.window is None else "deer(window=1024)": dense,
+        "elk": ij.ELK(),
+    }
+
+
+def case(hidden, T, batch, rounds):
+    f, init, xs = cells.gru(hidden, T, input_dim=4)
+    xs = jnp.broadcast_to(xs, (batch,) + xs.shape) + 0.1 * jax.random.normal(
+        jax.random.PRNGKey(1), (batch,) + xs.shape
+    )
+    rows, fwd, bwd, mem = [], {}, {}, {}
+    for name, m in methods(hidden, T).items():
+        one = lambda xs, m=m: ij.scan(
+            f, init, xs, method=m, atol=ATOL, return_stats=True
+        )
+        forward = jax.jit(jax.vmap(lambda xs, one=one: one(xs)[1]))
+        loss = lambda xs, one=one: jnp.sum(jax.vmap(lambda x: one(x)[1])(xs) ** 2)
+        backward = jax.jit(jax.grad(loss))
+        stats = jax.jit(jax.vmap(lambda xs, one=one: one(xs)[2]))(xs)
+        fwd[name], bwd[name] = (forward, (xs,)), (backward, (xs,))
+        mem[name] = (compiled_bytes(forward, xs)[0], compiled_bytes(backward, xs)[0])
+        sweeps = int(jnp.max(stats.num_sweeps)) if name != "lax.scan" else 0
+        depth = T if name == "lax.scan" else sweeps * cells.parallel_depth(m, T)
+        rows.append(
+            dict(
+                method=name,
+                sweeps=sweeps,
+                depth=depth,
+                converged=bool(jnp.all(stats.converged)),
+            )
+        )
+    tf, tb = time_calls(fwd, rounds), time_calls(bwd, rounds)
+    for r in rows:
+        n = r["method"]
+        r.update(
+            fwd_ms=tf[n],
+            fwd_ratio=tf[n] / tf["lax.scan"],
+            bwd_ratio=tb[n] / tb["lax.scan"],
+            fwd_mem=mem[n][0] / 2**20,
+            bwd_mem=mem[n][1] / 2**20,
+        )
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two small cases")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    print(f"device: {jax.devices()[0].device_kind}, atol {ATOL:g}, float64\n")
+    table = []
+    for hidden, T, batch in QUICK if args.quick else CASES:
+        for r in case(hidden, T, batch, args.rounds):
+            table.append(
+                [
+                    hidden,
+                    T,
+                    batch,
+                    r["method"],
+                    r["sweeps"],
+                    r["depth"],
+                    "yes" if r["converged"] else "NO",
+                    f"{r['fwd_ms']:.1f}",
+                    f"{r['fwd_ratio']:.2f}",
+                    f"{r['bwd_ratio']:.2f}",
+                    f"{r['fwd_mem']:.2f}",
+                    f"{r['bwd_mem']:.2f}",
+                ]
+            )
+            print(markdown(HEAD, table[-1:]).splitlines()[-1], flush=True)
+    print("\n" + markdown(HEAD, table))
+
+
+HEAD = [
+    "hidden",
+    "T",
+    "batch",
+    "method",
+    "sweeps",
+    "depth",
+    "converged",
+    "fwd ms",
+    "fwd / lax.scan",
+    "grad / lax.scan",
+    "fwd temp MB",
+    "grad temp MB",
+]
+
+if __name__ == "__main__":
+    main()
