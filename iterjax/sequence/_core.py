@@ -46,6 +46,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import struct
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver
@@ -62,13 +64,26 @@ class AbstractSequenceMethod(struct.PyTreeNode):
         one (a sliding window, as in ParaDiGMS); positions past the window take
         the window's last value. Bounds the work and memory of one sweep (DEER's
         Jacobians are (window, D, D)); None (default) sweeps the whole sequence.
+      mesh: a `jax.sharding.Mesh` to shard the time axis over (all its axes, in
+        order): every device holds T / devices positions, evaluates f there, and
+        the associative scan runs per device with one cross-device combine of the
+        devices' totals. T must be divisible by the mesh size; not with `window`.
     """
 
     window: int | None = struct.field(pytree_node=False, default=None, kw_only=True)
+    mesh: Mesh | None = struct.field(pytree_node=False, default=None, kw_only=True)
 
     def __post_init__(self):
+        name = type(self).__name__
         if self.window is not None:
-            check_int(type(self).__name__, "window", self.window, 1)
+            check_int(name, "window", self.window, 1)
+        if self.mesh is not None:
+            if not isinstance(self.mesh, Mesh):
+                raise TypeError(
+                    f"{name}: `mesh` must be a jax.sharding.Mesh, got {self.mesh!r}"
+                )
+            if self.window is not None:
+                raise ValueError(f"{name}: `window` and `mesh` cannot be combined")
 
     def linearize(self, cell, prev, xs):
         """`(f(prev_t, x_t), A_t)` for every t: A is None (zero, the default), (T, D)
@@ -78,12 +93,29 @@ class AbstractSequenceMethod(struct.PyTreeNode):
     def sweep(self, cell, s0, X, xs, r, A, frozen):
         """The correction δ of one sweep, given the residual r (zero on the frozen
         prefix) and the A_t of `linearize`."""
-        return linear_recurrence(A, r)
+        return linear_recurrence(A, r, self.mesh)
 
 
-def shift(X, s0):
-    """The predecessors (s_0, s_1, ..., s_{T-1}) of X = (s_1, ..., s_T)."""
-    return jnp.concatenate([s0[None], X[:-1]], axis=0)
+def shift(X, s0, mesh=None):
+    """The predecessors (s_0, s_1, ..., s_{T-1}) of X = (s_1, ..., s_T).
+
+    With a `mesh` (time axis split over its devices) each device passes its last
+    row to the next one (a neighbour exchange), instead of gathering X.
+    """
+    if mesh is None:
+        return jnp.concatenate([s0[None], X[:-1]], axis=0)
+    axes = tuple(mesh.axis_names)
+    n = mesh.size
+
+    def local(X, s0):
+        last = jax.lax.ppermute(X[-1], axes, [(i, i + 1) for i in range(n - 1)])
+        first = jnp.where(jax.lax.axis_index(axes) == 0, s0, last)
+        return jnp.concatenate([first[None], X[:-1]], axis=0)
+
+    spec = P(axes)
+    return jax.shard_map(
+        local, mesh=auto_mesh(mesh), in_specs=(spec, P()), out_specs=spec
+    )(X, s0)
 
 
 def _diag_combine(earlier, later):
@@ -98,17 +130,57 @@ def _dense_combine(earlier, later):
     return a2 @ a1, jnp.einsum("...ij,...j->...i", a2, b1) + b2
 
 
-def linear_recurrence(A, b):
+def linear_recurrence(A, b, mesh=None):
     """δ_t = A_t δ_{t-1} + b_t from δ_0 = 0, for all t at once.
 
     `A` is None (δ = b), an array shaped like `b` (diagonal A_t) or with one more
     trailing axis (dense A_t). Composition of the affine maps δ -> A δ + b is
     associative, so `jax.lax.associative_scan` solves it in O(log T) depth.
+
+    With a `mesh`, the time axis is split over its devices: each scans its chunk
+    (prefix maps P_t = (A_t...A_first, c_t) of the chunk), the chunks' total maps
+    are all-gathered and scanned (one map per device), and device i applies the
+    composed map of devices < i: δ_t = P_t.A δ_in + P_t.c.
     """
     if A is None:
         return b
-    combine = _diag_combine if A.ndim == b.ndim else _dense_combine
-    return jax.lax.associative_scan(combine, (A, b))[1]
+    diag = A.ndim == b.ndim
+    combine = _diag_combine if diag else _dense_combine
+    if mesh is None:
+        return jax.lax.associative_scan(combine, (A, b))[1]
+    axes = tuple(mesh.axis_names)
+
+    def local(A, b):
+        PA, Pb = jax.lax.associative_scan(combine, (A, b))
+        totals = jax.lax.all_gather((PA[-1], Pb[-1]), axes)
+        ends = jax.lax.associative_scan(combine, totals)[1]  # δ at each chunk's end
+        i = jax.lax.axis_index(axes)
+        into = jnp.where(i > 0, ends[jnp.maximum(i - 1, 0)], 0)
+        moved = PA * into if diag else jnp.einsum("tij,j->ti", PA, into)
+        return Pb + moved
+
+    spec = P(axes)
+    sharded = jax.shard_map(
+        local, mesh=auto_mesh(mesh), in_specs=(spec, spec), out_specs=spec
+    )
+    return sharded(A, b)
+
+
+def shard_time(tree, mesh):
+    """Constrain the leading (time) axis of every leaf to be split over `mesh`."""
+    if mesh is None:
+        return tree
+    sharding = NamedSharding(auto_mesh(mesh), P(tuple(mesh.axis_names)))
+    put = lambda a: jax.lax.with_sharding_constraint(a, sharding)
+    return jax.tree_util.tree_map(put, tree)
+
+
+def auto_mesh(mesh):
+    """`mesh` with every axis in Auto mode: the sweeps slice and shift the time
+    axis by one position, which Explicit-mode sharding rules do not allow; XLA's
+    partitioner places those ops (a neighbour exchange) instead."""
+    auto = (AxisType.Auto,) * len(mesh.axis_names)
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
 def position_ok(r, X, atol, rtol):
@@ -157,8 +229,11 @@ class Sweeps(AbstractFixedPointSolver):
         T = y.shape[0]
         W = T if self.method.window is None else min(self.method.window, T)
         start = jnp.minimum(state.accepted, T - W)
-        window = lambda a: jax.lax.dynamic_slice_in_dim(a, start, W)
-        X, prev = window(y), window(shift(y, s0))
+        if W == T:  # static: no slicing (and no gathering of a sharded axis)
+            window = lambda a: a
+        else:
+            window = lambda a: jax.lax.dynamic_slice_in_dim(a, start, W)
+        X, prev = window(y), window(shift(y, s0, self.method.mesh))
         xw = jax.tree_util.tree_map(window, xs)
 
         fx, A = self.method.linearize(cell, prev, xw)
@@ -183,12 +258,14 @@ class Sweeps(AbstractFixedPointSolver):
         new = jnp.where(frontier[:, None], jacobi, new)
         new = jnp.where(frozen[:, None], X, new)
 
-        past = (jnp.arange(T, dtype=jnp.int32) >= start + W)[:, None]
-        y_new = jnp.where(
-            past, new[-1], jax.lax.dynamic_update_slice_in_dim(y, new, start, 0)
-        )
-        residual = jax.lax.dynamic_update_slice_in_dim(state.residual, r, start, 0)
-        residual = jnp.where(past, big, residual)
+        if W == T:
+            y_new, residual = new, r
+        else:
+            put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0)
+            past = (jnp.arange(T, dtype=jnp.int32) >= start + W)[:, None]
+            y_new = jnp.where(past, new[-1], put(y, new))
+            residual = jnp.where(past, big, put(state.residual, r))
         accepted = start + jnp.sum(frozen, dtype=jnp.int32)
         fallbacks = state.fallbacks + jnp.any(~fine).astype(jnp.int32)
+        y_new, residual = shard_time((y_new, residual), self.method.mesh)
         return y_new, SweepState(residual, accepted, fallbacks)

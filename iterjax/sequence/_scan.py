@@ -11,7 +11,7 @@ from .._checks import check_int, check_range, check_same_structure
 from .._iterate import iterative_solve
 from .._solution import error_if_failed
 from .._tree import ravel
-from ._core import AbstractSequenceMethod, Sweeps, shift
+from ._core import AbstractSequenceMethod, Sweeps, shard_time, shift
 from .deer import DEER
 
 
@@ -101,7 +101,7 @@ def scan(
     cell, consts = _flat_cell(f, init, s0, unravel, xs)
     X, stats = _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace)
     outputs = lambda h, x: f(unravel(h), x)[1]
-    ys = jax.vmap(outputs)(shift(X, s0), xs)
+    ys = jax.vmap(outputs)(shift(X, s0, method.mesh), xs)
     if reverse:
         ys = _flip(ys)
     if throw:
@@ -135,6 +135,8 @@ def _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace=False)
     args = jax.lax.stop_gradient((s0, xs, consts))
     max_sweeps = T + 1 if max_sweeps is None else max_sweeps
     X0 = jnp.broadcast_to(args[0], (T,) + s0.shape)
+    X0 = shard_time(X0, method.mesh)
+    args = (args[0], shard_time(args[1], method.mesh), args[2])
     sol = iterative_solve(
         Sweeps(method, atol, rtol),
         cell,
@@ -276,6 +278,12 @@ def _check_call(f, init, xs, length, method, atol, rtol, max_sweeps):
     elif not lengths:
         raise ValueError("scan: pass `xs` with a leading time axis, or `length`")
     T = length if length is not None else lengths.pop()
+    mesh = getattr(method, "mesh", None)
+    if mesh is not None and T % mesh.size:
+        raise ValueError(
+            f"scan: the sequence length {T} must be divisible by the {mesh.size} "
+            "devices of `method.mesh` (pad the sequence, or use another mesh)"
+        )
     x0 = jtu.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
     out = jax.eval_shape(f, init, x0)
     if not (isinstance(out, tuple) and len(out) == 2):

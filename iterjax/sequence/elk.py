@@ -43,9 +43,10 @@ class ELK(AbstractSequenceMethod):
 
     def sweep(self, cell, s0, X, xs, r, A, frozen):
         free = ~frozen[:, None]
-        _, jvp = jax.linearize(lambda P: jax.vmap(cell)(P, xs), shift(X, s0))
+        prev = shift(X, s0, self.mesh)
+        _, jvp = jax.linearize(lambda P: jax.vmap(cell)(P, xs), prev)
         zero = jnp.zeros_like(s0)
-        m = lambda v: v - jvp(shift(v, zero))  # M v
+        m = lambda v: v - jvp(shift(v, zero, self.mesh))  # M v
         mt = jax.linear_transpose(m, X)  # M^T, returns a 1-tuple
         lam = self.damping * jnp.max(jnp.sum(r**2, axis=-1))
         normal = lambda v: (
