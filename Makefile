@@ -36,6 +36,7 @@ format: $(STAMP)
 
 bench: $(PEERS)
 	$(PY) benchmarks/fixed_point.py
+	$(PY) benchmarks/sequence.py
 
 clean:
 	rm -rf .venv runs build *.egg-info

@@ -50,6 +50,7 @@ def methods(hidden, T):
         "quasi_deer": ij.QuasiDEER(),
         "deer" if dense.window is None else "deer(window=1024)": dense,
         "elk": ij.ELK(),
+        "quasi_elk": ij.QuasiELK(),
     }
 
 

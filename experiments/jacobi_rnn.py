@@ -36,6 +36,7 @@ class Config:
         Spec("quasi_deer"),
         Spec("deer"),
         Spec("elk"),
+        Spec("quasi_elk"),
     )
     dim: int = 16
     input_dim: int = 4

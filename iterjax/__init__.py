@@ -31,6 +31,7 @@ from .sequence import ELK as ELK
 from .sequence import GaussSeidel as GaussSeidel
 from .sequence import Jacobi as Jacobi
 from .sequence import QuasiDEER as QuasiDEER
+from .sequence import QuasiELK as QuasiELK
 from .sequence import ScanStats as ScanStats
 from .sequence import Sequential as Sequential
 from .sequence import scan as scan

@@ -40,6 +40,7 @@ SEQUENCE_METHODS = {
     "deer": sequence.DEER,
     "quasi_deer": sequence.QuasiDEER,
     "elk": sequence.ELK,
+    "quasi_elk": sequence.QuasiELK,
 }
 KINDS = {
     "solver": SOLVERS,

@@ -18,6 +18,7 @@ METHODS = [
     ij.QuasiDEER(),
     ij.QuasiDEER(jvp_batch=3),
     ij.ELK(damping=0.5),
+    ij.QuasiELK(damping=0.5),
 ]
 IDS = [
     "jacobi",
@@ -28,6 +29,7 @@ IDS = [
     "quasi",
     "quasi-b3",
     "elk",
+    "quasi-elk",
 ]
 
 CELLS = {
@@ -213,6 +215,32 @@ def test_elk_step_solves_the_levenberg_marquardt_system():
     expected = np.linalg.solve(M.T @ M + lam * np.eye(10), M.T @ np.ravel(r[1:]))
     np.testing.assert_allclose(delta[0], 0, atol=0)
     np.testing.assert_allclose(np.ravel(delta[1:]), expected, atol=1e-10)
+
+
+def test_quasi_elk_step_is_the_exact_levenberg_marquardt_step():
+    """One QuasiELK sweep (Kalman smoother) equals the dense solve of
+    (M^T M + λ I) δ = M^T r with M = I - subdiag(diag J_t), over free positions."""
+    T, D = 7, 3
+    f, init, xs = cells.tanh_rnn(dim=D, length=T, scale=2.0)
+    cell = lambda h, x: f(h, x)[0]
+    X = jax.random.normal(jax.random.PRNGKey(1), (T, D))
+    prev = jnp.concatenate([init[None], X[:-1]])
+    frozen = jnp.arange(T) < 2
+    method = ij.QuasiELK(damping=0.3)
+    fx, a = method.linearize(cell, prev, xs)
+    r = jnp.where(frozen[:, None], 0, fx - X)
+    delta = method.sweep(cell, init, X, xs, r, a, frozen)
+    jac = jax.vmap(jax.jacfwd(cell))(prev, xs)
+    np.testing.assert_allclose(a, jnp.diagonal(jac, axis1=1, axis2=2), atol=1e-12)
+    lam = 0.3 * jnp.max(jnp.sum(r**2, axis=-1))
+    M = np.eye(T * D)
+    for t in range(1, T):
+        M[t * D : (t + 1) * D, (t - 1) * D : t * D] = -np.diag(a[t])
+    M = M[2 * D :, 2 * D :]
+    rhs = M.T @ np.ravel(r[2:])
+    expected = np.linalg.solve(M.T @ M + lam * np.eye(len(rhs)), rhs)
+    np.testing.assert_allclose(delta[:2], 0, atol=0)
+    np.testing.assert_allclose(np.ravel(delta[2:]), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_diverging_newton_falls_back_and_stays_finite():

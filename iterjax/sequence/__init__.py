@@ -12,6 +12,10 @@ sweeps of one core update (see `_core`) with a method choosing the matrix A_t:
 | `QuasiDEER()` | diag ∂f/∂s | O(T D) | linearly, faster than Jacobi |
 | `DEER()` | ∂f/∂s | O(T D^2) | quadratically near the solution |
 | `ELK(damping)` | Levenberg-Marquardt step | O(T D) | stably where Newton overshoots |
+| `QuasiELK(damping)` | LM step, diag J (Kalman smoother) | O(T D) | exact LM step |
+
+Every method also takes `window=W` (a ParaDiGMS sliding window: O(W) work and
+memory per sweep) and `mesh=` (the time axis sharded over a device mesh).
 """
 
 from ._core import AbstractSequenceMethod as AbstractSequenceMethod
@@ -21,6 +25,7 @@ from ._scan import scan as scan
 from .deer import DEER as DEER
 from .deer import QuasiDEER as QuasiDEER
 from .elk import ELK as ELK
+from .elk import QuasiELK as QuasiELK
 from .gauss_seidel import GaussSeidel as GaussSeidel
 from .jacobi import Jacobi as Jacobi
 from .picard import Picard as Picard

@@ -130,40 +130,49 @@ def _dense_combine(earlier, later):
     return a2 @ a1, jnp.einsum("...ij,...j->...i", a2, b1) + b2
 
 
+def prefix_scan(combine, elems, mesh=None):
+    """Every prefix composition of `elems` along the time axis, as
+    `jax.lax.associative_scan(combine, elems)` (depth O(log T)).
+
+    With a `mesh`, the time axis is split over its devices: each device scans its
+    chunk, the chunks' totals are all-gathered and scanned (one element per
+    device), and device i composes the total of the devices before it into each
+    of its prefixes. The sequence itself never leaves its device.
+    """
+    if mesh is None:
+        return jax.lax.associative_scan(combine, elems)
+    axes = tuple(mesh.axis_names)
+    tmap = jax.tree_util.tree_map
+
+    def local(elems):
+        pre = jax.lax.associative_scan(combine, elems)
+        ends = jax.lax.associative_scan(
+            combine, jax.lax.all_gather(tmap(lambda a: a[-1], pre), axes)
+        )
+        i = jax.lax.axis_index(axes)
+        before = tmap(
+            lambda e, p: jnp.broadcast_to(e[jnp.maximum(i - 1, 0)], p.shape), ends, pre
+        )
+        return tmap(lambda c, p: jnp.where(i > 0, c, p), combine(before, pre), pre)
+
+    spec = P(axes)
+    return jax.shard_map(local, mesh=auto_mesh(mesh), in_specs=(spec,), out_specs=spec)(
+        elems
+    )
+
+
 def linear_recurrence(A, b, mesh=None):
     """δ_t = A_t δ_{t-1} + b_t from δ_0 = 0, for all t at once.
 
     `A` is None (δ = b), an array shaped like `b` (diagonal A_t) or with one more
     trailing axis (dense A_t). Composition of the affine maps δ -> A δ + b is
-    associative, so `jax.lax.associative_scan` solves it in O(log T) depth.
-
-    With a `mesh`, the time axis is split over its devices: each scans its chunk
-    (prefix maps P_t = (A_t...A_first, c_t) of the chunk), the chunks' total maps
-    are all-gathered and scanned (one map per device), and device i applies the
-    composed map of devices < i: δ_t = P_t.A δ_in + P_t.c.
+    associative, so `prefix_scan` solves it in O(log T) depth (over the devices
+    of `mesh`, if given).
     """
     if A is None:
         return b
-    diag = A.ndim == b.ndim
-    combine = _diag_combine if diag else _dense_combine
-    if mesh is None:
-        return jax.lax.associative_scan(combine, (A, b))[1]
-    axes = tuple(mesh.axis_names)
-
-    def local(A, b):
-        PA, Pb = jax.lax.associative_scan(combine, (A, b))
-        totals = jax.lax.all_gather((PA[-1], Pb[-1]), axes)
-        ends = jax.lax.associative_scan(combine, totals)[1]  # δ at each chunk's end
-        i = jax.lax.axis_index(axes)
-        into = jnp.where(i > 0, ends[jnp.maximum(i - 1, 0)], 0)
-        moved = PA * into if diag else jnp.einsum("tij,j->ti", PA, into)
-        return Pb + moved
-
-    spec = P(axes)
-    sharded = jax.shard_map(
-        local, mesh=auto_mesh(mesh), in_specs=(spec, spec), out_specs=spec
-    )
-    return sharded(A, b)
+    combine = _diag_combine if A.ndim == b.ndim else _dense_combine
+    return prefix_scan(combine, (A, b), mesh)[1]
 
 
 def shard_time(tree, mesh):
