@@ -56,16 +56,7 @@ def _check_deer_gru(summary):
     assert summary["train"]["loss_gap"] < 1e-6
 
 
-SMOKE_CHECKS = {"jacobi_rnn": _check_jacobi_rnn, "deer_gru": _check_deer_gru}
-
-
-def test_fixed_point_study_numbers(tmp_path):
-    _, summary = run_experiment(
-        CONFIG_DIR / "fixed_point_study.yaml",
-        ["dim=16", "repeats=1"],
-        out=tmp_path,
-        quiet=True,
-    )
+def _check_fixed_point_study(summary):
     rows = {(r["problem"], r["solver"].split("(")[0]): r for r in summary["rows"]}
     slow = {k[1]: v for k, v in rows.items() if k[0] == "slow_system"}
     assert slow["anderson"]["f_evals"] < slow["picard"]["f_evals"]
@@ -79,6 +70,13 @@ def test_fixed_point_study_numbers(tmp_path):
     assert grads["implicit(linear_solver=richardson)"]["rel_err"] < 1e-7
     assert grads["unrolled"]["rel_err"] < 1e-8
     assert 0 < grads["phantom(steps=1)"]["cosine"] < 1 - 1e-6
+
+
+SMOKE_CHECKS = {
+    "fixed_point_study": _check_fixed_point_study,
+    "jacobi_rnn": _check_jacobi_rnn,
+    "deer_gru": _check_deer_gru,
+}
 
 
 def _write(tmp_path, text):
