@@ -36,8 +36,9 @@ CASES = [
     (64, 16384, 1),
     (16, 4096, 16),
     (16, 1024, 64),
-    (256, 4096, 1),
 ]
+# --large: over 15 min per case on a 2-core CPU
+LARGE = [(256, 1024, 1), (256, 4096, 1)]
 QUICK = [(16, 1024, 1), (16, 256, 8)]
 
 
@@ -96,11 +97,13 @@ def case(hidden, T, batch, rounds):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small cases")
+    parser.add_argument("--large", action="store_true", help="add hidden 256")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}, atol {ATOL:g}, float64\n")
     table = []
-    for hidden, T, batch in QUICK if args.quick else CASES:
+    cases = QUICK if args.quick else CASES + (LARGE if args.large else [])
+    for hidden, T, batch in cases:
         for r in case(hidden, T, batch, args.rounds):
             table.append(
                 [
