@@ -64,6 +64,14 @@ def gru(dim=16, length=256, input_dim=4, scale=1.0, seed=0):
 CELLS = {"tanh_rnn": tanh_rnn, "gru": gru}
 
 
+def max_error(a, b):
+    """The largest |a - b| over the leaves of two pytrees of the same structure."""
+    return max(
+        float(jnp.max(jnp.abs(u - v)))
+        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
 def parallel_depth(method, length):
     """Sequential depth of one sweep of `method` over `length` steps, in cell
     evaluations and associative-combine levels (the unit a GPU pays in latency).

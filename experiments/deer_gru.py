@@ -69,13 +69,6 @@ class Config:
     x64: bool = True
 
 
-def _error(a, b):
-    return max(
-        float(jnp.max(jnp.abs(u - v)))
-        for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b))
-    )
-
-
 def long_sequences(cfg, workdir, advance):
     rows, curves = [], {}
     for dim in cfg.dims:
@@ -95,7 +88,7 @@ def long_sequences(cfg, workdir, advance):
                 sweeps=int(stats.num_sweeps),
                 converged=bool(stats.converged),
                 residual=float(stats.residual),
-                error=_error((carry, ys), ref),
+                error=cells.max_error((carry, ys), ref),
             )
             workdir.log(**row)
             rows.append(row)
@@ -135,7 +128,7 @@ def chaotic(cfg, workdir, advance):
             sweeps=int(stats.num_sweeps),
             converged=bool(stats.converged),
             fallbacks=int(stats.fallbacks),
-            error=_error(out[:2], ref),
+            error=cells.max_error(out[:2], ref),
         )
         curves[label(s)] = np.asarray(stats.trace[: row["sweeps"]])
         workdir.log(**row)

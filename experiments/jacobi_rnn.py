@@ -11,7 +11,6 @@ import dataclasses
 from typing import Literal
 
 import jax
-import jax.numpy as jnp
 import matplotlib
 
 matplotlib.use("Agg")
@@ -70,10 +69,7 @@ def measure(f, init, xs, method, atol, repeats):
     )
     ref = jax.jit(lambda xs: jax.lax.scan(f, init, xs))
     carry, ys, stats = run(xs)
-    error = max(
-        float(jnp.max(jnp.abs(a - b)))
-        for a, b in zip(jax.tree.leaves((carry, ys)), jax.tree.leaves(ref(xs)))
-    )
+    error = cells.max_error((carry, ys), ref(xs))
     times = ij.diagnostics.time_calls(
         {"iterjax": (run, (xs,)), "lax": (ref, (xs,))}, repeats
     )
