@@ -15,7 +15,8 @@ import pytest
 import iterjax as ij
 
 SCRIPT = textwrap.dedent(
-    """
+    r"""
+    import re
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_enable_x64", True)
     import iterjax as ij
@@ -54,11 +55,11 @@ SCRIPT = textwrap.dedent(
             np.testing.assert_allclose(jax.jit(jax.grad(loss))(xs), ref_grad,
                                        atol=1e-7, rtol=1e-7)
     # the cross-device traffic per sweep is one row per device (the shift) and one
-    # (A, b) pair per device (the combine); the sequence itself is never gathered
+    # (A, b) pair and one count per device (the combines); nothing T-long is gathered
     hlo = jax.jit(lambda xs: ij.scan(f, init, xs, method=ij.DEER(mesh=auto))[1]
                   ).lower(xs).compile().as_text()
     assert "collective-permute" in hlo and "f64[8,5,5]{2,1,0} all-gather" in hlo
-    assert "f64[128,5]{1,0} all-gather" not in hlo
+    assert not re.search(r"\[128[,\]]\S* all-gather", hlo)  # nothing T-long
     # a batch of sequences, vmapped, each sharded over time
     batch = jnp.stack([xs, 0.5 * xs])
     out = jax.jit(jax.vmap(lambda x: ij.scan(f, init, x, method=ij.DEER(mesh=auto),

@@ -198,9 +198,13 @@ def position_ok(r, X, atol, rtol):
     return jnp.all(jnp.abs(r) <= bound, axis=-1)
 
 
-def accepted_prefix(ok):
-    """True on the longest prefix of positions that are all ok."""
-    return jnp.cumsum(~ok) == 0
+def count_upto(flags, mesh=None):
+    """For every t, how many of flags_1..flags_t are set (a cumulative sum, over
+    the devices of `mesh` by `prefix_scan`, so the flags are never gathered)."""
+    flags = flags.astype(jnp.int32)
+    if mesh is None:
+        return jnp.cumsum(flags)
+    return prefix_scan(jnp.add, flags, mesh)
 
 
 class SweepState(NamedTuple):
@@ -251,8 +255,10 @@ class Sweeps(AbstractFixedPointSolver):
         # Past the first unaccepted position a non-finite residual is an artefact
         # of a bad iterate, not of f: report it as large but finite.
         big = jnp.finfo(r.dtype).max
-        r = jnp.where((jnp.cumsum(~ok) > 1)[:, None] & ~jnp.isfinite(r), big, r)
-        frozen = accepted_prefix(ok)
+        unaccepted = count_upto(~ok, self.method.mesh)
+        r = jnp.where((unaccepted > 1)[:, None] & ~jnp.isfinite(r), big, r)
+        # The accepted prefix: every position up to t is ok.
+        frozen = unaccepted == 0
 
         delta = self.method.sweep(
             cell, prev[0], X, xw, jnp.where(frozen[:, None], 0, r), A, frozen
@@ -263,7 +269,7 @@ class Sweeps(AbstractFixedPointSolver):
         new = jnp.where(fine[:, None], new, jacobi)
         # The first unaccepted position takes the exact step from its accepted
         # predecessor (automatic for linear-recurrence methods, enforced for ELK).
-        frontier = jnp.cumsum(~frozen) == 1
+        frontier = (unaccepted == 1) & ~ok
         new = jnp.where(frontier[:, None], jacobi, new)
         new = jnp.where(frozen[:, None], X, new)
 
