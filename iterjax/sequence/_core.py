@@ -185,9 +185,9 @@ def shard_time(tree, mesh):
 
 
 def auto_mesh(mesh):
-    """`mesh` with every axis in Auto mode: the sweeps slice and shift the time
-    axis by one position, which Explicit-mode sharding rules do not allow; XLA's
-    partitioner places those ops (a neighbour exchange) instead."""
+    """`mesh` with every axis in Auto mode: the sweeps slice the time axis by one
+    position and cut it into blocks (Gauss-Seidel), which Explicit-mode sharding
+    rules reject; in Auto mode XLA's partitioner places those ops."""
     auto = (AxisType.Auto,) * len(mesh.axis_names)
     return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
