@@ -28,12 +28,14 @@ from .linear import Neumann as Neumann
 from .linear import Richardson as Richardson
 from .sequence import DEER as DEER
 from .sequence import ELK as ELK
+from .sequence import DecodeStats as DecodeStats
 from .sequence import GaussSeidel as GaussSeidel
 from .sequence import Jacobi as Jacobi
 from .sequence import QuasiDEER as QuasiDEER
 from .sequence import QuasiELK as QuasiELK
 from .sequence import ScanStats as ScanStats
 from .sequence import Sequential as Sequential
+from .sequence import jacobi_decode as jacobi_decode
 from .sequence import scan as scan
 
 __version__ = "0.1.0"

@@ -16,6 +16,7 @@ MODULES = [
     "iterjax.sequence.jacobi",
     "iterjax.sequence.picard",
     "iterjax.sequence.deer",
+    "iterjax.sequence.decode",
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

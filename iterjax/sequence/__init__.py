@@ -22,6 +22,8 @@ from ._core import AbstractSequenceMethod as AbstractSequenceMethod
 from ._scan import ScanStats as ScanStats
 from ._scan import Sequential as Sequential
 from ._scan import scan as scan
+from .decode import DecodeStats as DecodeStats
+from .decode import jacobi_decode as jacobi_decode
 from .deer import DEER as DEER
 from .deer import QuasiDEER as QuasiDEER
 from .elk import ELK as ELK
