@@ -29,7 +29,6 @@ import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from experiments import cells  # noqa: E402
-from experiments.jacobi_rnn import label  # noqa: E402
 from iterjax.config import Spec, spec  # noqa: E402
 from iterjax.registry import build  # noqa: E402
 
@@ -124,13 +123,13 @@ def chaotic(cfg, workdir, advance):
         stats = out[2]
         row = dict(
             part="chaotic",
-            method=label(s),
+            method=s.label,
             sweeps=int(stats.num_sweeps),
             converged=bool(stats.converged),
             fallbacks=int(stats.fallbacks),
             error=cells.max_error(out[:2], ref),
         )
-        curves[label(s)] = np.asarray(stats.trace[: row["sweeps"]])
+        curves[s.label] = np.asarray(stats.trace[: row["sweeps"]])
         workdir.log(**row)
         rows.append(row)
         advance()

@@ -53,12 +53,6 @@ class Config:
     x64: bool = True
 
 
-def _label(s: Spec) -> str:
-    show = lambda v: v["name"] if isinstance(v, dict) and "name" in v else v
-    opts = ",".join(f"{k}={show(v)}" for k, v in s.options)
-    return f"{s.name}({opts})" if opts else s.name
-
-
 def _time(f, x, repeats):
     return ij.diagnostics.time_calls({"f": (f, (x,))}, repeats)["f"]
 
@@ -99,7 +93,7 @@ def run(cfg: Config, workdir) -> dict:
                 evals = counter.read()
                 row = dict(
                     problem=pname,
-                    solver=_label(s),
+                    solver=s.label,
                     steps=int(sol.num_steps),
                     f_evals=evals["f"],
                     jvps=evals["jvp"],
@@ -109,7 +103,7 @@ def run(cfg: Config, workdir) -> dict:
                 )
                 workdir.log(**row)
                 rows.append(row)
-                traces[(pname, _label(s))] = np.asarray(sol.trace)
+                traces[(pname, s.label)] = np.asarray(sol.trace)
                 advance()
 
     grads = _gradient_check(cfg, workdir)
@@ -145,7 +139,7 @@ def _gradient_check(cfg, workdir):
         value = g(x)
         norms = jnp.linalg.norm(value) * jnp.linalg.norm(ref)
         row = {
-            "adjoint": _label(s),
+            "adjoint": s.label,
             "rel_err": float(jnp.linalg.norm(value - ref) / jnp.linalg.norm(ref)),
             "cosine": float(value @ ref / norms),
             "grad_ms": _time(g, x, cfg.repeats),

@@ -49,11 +49,6 @@ class Config:
     x64: bool = True
 
 
-def label(s: Spec) -> str:
-    opts = ",".join(f"{k}={v}" for k, v in s.options)
-    return f"{s.name}({opts})" if opts else s.name
-
-
 def make_cell(cfg, name, length):
     if name == "tanh_rnn":
         return cells.tanh_rnn(
@@ -96,7 +91,7 @@ def run(cfg: Config, workdir) -> dict:
                 f, init, xs = make_cell(cfg, cname, T)
                 for s in cfg.methods:
                     method = build("sequence_method", s)
-                    row = dict(cell=cname, length=T, method=label(s))
+                    row = dict(cell=cname, length=T, method=s.label)
                     row.update(measure(f, init, xs, method, cfg.atol, cfg.repeats))
                     workdir.log(**row)
                     rows.append(row)
@@ -107,9 +102,9 @@ def run(cfg: Config, workdir) -> dict:
                 err = cells.sweep_errors(
                     f, init, xs, method, cfg.atol, cfg.error_sweeps
                 )
-                curves[(cname, label(s))] = err
+                curves[(cname, s.label)] = err
                 workdir.log(
-                    kind="error_vs_sweeps", cell=cname, method=label(s), errors=err
+                    kind="error_vs_sweeps", cell=cname, method=s.label, errors=err
                 )
                 advance()
     _plot(cfg, rows, curves, workdir)

@@ -40,6 +40,13 @@ class Spec:
     def kwargs(self) -> dict:
         return dict(self.options)
 
+    @property
+    def label(self) -> str:
+        """`name(key=value,...)` for tables and plots, e.g. `picard(window=64)`."""
+        show = lambda v: v["name"] if isinstance(v, dict) and "name" in v else v
+        opts = ",".join(f"{k}={show(v)}" for k, v in self.options)
+        return f"{self.name}({opts})" if opts else self.name
+
 
 def spec(kind: str):
     """Annotate a field as a registry `Spec` of the given kind."""

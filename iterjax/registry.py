@@ -11,6 +11,7 @@ EXPERIMENTS = {
     "fixed_point_study": "experiments.fixed_point_study",
     "jacobi_rnn": "experiments.jacobi_rnn",
     "deer_gru": "experiments.deer_gru",
+    "picard_diffusion": "experiments.picard_diffusion",
 }
 
 SOLVERS = {

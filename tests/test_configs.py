@@ -72,10 +72,19 @@ def _check_fixed_point_study(summary):
     assert 0 < grads["phantom(steps=1)"]["cosine"] < 1 - 1e-6
 
 
+def _check_picard_diffusion(summary):
+    for r in summary["rows"]:
+        assert r["converged"] and r["error"] < 1e-3 and r["sweeps"] < r["steps"], r
+    guide = summary["guidance"]
+    assert guide["grad_rel_error"] < 1e-7
+    assert guide["loss_last"] < guide["loss_first"]
+
+
 SMOKE_CHECKS = {
     "fixed_point_study": _check_fixed_point_study,
     "jacobi_rnn": _check_jacobi_rnn,
     "deer_gru": _check_deer_gru,
+    "picard_diffusion": _check_picard_diffusion,
 }
 
 
