@@ -83,6 +83,24 @@ def test_greedy_equals_sequential_batched(batch, block_size):
         assert calls.min() < N_TOKENS and len(set(calls.tolist())) > 1
 
 
+def test_trajectory_starts_from_the_fill_and_ends_at_the_result(batch):
+    params, prompts, ref = batch
+    fn = lambda t: rnn_model(jax.tree.map(lambda a: a[2], params), t)
+    tokens, stats = ij.jacobi_decode(
+        fn, prompts[2], N_TOKENS, block_size=4, return_trajectory=True
+    )
+    traj, calls = np.asarray(stats.trajectory), int(stats.num_calls)
+    assert traj.shape == (N_TOKENS, N_TOKENS)
+    np.testing.assert_array_equal(traj[0], prompts[2, -1])
+    np.testing.assert_array_equal(
+        traj[calls:], np.broadcast_to(ref[2], traj[calls:].shape)
+    )
+    # Call k saw the tokens accepted by calls < k.
+    done = np.cumsum(np.asarray(stats.accepted))
+    for k in range(1, calls):
+        np.testing.assert_array_equal(traj[k, : done[k - 1]], ref[2, : done[k - 1]])
+
+
 @pytest.mark.parametrize("block_size", [1, 4, 5])
 def test_constant_model_fast_forwards_a_window_per_call(block_size):
     # The first call proves one token; every later call proves a whole window.

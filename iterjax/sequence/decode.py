@@ -25,11 +25,16 @@ class DecodeStats:
       accepted: tokens accepted by each call, shape [num_tokens] (zero after the
         last call); `num_tokens / num_calls` tokens per call on average.
       converged: every token was accepted within `max_sweeps` calls.
+      trajectory: with `return_trajectory=True`, the generated tokens as the model
+        saw them at each call, shape [max_sweeps, num_tokens] (rows after the last
+        call repeat the result): the Jacobi trajectory that consistency training
+        (CLLM) maps to its fixed point. Else None.
     """
 
     num_calls: jax.Array
     accepted: jax.Array
     converged: jax.Array
+    trajectory: jax.Array | None = None
 
 
 class _State(NamedTuple):
@@ -39,6 +44,7 @@ class _State(NamedTuple):
     key: jax.Array
     num_calls: jax.Array
     accepted: jax.Array  # [N] tokens accepted by each call
+    trajectory: jax.Array | None  # [max_sweeps, N] tokens seen by each call
 
 
 def jacobi_decode(
@@ -51,6 +57,7 @@ def jacobi_decode(
     key=None,
     max_sweeps: int | None = None,
     context: int | None = None,
+    return_trajectory: bool = False,
 ):
     """Decode `num_tokens` tokens after `prompt` by parallel (Jacobi) sweeps.
 
@@ -93,6 +100,7 @@ def jacobi_decode(
         unaccepted tail holds the last guesses.
       context: the model's context length, if it has one: P + num_tokens must
         not exceed it.
+      return_trajectory: record every call's tokens in `stats.trajectory`.
 
     Returns:
       `(tokens, stats)`: the generated tokens [num_tokens] (dtype of `prompt`) and
@@ -124,6 +132,9 @@ def jacobi_decode(
         key=jax.random.key(0) if key is None else key,
         num_calls=jnp.int32(0),
         accepted=jnp.zeros((N,), jnp.int32),
+        trajectory=(
+            jnp.zeros((max_sweeps, N), prompt.dtype) if return_trajectory else None
+        ),
     )
 
     def cond(state):
@@ -140,11 +151,19 @@ def jacobi_decode(
             new, draft, key = _greedy(window, guess, valid, state)
         else:
             new, draft, key = _speculative(window, guess, valid, state, temperature)
+        if return_trajectory:
+            seen = state.trajectory.at[state.num_calls].set(state.gen[:N])
+            state = state._replace(trajectory=seen)
         return _advance(state, new, draft, key, N)
 
     state = jax.lax.while_loop(cond, body, state)
-    stats = DecodeStats(state.num_calls, state.accepted, state.start >= N)
-    return state.gen[:N], stats
+    tokens = state.gen[:N]
+    trajectory = None
+    if return_trajectory:
+        done = jnp.arange(max_sweeps, dtype=jnp.int32) >= state.num_calls
+        trajectory = jnp.where(done[:, None], tokens, state.trajectory)
+    stats = DecodeStats(state.num_calls, state.accepted, state.start >= N, trajectory)
+    return tokens, stats
 
 
 def _greedy(logits, guess, valid, state):
@@ -195,7 +214,7 @@ def _advance(state, new_and_m, draft, key, N):
     kept = jnp.take(draft, jnp.minimum(rows + n, B - 1), axis=0)
     point = jax.nn.one_hot(new[-1], draft.shape[1], dtype=draft.dtype)
     draft = jnp.where((rows < B - n)[:, None], kept, point)
-    return _State(
+    return state._replace(
         gen=gen,
         start=state.start + n,
         draft=draft,
