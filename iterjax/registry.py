@@ -12,6 +12,7 @@ EXPERIMENTS = {
     "jacobi_rnn": "experiments.jacobi_rnn",
     "deer_gru": "experiments.deer_gru",
     "picard_diffusion": "experiments.picard_diffusion",
+    "charlm_train": "experiments.charlm_train",
 }
 
 SOLVERS = {
