@@ -6,6 +6,7 @@ The model is float32 whatever `jax_enable_x64` says.
 """
 
 import dataclasses
+import functools
 import importlib.metadata
 import json
 import pathlib
@@ -67,6 +68,7 @@ def clean(markdown: str) -> str:
     return "\n".join(out).strip() + "\n"
 
 
+@functools.lru_cache(maxsize=2)
 def load_text(max_chars: int = 0) -> str:
     files = sorted(plays_dir().rglob("*.md"))
     text = "\n\n".join(clean(f.read_text(encoding="utf-8")) for f in files)

@@ -13,6 +13,7 @@ EXPERIMENTS = {
     "deer_gru": "experiments.deer_gru",
     "picard_diffusion": "experiments.picard_diffusion",
     "charlm_train": "experiments.charlm_train",
+    "jacobi_decoding": "experiments.jacobi_decoding",
 }
 
 SOLVERS = {
