@@ -80,11 +80,24 @@ def _check_picard_diffusion(summary):
     assert guide["loss_last"] < guide["loss_first"]
 
 
+def _check_charlm_train(summary):
+    assert summary["sample_equals_sequential"]
+    assert summary["sample_calls"] <= summary["sample_tokens"]
+
+
+def _check_jacobi_decoding(summary):
+    for r in summary["before"] + summary["after"]:
+        assert r["exact_match"] == 1.0 and 1 <= r["tokens_per_call"], r
+    assert set(summary["chain"]) == {"sequential", "sjd"}
+
+
 SMOKE_CHECKS = {
     "fixed_point_study": _check_fixed_point_study,
     "jacobi_rnn": _check_jacobi_rnn,
     "deer_gru": _check_deer_gru,
     "picard_diffusion": _check_picard_diffusion,
+    "charlm_train": _check_charlm_train,
+    "jacobi_decoding": _check_jacobi_decoding,
 }
 
 
