@@ -16,6 +16,7 @@ type annotation (int, float, str, bool, tuples, nested dataclasses, `Literal`,
 """
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -51,6 +52,17 @@ class Spec:
 def spec(kind: str):
     """Annotate a field as a registry `Spec` of the given kind."""
     return typing.Annotated[Spec, kind]
+
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def float_literal(value):
+    """`float(value)` for a string like 1e-3, which YAML 1.1 reads as a string
+    (it wants 1.0e-3); else None."""
+    if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)
+    return None
 
 
 _SCALARS = {int: "an int", float: "a number", str: "a string", bool: "true or false"}
@@ -110,6 +122,8 @@ def _convert(tp, value, where):
         ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
+        if tp is float and float_literal(value) is not None:
+            return float_literal(value)
         if not ok:
             _fail(where, f"expected {_SCALARS[tp]}, got {value!r}")
         return value

@@ -4,7 +4,7 @@ import dataclasses
 import importlib
 
 from . import implicit, linear, sequence
-from .config import ConfigError
+from .config import ConfigError, float_literal
 from .fixed_point import Anderson, Broyden, Halpern, Newton, Picard
 
 EXPERIMENTS = {
@@ -99,6 +99,8 @@ def build(kind, spec, where="?"):
                 raise ConfigError(
                     f"config key `{where}.{key}`: expected an int, got {value!r}"
                 )
+        elif isinstance(fields[key].default, float) and float_literal(value):
+            value = float_literal(value)
         elif isinstance(fields[key].default, float) and not isinstance(
             value, (int, float)
         ):

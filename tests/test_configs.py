@@ -172,6 +172,18 @@ def test_overrides_reach_nested_specs(tmp_path):
     assert solver.history == 3 and solver.mixing == 0.5
 
 
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # YAML 1.1 reads 1e-9 as a string; configs and overrides take it as a float.
+    text = "experiment: fixed_point_study\natol: 1e-9\n"
+    _, _, cfg = prepare(
+        _write(tmp_path, text), ["solvers=[{name: picard, damping: 5e-1}]"]
+    )
+    assert cfg.atol == 1e-9
+    assert registry.build("solver", cfg.solvers[0]).damping == 0.5
+    with pytest.raises(cfglib.ConfigError, match="atol"):
+        prepare(_write(tmp_path, "experiment: fixed_point_study\natol: 1e-x\n"))
+
+
 def test_newton_linear_solver_spec_nests():
     spec = cfglib._to_spec(
         "solver", {"name": "newton", "linear_solver": {"name": "bicgstab"}}, "s"
