@@ -186,8 +186,8 @@ def _speculative(logits, guess, valid, state, temperature):
     total = jnp.sum(excess)
     # p = q exactly would have been accepted; the guard keeps the draw finite.
     excess = jnp.where(total > 0, excess / jnp.where(total > 0, total, 1), p[m])
-    fixed = jax.random.categorical(k_fix, jnp.log(excess))
-    redraw = jax.random.categorical(k_redraw, jnp.log(p), axis=-1)
+    fixed = jax.random.categorical(k_fix, jnp.log(excess)).astype(guess.dtype)
+    redraw = jax.random.categorical(k_redraw, jnp.log(p), axis=-1).astype(guess.dtype)
     new = jnp.where(rows < m, guess, jnp.where(rows == m, fixed, redraw))
     draft = jnp.where((rows > m)[:, None], p, q)
     return (new.astype(guess.dtype), m), draft, key
