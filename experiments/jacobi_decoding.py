@@ -40,10 +40,10 @@ from experiments import charlm, charlm_train  # noqa: E402
 class Finetune:
     prompts: int = 256  # training prompts whose Jacobi trajectories are collected
     block_size: int = 16  # window of the collected trajectories
-    steps: int = 400
+    steps: int = 3000
     batch: int = 16
-    lr: float = 1e-3
-    ar_weight: float = 1.0  # weight of the autoregressive loss on real text
+    lr: float = 2e-3
+    ar_weight: float = 0.5  # weight of the autoregressive loss on real text
 
 
 @dataclasses.dataclass(frozen=True)
