@@ -307,6 +307,8 @@ def _plot(cfg, s, history, workdir):
         ylabel="tokens per model call",
         title="Jacobi decoding: speedup in sequential model calls",
     )
+    ax[0].minorticks_off()
+    ax[0].set_xticks(B, [str(b) for b in B])
     ax[1].plot(history, lw=0.5)
     ax[1].set(xlabel="step", ylabel="loss", title="consistency + AR fine-tuning loss")
     names = list(s["chain"])
