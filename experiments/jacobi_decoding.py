@@ -5,9 +5,10 @@
    prompts: model calls against the num_tokens of autoregressive decoding (the
    speedup in sequential model calls), and exact match with sequential greedy
    decoding (always 1 by construction; checked).
-2. CLLM (Kou et al. 2024): Jacobi trajectories of the trained model on training
-   prompts, then fine-tuning so that the model maps every state of a trajectory
-   to its fixed point (cross-entropy of the predictions from the state against
+2. CLLM (Kou et al. 2024): Jacobi trajectories of the model on training prompts,
+   then fine-tuning so that the model maps every state of a trajectory to its
+   fixed point; the trajectories are re-collected with the current model at the
+   start of each of `finetune.rounds` parts (CLLM collects once: rounds=1) (cross-entropy of the predictions from the state against
    the fixed point's tokens, over the positions each call saw) plus the usual
    autoregressive loss on the text. Step 1 again, with the validation loss, and
    the share of tokens where the fine-tuned model's greedy output equals the
@@ -44,6 +45,7 @@ class Finetune:
     batch: int = 16
     lr: float = 2e-3
     ar_weight: float = 0.5  # weight of the autoregressive loss on real text
+    rounds: int = 3  # trajectories re-collected with the current model this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,9 +144,13 @@ def collect(model, prompts, cfg):
 
 
 def finetune(model, cfg, train_data, prompts, workdir):
-    """CLLM: consistency loss on trajectories + autoregressive loss on text."""
+    """CLLM: consistency loss on trajectories + autoregressive loss on text.
+
+    The trajectories and their fixed points are collected with the model being
+    trained, afresh at the start of each of `rounds` equal parts of the steps
+    (rounds=1 is CLLM's offline collection).
+    """
     ft = cfg.finetune
-    fixed, trajectory, examples = collect(model, prompts, cfg)
     P, N = cfg.prompt_length, cfg.num_tokens
     tc = charlm.TrainConfig(
         steps=ft.steps, lr=ft.lr, warmup=min(50, ft.steps // 10 + 1), seed=cfg.seed
@@ -152,13 +158,15 @@ def finetune(model, cfg, train_data, prompts, workdir):
     optimizer = charlm.make_optimizer(model, tc)
     rng = np.random.default_rng(cfg.seed + 5)
     text = charlm.batches(train_data, P + N, ft.batch, rng)
-    prompts = np.asarray(prompts)
-    history = []
+    history, num_examples, prompt_rows = [], 0, np.asarray(prompts)
     with workdir.progress(ft.steps, "consistency fine-tuning") as advance:
-        for _ in range(ft.steps):
+        for step in range(ft.steps):
+            if step % -(-ft.steps // ft.rounds) == 0:
+                fixed, trajectory, examples = collect(model, prompts, cfg)
+                num_examples += len(examples)
             pick = [examples[j] for j in rng.integers(0, len(examples), ft.batch)]
             inputs = np.stack(
-                [np.concatenate([prompts[i], trajectory[i, k]]) for i, k, _ in pick]
+                [np.concatenate([prompt_rows[i], trajectory[i, k]]) for i, k, _ in pick]
             )
             targets = np.stack([fixed[i] for i, _, _ in pick])
             seen = np.stack([np.arange(N) < limit for _, _, limit in pick])
@@ -175,7 +183,7 @@ def finetune(model, cfg, train_data, prompts, workdir):
             history.append(float(loss))
             workdir.log(kind="finetune", loss=float(loss))
             advance()
-    return history, len(examples)
+    return history, num_examples
 
 
 def _shift_targets(fixed, inputs, P):
