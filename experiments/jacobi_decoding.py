@@ -7,12 +7,12 @@
    decoding (always 1 by construction; checked).
 2. CLLM (Kou et al. 2024): Jacobi trajectories of the model on training prompts,
    then fine-tuning so that the model maps every state of a trajectory to its
-   fixed point; the trajectories are re-collected with the current model at the
-   start of each of `finetune.rounds` parts (CLLM collects once: rounds=1) (cross-entropy of the predictions from the state against
-   the fixed point's tokens, over the positions each call saw) plus the usual
-   autoregressive loss on the text. Step 1 again, with the validation loss, and
-   the share of tokens where the fine-tuned model's greedy output equals the
-   original model's.
+   fixed point (cross-entropy of the predictions from the state against the fixed
+   point's tokens, over the positions each call saw) plus the usual
+   autoregressive loss on the text. The trajectories are re-collected with the
+   current model at the start of each of `finetune.rounds` parts (CLLM collects
+   once: rounds=1). Step 1 again, with the validation loss, and the share of
+   tokens where the fine-tuned model's greedy output equals the original model's.
 3. Sampling: SJD on the model (tokens per call at temperature `temperature`),
    and on a random second-order Markov chain with a known distribution: the total
    variation distance of SJD samples to the exact distribution, next to that of
