@@ -1,5 +1,6 @@
 """iterjax: iterative computation as composable, pure JAX transformations."""
 
+from . import deq as deq
 from . import diagnostics as diagnostics
 from . import linear as linear
 from . import sequence as sequence

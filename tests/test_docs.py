@@ -17,6 +17,7 @@ MODULES = [
     "iterjax.sequence.picard",
     "iterjax.sequence.deer",
     "iterjax.sequence.decode",
+    "iterjax.deq._layer",
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

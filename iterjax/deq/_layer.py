@@ -1,0 +1,78 @@
+"""`DEQ`: a flax NNX layer whose output is a fixed point of its cell."""
+
+from flax import nnx
+
+from .._iterate import AbstractFixedPointSolver
+from .._solution import Solution
+from ..fixed_point import Anderson
+from ..fixed_point import fixed_point as _fixed_point
+from ..implicit import AbstractAdjoint, ImplicitAdjoint
+
+
+class DEQ(nnx.Module):
+    """Deep equilibrium layer (Bai et al. 2019): z* = cell(z*, x).
+
+    The cell's parameters and `x` are the arguments of `iterjax.fixed_point`, so
+    the adjoint decides how gradients reach them: `ImplicitAdjoint` (default;
+    memory independent of the number of solver steps), `UnrolledAdjoint`, or
+    `PhantomAdjoint` (steps=1: Jacobian-free backprop). Works under `nnx.jit`,
+    `nnx.vmap`, `nnx.grad` and inside `lax.scan` / `nnx.scan`.
+
+    Args:
+      cell: an NNX module (or any callable module) `cell(z, x) -> z`, z a pytree
+        whose structure, shapes and dtypes the cell keeps.
+      solver, adjoint, atol, rtol, max_steps, throw: as for `iterjax.fixed_point`.
+
+    Call `deq(x, z0)` with the initial guess z0 (zeros, or the previous solution
+    for a warm start, as in FPDM and real-time iteration); `return_solution=True`
+    also returns the `Solution` (steps, residual, converged) of that call.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, iterjax
+      >>> from flax import nnx
+      >>> class Cell(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.w = nnx.Linear(4, 4, rngs=rngs)
+      ...     def __call__(self, z, x):
+      ...         return jnp.tanh(0.5 * self.w(z) + x)
+      >>> deq = iterjax.deq.DEQ(Cell(nnx.Rngs(0)), atol=1e-5)
+      >>> x, z0 = jnp.ones(4, jnp.float32), jnp.zeros(4, jnp.float32)
+      >>> z, sol = deq(x, z0, return_solution=True)
+      >>> bool(sol.converged), z.shape
+      (True, (4,))
+    """
+
+    def __init__(
+        self,
+        cell,
+        *,
+        solver: AbstractFixedPointSolver = Anderson(),
+        adjoint: AbstractAdjoint = ImplicitAdjoint(),
+        atol: float = 1e-6,
+        rtol: float = 0.0,
+        max_steps: int = 100,
+        throw: bool = False,
+    ):
+        if not callable(cell):
+            raise TypeError(f"DEQ: `cell` must be callable, got {type(cell).__name__}")
+        self.cell = cell
+        self.options = nnx.static(
+            dict(
+                solver=solver,
+                adjoint=adjoint,
+                atol=atol,
+                rtol=rtol,
+                max_steps=max_steps,
+                throw=throw,
+            )
+        )
+
+    def __call__(self, x, z0, *, return_solution: bool = False):
+        graphdef, state = nnx.split(self.cell)
+
+        def fn(z, args):
+            state, x = args
+            return nnx.merge(graphdef, state)(z, x)
+
+        sol: Solution = _fixed_point(fn, z0, (state, x), **self.options)
+        return (sol.value, sol) if return_solution else sol.value
