@@ -190,7 +190,7 @@ def _speculative(logits, guess, valid, state, temperature):
     redraw = jax.random.categorical(k_redraw, jnp.log(p), axis=-1).astype(guess.dtype)
     new = jnp.where(rows < m, guess, jnp.where(rows == m, fixed, redraw))
     draft = jnp.where((rows > m)[:, None], p, q)
-    return (new.astype(guess.dtype), m), draft, key
+    return (new, m), draft, key
 
 
 def _first(flags):
