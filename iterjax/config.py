@@ -122,8 +122,8 @@ def _convert(tp, value, where):
         ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
-        if tp is float and float_literal(value) is not None:
-            return float_literal(value)
+        if tp is float and (number := float_literal(value)) is not None:
+            return number
         if not ok:
             _fail(where, f"expected {_SCALARS[tp]}, got {value!r}")
         return value

@@ -99,7 +99,9 @@ def build(kind, spec, where="?"):
                 raise ConfigError(
                     f"config key `{where}.{key}`: expected an int, got {value!r}"
                 )
-        elif isinstance(fields[key].default, float) and float_literal(value):
+        elif isinstance(fields[key].default, float) and (
+            float_literal(value) is not None
+        ):
             value = float_literal(value)
         elif isinstance(fields[key].default, float) and not isinstance(
             value, (int, float)

@@ -180,6 +180,8 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     )
     assert cfg.atol == 1e-9
     assert registry.build("solver", cfg.solvers[0]).damping == 0.5
+    zero = cfglib._to_spec("solver", {"name": "anderson", "regularization": "0e0"}, "s")
+    assert registry.build("solver", zero).regularization == 0.0
     with pytest.raises(cfglib.ConfigError, match="atol"):
         prepare(_write(tmp_path, "experiment: fixed_point_study\natol: 1e-x\n"))
 

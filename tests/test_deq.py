@@ -113,3 +113,5 @@ def test_bad_input_raises_clear_errors():
         jax.block_until_ready(diverging(X, Z0))
     with pytest.raises(TypeError, match="callable"):
         DEQ(3)
+    with pytest.raises(TypeError, match="nnx.Module"):
+        DEQ(lambda z, x: z)  # a plain function has no state to split

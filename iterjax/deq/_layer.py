@@ -16,11 +16,11 @@ class DEQ(nnx.Module):
     the adjoint decides how gradients reach them: `ImplicitAdjoint` (default;
     memory independent of the number of solver steps), `UnrolledAdjoint`, or
     `PhantomAdjoint` (steps=1: Jacobian-free backprop). Works under `nnx.jit`,
-    `nnx.vmap`, `nnx.grad` and inside `lax.scan` / `nnx.scan`.
+    `nnx.vmap`, `nnx.grad` and inside `lax.scan`.
 
     Args:
-      cell: an NNX module (or any callable module) `cell(z, x) -> z`, z a pytree
-        whose structure, shapes and dtypes the cell keeps.
+      cell: a callable NNX module, `cell(z, x) -> z`, z a pytree whose structure,
+        shapes and dtypes the cell keeps.
       solver, adjoint, atol, rtol, max_steps, throw: as for `iterjax.fixed_point`.
 
     Call `deq(x, z0)` with the initial guess z0 (zeros, or the previous solution
@@ -53,8 +53,11 @@ class DEQ(nnx.Module):
         max_steps: int = 100,
         throw: bool = False,
     ):
-        if not callable(cell):
-            raise TypeError(f"DEQ: `cell` must be callable, got {type(cell).__name__}")
+        if not (isinstance(cell, nnx.Module) and callable(cell)):
+            raise TypeError(
+                "DEQ: `cell` must be a callable nnx.Module, cell(z, x) -> z, got "
+                f"{type(cell).__name__}"
+            )
         self.cell = cell
         self.options = nnx.static(
             dict(
