@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.test_util import check_grads
 
 import iterjax as ij
 from iterjax.deq import DEQ
@@ -47,8 +48,9 @@ def loss(deq, x):
 
 
 def test_gradients_match_unrolled_and_finite_differences():
-    g_implicit = nnx.grad(loss)(make(), X)
-    g_unrolled = nnx.grad(loss)(make(ij.UnrolledAdjoint()), X)
+    grad = nnx.jit(nnx.grad(loss))
+    g_implicit = grad(make(), X)
+    g_unrolled = grad(make(ij.UnrolledAdjoint()), X)
     for a, b in zip(jax.tree.leaves(g_implicit), jax.tree.leaves(g_unrolled)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
     # Central differences along a random direction in parameter space.
@@ -56,19 +58,17 @@ def test_gradients_match_unrolled_and_finite_differences():
     graphdef, params = nnx.split(deq)
     flat, unravel = jax.flatten_util.ravel_pytree(params)
     v = jax.random.normal(jax.random.key(1), flat.shape)
-    f = lambda p: loss(nnx.merge(graphdef, unravel(p)), X)
+    f = jax.jit(lambda p: loss(nnx.merge(graphdef, unravel(p)), X))
     eps = 1e-6
     fd = (f(flat + eps * v) - f(flat - eps * v)) / (2 * eps)
     g = jax.flatten_util.ravel_pytree(g_implicit)[0]
     np.testing.assert_allclose(g @ v, fd, rtol=1e-5)
     # And with respect to the input.
-    gx = jax.grad(lambda x: loss(make(), x))(X)
+    fx = jax.jit(lambda x: loss(make(), x))
+    gx = jax.grad(fx)(X)
     e = jnp.eye(3)
     fdx = jnp.array(
-        [
-            (loss(make(), X + eps * e[i]) - loss(make(), X - eps * e[i])) / (2 * eps)
-            for i in range(3)
-        ]
+        [(fx(X + eps * e[i]) - fx(X - eps * e[i])) / (2 * eps) for i in range(3)]
     )
     np.testing.assert_allclose(gx, fdx, rtol=1e-5)
 
@@ -115,3 +115,95 @@ def test_bad_input_raises_clear_errors():
         DEQ(3)
     with pytest.raises(TypeError, match="nnx.Module"):
         DEQ(lambda z, x: z)  # a plain function has no state to split
+
+
+# --- stabilisers: Jacobian penalty, fixed-point correction, contractive cell ---
+
+
+def test_jacobian_penalty_matches_the_exact_frobenius_norm():
+    deq = make()
+    z = deq(X, Z0)
+    J = jax.jacfwd(lambda z: deq.cell(z, X))(z)
+    exact = float(jnp.sum(J**2))
+    S = 4000
+    est = float(deq.jacobian_penalty(X, z, jax.random.key(0), num_samples=S))
+    # Var ||J v||^2 = 2 ||J^T J||_F^2 for Gaussian v: within 4 standard errors.
+    sigma = float(jnp.sqrt(2.0 * jnp.sum((J.T @ J) ** 2) / S))
+    assert abs(est - exact) < 4 * sigma, (est, exact, sigma)
+    assert sigma < 0.1 * exact  # the check has teeth
+    # A pytree z: the norm of the block Jacobian is the sum over blocks.
+    W = jnp.array([[0.3, -0.2], [0.1, 0.4]])
+    fn = lambda t: {"a": W @ t["a"], "b": 2.0 * t["b"]}
+    t = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    est = ij.deq.jacobian_penalty(fn, t, jax.random.key(1), num_samples=20000)
+    np.testing.assert_allclose(est, jnp.sum(W**2) + 3 * 4.0, rtol=0.03)
+
+
+def test_jacobian_penalty_is_differentiable():
+    # At a fixed key the estimate is a smooth function of the parameters.
+    z = jnp.linspace(-0.5, 0.5, D)
+    key = jax.random.key(2)
+
+    def penalty(w, b):
+        fn = lambda z: jnp.tanh(w @ z + b)
+        return ij.deq.jacobian_penalty(fn, z, key, num_samples=3)
+
+    w = 0.3 * jax.random.normal(jax.random.key(3), (D, D))
+    check_grads(penalty, (w, jnp.ones(D)), order=2, modes=["rev"])
+
+
+def test_fixed_point_correction_gradients_are_phantom_gradients():
+    # loss(z_i) differentiated equals the DEQ with PhantomAdjoint(steps=i).
+    deq = make()
+    z_star = deq(X, Z0)
+    zs = deq.fixed_point_correction(X, z_star, steps=2, damping=0.5)
+    np.testing.assert_allclose(zs, jnp.stack([z_star, z_star]), atol=1e-11)
+    for i in (1, 2):
+
+        def corrected(deq, x):
+            zs = deq.fixed_point_correction(x, deq(x, Z0), steps=2, damping=0.5)
+            return jnp.sum(jnp.sin(zs[i - 1]))
+
+        want = nnx.jit(nnx.grad(loss))(make(ij.PhantomAdjoint(i, 0.5)), X)
+        got = nnx.jit(nnx.grad(corrected))(deq, X)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_contractive_dense_is_a_contraction_for_any_weights():
+    cell = ij.deq.ContractiveDense(
+        3, D, gamma=0.6, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+    )
+    cell.w[...] = 50.0 * cell.w[...]  # training cannot leave the ball
+    assert float(cell.lipschitz_bound()) <= 0.6 + 1e-12
+    z1, z2 = jax.random.normal(jax.random.key(4), (2, 64, D))
+    xs = jnp.broadcast_to(X, (64, 3))
+    lhs = jnp.max(jnp.abs(cell(z1, xs) - cell(z2, xs)), axis=-1)
+    assert bool(jnp.all(lhs <= 0.6 * jnp.max(jnp.abs(z1 - z2), axis=-1)))
+    # Picard from any start reaches the unique fixed point at rate gamma.
+    deq = DEQ(cell, solver=ij.Picard(), atol=1e-10, max_steps=200)
+    za, sa = deq(X, Z0, return_solution=True)
+    zb = deq(X, 10.0 * jnp.ones(D))
+    np.testing.assert_allclose(za, zb, atol=1e-9)
+    assert int(sa.num_steps) <= int(np.ceil(np.log(1e-10 / 2.0) / np.log(0.6))) + 1
+    # Batched z and x (leading axes) act row-wise.
+    zs = cell(jnp.zeros((4, D)), jnp.stack([X] * 4))
+    np.testing.assert_allclose(zs[2], cell(Z0, X), atol=1e-15)
+
+
+def test_stabilisers_reject_bad_input():
+    with pytest.raises(ValueError, match="gamma"):
+        ij.deq.ContractiveDense(3, D, gamma=1.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="features"):
+        ij.deq.ContractiveDense(3, 0, rngs=nnx.Rngs(0))
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="shape"):
+        ij.deq.jacobian_penalty(lambda z: z[:2], jnp.zeros(3), key)
+    with pytest.raises(ValueError, match="num_samples"):
+        ij.deq.jacobian_penalty(lambda z: z, jnp.zeros(3), key, num_samples=0)
+    with pytest.raises(TypeError, match="float"):
+        ij.deq.jacobian_penalty(lambda z: z, jnp.zeros(3, jnp.int32), key)
+    with pytest.raises(ValueError, match="steps"):
+        ij.deq.fixed_point_correction(lambda z: z, jnp.zeros(3), steps=0)
+    with pytest.raises(ValueError, match="damping"):
+        ij.deq.fixed_point_correction(lambda z: z, jnp.zeros(3), damping=1.5)

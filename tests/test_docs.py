@@ -18,6 +18,8 @@ MODULES = [
     "iterjax.sequence.deer",
     "iterjax.sequence.decode",
     "iterjax.deq._layer",
+    "iterjax.deq._cells",
+    "iterjax.deq._stabilize",
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

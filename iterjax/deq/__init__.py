@@ -2,6 +2,11 @@
 
 `DEQ(cell)` is an NNX module whose output is the fixed point z* = cell(z*, x),
 found by any iterjax solver and differentiated by any iterjax adjoint.
+`ContractiveDense` is a cell whose fixed point exists by construction;
+`jacobian_penalty` and `fixed_point_correction` stabilise training.
 """
 
+from ._cells import ContractiveDense as ContractiveDense
 from ._layer import DEQ as DEQ
+from ._stabilize import fixed_point_correction as fixed_point_correction
+from ._stabilize import jacobian_penalty as jacobian_penalty

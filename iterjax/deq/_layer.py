@@ -7,6 +7,7 @@ from .._solution import Solution
 from ..fixed_point import Anderson
 from ..fixed_point import fixed_point as _fixed_point
 from ..implicit import AbstractAdjoint, ImplicitAdjoint
+from ._stabilize import fixed_point_correction, jacobian_penalty
 
 
 class DEQ(nnx.Module):
@@ -26,6 +27,8 @@ class DEQ(nnx.Module):
     Call `deq(x, z0)` with the initial guess z0 (zeros, or the previous solution
     for a warm start, as in FPDM and real-time iteration); `return_solution=True`
     also returns the `Solution` (steps, residual, converged) of that call.
+    `deq.jacobian_penalty(x, z, key)` and `deq.fixed_point_correction(x, z)` apply
+    the stabilisers of the same names to the cell at input x.
 
     Example:
       >>> import jax, jax.numpy as jnp, iterjax
@@ -79,3 +82,14 @@ class DEQ(nnx.Module):
 
         sol: Solution = _fixed_point(fn, z0, (state, x), **self.options)
         return (sol.value, sol) if return_solution else sol.value
+
+    def jacobian_penalty(self, x, z, key, *, num_samples: int = 1):
+        """`iterjax.deq.jacobian_penalty` of the cell at input x and point z."""
+        return jacobian_penalty(
+            lambda z: self.cell(z, x), z, key, num_samples=num_samples
+        )
+
+    def fixed_point_correction(self, x, z, *, steps: int = 3, damping: float = 1.0):
+        """`iterjax.deq.fixed_point_correction` of the cell at input x from z."""
+        cell = lambda z: self.cell(z, x)
+        return fixed_point_correction(cell, z, steps=steps, damping=damping)
