@@ -1,18 +1,12 @@
 """Memory and table helpers shared by the benchmarks (timing: iterjax.diagnostics)."""
 
-import jax
+from iterjax.diagnostics import compiled_memory
 
 
 def compiled_bytes(f, *args):
-    """(temp bytes, total bytes) from the compiled executable's memory analysis."""
-    m = jax.jit(f).lower(*args).compile().memory_analysis()
-    total = (
-        m.temp_size_in_bytes
-        + m.argument_size_in_bytes
-        + m.output_size_in_bytes
-        - m.alias_size_in_bytes
-    )
-    return m.temp_size_in_bytes, total
+    """(temp bytes, total bytes): `iterjax.diagnostics.compiled_memory`."""
+    m = compiled_memory(f, *args)
+    return m["temp"], m["total"]
 
 
 def markdown(headers, rows):

@@ -67,3 +67,21 @@ def time_calls(calls: dict, rounds: int = 50) -> dict:
             jax.block_until_ready(f(*args))
             times[name].append(time.perf_counter() - start)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+
+
+def compiled_memory(f, *args) -> dict:
+    """Bytes the compiled `jax.jit(f)(*args)` needs, from XLA's memory analysis.
+
+    Returns `{"temp": ..., "total": ...}`: `temp` is the scratch space of the
+    executable (where saved activations live), `total` adds arguments and outputs
+    (less aliased buffers), the executable's peak footprint. Compile-time numbers:
+    no run, no device allocator, the same on every call.
+    """
+    m = jax.jit(f).lower(*args).compile().memory_analysis()
+    total = (
+        m.temp_size_in_bytes
+        + m.argument_size_in_bytes
+        + m.output_size_in_bytes
+        - m.alias_size_in_bytes
+    )
+    return {"temp": int(m.temp_size_in_bytes), "total": int(total)}

@@ -14,6 +14,9 @@ EXPERIMENTS = {
     "picard_diffusion": "experiments.picard_diffusion",
     "charlm_train": "experiments.charlm_train",
     "jacobi_decoding": "experiments.jacobi_decoding",
+    "deq_digits": "experiments.deq_digits",
+    "deq_memory": "experiments.deq_memory",
+    "deq_solvers": "experiments.deq_solvers",
 }
 
 SOLVERS = {

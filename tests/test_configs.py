@@ -91,7 +91,30 @@ def _check_jacobi_decoding(summary):
     assert set(summary["chain"]) == {"sequential", "sjd"}
 
 
+def _check_deq_digits(summary):
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert rows["mlp"]["params"] >= rows["deq_contractive"]["params"]
+    assert rows["deq_contractive"]["converged"] == 1.0  # a contraction by design
+    assert not any(r["diverged"] for r in rows.values())
+
+
+def _check_deq_memory(summary):
+    assert summary["memory_growth"]["implicit"] < 1.1
+    assert summary["memory_growth"]["unrolled"] > 1.2
+    grads = summary["gradients"]
+    assert grads["finite_difference"]["rel_err"] < 1e-5
+    assert grads["unrolled"]["rel_err"] < 1e-6
+
+
+def _check_deq_solvers(summary):
+    forward = {r["solver"]: r for r in summary["forward"]}
+    assert forward["anderson"]["mean_steps"] <= forward["picard"]["mean_steps"]
+
+
 SMOKE_CHECKS = {
+    "deq_digits": _check_deq_digits,
+    "deq_memory": _check_deq_memory,
+    "deq_solvers": _check_deq_solvers,
     "fixed_point_study": _check_fixed_point_study,
     "jacobi_rnn": _check_jacobi_rnn,
     "deer_gru": _check_deer_gru,
