@@ -2,6 +2,7 @@
 PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PEERS   := .venv/.peers-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+TORCH   := .venv-torch/.installed-torch-2.13.0-torchdeq-0.1.0
 CONFIG  ?= configs/fixed_point_study.yaml
 PYTEST_WORKERS ?= 2
 
@@ -17,6 +18,12 @@ $(STAMP):
 $(PEERS): $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,peers]"
 	rm -f .venv/.peers-*; touch $(PEERS)
+
+# torchdeq, for benchmarks/deq.py only: its own venv, always this exact pair.
+$(TORCH):
+	test -x .venv-torch/bin/python || python3 -m venv .venv-torch
+	.venv-torch/bin/python -m pip install -q torch==2.13.0 torchdeq==0.1.0
+	touch $(TORCH)
 
 run: $(STAMP)
 	$(PY) -m iterjax run $(CONFIG)
@@ -35,9 +42,10 @@ format: $(STAMP)
 	.venv/bin/ruff format .
 	.venv/bin/ruff check --fix .
 
-bench: $(PEERS)
+bench: $(PEERS) $(TORCH)
 	$(PY) benchmarks/fixed_point.py
 	$(PY) benchmarks/sequence.py
+	$(PY) benchmarks/deq.py
 
 clean:
-	rm -rf .venv runs build *.egg-info
+	rm -rf .venv .venv-torch runs build *.egg-info

@@ -41,6 +41,9 @@ def test_forward_is_the_fixed_point():
     np.testing.assert_allclose(deq.cell(z, X), z, atol=1e-11)
     ref = ij.fixed_point(lambda z, _: deq.cell(z, X), Z0, None, atol=1e-12).value
     np.testing.assert_allclose(z, ref, atol=1e-11)
+    # The stopping norm is the caller's: the residual is reported in it.
+    z2, sol2 = make(norm=ij.two_norm)(X, Z0, return_solution=True)
+    np.testing.assert_allclose(sol2.residual, jnp.linalg.norm(deq.cell(z2, X) - z2))
 
 
 def loss(deq, x):

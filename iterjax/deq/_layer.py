@@ -4,6 +4,7 @@ from flax import nnx
 
 from .._iterate import AbstractFixedPointSolver
 from .._solution import Solution
+from .._tree import max_norm
 from ..fixed_point import Anderson
 from ..fixed_point import fixed_point as _fixed_point
 from ..implicit import AbstractAdjoint, ImplicitAdjoint
@@ -22,7 +23,8 @@ class DEQ(nnx.Module):
     Args:
       cell: a callable NNX module, `cell(z, x) -> z`, z a pytree whose structure,
         shapes and dtypes the cell keeps.
-      solver, adjoint, atol, rtol, max_steps, throw: as for `iterjax.fixed_point`.
+      solver, adjoint, atol, rtol, max_steps, throw, norm: as for
+        `iterjax.fixed_point`.
 
     Call `deq(x, z0)` with the initial guess z0 (zeros, or the previous solution
     for a warm start, as in FPDM and real-time iteration); `return_solution=True`
@@ -55,6 +57,7 @@ class DEQ(nnx.Module):
         rtol: float = 0.0,
         max_steps: int = 100,
         throw: bool = False,
+        norm=max_norm,
     ):
         if not (isinstance(cell, nnx.Module) and callable(cell)):
             raise TypeError(
@@ -70,6 +73,7 @@ class DEQ(nnx.Module):
                 rtol=rtol,
                 max_steps=max_steps,
                 throw=throw,
+                norm=norm,
             )
         )
 
