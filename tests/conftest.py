@@ -1,5 +1,15 @@
-import jax
-import pytest
+import os
+
+# The suite is dominated by XLA compile time, not run time: skip the expensive
+# LLVM passes (about 20% off the suite; results agree to rounding). Set before
+# jax starts; subprocesses (README examples) inherit it.
+os.environ.setdefault(
+    "XLA_FLAGS",
+    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true",
+)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")

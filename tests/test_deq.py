@@ -138,7 +138,8 @@ def test_jacobian_penalty_matches_the_exact_frobenius_norm():
     W = jnp.array([[0.3, -0.2], [0.1, 0.4]])
     fn = lambda t: {"a": W @ t["a"], "b": 2.0 * t["b"]}
     t = {"a": jnp.ones(2), "b": jnp.ones(3)}
-    est = ij.deq.jacobian_penalty(fn, t, jax.random.key(1), num_samples=20000)
+    raw_key = jax.random.PRNGKey(1)  # raw uint32 keys work too
+    est = ij.deq.jacobian_penalty(fn, t, raw_key, num_samples=20000)
     np.testing.assert_allclose(est, jnp.sum(W**2) + 3 * 4.0, rtol=0.03)
 
 

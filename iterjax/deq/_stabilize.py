@@ -37,7 +37,7 @@ def jacobian_penalty(fn, z, key, *, num_samples: int = 1):
         arrays. For a batch, vmap over it, or pass the batched z when the cell acts
         row-wise: the Frobenius norm of the block-diagonal Jacobian is the sum of
         the per-example norms.
-      key: a `jax.random` key.
+      key: a `jax.random` key (`jax.random.key` or a raw `PRNGKey`).
       num_samples: S >= 1.
 
     Returns:
@@ -57,7 +57,7 @@ def jacobian_penalty(fn, z, key, *, num_samples: int = 1):
     for leaf in leaves:
         if jnp.iscomplexobj(leaf):
             raise TypeError("jacobian_penalty: z must be real; got a complex leaf")
-    keys = jax.random.split(key, num_samples * len(leaves)).reshape(num_samples, -1)
+    keys = jax.random.split(key, (num_samples, len(leaves)))  # typed or raw keys
 
     def sample(keys):
         v = [jax.random.normal(k, jnp.shape(x), x.dtype) for k, x in zip(keys, leaves)]
