@@ -20,6 +20,7 @@ MODULES = [
     "iterjax.deq._layer",
     "iterjax.deq._cells",
     "iterjax.deq._stabilize",
+    "iterjax.deq.linen",
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

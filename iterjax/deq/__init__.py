@@ -4,8 +4,10 @@
 found by any iterjax solver and differentiated by any iterjax adjoint.
 `ContractiveDense` is a cell whose fixed point exists by construction;
 `jacobian_penalty` and `fixed_point_correction` stabilise training.
+`iterjax.deq.linen.DEQ` is the same layer for flax.linen models.
 """
 
+from . import linen as linen
 from ._cells import ContractiveDense as ContractiveDense
 from ._layer import DEQ as DEQ
 from ._stabilize import fixed_point_correction as fixed_point_correction
