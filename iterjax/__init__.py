@@ -1,5 +1,6 @@
 """iterjax: iterative computation as composable, pure JAX transformations."""
 
+from . import bilevel as bilevel
 from . import deq as deq
 from . import diagnostics as diagnostics
 from . import linear as linear
@@ -11,10 +12,13 @@ from ._solution import Solution as Solution
 from ._tree import max_norm as max_norm
 from ._tree import rms_norm as rms_norm
 from ._tree import two_norm as two_norm
+from .bilevel import argmin as argmin
+from .bilevel import hypergradient as hypergradient
 from .fixed_point import Anderson as Anderson
 from .fixed_point import Broyden as Broyden
 from .fixed_point import Halpern as Halpern
 from .fixed_point import Newton as Newton
+from .fixed_point import OptaxSolver as OptaxSolver
 from .fixed_point import Picard as Picard
 from .fixed_point import fixed_point as fixed_point
 from .fixed_point import root as root

@@ -21,6 +21,9 @@ MODULES = [
     "iterjax.deq._cells",
     "iterjax.deq._stabilize",
     "iterjax.deq.linen",
+    "iterjax.bilevel._argmin",
+    "iterjax.bilevel._hypergradient",
+    "iterjax.fixed_point.optax_solver",
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -34,6 +37,11 @@ def test_readme_has_an_example_per_pillar():
 
 # What each README example must also satisfy, run after it in the same process.
 CHECKS = {
+    1: [  # the penalty hypergradient approximates the implicit one
+        "g = jax.grad(hyper_objective)(lam)",
+        "assert float(jnp.linalg.norm(hg.grad - g)) < 0.05 * float(jnp.linalg.norm(g))",
+        "assert int(hg.cost['hvps']) == 0",
+    ],
     2: [  # iterjax.scan matches lax.scan in a few sweeps
         "assert int(stats.num_sweeps) < 20 and bool(stats.converged)",
         "assert float(jnp.max(jnp.abs(ys - ref))) < 1e-3",

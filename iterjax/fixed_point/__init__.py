@@ -6,4 +6,5 @@ from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
 from .halpern import Halpern as Halpern
 from .newton import Newton as Newton
+from .optax_solver import OptaxSolver as OptaxSolver
 from .picard import Picard as Picard

@@ -1,6 +1,7 @@
 """Matrix-free linear solvers used by Newton and by the implicit adjoint."""
 
 from ._base import AbstractLinearSolver as AbstractLinearSolver
+from ._base import LinearStats as LinearStats
 from .krylov import CG as CG
 from .krylov import GMRES as GMRES
 from .krylov import BiCGStab as BiCGStab

@@ -6,8 +6,21 @@ of `jax.lax.custom_linear_solve`, which is how the implicit adjoint uses them.
 """
 
 import abc
+from typing import NamedTuple
 
+import jax
+import jax.numpy as jnp
 from flax import struct
+
+from .. import _tree as tu
+
+
+class LinearStats(NamedTuple):
+    """What a linear solve cost and whether it succeeded."""
+
+    num_matvecs: jax.Array  # int32; -1 where the solver does not report it
+    converged: jax.Array  # bool: the residual reached the tolerance
+    breakdown: jax.Array  # bool: the method failed (CG: A not positive definite)
 
 
 class AbstractLinearSolver(struct.PyTreeNode):
@@ -16,3 +29,10 @@ class AbstractLinearSolver(struct.PyTreeNode):
     @abc.abstractmethod
     def solve(self, matvec, b):
         """Approximately solve `matvec(x) = b` for `x`."""
+
+    def solve_with_stats(self, matvec, b):
+        """`(x, LinearStats)`. This default (the `jax.scipy` wrappers, which do not
+        say) reports -1 products and `converged` = x is finite."""
+        x = self.solve(matvec, b)
+        finite = jnp.isfinite(tu.two_norm(x))
+        return x, LinearStats(jnp.int32(-1), finite, ~finite)

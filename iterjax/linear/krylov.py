@@ -1,7 +1,9 @@
-"""Thin wrappers over `jax.scipy.sparse.linalg`: CG, GMRES and BiCGStab.
+"""Krylov solvers: CG (our own loop), GMRES and BiCGStab (`jax.scipy` wrappers).
 
-We do not re-implement Krylov methods; these classes only fix hyperparameters so
-that a solver is a hashable value that can be passed to adjoints and Newton.
+CG is written out so that it can count its products and detect a matrix that is
+not positive definite (p·Ap <= 0), which jax.scipy's CG would silently turn into
+a wrong answer; GMRES and BiCGStab wrap `jax.scipy.sparse.linalg`. The classes fix
+hyperparameters so that a solver is a hashable value for adjoints and Newton.
 Convergence: `|b - A x| <= max(rtol * |b|, atol)` (2-norms), as in jax.scipy. The
 default `rtol=None` is max(1e-8, 10 ε) for the dtype of `b`: 1e-8 in float64 and
 about 1e-6 in float32, where 1e-8 is out of reach and would run to `max_steps`.
@@ -12,8 +14,9 @@ import jax.numpy as jnp
 import jax.scipy.sparse.linalg as jsl
 from flax import struct
 
+from .. import _tree as tu
 from .._checks import check_int, check_range
-from ._base import AbstractLinearSolver
+from ._base import AbstractLinearSolver, LinearStats
 
 
 def default_rtol(b):
@@ -40,20 +43,55 @@ class _Krylov(AbstractLinearSolver):
 
 
 class CG(_Krylov):
-    """Conjugate gradients (A must be symmetric positive definite).
+    """Conjugate gradients (A must be symmetric, or Hermitian, positive definite).
+
+    From x_0 = 0, r_0 = p_0 = b, one product per step:
+
+        α = |r|² / p·Ap,  x += α p,  r -= α Ap,  p = r + (|r_new|² / |r|²) p.
+
+    A step with p·Ap <= 0 proves A is not positive definite: the solve stops there
+    and reports `breakdown` in `solve_with_stats`; `solve` then returns NaN rather
+    than a wrong answer (an implicit gradient through an indefinite Hessian is
+    meaningless: use GMRES or BiCGStab there).
 
     Attributes:
       rtol, atol: stopping tolerances on the residual norm (rtol=None: dtype-aware).
-      max_steps: iteration cap (jax.scipy's default, 10 * n, when None).
+      max_steps: iteration cap (10 * n when None, as jax.scipy).
     """
 
     def __post_init__(self):
         self._check()
 
     def solve(self, matvec, b):
-        return jsl.cg(
-            matvec, b, tol=self._rtol(b), atol=self.atol, maxiter=self.max_steps
-        )[0]
+        x, stats = self.solve_with_stats(matvec, b)
+        return tu.tree_map(lambda a: jnp.where(stats.breakdown, jnp.nan, a), x)
+
+    def solve_with_stats(self, matvec, b):
+        size = sum(jnp.size(a) for a in jax.tree_util.tree_leaves(b))
+        max_steps = 10 * size if self.max_steps is None else self.max_steps
+        dot = lambda u, v: jnp.real(tu.tree_vdot(u, v))
+        rs0 = dot(b, b)
+        tol2 = jnp.maximum(self._rtol(b) ** 2 * rs0, self.atol**2)
+
+        def cond(c):
+            _, _, _, rs, k, ok = c
+            return (rs > tol2) & (k < max_steps) & ok
+
+        def body(c):
+            x, r, p, rs, k, _ = c
+            ap = matvec(p)
+            pap = dot(p, ap)
+            ok = pap > 0
+            alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1), 0)
+            x = tu.tree_axpy(alpha, p, x)
+            r = tu.tree_axpy(-alpha, ap, r)
+            rs_new = dot(r, r)
+            p = tu.tree_axpy(rs_new / jnp.where(rs > 0, rs, 1), p, r)
+            return x, r, p, jnp.where(ok, rs_new, rs), k + 1, ok
+
+        init = (tu.tree_zeros_like(b), b, b, rs0, jnp.int32(0), jnp.array(True))
+        x, _, _, rs, k, ok = jax.lax.while_loop(cond, body, init)
+        return x, LinearStats(k, ok & (rs <= tol2), ~ok)
 
 
 class BiCGStab(_Krylov):

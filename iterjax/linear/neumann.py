@@ -13,11 +13,12 @@ forward map is a contraction at the solution.
 """
 
 import jax
+import jax.numpy as jnp
 from flax import struct
 
 from .. import _tree as tu
 from .._checks import check_int, check_range
-from ._base import AbstractLinearSolver
+from ._base import AbstractLinearSolver, LinearStats
 
 
 class Neumann(AbstractLinearSolver):
@@ -40,6 +41,12 @@ class Neumann(AbstractLinearSolver):
 
         x, _ = jax.lax.fori_loop(0, self.terms, body, (b, b))
         return x
+
+    def solve_with_stats(self, matvec, b):
+        """A fixed budget of `terms` products; `converged` means finite."""
+        x = self.solve(matvec, b)
+        finite = jnp.isfinite(tu.two_norm(x))
+        return x, LinearStats(jnp.int32(self.terms), finite, ~finite)
 
 
 class Richardson(AbstractLinearSolver):
@@ -64,6 +71,9 @@ class Richardson(AbstractLinearSolver):
         check_int("Richardson", "max_steps", self.max_steps, 1)
 
     def solve(self, matvec, b):
+        return self.solve_with_stats(matvec, b)[0]
+
+    def solve_with_stats(self, matvec, b):
         from .._iterate import iterative_solve
         from ..fixed_point.picard import Picard
 
@@ -77,4 +87,6 @@ class Richardson(AbstractLinearSolver):
             rtol=self.rtol,
             max_steps=self.max_steps,
         )
-        return sol.value
+        broke = ~jnp.isfinite(sol.residual)
+        stats = LinearStats(sol.num_steps + 1, sol.converged, broke)
+        return sol.value, stats

@@ -1,0 +1,16 @@
+"""Pillar 3: bilevel optimisation.
+
+`argmin` is a differentiable minimiser; `hypergradient` computes ∇_θ of an outer
+loss at the inner minimiser by implicit differentiation, unrolled, truncated or
+forward-mode differentiation of an optimiser, or a first-order penalty method.
+"""
+
+from ._argmin import argmin as argmin
+from ._hypergradient import AbstractMethod as AbstractMethod
+from ._hypergradient import Forward as Forward
+from ._hypergradient import HyperGrad as HyperGrad
+from ._hypergradient import Implicit as Implicit
+from ._hypergradient import Penalty as Penalty
+from ._hypergradient import Truncated as Truncated
+from ._hypergradient import Unrolled as Unrolled
+from ._hypergradient import hypergradient as hypergradient

@@ -1,0 +1,152 @@
+"""Bilevel: argmin and hypergradient against the closed-form ridge hypergradient
+(float64), convergence of every method as its budget grows, argmin gradients vs
+finite differences, jit / vmap, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.test_util import check_grads
+
+import iterjax as ij
+from iterjax import bilevel as bl
+
+D, N, NV = 5, 40, 15
+_k = jax.random.split(jax.random.PRNGKey(0), 5)
+X = 0.8 * jax.random.normal(_k[0], (N, D))
+XV = 0.8 * jax.random.normal(_k[1], (NV, D))
+W_TRUE = jax.random.normal(_k[2], (D,))
+Y = X @ W_TRUE + 0.3 * jax.random.normal(_k[3], (N,))
+YV = XV @ W_TRUE + 0.3 * jax.random.normal(_k[4], (NV,))
+THETA = jnp.log(jnp.linspace(0.2, 0.6, D))  # per-feature ridge penalties e^θ
+W0 = jnp.zeros(D)
+
+
+def inner(w, theta):
+    return jnp.sum((X @ w - Y) ** 2) / (2 * N) + 0.5 * jnp.sum(jnp.exp(theta) * w**2)
+
+
+def outer(w, theta):
+    return jnp.sum((XV @ w - YV) ** 2) / (2 * NV)
+
+
+def exact(theta):
+    """∇F = -e^θ ⊙ w* ⊙ H⁻¹ ∇_w f(w*), H = XᵀX/N + diag(e^θ)."""
+    H = X.T @ X / N + jnp.diag(jnp.exp(theta))
+    w = jnp.linalg.solve(H, X.T @ Y / N)
+    v = jnp.linalg.solve(H, XV.T @ (XV @ w - YV) / NV)
+    return -jnp.exp(theta) * w * v
+
+
+def rel_err(hg, theta=THETA):
+    ref = exact(theta)
+    return float(jnp.linalg.norm(hg.grad - ref) / jnp.linalg.norm(ref))
+
+
+def hypergrad(method, theta=THETA, **kw):
+    return ij.hypergradient(outer, inner, theta, W0, method=method, **kw)
+
+
+SGD = optax.sgd(0.5)
+
+
+def test_implicit_cg_matches_the_closed_form():
+    hg = jax.jit(lambda t: hypergrad(bl.Implicit(), t))(THETA)
+    assert rel_err(hg) < 1e-8
+    assert bool(hg.converged) and int(hg.result) == 0
+    # Newton-CG: a few gradients; the linear solve: at most D + 1 HVPs, plus Newton's.
+    assert 1 <= int(hg.cost["inner_grads"]) <= 10 and int(hg.cost["hvps"]) > D
+    np.testing.assert_allclose(hg.value, outer(hg.w, THETA), rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "family, budgets",
+    [
+        (lambda k: bl.Implicit(ij.Neumann(k)), [2, 8, 32]),
+        (lambda k: bl.Unrolled(SGD, k), [5, 20, 80]),
+        (lambda k: bl.Truncated(SGD, 200, k), [1, 5, 20]),
+        (lambda k: bl.Penalty(SGD, 400, lam=k), [100.0, 1000.0, 10000.0]),
+    ],
+    ids=["neumann", "unrolled", "truncated", "penalty"],
+)
+def test_every_method_converges_as_its_budget_grows(family, budgets):
+    errors = [rel_err(hypergrad(family(k))) for k in budgets]
+    assert errors[0] > errors[1] > errors[2], errors
+    assert errors[2] < 1e-3, errors
+
+
+def test_rates_are_those_of_the_theory():
+    # Penalty: error O(1/λ), so 10x λ is ~10x less error.
+    e = [rel_err(hypergrad(bl.Penalty(SGD, 400, lam=lam))) for lam in (100.0, 1000.0)]
+    assert 5 < e[0] / e[1] < 20, e
+    # Unrolled / truncated: geometric in K and T at the GD contraction factor.
+    H = X.T @ X / N + jnp.diag(jnp.exp(THETA))
+    rate = float(jnp.max(jnp.abs(1 - 0.5 * jnp.linalg.eigvalsh(H))))
+    e = [rel_err(hypergrad(bl.Truncated(SGD, 200, t))) for t in (4, 12)]
+    assert e[1] / e[0] < 5 * rate**8, (e, rate)
+    # Implicit with Richardson (fixed-point iteration on H v = b) and CG agree.
+    hg = hypergrad(bl.Implicit(ij.Richardson(atol=1e-13)))
+    assert rel_err(hg) < 1e-9 and bool(hg.converged)
+
+
+def test_forward_mode_equals_reverse_mode_of_the_same_steps():
+    fwd, rev = hypergrad(bl.Forward(SGD, 30)), hypergrad(bl.Unrolled(SGD, 30))
+    np.testing.assert_allclose(fwd.grad, rev.grad, rtol=1e-10, atol=1e-14)
+    assert int(fwd.cost["hvps"]) == 30 * D  # one JVP pass per coordinate of θ
+    assert int(rev.cost["hvps"]) == 30
+
+
+def test_argmin_matches_closed_form_and_finite_differences():
+    solve = lambda t, **kw: ij.argmin(inner, W0, t, atol=1e-12, **kw).value
+    H = X.T @ X / N + jnp.diag(jnp.exp(THETA))
+    np.testing.assert_allclose(solve(THETA), jnp.linalg.solve(H, X.T @ Y / N))
+    # An optax optimiser as the inner solver: the same minimiser.
+    heavy_ball = optax.sgd(0.5, momentum=0.5)
+    sol = ij.argmin(inner, W0, THETA, solver=heavy_ball, atol=1e-12, max_steps=2000)
+    assert bool(sol.converged)
+    np.testing.assert_allclose(sol.value, solve(THETA), atol=1e-10)
+    F = lambda t: outer(solve(t), t)
+    check_grads(F, (THETA,), order=1, modes=["rev", "fwd"])
+    np.testing.assert_allclose(jax.grad(F)(THETA), exact(THETA), rtol=1e-8)
+
+
+def test_jit_and_vmap_over_a_batch_of_theta():
+    thetas = jnp.stack([THETA, THETA + 0.5, THETA - 0.5])
+    f = jax.jit(jax.vmap(lambda t: hypergrad(bl.Implicit(), t).grad))
+    np.testing.assert_allclose(f(thetas), jax.vmap(exact)(thetas), rtol=1e-7)
+    g = jax.vmap(
+        jax.grad(lambda t: outer(ij.argmin(inner, W0, t, atol=1e-12).value, t))
+    )
+    np.testing.assert_allclose(g(thetas), jax.vmap(exact)(thetas), rtol=1e-7)
+
+
+def test_bad_input_is_rejected_or_reported():
+    with pytest.raises(ValueError, match="scalar"):
+        ij.argmin(lambda w, t: (w - t) ** 2, W0, THETA)
+    with pytest.raises(ValueError, match="scalar"):
+        ij.hypergradient(lambda w, t: w, inner, THETA, W0)
+    with pytest.raises(ValueError, match="structure and shapes"):
+        ij.hypergradient(outer, inner, THETA, jnp.zeros(D + 1))  # w0 does not fit X
+    with pytest.raises(TypeError, match="float"):
+        ij.hypergradient(outer, inner, jnp.arange(D), W0)
+    with pytest.raises(TypeError, match="method"):
+        ij.hypergradient(outer, inner, THETA, W0, method="implicit")
+    with pytest.raises(ValueError, match="truncate"):
+        bl.Truncated(SGD, 10, 20)
+    with pytest.raises(ValueError, match="lam"):
+        bl.Penalty(SGD, 10, lam=0.0)
+    with pytest.raises(TypeError, match="optax"):
+        ij.OptaxSolver("adam")
+    # A saddle: CG on the indefinite Hessian is reported, never a silent NaN.
+    saddle = lambda w, t: 0.5 * (w[0] ** 2 - w[1] ** 2) + t @ w
+    method = bl.Implicit(ij.CG(), solver=ij.Newton(ij.GMRES()))
+    out = lambda w, t: jnp.sum(w**2)
+    hg = ij.hypergradient(out, saddle, jnp.ones(2), jnp.zeros(2), method=method)
+    assert not bool(hg.converged) and int(hg.result) != 0
+    with pytest.raises(Exception, match="converge|finite"):
+        jax.block_until_ready(
+            ij.hypergradient(
+                out, saddle, jnp.ones(2), jnp.zeros(2), method=method, throw=True
+            ).grad
+        )
