@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "deq_digits": "experiments.deq_digits",
     "deq_memory": "experiments.deq_memory",
     "deq_solvers": "experiments.deq_solvers",
+    "hpo_ridge": "experiments.hpo_ridge",
 }
 
 SOLVERS = {

@@ -111,7 +111,16 @@ def _check_deq_solvers(summary):
     assert forward["anderson"]["mean_steps"] <= forward["picard"]["mean_steps"]
 
 
+def _check_hpo_ridge(summary):
+    rows = {(r["method"], r["budget"]): r for r in summary["rows"]}
+    assert rows[("implicit_cg", 16)]["rel_err"] < 1e-10  # exact after dim steps
+    assert rows[("implicit_cg", 2)]["rel_err"] > rows[("implicit_cg", 16)]["rel_err"]
+    assert rows[("penalty", 100)]["hvps"] == 0
+    assert summary["tuning"]["val_loss_last"] < summary["tuning"]["val_loss_first"]
+
+
 SMOKE_CHECKS = {
+    "hpo_ridge": _check_hpo_ridge,
     "deq_digits": _check_deq_digits,
     "deq_memory": _check_deq_memory,
     "deq_solvers": _check_deq_solvers,

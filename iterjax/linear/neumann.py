@@ -24,19 +24,30 @@ from ._base import AbstractLinearSolver, LinearStats
 class Neumann(AbstractLinearSolver):
     """Truncated Neumann series with `terms` matrix-vector products.
 
+        x = α Σ_{i=0}^{k} (I - α A)^i b,   k = terms,
+
+    which converges to A⁻¹ b when the spectral radius of I - αA is below one (for
+    a Hessian: α < 2 / λ_max; α is the inner learning rate in Lorraine et al.).
+
     Attributes:
-      terms: number of powers of (I - A) beyond the identity.
+      terms: number of powers of (I - αA) beyond the identity.
+      damping: α > 0 (1 for the implicit adjoint of a contraction).
     """
 
     terms: int = struct.field(pytree_node=False, default=10)
+    damping: float = struct.field(pytree_node=False, default=1.0)
 
     def __post_init__(self):
         check_int("Neumann", "terms", self.terms, 0)
+        check_range("Neumann", "damping", self.damping, lo=0.0, lo_open=True)
 
     def solve(self, matvec, b):
+        a = self.damping
+        b = tu.tree_scale(a, b)
+
         def body(_, carry):
             x, term = carry
-            term = tu.tree_sub(term, matvec(term))  # (I - A) term
+            term = tu.tree_axpy(-a, matvec(term), term)  # (I - αA) term
             return tu.tree_add(x, term), term
 
         x, _ = jax.lax.fori_loop(0, self.terms, body, (b, b))
