@@ -46,6 +46,7 @@ bench: $(PEERS) $(TORCH)
 	$(PY) benchmarks/fixed_point.py
 	$(PY) benchmarks/sequence.py
 	$(PY) benchmarks/deq.py
+	$(PY) benchmarks/bilevel.py
 
 clean:
 	rm -rf .venv .venv-torch runs build *.egg-info

@@ -35,9 +35,8 @@ from flax import struct
 from .. import _tree as tu
 from .._checks import check_inexact, check_int, check_range, check_same_structure
 from .._solution import error_if_failed, result_code
-from ..fixed_point import Newton
 from ..linear import CG, AbstractLinearSolver
-from ._argmin import argmin, check_scalar_loss
+from ._argmin import INEXACT_NEWTON, argmin, check_scalar_loss
 
 
 class HyperGrad(NamedTuple):
@@ -75,14 +74,16 @@ class Implicit(AbstractMethod):
         definite: otherwise reported as a failure), `Neumann(k)`, `Richardson()`
         (both need the spectrum of H inside (0, 2): scale the inner loss),
         `GMRES()`, `BiCGStab()`.
-      solver: the inner solver (as in `argmin`; default Newton-CG).
-      atol, max_steps: the inner solve's tolerance on |∇_w g| and step cap.
+      solver: the inner solver (as in `argmin`; default inexact Newton-CG).
+      atol, max_steps, norm: the inner solve's tolerance on |∇_w g| (in `norm`,
+        default the max norm) and step cap.
     """
 
     linear_solver: AbstractLinearSolver = struct.field(pytree_node=False, default=CG())
-    solver: Any = struct.field(pytree_node=False, default=Newton(CG()))
+    solver: Any = struct.field(pytree_node=False, default=INEXACT_NEWTON)
     atol: float = struct.field(pytree_node=False, default=1e-10)
     max_steps: int = struct.field(pytree_node=False, default=256)
+    norm: Any = struct.field(pytree_node=False, default=tu.max_abs)
 
     def __post_init__(self):
         if not isinstance(self.linear_solver, AbstractLinearSolver):
@@ -101,6 +102,7 @@ class Implicit(AbstractMethod):
             solver=self.solver,
             atol=self.atol,
             max_steps=self.max_steps,
+            norm=self.norm,
         )
         w = sol.value
         value, (f_w, f_theta) = jax.value_and_grad(outer_loss, (0, 1))(w, theta)
