@@ -150,3 +150,93 @@ def test_bad_input_is_rejected_or_reported():
                 out, saddle, jnp.ones(2), jnp.zeros(2), method=method, throw=True
             ).grad
         )
+
+
+# --- stochastic bilevel solvers on a quadratic problem with a closed form ---
+
+_q = jax.random.split(jax.random.PRNGKey(7), 3)
+_U = jnp.linalg.qr(jax.random.normal(_q[0], (4, 4)))[0]
+A = _U @ jnp.diag(jnp.array([1.0, 1.3, 1.6, 2.0])) @ _U.T
+B = jax.random.normal(_q[1], (4, 3))
+C = jax.random.normal(_q[2], (4,))
+W_T, MU = jnp.array([1.0, -1.0, 0.5, 0.0]), 0.1
+
+
+def q_inner(w, theta, noise):
+    return 0.5 * w @ A @ w - w @ (B @ theta + C) + w @ noise
+
+
+def q_outer(w, theta, noise):
+    return 0.5 * jnp.sum((w - W_T) ** 2) + 0.5 * MU * theta @ theta + w @ noise
+
+
+def q_optimum():
+    M = jnp.linalg.solve(A, B)
+    return jnp.linalg.solve(
+        M.T @ M + MU * jnp.eye(3), M.T @ (W_T - jnp.linalg.solve(A, C))
+    )
+
+
+def _run(solver, steps, sigma=0.0, key=jax.random.PRNGKey(0)):
+    def body(state, k):
+        ka, kb = jax.random.split(k)
+        nin = sigma * jax.random.normal(ka, (4,))
+        nout = sigma * jax.random.normal(kb, (4,))
+        return solver.step(state, nin, nout)
+
+    state = solver.init(jnp.zeros(3), jnp.zeros(4))
+    state, info = jax.lax.scan(body, state, jax.random.split(key, steps))
+    return state, info
+
+
+SOLVERS = {
+    "soba": lambda: bl.SOBA(q_inner, q_outer, optax.sgd(0.05), inner_lr=0.3),
+    "stocbio": lambda: bl.StocBiO(
+        q_inner,
+        q_outer,
+        optax.sgd(0.2),
+        inner_lr=0.4,
+        inner_steps=5,
+        neumann_terms=20,
+    ),
+    "f2sa": lambda: bl.F2SA(
+        q_inner,
+        q_outer,
+        optax.sgd(0.2),
+        inner_lr=0.3,
+        inner_steps=5,
+        lam=10.0,
+        lam_growth=10.0,
+        lam_max=1e5,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_stochastic_solvers_reach_the_bilevel_optimum(name):
+    solver = SOLVERS[name]()
+    state, info = jax.jit(lambda: _run(solver, 1500))()
+    err = float(jnp.linalg.norm(state.theta - q_optimum()))
+    assert err < 1e-3 * float(jnp.linalg.norm(q_optimum())) + 1e-5, err
+    assert int(info["grads"][0]) > 0
+    # With noisy oracles the iterates still approach the optimum.
+    noisy, _ = jax.jit(lambda: _run(solver, 1500, sigma=0.1))()
+    assert float(jnp.linalg.norm(noisy.theta - q_optimum())) < 0.1 * float(
+        jnp.linalg.norm(q_optimum())
+    )
+
+
+def test_stochastic_solvers_vmap_and_reject_bad_input():
+    solver = SOLVERS["soba"]()
+    keys = jax.random.split(jax.random.PRNGKey(1), 3)
+    states, _ = jax.jit(jax.vmap(lambda k: _run(solver, 300, 0.1, k)))(keys)
+    assert states.theta.shape == (3, 3)
+    assert not bool(jnp.allclose(states.theta[0], states.theta[1]))  # own noise
+    with pytest.raises(TypeError, match="callable"):
+        bl.SOBA(None, q_outer, optax.sgd(0.1))
+    with pytest.raises(TypeError, match="optax"):
+        bl.SOBA(q_inner, q_outer, "sgd")
+    with pytest.raises(ValueError, match="inner_lr"):
+        bl.StocBiO(q_inner, q_outer, optax.sgd(0.1), inner_lr=-1.0)
+    with pytest.raises(ValueError, match="lam_max"):
+        bl.F2SA(q_inner, q_outer, optax.sgd(0.1), lam=10.0, lam_max=1.0)

@@ -3,6 +3,7 @@
 `argmin` is a differentiable minimiser; `hypergradient` computes ∇_θ of an outer
 loss at the inner minimiser by implicit differentiation, unrolled, truncated or
 forward-mode differentiation of an optimiser, or a first-order penalty method.
+`SOBA`, `StocBiO` and `F2SA` are stochastic bilevel solvers (`init` / `step`).
 """
 
 from ._argmin import argmin as argmin
@@ -14,3 +15,7 @@ from ._hypergradient import Penalty as Penalty
 from ._hypergradient import Truncated as Truncated
 from ._hypergradient import Unrolled as Unrolled
 from ._hypergradient import hypergradient as hypergradient
+from ._stochastic import F2SA as F2SA
+from ._stochastic import SOBA as SOBA
+from ._stochastic import BilevelState as BilevelState
+from ._stochastic import StocBiO as StocBiO

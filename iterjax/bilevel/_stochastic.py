@@ -1,0 +1,219 @@
+r"""Stochastic bilevel solvers as pure `init` / `step` pairs (optax style).
+
+All solve min_θ F(θ) = f(w*(θ), θ), w*(θ) = argmin_w g(w, θ), from minibatch
+oracles `inner_loss(w, theta, batch)` and `outer_loss(w, theta, batch)`. The
+outer update is any optax optimiser applied to the method's estimate of ∇F:
+
+    solver = iterjax.bilevel.SOBA(inner_loss, outer_loss, optax.sgd(1e-2))
+    state = solver.init(theta0, w0)
+    state, info = solver.step(state, inner_batch, outer_batch)   # jit me
+    theta = state.theta
+
+Methods (H = ∂²g/∂w², all products matrix-free):
+
+* `SOBA` (Dagréou et al. 2022): single loop; w, v and θ move together,
+  w -= ρ ∇_w g,  v -= ρ (H v + ∇_w f),  d = ∇_θ f + ∂²_θw g v.
+* `StocBiO` (Ji et al. 2021): `inner_steps` SGD steps on w (warm-started), then
+  v ≈ -η Σ_{q<Q} (I - η H)^q ∇_w f (stochastic Neumann series), d as in SOBA.
+* `F2SA` (Kwon et al. 2023): first order only; z tracks argmin g, y tracks
+  argmin f/λ + g (`inner_steps` SGD steps each), d = ∇_θ f(y) + λ(∇_θ g(y) -
+  ∇_θ g(z)), with λ growing by `lam_growth` per step up to `lam_max`.
+
+`info` reports the oracle calls of the step: `grads` (first-order oracle calls of
+f or g) and `hvps` (Hessian- or mixed-vector products).
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from .. import _tree as tu
+from .._checks import check_int, check_range
+
+
+class BilevelState(NamedTuple):
+    theta: Any  # the outer variables
+    w: Any  # the inner variables (F2SA: z, tracking argmin g)
+    aux: Any  # method-specific: SOBA/StocBiO v; F2SA (y, λ)
+    opt_state: Any  # the outer optax state
+    step: jax.Array  # int32
+
+
+def _info(grads, hvps):
+    return {"grads": jnp.int32(grads), "hvps": jnp.int32(hvps)}
+
+
+class _Stochastic(struct.PyTreeNode):
+    inner_loss: Any = struct.field(pytree_node=False)
+    outer_loss: Any = struct.field(pytree_node=False)
+    outer_optimizer: optax.GradientTransformation = struct.field(pytree_node=False)
+
+    def _check(self):
+        name = type(self).__name__
+        if not (callable(self.inner_loss) and callable(self.outer_loss)):
+            raise TypeError(f"{name}: `inner_loss` and `outer_loss` must be callable")
+        if not isinstance(self.outer_optimizer, optax.GradientTransformation):
+            raise TypeError(
+                f"{name}: `outer_optimizer` must be an optax.GradientTransformation"
+            )
+
+    def _outer_update(self, state, direction, w, aux):
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = self.outer_optimizer.update(
+                direction, state.opt_state, state.theta
+            )
+            theta = optax.apply_updates(state.theta, updates)
+        return BilevelState(theta, w, aux, opt_state, state.step + 1)
+
+    def _init(self, theta, w, aux):
+        with jax.numpy_dtype_promotion("standard"):
+            opt_state = self.outer_optimizer.init(theta)
+        return BilevelState(theta, w, aux, opt_state, jnp.int32(0))
+
+
+def _grad_w(loss, w, theta, batch):
+    return jax.grad(loss)(w, theta, batch)
+
+
+def _hvp(loss, w, theta, batch, v):
+    return jax.jvp(lambda w: _grad_w(loss, w, theta, batch), (w,), (v,))[1]
+
+
+def _cross(loss, w, theta, batch, v):
+    """∂²_θw g · v = ∂_θ <∇_w g(w, θ), v>."""
+    return jax.vjp(lambda t: _grad_w(loss, w, t, batch), theta)[1](v)[0]
+
+
+class SOBA(_Stochastic):
+    """Stochastic Bilevel Algorithm: one step of w, v and θ per minibatch pair.
+
+    Attributes:
+      inner_loss, outer_loss: `loss(w, theta, batch) -> scalar`.
+      outer_optimizer: optax optimiser for θ (its learning rate is γ).
+      inner_lr: ρ, the step size of w and v.
+    """
+
+    inner_lr: float = struct.field(pytree_node=False, default=0.1)
+
+    def __post_init__(self):
+        self._check()
+        check_range("SOBA", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
+
+    def init(self, theta, w0):
+        return self._init(theta, w0, tu.tree_zeros_like(w0))
+
+    def step(self, state, inner_batch=None, outer_batch=None):
+        g, f, rho = self.inner_loss, self.outer_loss, self.inner_lr
+        theta, w, v = state.theta, state.w, state.aux
+        f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
+        d_w = _grad_w(g, w, theta, inner_batch)
+        d_v = tu.tree_add(_hvp(g, w, theta, inner_batch, v), f_w)
+        d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
+        w = tu.tree_axpy(-rho, d_w, w)
+        v = tu.tree_axpy(-rho, d_v, v)
+        return self._outer_update(state, d_t, w, v), _info(2, 2)
+
+
+class StocBiO(_Stochastic):
+    """Stochastic bilevel optimiser with a Neumann-series inverse Hessian.
+
+    Attributes:
+      inner_loss, outer_loss, outer_optimizer: as for `SOBA`.
+      inner_lr: η, the inner SGD step and the Neumann step (η < 2 / L_g).
+      inner_steps: SGD steps on w per outer step (warm-started).
+      neumann_terms: Q, the number of terms of the Neumann series.
+    """
+
+    inner_lr: float = struct.field(pytree_node=False, default=0.1)
+    inner_steps: int = struct.field(pytree_node=False, default=10)
+    neumann_terms: int = struct.field(pytree_node=False, default=10)
+
+    def __post_init__(self):
+        self._check()
+        check_range("StocBiO", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
+        check_int("StocBiO", "inner_steps", self.inner_steps, 1)
+        check_int("StocBiO", "neumann_terms", self.neumann_terms, 1)
+
+    def init(self, theta, w0):
+        return self._init(theta, w0, tu.tree_zeros_like(w0))
+
+    def step(self, state, inner_batch=None, outer_batch=None):
+        g, f, eta = self.inner_loss, self.outer_loss, self.inner_lr
+        theta = state.theta
+
+        def sgd(_, w):
+            return tu.tree_axpy(-eta, _grad_w(g, w, theta, inner_batch), w)
+
+        w = jax.lax.fori_loop(0, self.inner_steps, sgd, state.w)
+        f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
+
+        def neumann(_, carry):  # term <- (I - ηH) term, total += term
+            total, term = carry
+            term = tu.tree_axpy(-eta, _hvp(g, w, theta, inner_batch, term), term)
+            return tu.tree_add(total, term), term
+
+        total, _ = jax.lax.fori_loop(0, self.neumann_terms - 1, neumann, (f_w, f_w))
+        v = tu.tree_scale(-eta, total)  # ≈ -H⁻¹ ∇_w f
+        d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
+        info = _info(self.inner_steps + 1, self.neumann_terms)
+        return self._outer_update(state, d_t, w, v), info
+
+
+class F2SA(_Stochastic):
+    """Fully first-order stochastic approximation: no second derivatives.
+
+    Attributes:
+      inner_loss, outer_loss, outer_optimizer: as for `SOBA`.
+      inner_lr: step size of z (on g) and of y (on f/λ + g).
+      inner_steps: SGD steps of z and of y per outer step (warm-started).
+      lam: the initial penalty λ_0 > 0.
+      lam_growth: added to λ after every step (λ_k = λ_0 + k δ).
+      lam_max: the cap on λ.
+    """
+
+    inner_lr: float = struct.field(pytree_node=False, default=0.1)
+    inner_steps: int = struct.field(pytree_node=False, default=10)
+    lam: float = struct.field(pytree_node=False, default=1.0)
+    lam_growth: float = struct.field(pytree_node=False, default=0.1)
+    lam_max: float = struct.field(pytree_node=False, default=100.0)
+
+    def __post_init__(self):
+        self._check()
+        check_range("F2SA", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
+        check_int("F2SA", "inner_steps", self.inner_steps, 1)
+        check_range("F2SA", "lam", self.lam, lo=0.0, lo_open=True)
+        check_range("F2SA", "lam_growth", self.lam_growth, lo=0.0)
+        check_range("F2SA", "lam_max", self.lam_max, lo=self.lam)
+
+    def init(self, theta, w0):
+        lam = jnp.asarray(self.lam, jax.tree.leaves(w0)[0].dtype)
+        return self._init(theta, w0, (w0, lam))
+
+    def step(self, state, inner_batch=None, outer_batch=None):
+        g, f, eta = self.inner_loss, self.outer_loss, self.inner_lr
+        theta, z, (y, lam) = state.theta, state.w, state.aux
+
+        def z_step(_, z):
+            return tu.tree_axpy(-eta, _grad_w(g, z, theta, inner_batch), z)
+
+        def y_step(_, y):
+            d = tu.tree_axpy(
+                1.0 / lam,
+                _grad_w(f, y, theta, outer_batch),
+                _grad_w(g, y, theta, inner_batch),
+            )
+            return tu.tree_axpy(-eta, d, y)
+
+        z = jax.lax.fori_loop(0, self.inner_steps, z_step, z)
+        y = jax.lax.fori_loop(0, self.inner_steps, y_step, y)
+        g_t = lambda w: jax.grad(g, 1)(w, theta, inner_batch)
+        d_t = tu.tree_add(
+            jax.grad(f, 1)(y, theta, outer_batch),
+            tu.tree_scale(lam, tu.tree_sub(g_t(y), g_t(z))),
+        )
+        lam = jnp.minimum(lam + self.lam_growth, self.lam_max)
+        info = _info(3 * self.inner_steps + 3, 0)
+        return self._outer_update(state, d_t, z, (y, lam)), info
