@@ -3,7 +3,8 @@
 `argmin` is a differentiable minimiser; `hypergradient` computes ∇_θ of an outer
 loss at the inner minimiser by implicit differentiation, unrolled, truncated or
 forward-mode differentiation of an optimiser, or a first-order penalty method.
-`SOBA`, `StocBiO` and `F2SA` are stochastic bilevel solvers (`init` / `step`).
+`SOBA`, `SABA`, `AmIGO`, `StocBiO` and `F2SA` are stochastic bilevel solvers
+(`init` / `step`).
 """
 
 from ._argmin import argmin as argmin
@@ -16,6 +17,8 @@ from ._hypergradient import Truncated as Truncated
 from ._hypergradient import Unrolled as Unrolled
 from ._hypergradient import hypergradient as hypergradient
 from ._stochastic import F2SA as F2SA
+from ._stochastic import SABA as SABA
 from ._stochastic import SOBA as SOBA
+from ._stochastic import AmIGO as AmIGO
 from ._stochastic import BilevelState as BilevelState
 from ._stochastic import StocBiO as StocBiO

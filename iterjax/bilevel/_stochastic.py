@@ -15,6 +15,13 @@ Methods (H = ∂²g/∂w², all products matrix-free):
   w -= ρ ∇_w g,  v -= ρ (H v + ∇_w f),  d = ∇_θ f + ∂²_θw g v.
 * `StocBiO` (Ji et al. 2021): `inner_steps` SGD steps on w (warm-started), then
   v ≈ -η Σ_{q<Q} (I - η H)^q ∇_w f (stochastic Neumann series), d as in SOBA.
+* `AmIGO` (Arbel & Mairal 2022): `inner_steps` warm-started SGD steps on w and
+  `v_steps` warm-started SGD steps on the quadratic ½ vᵀHv + vᵀ∇_w f, d as in
+  SOBA.
+* `SABA` (Dagréou et al. 2022): SOBA with SAGA variance reduction over finite
+  sums: the oracles take an index batch, and per-sample tables of the last
+  directions make every estimate's variance vanish at the solution, so constant
+  steps converge (linearly for strongly convex inner problems).
 * `F2SA` (Kwon et al. 2023): first order only; z tracks argmin g, y tracks
   argmin f/λ + g (`inner_steps` SGD steps each), d = ∇_θ f(y) + λ(∇_θ g(y) -
   ∇_θ g(z)), with λ growing by `lam_growth` per step up to `lam_max`.
@@ -217,3 +224,143 @@ class F2SA(_Stochastic):
         lam = jnp.minimum(lam + self.lam_growth, self.lam_max)
         info = _info(3 * self.inner_steps + 3, 0)
         return self._outer_update(state, d_t, z, (y, lam)), info
+
+
+class AmIGO(_Stochastic):
+    """Amortized implicit gradient optimisation: warm-started w and v.
+
+    Attributes:
+      inner_loss, outer_loss, outer_optimizer: as for `SOBA`.
+      inner_lr: step size of w and of v.
+      inner_steps: SGD steps on w per outer step.
+      v_steps: SGD steps on v (the linear system H v = -∇_w f) per outer step.
+    """
+
+    inner_lr: float = struct.field(pytree_node=False, default=0.1)
+    inner_steps: int = struct.field(pytree_node=False, default=5)
+    v_steps: int = struct.field(pytree_node=False, default=5)
+
+    def __post_init__(self):
+        self._check()
+        check_range("AmIGO", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
+        check_int("AmIGO", "inner_steps", self.inner_steps, 1)
+        check_int("AmIGO", "v_steps", self.v_steps, 1)
+
+    def init(self, theta, w0):
+        return self._init(theta, w0, tu.tree_zeros_like(w0))
+
+    def step(self, state, inner_batch=None, outer_batch=None):
+        g, f, eta = self.inner_loss, self.outer_loss, self.inner_lr
+        theta = state.theta
+
+        def w_step(_, w):
+            return tu.tree_axpy(-eta, _grad_w(g, w, theta, inner_batch), w)
+
+        w = jax.lax.fori_loop(0, self.inner_steps, w_step, state.w)
+        f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
+
+        def v_step(_, v):
+            d = tu.tree_add(_hvp(g, w, theta, inner_batch, v), f_w)
+            return tu.tree_axpy(-eta, d, v)
+
+        v = jax.lax.fori_loop(0, self.v_steps, v_step, state.aux)
+        d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
+        info = _info(self.inner_steps + 1, self.v_steps + 1)
+        return self._outer_update(state, d_t, w, v), info
+
+
+class SabaTables(NamedTuple):
+    """Per-sample last directions (leading axis: sample) and their means."""
+
+    inner: Any  # (∇_w g_i, H_i v, ∂²_θw g_i v)
+    outer: Any  # (∇_w f_j, ∇_θ f_j)
+    inner_mean: Any
+    outer_mean: Any
+
+
+class SABA(_Stochastic):
+    """SOBA with SAGA variance reduction over finite sums.
+
+    The oracles are finite sums, `inner_loss(w, theta, idx)` = mean over the
+    samples in the int array `idx` (likewise `outer_loss`); `step` takes index
+    batches. Memory: one w-sized and one θ-sized row per sample.
+
+    Attributes:
+      inner_loss, outer_loss, outer_optimizer: as for `SOBA` (oracles of indices).
+      num_inner, num_outer: the numbers of inner and outer samples.
+      inner_lr: ρ, the step size of w and v.
+    """
+
+    num_inner: int = struct.field(pytree_node=False, default=1)
+    num_outer: int = struct.field(pytree_node=False, default=1)
+    inner_lr: float = struct.field(pytree_node=False, default=0.1)
+
+    def __post_init__(self):
+        self._check()
+        check_int("SABA", "num_inner", self.num_inner, 1)
+        check_int("SABA", "num_outer", self.num_outer, 1)
+        check_range("SABA", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
+
+    def _inner_rows(self, w, theta, v, idx):
+        g = self.inner_loss
+
+        def one(i):
+            i = i[None]
+            return (
+                _grad_w(g, w, theta, i),
+                _hvp(g, w, theta, i, v),
+                _cross(g, w, theta, i, v),
+            )
+
+        return jax.vmap(one)(idx)
+
+    def _outer_rows(self, w, theta, idx):
+        return jax.vmap(lambda j: jax.grad(self.outer_loss, (0, 1))(w, theta, j[None]))(
+            idx
+        )
+
+    def init(self, theta, w0):
+        v0 = tu.tree_zeros_like(w0)
+        inner = self._inner_rows(w0, theta, v0, jnp.arange(self.num_inner))
+        outer = self._outer_rows(w0, theta, jnp.arange(self.num_outer))
+        mean = lambda t: jax.tree.map(lambda a: jnp.mean(a, 0), t)
+        tables = SabaTables(inner, outer, mean(inner), mean(outer))
+        return self._init(theta, w0, (v0, tables))
+
+    def step(self, state, inner_idx, outer_idx):
+        theta, w, (v, tab) = state.theta, state.w, state.aux
+        new_in = self._inner_rows(w, theta, v, inner_idx)
+        new_out = self._outer_rows(w, theta, outer_idx)
+
+        def saga(new, table, mean, idx, n):
+            """(SAGA estimate, updated table, updated mean) of one quantity."""
+            old = table[idx]
+            est = jnp.mean(new, 0) - jnp.mean(old, 0) + mean
+            # Duplicate indices in a batch: the table keeps the last write; the
+            # mean is recomputed from the table's change so it stays exact.
+            table2 = table.at[idx].set(new)
+            mean2 = mean + jnp.sum(table2 - table, 0) / n
+            return est, table2, mean2
+
+        def apply(new, table, mean, idx, n):
+            leaves, treedef = jax.tree.flatten(new)
+            rows = zip(
+                leaves, treedef.flatten_up_to(table), treedef.flatten_up_to(mean)
+            )
+            out = [saga(a, b, c, idx, n) for a, b, c in rows]
+            return tuple(treedef.unflatten([o[k] for o in out]) for k in range(3))
+
+        (d_w, hv, cross), t_in, m_in = apply(
+            new_in, tab.inner, tab.inner_mean, inner_idx, self.num_inner
+        )
+        (f_w, f_t), t_out, m_out = apply(
+            new_out, tab.outer, tab.outer_mean, outer_idx, self.num_outer
+        )
+        rho = self.inner_lr
+        w = tu.tree_axpy(-rho, d_w, w)
+        v = tu.tree_axpy(-rho, tu.tree_add(hv, f_w), v)
+        d_t = tu.tree_add(f_t, cross)
+        tables = SabaTables(t_in, t_out, m_in, m_out)
+        b_in, b_out = jnp.size(inner_idx), jnp.size(outer_idx)
+        info = _info(b_in + b_out, 2 * b_in)
+        return self._outer_update(state, d_t, w, (v, tables)), info
