@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "deq_memory": "experiments.deq_memory",
     "deq_solvers": "experiments.deq_solvers",
     "hpo_ridge": "experiments.hpo_ridge",
+    "data_hypercleaning": "experiments.data_hypercleaning",
 }
 
 SOLVERS = {

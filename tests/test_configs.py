@@ -119,7 +119,16 @@ def _check_hpo_ridge(summary):
     assert summary["tuning"]["val_loss_last"] < summary["tuning"]["val_loss_first"]
 
 
+def _check_data_hypercleaning(summary):
+    rows = {r["solver"]: r for r in summary["rows"]}
+    assert set(rows) >= {"implicit", "saba"}
+    for r in rows.values():  # better than chance (10 classes), weights moved
+        assert 0.15 < r["best_acc"] <= 1.0 and 0.0 < r["caught"] <= 1.0, r
+    assert summary["oracles_to_baseline_best"]["implicit"] is not None
+
+
 SMOKE_CHECKS = {
+    "data_hypercleaning": _check_data_hypercleaning,
     "hpo_ridge": _check_hpo_ridge,
     "deq_digits": _check_deq_digits,
     "deq_memory": _check_deq_memory,

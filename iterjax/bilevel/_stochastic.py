@@ -26,8 +26,8 @@ Methods (H = ∂²g/∂w², all products matrix-free):
   argmin f/λ + g (`inner_steps` SGD steps each), d = ∇_θ f(y) + λ(∇_θ g(y) -
   ∇_θ g(z)), with λ growing by `lam_growth` per step up to `lam_max`.
 
-`info` reports the oracle calls of the step: `grads` (first-order oracle calls of
-f or g) and `hvps` (Hessian- or mixed-vector products).
+`info` reports the oracle calls of the step, each on the batch passed to `step`:
+`grads` (gradients of f or g) and `hvps` (Hessian- or mixed-vector products).
 """
 
 from typing import Any, NamedTuple
@@ -361,6 +361,7 @@ class SABA(_Stochastic):
         v = tu.tree_axpy(-rho, tu.tree_add(hv, f_w), v)
         d_t = tu.tree_add(f_t, cross)
         tables = SabaTables(t_in, t_out, m_in, m_out)
-        b_in, b_out = jnp.size(inner_idx), jnp.size(outer_idx)
-        info = _info(b_in + b_out, 2 * b_in)
+        # One inner and one outer batch of gradients, HVPs and cross products, as
+        # SOBA (evaluated per sample, to fill the tables).
+        info = _info(2, 2)
         return self._outer_update(state, d_t, w, (v, tables)), info
