@@ -121,10 +121,12 @@ def _result(ok, grad):
     return result_code(ok, jnp.isfinite(tu.max_abs(grad)))
 
 
-def _optimise(optimizer, loss, w0, theta, steps):
-    """`steps` optax steps on loss(·, theta) from w0 (a differentiable scan)."""
-    with jax.numpy_dtype_promotion("standard"):  # optax mixes int and float
-        state = optimizer.init(w0)
+def _optimise(optimizer, loss, w0, theta, steps, state=None):
+    """`steps` optax steps on loss(·, theta) from w0 (and optimiser `state`, fresh
+    when None): a differentiable scan. Returns (w, state)."""
+    if state is None:
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int and float
+            state = optimizer.init(w0)
 
     def step(carry, _):
         w, state = carry
@@ -154,6 +156,15 @@ class _Unrolling(AbstractMethod):
         check_int(name, "steps", self.steps, 1)
         check_range(name, "atol", self.atol, lo=0.0)
 
+    def _objective(self, outer_loss, inner_loss, w_start, steps, state=None):
+        """θ -> (outer_loss(w_K(θ), θ), w_K(θ)), w_K after `steps` steps."""
+
+        def objective(theta):
+            w, _ = _optimise(self.optimizer, inner_loss, w_start, theta, steps, state)
+            return outer_loss(w, theta), w
+
+        return objective
+
     def _finish(self, inner_loss, theta, w, grad, value, cost):
         # Converged: the K steps reached a stationary inner point, |∇_w g| <= atol.
         theta = jax.lax.stop_gradient(theta)
@@ -177,10 +188,7 @@ class Unrolled(_Unrolling):
         self._check()
 
     def __call__(self, outer_loss, inner_loss, theta, w0):
-        def objective(theta):
-            w, _ = _optimise(self.optimizer, inner_loss, w0, theta, self.steps)
-            return outer_loss(w, theta), w
-
+        objective = self._objective(outer_loss, inner_loss, w0, self.steps)
         (value, w), grad = jax.value_and_grad(objective, has_aux=True)(theta)
         cost = _cost(self.steps, 1, self.steps)
         return self._finish(inner_loss, theta, w, grad, value, cost)
@@ -209,13 +217,9 @@ class Truncated(_Unrolling):
     def __call__(self, outer_loss, inner_loss, theta, w0):
         head = self.steps - self.truncate
         theta_s = jax.lax.stop_gradient(theta)
-        w_mid, _ = _optimise(self.optimizer, inner_loss, w0, theta_s, head)
-        w_mid = jax.lax.stop_gradient(w_mid)
-
-        def objective(theta):
-            w, _ = _optimise(self.optimizer, inner_loss, w_mid, theta, self.truncate)
-            return outer_loss(w, theta), w
-
+        mid = _optimise(self.optimizer, inner_loss, w0, theta_s, head)
+        w_mid, state = jax.lax.stop_gradient(mid)
+        objective = self._objective(outer_loss, inner_loss, w_mid, self.truncate, state)
         (value, w), grad = jax.value_and_grad(objective, has_aux=True)(theta)
         cost = _cost(self.steps, 1, self.truncate)
         return self._finish(inner_loss, theta, w, grad, value, cost)
@@ -235,10 +239,7 @@ class Forward(_Unrolling):
         self._check()
 
     def __call__(self, outer_loss, inner_loss, theta, w0):
-        def objective(theta):
-            w, _ = _optimise(self.optimizer, inner_loss, w0, theta, self.steps)
-            return outer_loss(w, theta), w
-
+        objective = self._objective(outer_loss, inner_loss, w0, self.steps)
         grad, w = jax.jacfwd(objective, has_aux=True)(theta)
         p = sum(jnp.size(x) for x in jax.tree.leaves(theta))
         cost = _cost(self.steps, 1, self.steps * p)
