@@ -17,7 +17,6 @@ one half.
 """
 
 import dataclasses
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -26,23 +25,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 
-import iterjax as ij  # noqa: E402
-from iterjax import bilevel as bl  # noqa: E402
+from experiments import bilevel_runs as runs  # noqa: E402
 
 CLASSES = 10
-
-
-@dataclasses.dataclass(frozen=True)
-class Solver:
-    name: Literal["implicit", "soba", "saba", "amigo", "stocbio", "f2sa"]
-    outer_lr: float = 1.0
-    inner_lr: float = 0.5
-    inner_steps: int = 5  # amigo, stocbio, f2sa
-    lam: float = 10.0  # f2sa: λ_0, grown by lam_growth per step to lam_max
-    lam_growth: float = 0.01
-    lam_max: float = 1000.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,13 +40,13 @@ class Config:
     batch: int = 64
     budget: float = 2e6  # per-sample oracle calls per solver
     evals: int = 40  # evaluation points along the budget
-    solvers: tuple[Solver, ...] = (
-        Solver("implicit", outer_lr=1.0),
-        Solver("soba"),
-        Solver("saba"),
-        Solver("amigo"),
-        Solver("stocbio"),
-        Solver("f2sa"),
+    solvers: tuple[runs.Solver, ...] = (
+        runs.Solver("implicit", outer_lr=1.0),
+        runs.Solver("soba"),
+        runs.Solver("saba"),
+        runs.Solver("amigo"),
+        runs.Solver("stocbio"),
+        runs.Solver("f2sa"),
     )
     seed: int = 0
 
@@ -106,97 +92,13 @@ def losses(data, l2):
     return inner, outer
 
 
-def make_solver(s, inner, outer, cfg):
-    opt = optax.sgd(s.outer_lr)
-    kw = dict(inner_lr=s.inner_lr)
-    if s.name == "soba":
-        return bl.SOBA(inner, outer, opt, **kw)
-    if s.name == "saba":
-        return bl.SABA(inner, outer, opt, cfg.train_size, cfg.val_size, **kw)
-    if s.name == "amigo":
-        return bl.AmIGO(inner, outer, opt, inner_steps=s.inner_steps, **kw)
-    if s.name == "stocbio":
-        return bl.StocBiO(inner, outer, opt, inner_steps=s.inner_steps, **kw)
-    return bl.F2SA(
-        inner,
-        outer,
-        opt,
-        inner_steps=s.inner_steps,
-        lam=s.lam,
-        lam_growth=s.lam_growth,
-        lam_max=s.lam_max,
-        **kw,
-    )
-
-
-def evaluate(data, w, theta):
+def evaluate(data, w, theta) -> dict:
     pred = jnp.argmax(data["xt"] @ w, -1).astype(data["yt"].dtype)
     acc = jnp.mean((pred == data["yt"]).astype(w.dtype))
     corrupt = data["corrupt"].astype(w.dtype)
     down = (jax.nn.sigmoid(theta) < 0.5).astype(w.dtype)
     caught = jnp.sum(corrupt * down) / jnp.sum(corrupt)
-    return float(acc), float(caught)
-
-
-def run_stochastic(s, cfg, data, inner, outer):
-    solver = make_solver(s, inner, outer, cfg)
-    n, m, b = cfg.train_size, cfg.val_size, cfg.batch
-    state = solver.init(jnp.zeros(n), jnp.zeros((65, CLASSES)))
-    _, info = jax.jit(solver.step)(
-        state, jnp.arange(b, dtype=jnp.int32), jnp.arange(b, dtype=jnp.int32)
-    )
-    per_step = int(info["grads"] + info["hvps"]) * b
-    steps = max(1, int(cfg.budget / per_step / cfg.evals))
-
-    @jax.jit
-    def chunk(state, key):
-        def body(state, k):
-            ki, ko = jax.random.split(k)
-            i = jax.random.randint(ki, (b,), 0, n)
-            j = jax.random.randint(ko, (b,), 0, m)
-            return solver.step(state, i, j)[0], None
-
-        return jax.lax.scan(body, state, jax.random.split(key, steps))[0]
-
-    key = jax.random.PRNGKey(cfg.seed)
-    curve = []
-    for e in range(cfg.evals):
-        key, sub = jax.random.split(key)
-        state = chunk(state, sub)
-        acc, caught = evaluate(data, state.w, state.theta)
-        curve.append(dict(oracles=(e + 1) * steps * per_step, acc=acc, caught=caught))
-    return curve
-
-
-def run_implicit(s, cfg, data, inner, outer):
-    n, m = cfg.train_size, cfg.val_size
-    full_in, full_out = jnp.arange(n), jnp.arange(m)
-    g = lambda w, t: inner(w, t, full_in)
-    f = lambda w, t: outer(w, t, full_out)
-    method = bl.Implicit(ij.CG(rtol=1e-6), atol=1e-6)
-    opt = optax.adam(s.outer_lr * 0.1)
-
-    @jax.jit
-    def step(theta, w, opt_state):
-        hg = ij.hypergradient(f, g, theta, w, method=method)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = opt.update(hg.grad, opt_state, theta)
-        theta = optax.apply_updates(theta, updates)
-        calls = (hg.cost["inner_grads"] + hg.cost["hvps"]) * n + m
-        return theta, hg.w, opt_state, calls
-
-    theta, w = jnp.zeros(n), jnp.zeros((65, CLASSES))
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = opt.init(theta)
-    used, curve, next_eval = 0, [], cfg.budget / cfg.evals
-    while used < cfg.budget:
-        theta, w, opt_state, calls = step(theta, w, opt_state)
-        used += int(calls)
-        while used >= next_eval and len(curve) < cfg.evals:
-            acc, caught = evaluate(data, w, theta)
-            curve.append(dict(oracles=used, acc=acc, caught=caught))
-            next_eval += cfg.budget / cfg.evals
-    return curve
+    return {"acc": float(acc), "caught": float(caught)}
 
 
 def run(cfg: Config, workdir) -> dict:
@@ -206,8 +108,20 @@ def run(cfg: Config, workdir) -> dict:
     curves, rows = {}, []
     with workdir.progress(len(cfg.solvers), "solvers") as advance:
         for s in cfg.solvers:
-            runner = run_implicit if s.name == "implicit" else run_stochastic
-            curve = runner(s, cfg, data, inner, outer)
+            curve = runs.run(
+                s,
+                inner,
+                outer,
+                jnp.zeros(cfg.train_size),
+                jnp.zeros((65, CLASSES)),
+                n=cfg.train_size,
+                m=cfg.val_size,
+                batch=cfg.batch,
+                budget=cfg.budget,
+                evals=cfg.evals,
+                evaluate=lambda w, t: evaluate(data, w, t),
+                seed=cfg.seed,
+            )
             for point in curve:
                 workdir.log(solver=s.name, **point)
             curves[s.name] = curve
@@ -219,6 +133,7 @@ def run(cfg: Config, workdir) -> dict:
                     best_acc=best["acc"],
                     caught=curve[-1]["caught"],
                     oracles_to_best=best["oracles"],
+                    seconds=curve[-1]["seconds"],
                 )
             )
             advance()

@@ -19,6 +19,7 @@ EXPERIMENTS = {
     "deq_solvers": "experiments.deq_solvers",
     "hpo_ridge": "experiments.hpo_ridge",
     "data_hypercleaning": "experiments.data_hypercleaning",
+    "hpo_logreg": "experiments.hpo_logreg",
 }
 
 SOLVERS = {

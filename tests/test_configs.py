@@ -127,7 +127,16 @@ def _check_data_hypercleaning(summary):
     assert summary["oracles_to_baseline_best"]["implicit"] is not None
 
 
+def _check_hpo_logreg(summary):
+    rows = {r["solver"]: r for r in summary["rows"]}
+    # Every solver, even on the smoke budget, improves on the untuned penalties
+    # (the inner problem solved at theta0).
+    for r in rows.values():
+        assert r["best_test_loss"] < r["untuned_test_loss"] and r["seconds"] > 0, r
+
+
 SMOKE_CHECKS = {
+    "hpo_logreg": _check_hpo_logreg,
     "data_hypercleaning": _check_data_hypercleaning,
     "hpo_ridge": _check_hpo_ridge,
     "deq_digits": _check_deq_digits,

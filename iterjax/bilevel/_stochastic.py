@@ -336,11 +336,18 @@ class SABA(_Stochastic):
             """(SAGA estimate, updated table, updated mean) of one quantity."""
             old = table[idx]
             est = jnp.mean(new, 0) - jnp.mean(old, 0) + mean
-            # Duplicate indices in a batch: the table keeps the last write; the
-            # mean is recomputed from the table's change so it stays exact.
-            table2 = table.at[idx].set(new)
-            mean2 = mean + jnp.sum(table2 - table, 0) / n
-            return est, table2, mean2
+            # Duplicate indices: every copy writes the batch's last value for its
+            # row (a scatter of differing values to one row is undefined), and the
+            # mean moves by (last new - old) once per distinct row: O(batch) work.
+            # (XLA on CPU still copies the loop-carried tables every step: about
+            # 2 ms per step at 900 samples x 650 weights. To be fixed.)
+            same = idx[:, None] == idx[None, :]
+            pos = jnp.arange(idx.shape[0])
+            last = jnp.max(jnp.where(same, pos[None, :], -1), axis=1)
+            is_last = (last == pos).astype(table.dtype)
+            is_last = is_last.reshape((-1,) + (1,) * (table.ndim - 1))
+            mean2 = mean + jnp.sum(is_last * (new - old), 0) / n
+            return est, table.at[idx].set(new[last]), mean2
 
         def apply(new, table, mean, idx, n):
             leaves, treedef = jax.tree.flatten(new)
