@@ -339,15 +339,18 @@ class SABA(_Stochastic):
             # Duplicate indices: every copy writes the batch's last value for its
             # row (a scatter of differing values to one row is undefined), and the
             # mean moves by (last new - old) once per distinct row: O(batch) work.
-            # (XLA on CPU still copies the loop-carried tables every step: about
-            # 2 ms per step at 900 samples x 650 weights. To be fixed.)
             same = idx[:, None] == idx[None, :]
             pos = jnp.arange(idx.shape[0])
             last = jnp.max(jnp.where(same, pos[None, :], -1), axis=1)
             is_last = (last == pos).astype(table.dtype)
             is_last = is_last.reshape((-1,) + (1,) * (table.ndim - 1))
             mean2 = mean + jnp.sum(is_last * (new - old), 0) / n
-            return est, table.at[idx].set(new[last]), mean2
+            # The written rows depend on the read ones (a NaN row stays NaN, as
+            # it has poisoned the mean anyway), so XLA orders the gather before
+            # the scatter and updates the table in place; without the dependence
+            # it copied every table on every step (6x slower at 900 samples).
+            rows = jnp.where(jnp.isnan(old), old, new[last])
+            return est, table.at[idx].set(rows), mean2
 
         def apply(new, table, mean, idx, n):
             leaves, treedef = jax.tree.flatten(new)
