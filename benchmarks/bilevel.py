@@ -112,7 +112,7 @@ def methods(inner, outer, w0):
 
     def via_hypergradient(t):  # the implicit system to jaxopt's matched 1e-10
         method = ij.bilevel.Implicit(ij.CG(rtol=1e-10), atol=TOL, norm=ij.two_norm)
-        return ij.hypergradient(outer, inner, t, w0, method=method).grad
+        return ij.hypergradient(outer, inner, t, w0, method=method)
 
     def via_jaxopt(solve):
         solver = jaxopt.LBFGS(

@@ -98,7 +98,7 @@ def _run_implicit(s, inner, outer, theta, w, n, m, budget, evals, evaluate):
     opt = optax.adam(s.outer_lr * 0.1)
 
     def step(theta, w, opt_state):
-        hg = ij.hypergradient(f, g, theta, w, method=method)
+        hg = ij.hypergradient(f, g, theta, w, method=method, return_info=True)
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = opt.update(hg.grad, opt_state, theta)
         theta = optax.apply_updates(theta, updates)

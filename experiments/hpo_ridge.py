@@ -115,7 +115,9 @@ def run(cfg: Config, workdir) -> dict:
         for fam in cfg.methods:
             for budget in fam.budgets:
                 m = method(fam, budget, step)
-                f = lambda t, m=m: ij.hypergradient(outer, inner, t, w0, method=m)
+                f = lambda t, m=m: ij.hypergradient(
+                    outer, inner, t, w0, method=m, return_info=True
+                )
                 jf = jax.jit(f)
                 hg = jf(theta)
                 err = jnp.linalg.norm(hg.grad - ref) / jnp.linalg.norm(ref)
@@ -150,7 +152,7 @@ def tune(cfg, inner, outer, theta, w0, workdir):
 
     @jax.jit
     def step(theta, state):
-        hg = ij.hypergradient(outer, inner, theta, w0)
+        hg = ij.hypergradient(outer, inner, theta, w0, return_info=True)
         updates, state = opt.update(hg.grad, state, theta)
         return optax.apply_updates(theta, updates), state, hg.value
 

@@ -45,7 +45,9 @@ def rel_err(hg, theta=THETA):
 
 
 def hypergrad(method, theta=THETA, **kw):
-    return ij.hypergradient(outer, inner, theta, W0, method=method, **kw)
+    return ij.hypergradient(
+        outer, inner, theta, W0, method=method, return_info=True, **kw
+    )
 
 
 SGD = optax.sgd(0.5)
@@ -58,6 +60,11 @@ def test_implicit_cg_matches_the_closed_form():
     # Newton-CG: a few gradients; the linear solve: at most D + 1 HVPs, plus Newton's.
     assert 1 <= int(hg.cost["inner_grads"]) <= 10 and int(hg.cost["hvps"]) > D
     np.testing.assert_allclose(hg.value, outer(hg.w, THETA), rtol=1e-12)
+    # Without return_info the gradient itself; methods by name.
+    g = ij.hypergradient(outer, inner, THETA, W0)
+    np.testing.assert_allclose(g, exact(THETA), rtol=1e-8)
+    g = ij.hypergradient(outer, inner, THETA, W0, method="forward")
+    assert g.shape == THETA.shape and bool(jnp.all(jnp.isfinite(g)))
 
 
 @pytest.mark.parametrize(
@@ -131,7 +138,9 @@ def test_bad_input_is_rejected_or_reported():
     with pytest.raises(TypeError, match="float"):
         ij.hypergradient(outer, inner, jnp.arange(D), W0)
     with pytest.raises(TypeError, match="method"):
-        ij.hypergradient(outer, inner, THETA, W0, method="implicit")
+        ij.hypergradient(outer, inner, THETA, W0, method=3)
+    with pytest.raises(ValueError, match="unknown method"):
+        ij.hypergradient(outer, inner, THETA, W0, method="implicitt")
     with pytest.raises(ValueError, match="truncate"):
         bl.Truncated(SGD, 10, 20)
     with pytest.raises(ValueError, match="lam"):
@@ -142,13 +151,15 @@ def test_bad_input_is_rejected_or_reported():
     saddle = lambda w, t: 0.5 * (w[0] ** 2 - w[1] ** 2) + t @ w
     method = bl.Implicit(ij.CG(), solver=ij.Newton(ij.GMRES()))
     out = lambda w, t: jnp.sum(w**2)
-    hg = ij.hypergradient(out, saddle, jnp.ones(2), jnp.zeros(2), method=method)
+    hg = ij.hypergradient(
+        out, saddle, jnp.ones(2), jnp.zeros(2), method=method, return_info=True
+    )
     assert not bool(hg.converged) and int(hg.result) != 0
     with pytest.raises(Exception, match="converge|finite"):
         jax.block_until_ready(
             ij.hypergradient(
                 out, saddle, jnp.ones(2), jnp.zeros(2), method=method, throw=True
-            ).grad
+            )
         )
 
 

@@ -285,15 +285,26 @@ class Penalty(_Unrolling):
         return self._finish(inner_loss, theta, z, grad, value, cost)
 
 
+_SGD = optax.sgd(0.1)
+METHODS = {
+    "implicit": Implicit(),
+    "unrolled": Unrolled(_SGD, 100),
+    "truncated": Truncated(_SGD, 100, 10),
+    "forward": Forward(_SGD, 100),
+    "penalty": Penalty(_SGD, 100, lam=100.0),
+}
+
+
 def hypergradient(
     outer_loss,
     inner_loss,
     theta,
     w0,
     *,
-    method: AbstractMethod = Implicit(),
+    method: AbstractMethod | str = Implicit(),
     throw: bool = False,
-) -> HyperGrad:
+    return_info: bool = False,
+):
     """∇_θ of outer_loss(w*(θ), θ) with w*(θ) = argmin_w inner_loss(w, θ).
 
     Args:
@@ -302,26 +313,41 @@ def hypergradient(
       theta: the hyperparameters, a pytree of float arrays.
       w0: the inner initial guess, a pytree of float arrays.
       method: `Implicit(CG())` (default), `Unrolled`, `Truncated`, `Forward` or
-        `Penalty` (see the module docstring).
+        `Penalty` (see the module docstring), or one of their names
+        ("implicit", "unrolled", "truncated", "forward", "penalty") for the
+        defaults in `METHODS` (the unrolling ones: 100 steps of `optax.sgd(0.1)`).
       throw: raise when the inner or linear solve failed (under jit: a runtime
         error), instead of only reporting it in `converged` / `result`.
+      return_info: return the `HyperGrad` (gradient, value, inner solution,
+        cost, convergence) instead of the gradient alone.
 
     Returns:
-      A `HyperGrad`: `grad` (like theta), `value`, `w`, `cost`, `converged`,
-      `result`. Works under `jit` and `vmap` (over theta or w0).
+      ∇F(θ), like theta; or with `return_info=True` a `HyperGrad`: `grad`,
+      `value`, `w`, `cost`, `converged`, `result`. Works under `jit` and `vmap`
+      (over theta or w0).
 
     Example:
       >>> import jax.numpy as jnp, iterjax
       >>> inner = lambda w, t: jnp.sum((w - 1.0) ** 2) + jnp.exp(t) * jnp.sum(w**2)
       >>> outer = lambda w, t: jnp.sum((w - 0.8) ** 2)
-      >>> hg = iterjax.hypergradient(outer, inner, jnp.array(0.0), jnp.zeros(3))
-      >>> round(float(hg.grad), 6), int(hg.cost["hvps"]) > 0   # closed form 0.45
-      (0.45, True)
+      >>> g = iterjax.hypergradient(outer, inner, jnp.array(0.0), jnp.zeros(3))
+      >>> round(float(g), 6)  # closed form: 0.45
+      0.45
+      >>> hg = iterjax.hypergradient(outer, inner, jnp.array(0.0), jnp.zeros(3),
+      ...                            method="penalty", return_info=True)
+      >>> round(float(hg.grad), 2), int(hg.cost["hvps"])  # first order: no HVPs
+      (0.45, 0)
     """
+    if isinstance(method, str):
+        if method not in METHODS:
+            raise ValueError(
+                f"hypergradient: unknown method {method!r}; names: {sorted(METHODS)}"
+            )
+        method = METHODS[method]
     if not isinstance(method, AbstractMethod):
         raise TypeError(
             "hypergradient: `method` must be Implicit, Unrolled, Truncated, Forward "
-            f"or Penalty, got {method!r}"
+            f"or Penalty (or one of their names), got {method!r}"
         )
     check_inexact("hypergradient", "theta", theta)
     check_inexact("hypergradient", "w0", w0)
@@ -332,7 +358,7 @@ def hypergradient(
     out = method(outer_loss, inner_loss, theta, w0)
     if throw:
         error_if_failed(out.result, "hypergradient")
-    return out
+    return out if return_info else out.grad
 
 
 __all__ = [
