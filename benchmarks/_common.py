@@ -1,6 +1,7 @@
 """Memory and table helpers shared by the benchmarks (timing: iterjax.diagnostics)."""
 
 from iterjax.diagnostics import compiled_memory
+from iterjax.run import markdown_table
 
 
 def compiled_bytes(f, *args):
@@ -9,7 +10,4 @@ def compiled_bytes(f, *args):
     return m["temp"], m["total"]
 
 
-def markdown(headers, rows):
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
+markdown = markdown_table

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import bilevel_runs as runs  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 CLASSES = 10
 
@@ -171,16 +172,13 @@ def plot(curves, workdir):
 
 def table(rows, summary):
     reach = summary["oracles_to_baseline_best"]
-    head = (
-        "| solver | final test acc | best | corrupted down-weighted "
-        "| oracles to implicit's best |"
-    )
-    lines = [head, "|---|---|---|---|---|"]
-    for r in rows:
-        hit = reach[r["solver"]]
-        lines.append(
-            f"| {r['solver']} | {100 * r['final_acc']:.1f}% | "
-            f"{100 * r['best_acc']:.1f}% | {100 * r['caught']:.0f}% | "
-            f"{'-' if hit is None else f'{hit:.2g}'} |"
-        )
-    return "\n".join(lines)
+    headers = ["solver", "final test acc", "best", "corrupted down-weighted"]
+    cells = lambda r, hit: [
+        r["solver"],
+        f"{100 * r['final_acc']:.1f}%",
+        f"{100 * r['best_acc']:.1f}%",
+        f"{100 * r['caught']:.0f}%",
+        "-" if hit is None else f"{hit:.2g}",
+    ]
+    rows = [cells(r, reach[r["solver"]]) for r in rows]
+    return markdown_table(headers + ["oracles to implicit's best"], rows)

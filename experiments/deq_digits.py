@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 
 from experiments import deq_models as dm  # noqa: E402
 from iterjax.config import Spec  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,16 +82,27 @@ def plot(histories, workdir, name):
 
 
 def table(rows):
-    head = (
-        "| model | params | test acc | best | forward steps (test) | "
-        "train steps first -> last | ms/step |"
+    headers = [
+        "model",
+        "params",
+        "test acc",
+        "best",
+        "forward steps (test)",
+        "train steps first -> last",
+        "ms/step",
+    ]
+    return markdown_table(
+        headers,
+        [
+            [
+                r["model"],
+                r["params"],
+                f"{100 * r['test_acc']:.1f}%",
+                f"{100 * r['best_test_acc']:.1f}%",
+                f"{r['test_steps']:.1f}",
+                f"{r['train_steps_first']:.1f} -> {r['train_steps_last']:.1f}",
+                f"{r['ms_per_step']:.1f}",
+            ]
+            for r in rows
+        ],
     )
-    lines = [head, "|" + "---|" * 7]
-    for r in rows:
-        lines.append(
-            f"| {r['model']} | {r['params']} | {100 * r['test_acc']:.1f}% | "
-            f"{100 * r['best_test_acc']:.1f}% | {r['test_steps']:.1f} | "
-            f"{r['train_steps_first']:.1f} -> {r['train_steps_last']:.1f} | "
-            f"{r['ms_per_step']:.1f} |"
-        )
-    return "\n".join(lines)

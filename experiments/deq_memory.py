@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 from experiments import deq_models as dm  # noqa: E402
 from iterjax.config import Spec, spec  # noqa: E402
 from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 MIB = 2**20
 
@@ -161,26 +162,20 @@ def plot(cfg, rows, workdir):
 
 def table(cfg, rows, growth):
     labels = [a.label for a in cfg.adjoints]
-    head = "| K | " + " | ".join(f"{a} MiB / ms" for a in labels) + " |"
-    lines = [head, "|" + "---|" * (len(labels) + 1)]
-    for K in cfg.iterations:
-        cells = []
-        for a in labels:
-            r = next(r for r in rows if r["adjoint"] == a and r["iterations"] == K)
-            cells.append(f"{r['peak_mib']:.1f} / {r['ms']:.1f}")
-        lines.append(f"| {K} | " + " | ".join(cells) + " |")
-    lines.append(
-        f"| growth {cfg.iterations[0]}->{cfg.iterations[-1]} | "
-        + " | ".join(f"{growth[a]:.2f}x" for a in labels)
-        + " |"
-    )
-    return "\n".join(lines)
+    cell = {(r["adjoint"], r["iterations"]): r for r in rows}
+    body = [
+        [K] + [f"{cell[a, K]['peak_mib']:.1f} / {cell[a, K]['ms']:.1f}" for a in labels]
+        for K in cfg.iterations
+    ]
+    growth_row = [f"growth {cfg.iterations[0]}->{cfg.iterations[-1]}"]
+    body.append(growth_row + [f"{growth[a]:.2f}x" for a in labels])
+    return markdown_table(["K"] + [f"{a} MiB / ms" for a in labels], body)
 
 
 def grad_table(grads):
-    lines = ["| gradient | rel. error vs implicit (GMRES 1e-13) | cosine |"]
-    lines.append("|---|---|---|")
-    for k, g in grads.items():
-        cos = f"{g['cosine']:.6f}" if "cosine" in g else "-"
-        lines.append(f"| {k} | {g['rel_err']:.1e} | {cos} |")
-    return "\n".join(lines)
+    rows = [
+        [k, f"{g['rel_err']:.1e}", f"{g['cosine']:.6f}" if "cosine" in g else "-"]
+        for k, g in grads.items()
+    ]
+    headers = ["gradient", "rel. error vs implicit (GMRES 1e-13)", "cosine"]
+    return markdown_table(headers, rows)

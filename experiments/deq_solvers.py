@@ -22,6 +22,7 @@ from experiments import deq_digits  # noqa: E402
 from experiments import deq_models as dm  # noqa: E402
 from iterjax.config import Spec  # noqa: E402
 from iterjax.registry import build  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 _SOLVERS = (Spec("picard"), Spec("anderson"), Spec("broyden"))
 
@@ -114,13 +115,11 @@ def plot_traces(cfg, traces, workdir):
 
 
 def forward_table(cfg, rows):
-    lines = [
-        f"| solver | mean steps to {cfg.eval_atol:g} | max steps | converged |",
-        "|---|---|---|---|",
+    headers = ["solver", f"mean steps to {cfg.eval_atol:g}", "max steps", "converged"]
+    cells = lambda r: [
+        r["solver"],
+        f"{r['mean_steps']:.1f}",
+        r["max_steps"],
+        f"{100 * r['converged']:.0f}%",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['solver']} | {r['mean_steps']:.1f} | {r['max_steps']} | "
-            f"{100 * r['converged']:.0f}% |"
-        )
-    return "\n".join(lines)
+    return markdown_table(headers, map(cells, rows))

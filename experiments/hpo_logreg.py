@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from experiments import bilevel_runs as runs  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,16 +170,14 @@ def plot(cfg, curves, workdir):
 
 
 def table(rows):
-    head = (
-        "| dataset | solver | held-out loss: untuned | first eval -> end | best "
-        "| test acc | s |"
-    )
-    lines = [head, "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(
-            f"| {r['dataset']} | {r['solver']} | {r['untuned_test_loss']:.4f} | "
-            f"{r['test_loss_first']:.4f} -> "
-            f"{r['test_loss']:.4f} | {r['best_test_loss']:.4f} | "
-            f"{100 * r['test_acc']:.1f}% | {r['seconds']:.2f} |"
-        )
-    return "\n".join(lines)
+    headers = ["dataset", "solver", "held-out loss: untuned", "first eval -> end"]
+    cells = lambda r: [
+        r["dataset"],
+        r["solver"],
+        f"{r['untuned_test_loss']:.4f}",
+        f"{r['test_loss_first']:.4f} -> {r['test_loss']:.4f}",
+        f"{r['best_test_loss']:.4f}",
+        f"{100 * r['test_acc']:.1f}%",
+        f"{r['seconds']:.2f}",
+    ]
+    return markdown_table(headers + ["best", "test acc", "s"], map(cells, rows))

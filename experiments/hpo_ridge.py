@@ -29,6 +29,7 @@ import optax  # noqa: E402
 import iterjax as ij  # noqa: E402
 from iterjax import bilevel as bl  # noqa: E402
 from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,12 +184,14 @@ def plot(rows, workdir):
 
 
 def table(rows):
-    head = "| method | budget | rel. error | inner grads | HVPs | temp KiB | ms |"
-    lines = [head, "|" + "---|" * 7]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['budget']:g} | {r['rel_err']:.1e} | "
-            f"{r['inner_grads']} | {r['hvps']} | {r['temp_kib']:.1f} | "
-            f"{r['ms']:.2f} |"
-        )
-    return "\n".join(lines)
+    headers = ["method", "budget", "rel. error", "inner grads", "HVPs", "temp KiB"]
+    cells = lambda r: [
+        r["method"],
+        f"{r['budget']:g}",
+        f"{r['rel_err']:.1e}",
+        r["inner_grads"],
+        r["hvps"],
+        f"{r['temp_kib']:.1f}",
+        f"{r['ms']:.2f}",
+    ]
+    return markdown_table(headers + ["ms"], [cells(r) for r in rows])

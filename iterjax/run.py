@@ -69,6 +69,13 @@ class Workdir:
         self._metrics.close()
 
 
+def markdown_table(headers, rows) -> str:
+    """A markdown table: one header row, then one row per list of cells."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
