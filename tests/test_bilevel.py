@@ -118,6 +118,24 @@ def test_argmin_matches_closed_form_and_finite_differences():
     np.testing.assert_allclose(jax.grad(F)(THETA), exact(THETA), rtol=1e-8)
 
 
+def test_newton_with_eisenstat_walker_forcing():
+    # Logistic-type inner problem: Newton-CG with adaptive forcing reaches the
+    # same minimiser as exact Newton, counting its CG products.
+    def inner_lr(w, t):
+        z = X @ w
+        return jnp.mean(jnp.logaddexp(0.0, -jnp.sign(Y) * z)) + 0.5 * jnp.sum(
+            jnp.exp(t) * w**2
+        )
+
+    ew = ij.Newton(ij.CG(), forcing="eisenstat-walker")
+    sol = ij.argmin(inner_lr, W0, THETA, solver=ew, atol=1e-12)
+    ref = ij.argmin(inner_lr, W0, THETA, solver=ij.Newton(ij.GMRES()), atol=1e-12)
+    assert bool(sol.converged) and int(sol.stats["jvps"]) > 0
+    np.testing.assert_allclose(sol.value, ref.value, atol=1e-11)
+    with pytest.raises(ValueError, match="forcing"):
+        ij.Newton(forcing="adaptive")
+
+
 def test_jit_and_vmap_over_a_batch_of_theta():
     thetas = jnp.stack([THETA, THETA + 0.5, THETA - 0.5])
     f = jax.jit(jax.vmap(lambda t: hypergrad(bl.Implicit(), t).grad))

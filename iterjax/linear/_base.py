@@ -30,9 +30,11 @@ class AbstractLinearSolver(struct.PyTreeNode):
     def solve(self, matvec, b):
         """Approximately solve `matvec(x) = b` for `x`."""
 
-    def solve_with_stats(self, matvec, b):
-        """`(x, LinearStats)`. This default (the `jax.scipy` wrappers, which do not
-        say) reports -1 products and `converged` = x is finite."""
+    def solve_with_stats(self, matvec, b, rtol=None):
+        """`(x, LinearStats)`. `rtol`, when given (it may be traced), replaces the
+        solver's relative tolerance where the solver supports it (CG); others
+        ignore it. This default (the `jax.scipy` wrappers, which do not say)
+        reports -1 products and `converged` = x is finite."""
         x = self.solve(matvec, b)
         finite = jnp.isfinite(tu.two_norm(x))
         return x, LinearStats(jnp.int32(-1), finite, ~finite)

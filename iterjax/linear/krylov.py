@@ -66,12 +66,13 @@ class CG(_Krylov):
         x, stats = self.solve_with_stats(matvec, b)
         return tu.tree_map(lambda a: jnp.where(stats.breakdown, jnp.nan, a), x)
 
-    def solve_with_stats(self, matvec, b):
+    def solve_with_stats(self, matvec, b, rtol=None):
         size = sum(jnp.size(a) for a in jax.tree_util.tree_leaves(b))
         max_steps = 10 * size if self.max_steps is None else self.max_steps
         dot = lambda u, v: jnp.real(tu.tree_vdot(u, v))
         rs0 = dot(b, b)
-        tol2 = jnp.maximum(self._rtol(b) ** 2 * rs0, self.atol**2)
+        rtol = self._rtol(b) if rtol is None else rtol
+        tol2 = jnp.maximum(rtol**2 * rs0, self.atol**2)
 
         def cond(c):
             _, _, _, rs, k, ok = c

@@ -53,7 +53,7 @@ class Neumann(AbstractLinearSolver):
         x, _ = jax.lax.fori_loop(0, self.terms, body, (b, b))
         return x
 
-    def solve_with_stats(self, matvec, b):
+    def solve_with_stats(self, matvec, b, rtol=None):
         """A fixed budget of `terms` products; `converged` means finite."""
         x = self.solve(matvec, b)
         finite = jnp.isfinite(tu.two_norm(x))
@@ -84,7 +84,7 @@ class Richardson(AbstractLinearSolver):
     def solve(self, matvec, b):
         return self.solve_with_stats(matvec, b)[0]
 
-    def solve_with_stats(self, matvec, b):
+    def solve_with_stats(self, matvec, b, rtol=None):
         from .._iterate import iterative_solve
         from ..fixed_point.picard import Picard
 
