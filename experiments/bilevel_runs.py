@@ -19,6 +19,7 @@ import optax
 
 import iterjax as ij
 from iterjax import bilevel as bl
+from iterjax.fixed_point.optax_solver import optax_init, optax_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,14 +100,11 @@ def _run_implicit(s, inner, outer, theta, w, n, m, budget, evals, evaluate):
 
     def step(theta, w, opt_state):
         hg = ij.hypergradient(f, g, theta, w, method=method, return_info=True)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = opt.update(hg.grad, opt_state, theta)
-        theta = optax.apply_updates(theta, updates)
+        theta, opt_state = optax_step(opt, hg.grad, opt_state, theta)
         calls = (hg.cost["inner_grads"] + hg.cost["hvps"]) * n + m
         return theta, hg.w, opt_state, calls
 
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = opt.init(theta)
+    opt_state = optax_init(opt, theta)
     step = jax.jit(step).lower(theta, w, opt_state).compile()
     used, seconds, curve, next_eval = 0, 0.0, [], budget / evals
     while used < budget:

@@ -28,6 +28,7 @@ from flax import nnx  # noqa: E402
 from experiments import deq_models as dm  # noqa: E402
 from iterjax.config import Spec, spec  # noqa: E402
 from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
+from iterjax.fixed_point.optax_solver import optax_init, optax_step  # noqa: E402
 from iterjax.run import markdown_table  # noqa: E402
 
 MIB = 2**20
@@ -64,13 +65,9 @@ def training_step(model):
     def step(state, opt_state, x, y):
         loss = lambda s: dm.cross_entropy(nnx.merge(graphdef, s)(x), y)
         value, grads = jax.value_and_grad(loss)(state)
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes int and float
-            updates, opt_state = tx.update(grads, opt_state, state)
-        return optax.apply_updates(state, updates), opt_state, value
+        return *optax_step(tx, grads, opt_state, state), value
 
-    with jax.numpy_dtype_promotion("standard"):
-        opt_state = tx.init(state)
-    return step, (state, opt_state)
+    return step, (state, optax_init(tx, state))
 
 
 def run(cfg: Config, workdir) -> dict:

@@ -29,6 +29,7 @@ import optax  # noqa: E402
 import iterjax as ij  # noqa: E402
 from iterjax import bilevel as bl  # noqa: E402
 from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
+from iterjax.fixed_point.optax_solver import optax_init, optax_step  # noqa: E402
 from iterjax.run import markdown_table  # noqa: E402
 
 
@@ -154,16 +155,14 @@ def tune(cfg, inner, outer, theta, w0, workdir):
     @jax.jit
     def step(theta, state):
         hg = ij.hypergradient(outer, inner, theta, w0, return_info=True)
-        updates, state = opt.update(hg.grad, state, theta)
-        return optax.apply_updates(theta, updates), state, hg.value
+        theta, state = optax_step(opt, hg.grad, state, theta)
+        return theta, state, hg.value
 
-    with jax.numpy_dtype_promotion("standard"):
-        state = opt.init(theta)
-        losses = []
-        for i in range(cfg.tune_steps):
-            theta, state, value = step(theta, state)
-            losses.append(float(value))
-            workdir.log(kind="tune", step=i, val_loss=float(value))
+    state, losses = optax_init(opt, theta), []
+    for i in range(cfg.tune_steps):
+        theta, state, value = step(theta, state)
+        losses.append(float(value))
+        workdir.log(kind="tune", step=i, val_loss=float(value))
     return {"val_loss_first": losses[0], "val_loss_last": losses[-1]}
 
 

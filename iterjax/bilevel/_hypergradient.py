@@ -35,6 +35,7 @@ from flax import struct
 from .. import _tree as tu
 from .._checks import check_inexact, check_int, check_range, check_same_structure
 from .._solution import error_if_failed, result_code
+from ..fixed_point.optax_solver import optax_init, optax_step
 from ..linear import CG, AbstractLinearSolver
 from ._argmin import INEXACT_NEWTON, argmin, check_scalar_loss
 
@@ -106,7 +107,7 @@ class Implicit(AbstractMethod):
         )
         w = sol.value
         value, (f_w, f_theta) = jax.value_and_grad(outer_loss, (0, 1))(w, theta)
-        grad_w = lambda w, t: jax.grad(inner_loss)(w, t)
+        grad_w = jax.grad(inner_loss)
         hvp = lambda v: jax.jvp(lambda w: grad_w(w, theta), (w,), (v,))[1]
         v, lin = self.linear_solver.solve_with_stats(hvp, f_w)
         _, vjp = jax.vjp(lambda t: grad_w(w, t), theta)
@@ -125,16 +126,11 @@ def _optimise(optimizer, loss, w0, theta, steps, state=None):
     """`steps` optax steps on loss(·, theta) from w0 (and optimiser `state`, fresh
     when None): a differentiable scan. Returns (w, state)."""
     if state is None:
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes int and float
-            state = optimizer.init(w0)
+        state = optax_init(optimizer, w0)
 
     def step(carry, _):
         w, state = carry
-        g = jax.grad(loss)(w, theta)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, state = optimizer.update(g, state, w)
-            w = optax.apply_updates(w, updates)
-        return (w, state), None
+        return optax_step(optimizer, jax.grad(loss)(w, theta), state, w), None
 
     (w, state), _ = jax.lax.scan(step, (w0, state), length=steps)
     return w, state

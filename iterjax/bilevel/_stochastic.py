@@ -39,6 +39,7 @@ from flax import struct
 
 from .. import _tree as tu
 from .._checks import check_int, check_range
+from ..fixed_point.optax_solver import optax_init, optax_step
 
 
 class BilevelState(NamedTuple):
@@ -68,16 +69,13 @@ class _Stochastic(struct.PyTreeNode):
             )
 
     def _outer_update(self, state, direction, w, aux):
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = self.outer_optimizer.update(
-                direction, state.opt_state, state.theta
-            )
-            theta = optax.apply_updates(state.theta, updates)
+        theta, opt_state = optax_step(
+            self.outer_optimizer, direction, state.opt_state, state.theta
+        )
         return BilevelState(theta, w, aux, opt_state, state.step + 1)
 
     def _init(self, theta, w, aux):
-        with jax.numpy_dtype_promotion("standard"):
-            opt_state = self.outer_optimizer.init(theta)
+        opt_state = optax_init(self.outer_optimizer, theta)
         return BilevelState(theta, w, aux, opt_state, jnp.int32(0))
 
 

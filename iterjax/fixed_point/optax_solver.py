@@ -10,6 +10,20 @@ from .. import _tree as tu
 from .._iterate import AbstractFixedPointSolver
 
 
+def optax_init(optimizer, params):
+    """`optimizer.init(params)`; optax mixes int and float (its step counts), so
+    under strict dtype promotion it needs standard promotion."""
+    with jax.numpy_dtype_promotion("standard"):
+        return optimizer.init(params)
+
+
+def optax_step(optimizer, grads, state, params):
+    """One optax step: `(params + update(grads), new state)`, as `optax_init`."""
+    with jax.numpy_dtype_promotion("standard"):
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+
 class OptaxState(NamedTuple):
     residual: object  # like y: fn(y, args) - y
     opt_state: Any
@@ -46,13 +60,10 @@ class OptaxSolver(AbstractFixedPointSolver):
             )
 
     def init(self, fn, y0, args):
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes int and float
-            opt_state = self.optimizer.init(y0)
+        opt_state = optax_init(self.optimizer, y0)
         return OptaxState(tu.tree_sub(fn(y0, args), y0), opt_state)
 
     def step(self, fn, y, args, state):
         grad = tu.tree_map(lambda r: -r, state.residual)
-        with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = self.optimizer.update(grad, state.opt_state, y)
-            y = optax.apply_updates(y, updates)
+        y, opt_state = optax_step(self.optimizer, grad, state.opt_state, y)
         return y, OptaxState(tu.tree_sub(fn(y, args), y), opt_state)
