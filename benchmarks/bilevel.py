@@ -110,6 +110,13 @@ def methods(inner, outer, w0):
         w = ij.argmin(inner, w0, t, atol=TOL, norm=ij.two_norm).value
         return outer(w, t)
 
+    def via_eisenstat_walker(t):  # the same, inner Newton-CG with adaptive forcing
+        solver = ij.Newton(ij.CG(), forcing="eisenstat-walker")
+        method = ij.bilevel.Implicit(
+            ij.CG(rtol=1e-10), solver=solver, atol=TOL, norm=ij.two_norm
+        )
+        return ij.hypergradient(outer, inner, t, w0, method=method)
+
     def via_hypergradient(t):  # the implicit system to jaxopt's matched 1e-10
         method = ij.bilevel.Implicit(ij.CG(rtol=1e-10), atol=TOL, norm=ij.two_norm)
         return ij.hypergradient(outer, inner, t, w0, method=method)
@@ -130,6 +137,9 @@ def methods(inner, outer, w0):
     return {
         "iterjax argmin + jax.grad (defaults)": jax.jit(jax.grad(via_iterjax)),
         "iterjax hypergradient(Implicit(CG 1e-10))": jax.jit(via_hypergradient),
+        "iterjax hypergradient(Implicit(CG 1e-10), Eisenstat-Walker)": jax.jit(
+            via_eisenstat_walker
+        ),
         "jaxopt LBFGS implicit_diff (default solve)": jax.jit(
             jax.grad(via_jaxopt(None))
         ),
