@@ -27,18 +27,30 @@ class Config:
 
 
 def train(cfg_model, cfg_train, workdir, progress_label="training"):
-    """Train a CharLM; log and return (model, vocab, val data, history)."""
+    """Train a CharLM; log and return (model, vocab, val data, history).
+
+    Resumable: the model and optimiser are checkpointed through the workdir
+    (`checkpoint_every: N` in the config, `iterjax run --resume DIR`), and the
+    batch of step k depends only on (seed, k).
+    """
     text = charlm.load_text(cfg_train.max_chars)
     vocab = charlm.Vocab.of(charlm.load_text())  # the same vocabulary always
     train_data, val_data = charlm.split(text, vocab)
     model = charlm.CharLM(len(vocab), cfg_model, nnx.Rngs(cfg_train.seed))
     optimizer = charlm.make_optimizer(model, cfg_train)
-    rng = np.random.default_rng(cfg_train.seed)
-    data = charlm.batches(train_data, cfg_model.context, cfg_train.batch, rng)
-    history = []
+    state = nnx.state((model, optimizer))
+    start, saved = workdir.restore(nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, saved)
+    nnx.update((model, optimizer), state)
+    history = workdir.logged()[:start]  # the rows before a resumed checkpoint
     with workdir.progress(cfg_train.steps, progress_label) as advance:
-        for step in range(1, cfg_train.steps + 1):
-            loss = float(charlm.train_step(model, optimizer, *next(data), None))
+        advance(start)
+        for step in range(start + 1, cfg_train.steps + 1):
+            rng = np.random.default_rng([cfg_train.seed, step])
+            batch = next(
+                charlm.batches(train_data, cfg_model.context, cfg_train.batch, rng)
+            )
+            loss = float(charlm.train_step(model, optimizer, *batch, None))
             row = dict(step=step, train_loss=loss)
             if step % cfg_train.eval_every == 0 or step == cfg_train.steps:
                 row["val_loss"] = charlm.validation_loss(
@@ -46,6 +58,7 @@ def train(cfg_model, cfg_train, workdir, progress_label="training"):
                 )
             workdir.log(**row)
             history.append(row)
+            workdir.checkpoint(step, nnx.to_pure_dict(nnx.state((model, optimizer))))
             advance()
     return model, vocab, val_data, history
 

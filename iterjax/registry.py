@@ -3,6 +3,8 @@
 import dataclasses
 import importlib
 
+import jax
+
 from . import implicit, linear, sequence
 from .config import ConfigError, float_literal
 from .fixed_point import Anderson, Broyden, Halpern, Newton, Picard
@@ -20,6 +22,7 @@ EXPERIMENTS = {
     "hpo_ridge": "experiments.hpo_ridge",
     "data_hypercleaning": "experiments.data_hypercleaning",
     "hpo_logreg": "experiments.hpo_logreg",
+    "fixed_point_sweep": "experiments.fixed_point_sweep",
 }
 
 SOLVERS = {
@@ -96,6 +99,8 @@ def build(kind, spec, where="?"):
             value = build(
                 "linear_solver", _to_spec("linear_solver", value, f"{where}.{key}")
             )
+        elif isinstance(value, jax.Array):
+            pass  # a traced setting of a vectorised sweep; checked concrete before
         elif isinstance(value, bool) != isinstance(fields[key].default, bool):
             raise ConfigError(f"config key `{where}.{key}`: wrong type {value!r}")
         elif isinstance(fields[key].default, int) and not isinstance(

@@ -1,72 +1,53 @@
-"""Command line: `iterjax run CONFIG [key=value ...]`, `iterjax list`.
+"""Command line: `iterjax run CONFIG [key=value ...]`, `iterjax run --resume DIR`,
+`iterjax list`, `iterjax report DIR...`.
 
-A run writes `runs/<experiment>/<stamp>/` with the resolved config (`config.yaml`),
-`metrics.jsonl` (one JSON object per logged row), `summary.json` (what the
-experiment's `run(cfg, workdir)` returns, plus timing and environment) and the
-experiment's PNG plots.
+A run writes `runs/<experiment>/<stamp>/` with the resolved config (`config.yaml`,
+itself a valid config), `metrics.jsonl` (one JSON object per logged row),
+`summary.json` (what the experiment's `run(cfg, workdir)` returns, plus timing,
+environment and non-finite metrics), `status.json` (running, done, failed or
+interrupted) and the experiment's PNG plots. A config with a `sweep:` block
+writes one directory for the whole sweep (see `iterjax.sweep`).
+
+The reserved top-level config keys (`iterjax.config.Platform`) say how to run:
+`sweep`, `mesh` (a device mesh; sweeps shard over its first axis),
+`distributed` (`jax.distributed.initialize`, or `auto`), `compilation_cache`
+(a directory for JAX's persistent compilation cache) and `checkpoint_every`.
 """
 
 import argparse
-import contextlib
 import datetime
+import importlib.metadata
 import json
 import math
 import os
 import pathlib
 import platform
+import socket
 import subprocess
 import sys
 import time
+import typing
 
 import yaml
 
 from . import config as cfglib
 from . import registry
+from . import sweep as sweeplib
+from .workdir import Workdir, jsonable
+
+__all__ = ["Workdir", "markdown_table", "prepare", "run_experiment", "main"]
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
-
-
-class Workdir:
-    """What an experiment writes to: metrics rows, plots, progress bars."""
-
-    def __init__(self, path: pathlib.Path, quiet: bool = False):
-        self.path = pathlib.Path(path)
-        self.path.mkdir(parents=True, exist_ok=True)
-        self.quiet = quiet
-        self._metrics = open(self.path / "metrics.jsonl", "a")
-
-    def log(self, **row) -> None:
-        """Append one row of metrics (numbers, strings, lists) to metrics.jsonl."""
-        self._metrics.write(json.dumps(_jsonable(row)) + "\n")
-        self._metrics.flush()
-
-    def savefig(self, fig, name: str) -> pathlib.Path:
-        out = self.path / name
-        fig.savefig(out, dpi=120, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
-        return out
-
-    @contextlib.contextmanager
-    def progress(self, total: int, description: str):
-        """A rich progress bar; yields `advance()` (silent when quiet)."""
-        if self.quiet:
-            yield lambda n=1: None
-            return
-        from rich.progress import BarColumn, Progress, TimeElapsedColumn
-
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            "{task.completed}/{task.total}",
-            TimeElapsedColumn(),
-        ) as bar:
-            task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
-
-    def close(self):
-        self._metrics.close()
+PACKAGES = (
+    "iterjax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "chex",
+    "numpy",
+    "orbax-checkpoint",
+)
 
 
 def markdown_table(headers, rows) -> str:
@@ -74,18 +55,6 @@ def markdown_table(headers, rows) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "tolist"):
-        return _jsonable(x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else str(x)
-    return x
 
 
 def resolve_config_path(name_or_path: str) -> pathlib.Path:
@@ -100,55 +69,350 @@ def resolve_config_path(name_or_path: str) -> pathlib.Path:
     )
 
 
-def prepare(path, overrides=(), smoke=False):
-    """Load and validate a config; returns `(name, module, cfg)` without running."""
-    name, raw = cfglib.load(resolve_config_path(str(path)), overrides, smoke=smoke)
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; `args[0]` is the run directory to resume."""
+
+
+class Prepared(typing.NamedTuple):
+    name: str
+    module: typing.Any
+    cfg: typing.Any
+    platform: cfglib.Platform
+    members: list | None  # the sweep's members, or None for a single run
+
+
+def prepare(path, overrides=(), smoke=False) -> Prepared:
+    """Load and validate a config, and every member of its sweep, before anything
+    is compiled or run."""
+    name, raw, plat = cfglib.load(
+        resolve_config_path(str(path)), overrides, smoke=smoke
+    )
     module = registry.experiment(name)
-    return name, module, cfglib.from_dict(module.Config, raw)
+    cfg = cfglib.from_dict(module.Config, raw)
+    members = sweeplib.plan(module, raw, plat.sweep) if plat.sweep else None
+    return Prepared(name, module, cfg, plat, members)
 
 
-def run_experiment(path, overrides=(), *, out="runs", smoke=False, quiet=False):
-    """Validate, run and record one experiment; returns (run_dir, summary)."""
-    name, module, cfg = prepare(path, overrides, smoke)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    workdir = Workdir(pathlib.Path(out) / name / stamp, quiet=quiet)
-    with open(workdir.path / "config.yaml", "w") as f:
-        yaml.safe_dump({"experiment": name, **cfglib.to_dict(cfg)}, f, sort_keys=False)
+def run_experiment(
+    path=None,
+    overrides=(),
+    *,
+    out="runs",
+    smoke=False,
+    quiet=False,
+    resume=None,
+    compilation_cache=None,
+):
+    """Validate, run and record one experiment or sweep; returns (run_dir, summary).
+
+    `resume=DIR` continues the run in DIR from its last checkpoint (a sweep from
+    its last finished member) with the config recorded there.
+    """
+    if resume is not None:
+        run_dir = pathlib.Path(resume)
+        if not (run_dir / "config.yaml").exists():
+            raise cfglib.ConfigError(f"--resume {resume}: no config.yaml there")
+        if overrides:
+            raise cfglib.ConfigError("--resume takes no overrides")
+        path, smoke = run_dir / "config.yaml", False
+    p = prepare(path, overrides, smoke)
+    _start(p.platform, compilation_cache)
+    mesh = make_mesh(p.platform.mesh)
+    if resume is None:
+        run_dir = pathlib.Path(out) / p.name / _stamp()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "config.yaml", "w") as f:
+            yaml.safe_dump(resolved(p), f, sort_keys=False)
+    try:
+        if p.members is None:
+            summary = _run_one(p, p.cfg, run_dir, quiet, mesh, resume is not None)
+        else:
+            summary = _run_sweep(p, run_dir, quiet, mesh, resume is not None)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir) from None
+    return run_dir, summary
+
+
+def resolved(p: Prepared) -> dict:
+    """The config as run: experiment, every field, and the platform keys set."""
+    plat = {
+        k: v
+        for k, v in cfglib.to_dict(p.platform).items()
+        if v != cfglib.to_dict(getattr(cfglib.Platform(), k))
+    }
+    return {"experiment": p.name, **cfglib.to_dict(p.cfg), **plat}
+
+
+def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume):
+    import jax
+
+    if isinstance(getattr(cfg, "x64", None), bool):
+        jax.config.update("jax_enable_x64", cfg.x64)
+    primary = jax.process_index() == 0
+    workdir = Workdir(
+        run_dir,
+        quiet,
+        checkpoint_every=p.platform.checkpoint_every,
+        mesh=mesh,
+        resume=resume,
+        primary=primary,
+    )
+    _status(run_dir, "running", primary)
     start = time.perf_counter()
     try:
-        summary = module.run(cfg, workdir) or {}
+        summary = p.module.run(cfg, workdir) or {}
+    except KeyboardInterrupt:
+        _status(
+            run_dir, "interrupted", primary, resume=f"iterjax run --resume {run_dir}"
+        )
+        raise
+    except Exception as e:
+        _status(run_dir, "failed", primary, error=f"{type(e).__name__}: {e}")
+        raise
     finally:
         workdir.close()
     summary = {
-        "experiment": name,
+        "experiment": p.name,
         "seconds": round(time.perf_counter() - start, 3),
-        "environment": environment(),
+        "environment": environment(cfg),
         **summary,
     }
-    with open(workdir.path / "summary.json", "w") as f:
-        json.dump(_jsonable(summary), f, indent=2)
-    return workdir.path, summary
+    flagged = dict(workdir.nonfinite)
+    flagged.update({k: "summary" for k in _nonfinite_paths(summary)})
+    summary["nonfinite_metrics"] = flagged
+    if primary:
+        with open(run_dir / "summary.json", "w") as f:
+            json.dump(jsonable(summary), f, indent=2)
+    _status(run_dir, "done", primary)
+    return summary
 
 
-def environment() -> dict:
+def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
+    """Every member, vectorised by groups where the experiment allows; rows are
+    appended as they finish so that an interrupted sweep resumes where it was."""
     import jax
 
+    pid, nproc = jax.process_index(), jax.process_count()
+    primary = pid == 0
+    sweep = p.platform.sweep
+    if isinstance(getattr(p.cfg, "x64", None), bool):
+        jax.config.update("jax_enable_x64", p.cfg.x64)
+    done = {r["member"]: r for r in _read_rows(run_dir)} if resume else {}
+    rows_file = run_dir / f"rows-{pid}.jsonl"
+    workdir = Workdir(run_dir, quiet, mesh=mesh, primary=primary)
+    _status(run_dir, "running", primary)
+    start = time.perf_counter()
+
+    def record(row):
+        with open(rows_file, "a") as f:
+            f.write(json.dumps(jsonable(row)) + "\n")
+
+    plan = sweeplib.groups(p.module, p.members, sweep)
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=CONFIG_DIR.parent,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+        with workdir.progress(len(p.members), "sweep") as advance:
+            advance(len(done))
+            for keys, members in plan:
+                todo = [m for m in members if m.index not in done]
+                if keys and todo:
+                    try:
+                        results = sweeplib.run_vectorised(p.module, todo, keys, mesh)
+                    except Exception as e:  # one bad member: isolate it
+                        print(
+                            f"iterjax: vectorised group failed ({e}); "
+                            "running its members one by one",
+                            file=sys.stderr,
+                        )
+                    else:
+                        for m, metrics in zip(todo, results):
+                            if primary:
+                                record(_row(m, metrics))
+                            advance()
+                        continue
+                for m in todo:
+                    if m.index % nproc != pid:
+                        continue
+                    member_dir = run_dir / "members" / f"{m.index:03d}"
+                    try:
+                        s = _run_one(p, m.cfg, member_dir, True, mesh, False)
+                        row = _row(m, sweeplib.scalar_metrics(s))
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as e:
+                        row = sweeplib.error_row(m, e)
+                    record(row)
+                    advance()
+    except KeyboardInterrupt:
+        _status(
+            run_dir, "interrupted", primary, resume=f"iterjax run --resume {run_dir}"
+        )
+        raise
+    finally:
+        workdir.close()
+    if nproc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("iterjax sweep rows")
+    rows = sorted(_read_rows(run_dir), key=lambda r: r["member"])
+    aggregates = sweeplib.aggregate(rows, sweep.seed_key)
+    summary = {
+        "experiment": p.name,
+        "seconds": round(time.perf_counter() - start, 3),
+        "environment": environment(p.cfg),
+        "members": len(p.members),
+        "vectorised_groups": sum(1 for keys, _ in plan if keys),
+        "failed": {r["member"]: r["error"] for r in rows if r["status"] != "ok"},
+        "nonfinite_metrics": {
+            r["member"]: r["nonfinite"] for r in rows if r.get("nonfinite")
+        },
+        "aggregates": aggregates,
+        "table": sweeplib.markdown(aggregates, sweep.seed_key),
+    }
+    if primary:
+        sweeplib.write_tables(run_dir, rows)
+        sweeplib.plot(aggregates, rows, sweep.seed_key, workdir)
+        with open(run_dir / "summary.json", "w") as f:
+            json.dump(jsonable(summary), f, indent=2)
+    _status(run_dir, "done", primary)
+    return summary
+
+
+def _row(member, metrics):
+    row = {"member": member.index, "settings": member.settings, "metrics": metrics}
+    row["status"] = "ok"
+    bad = sweeplib.nonfinite(metrics)
+    if bad:
+        row["nonfinite"] = bad
+    return row
+
+
+def _read_rows(run_dir):
+    rows = {}
+    for path in sorted(pathlib.Path(run_dir).glob("rows-*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[r["member"]] = r
+    return list(rows.values())
+
+
+def _status(run_dir, status, primary, **extra):
+    if primary:
+        with open(pathlib.Path(run_dir) / "status.json", "w") as f:
+            json.dump({"status": status, **extra}, f)
+
+
+def _nonfinite_paths(tree, prefix=""):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from _nonfinite_paths(v, f"{prefix}{k}.")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        yield prefix.rstrip(".")
+
+
+# --- Platform: processes, compilation cache, mesh.
+
+
+def _start(plat: cfglib.Platform, compilation_cache=None):
+    """Multi-host initialisation and the compilation cache, before any compile."""
+    import jax
+
+    dist = plat.distributed
+    if dist is None and os.environ.get("ITERJAX_DISTRIBUTED"):
+        dist = "auto"
+    if dist is not None and not jax.distributed.is_initialized():
+        kwargs = {}
+        if isinstance(dist, cfglib.DistributedSpec):
+            kwargs = {k: v for k, v in cfglib.to_dict(dist).items() if v is not None}
+        jax.distributed.initialize(**kwargs)
+    cache = compilation_cache or plat.compilation_cache
+    cache = cache or os.environ.get("ITERJAX_COMPILATION_CACHE")
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", str(cache))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def make_mesh(spec: cfglib.MeshSpec | None):
+    """A `jax.sharding.Mesh` over all devices (of every process), or None."""
+    if spec is None:
+        return None
+    import jax
+    from jax.sharding import AxisType
+
+    n = jax.device_count()
+    known = math.prod(s for s in spec.shape if s != -1)
+    shape = tuple(n // known if s == -1 else s for s in spec.shape)
+    if math.prod(shape) != n:
+        raise cfglib.ConfigError(
+            f"config key `mesh.shape`: {list(spec.shape)} does not cover the "
+            f"{n} devices"
+        )
+    return jax.make_mesh(shape, spec.axes, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def _stamp():
+    import jax
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    if jax.process_count() > 1:  # every process writes to process 0's directory
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        code = np.frombuffer(stamp.encode().ljust(32), dtype=np.uint8)
+        code = multihost_utils.broadcast_one_to_all(code)
+        stamp = bytes(np.asarray(code)).decode().strip()
+    return stamp
+
+
+def environment(cfg=None) -> dict:
+    """What it takes to reproduce a run: versions, commit, devices, seeds."""
+    import jax
+
+    root = CONFIG_DIR.parent
+
+    def git(*args):
+        try:
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=5, cwd=root
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    seeds = {}
+    if cfg is not None:
+        flat = _flatten(cfglib.to_dict(cfg))
+        seeds = {k: v for k, v in flat.items() if k.split(".")[-1].endswith("seed")}
     return {
         "jax": jax.__version__,
         "python": platform.python_version(),
+        "packages": versions,
+        "git_commit": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "devices": [d.device_kind for d in jax.devices()],
-        "git_commit": commit or None,
+        "platform": jax.default_backend(),
+        "process_count": jax.process_count(),
+        "host": socket.gethostname(),
+        "x64": bool(jax.config.jax_enable_x64),
+        "seeds": seeds,
+        "argv": sys.argv,
     }
+
+
+def _flatten(tree, prefix=""):
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix.rstrip(".")] = tree
+    return out
 
 
 def _list_configs():
@@ -165,19 +429,34 @@ def main(argv=None):
         prog="iterjax", description=__doc__.splitlines()[0]
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run an experiment from a config file")
-    r.add_argument("config", help="path to a YAML config, or a name in configs/")
+    r = sub.add_parser("run", help="run an experiment (or sweep) from a config file")
+    r.add_argument("config", nargs="?", help="a YAML config, or a name in configs/")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     r.add_argument("--out", default=os.environ.get("ITERJAX_RUNS", "runs"))
     r.add_argument(
         "--smoke", action="store_true", help="apply the config's smoke overrides"
     )
+    r.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
+    r.add_argument(
+        "--compilation-cache", metavar="DIR", help="JAX's persistent compilation cache"
+    )
     r.add_argument("--quiet", action="store_true")
     sub.add_parser("list", help="list the configs in configs/")
+    rep = sub.add_parser("report", help="summarise one or several run directories")
+    rep.add_argument("dirs", nargs="+", help="run directories")
+    rep.add_argument("--out", default="report.md", help="report.md or report.html")
     args = parser.parse_args(argv)
     if args.command == "list":
         _list_configs()
         return 0
+    if args.command == "report":
+        from . import report
+
+        path = report.write(args.dirs, args.out)
+        print(f"report in {path}")
+        return 0
+    if (args.config is None) == (args.resume is None):
+        parser.error("run takes a CONFIG or --resume DIR")
     try:
         path, summary = run_experiment(
             args.config,
@@ -185,10 +464,18 @@ def main(argv=None):
             out=args.out,
             smoke=args.smoke,
             quiet=args.quiet,
+            resume=args.resume,
+            compilation_cache=args.compilation_cache,
         )
     except cfglib.ConfigError as e:
         print(f"iterjax: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(
+            f"iterjax: interrupted; continue with: iterjax run --resume {e.args[0]}",
+            file=sys.stderr,
+        )
+        return 130
     print(f"results in {path}")
     if "table" in summary and not args.quiet:
         print(summary["table"])

@@ -33,10 +33,11 @@ def test_config_smoke_runs(path, tmp_path):
         for line in (run_dir / "metrics.jsonl").read_text().splitlines()
     ]
     assert rows
-    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert resolved["experiment"] == summary["experiment"]
-    # The resolved config is itself a valid config.
-    cfglib.from_dict(registry.experiment(resolved.pop("experiment")).Config, resolved)
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+    # The resolved config is itself a valid config, the one that ran.
+    again = prepare(run_dir / "config.yaml")
+    assert again.name == summary["experiment"]
+    assert again.cfg == prepare(path, smoke=True).cfg
     SMOKE_CHECKS.get(path.stem, lambda s: None)(summary)
 
 
@@ -135,7 +136,18 @@ def _check_hpo_logreg(summary):
         assert r["best_test_loss"] < r["untuned_test_loss"] and r["seconds"] > 0, r
 
 
+def _check_fixed_point_sweep(summary):
+    assert summary["vectorised_groups"] == 2 and not summary["failed"]
+    steps = {
+        (a["settings"]["solver"]["name"], a["settings"]["radius"]): a["steps"]["mean"]
+        for a in summary["aggregates"]
+    }
+    assert steps[("picard", 0.9)] > steps[("picard", 0.5)]
+    assert steps[("anderson", 0.9)] < steps[("picard", 0.9)]
+
+
 SMOKE_CHECKS = {
+    "fixed_point_sweep": _check_fixed_point_sweep,
     "hpo_logreg": _check_hpo_logreg,
     "data_hypercleaning": _check_data_hypercleaning,
     "hpo_ridge": _check_hpo_ridge,
@@ -213,10 +225,10 @@ def test_cli_list(capsys):
 
 
 def test_overrides_reach_nested_specs(tmp_path):
-    _, _, cfg = prepare(
+    cfg = prepare(
         CONFIG_DIR / "fixed_point_study.yaml",
         ["solvers=[{name: anderson, history: 3, mixing: 0.5}]", "dim=8"],
-    )
+    ).cfg
     assert cfg.dim == 8
     solver = registry.build("solver", cfg.solvers[0])
     assert solver.history == 3 and solver.mixing == 0.5
@@ -225,9 +237,9 @@ def test_overrides_reach_nested_specs(tmp_path):
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     # YAML 1.1 reads 1e-9 as a string; configs and overrides take it as a float.
     text = "experiment: fixed_point_study\natol: 1e-9\n"
-    _, _, cfg = prepare(
+    cfg = prepare(
         _write(tmp_path, text), ["solvers=[{name: picard, damping: 5e-1}]"]
-    )
+    ).cfg
     assert cfg.atol == 1e-9
     assert registry.build("solver", cfg.solvers[0]).damping == 0.5
     zero = cfglib._to_spec("solver", {"name": "anderson", "regularization": "0e0"}, "s")
