@@ -63,7 +63,10 @@ def _solve(cfg, trace=False):
 
 def trial(cfg: Config) -> dict:
     """The metrics of one run, pure in the `ARRAY_KEYS` fields of `cfg`."""
-    sol = _solve(cfg)
+    return _metrics(_solve(cfg))
+
+
+def _metrics(sol):
     return {
         "steps": sol.num_steps,
         "residual": sol.residual,
@@ -72,9 +75,10 @@ def trial(cfg: Config) -> dict:
 
 
 def run(cfg: Config, workdir) -> dict:
-    metrics = jax.tree.map(float, jax.jit(lambda: trial(cfg))())
+    sol = jax.jit(lambda: _solve(cfg, trace=True))()
+    metrics = jax.tree.map(float, _metrics(sol))
     workdir.log(**metrics)
-    trace = np.asarray(jax.jit(lambda: _solve(cfg, trace=True).trace)())
+    trace = np.asarray(sol.trace)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.semilogy(np.arange(1, len(trace) + 1), trace)
     ax.axhline(cfg.atol, color="k", lw=0.5, ls="--")

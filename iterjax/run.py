@@ -262,6 +262,7 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
         "environment": environment(p.cfg),
         "members": len(p.members),
         "vectorised_groups": sum(1 for keys, _ in plan if keys),
+        "mesh": dict(mesh.shape) if mesh is not None else None,
         "failed": {r["member"]: r["error"] for r in rows if r["status"] != "ok"},
         "nonfinite_metrics": {
             r["member"]: r["nonfinite"] for r in rows if r.get("nonfinite")

@@ -1,0 +1,397 @@
+"""The experiment platform: sweeps (vectorised and not), sharding, resume,
+robustness, reports, multi-host and cache settings, invalid configs."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from iterjax import config as cfglib
+from iterjax import registry
+from iterjax import run as runlib
+from iterjax import sweep as sweeplib
+from iterjax.workdir import Workdir
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    """Register tests/toy_experiment.py as the experiment `toy`."""
+    monkeypatch.setitem(registry.EXPERIMENTS, "toy", "toy_experiment")
+    return registry.experiment("toy")
+
+
+def _config(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def _rows(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _metrics_by_settings(run_dir):
+    return {json.dumps(r["settings"]): r["metrics"] for r in _rows(run_dir)}
+
+
+# --- Expansion
+
+
+def test_expand_grid_random_and_seeds():
+    sweep = cfglib.from_dict(
+        cfglib.Sweep,
+        {
+            "grid": {"a": [1, 2], "b.c": ["x", "y", "z"]},
+            "random": {
+                "num": 4,
+                "seed": 3,
+                "space": {
+                    "lr": {"log_uniform": [1e-3, 1e-1]},
+                    "k": {"int_uniform": [1, 2]},
+                    "name": {"choice": ["p", "q"]},
+                },
+            },
+            "seeds": 2,
+        },
+    )
+    members = sweeplib.expand(sweep)
+    assert len(members) == 2 * 3 * 4 * 2
+    assert members[0] == {**members[0], "a": 1, "b.c": "x", "seed": 0}
+    assert members[1]["seed"] == 1 and members[1]["lr"] == members[0]["lr"]
+    assert [m["a"] for m in members[:24]] == [1] * 24  # grid outermost
+    for m in members:
+        assert 1e-3 <= m["lr"] <= 1e-1 and m["k"] in (1, 2) and m["name"] in "pq"
+    assert members == sweeplib.expand(sweep)  # the draws are reproducible
+    assert len({m["lr"] for m in members}) == 4
+    seeds = sweeplib.expand(cfglib.Sweep(seeds=(5, 9), seed_key="train.seed"))
+    assert seeds == [{"train.seed": 5}, {"train.seed": 9}]
+
+
+def test_groups_split_on_keys_that_cannot_be_vectorised():
+    p = runlib.prepare(runlib.CONFIG_DIR / "fixed_point_sweep.yaml", smoke=True)
+    plan = sweeplib.groups(p.module, p.members, p.platform.sweep)
+    assert [len(ms) for _, ms in plan] == [4, 4]  # one group per solver
+    assert all(set(keys) == {"radius", "seed"} for keys, _ in plan)
+    never = dataclasses_replace(p.platform.sweep, vmap=False)
+    assert [keys for keys, _ in sweeplib.groups(p.module, p.members, never)] == [()] * 8
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+# --- Vectorised sweeps equal separate runs
+
+
+FP_SWEEP = """\
+experiment: fixed_point_sweep
+problem: slow_system
+dim: 6
+solver: {name: picard}
+atol: 1.0e-9
+max_steps: 500
+sweep:
+  grid: {solver.damping: [0.5, 1.0]}
+  seeds: 2
+  vmap: %s
+"""
+
+
+def test_vectorised_sweep_equals_separate_runs(tmp_path):
+    vec_dir, vec = runlib.run_experiment(
+        _config(tmp_path, FP_SWEEP % "true", "v.yaml"), out=tmp_path, quiet=True
+    )
+    sep_dir, sep = runlib.run_experiment(
+        _config(tmp_path, FP_SWEEP % "false", "s.yaml"), out=tmp_path, quiet=True
+    )
+    assert vec["vectorised_groups"] == 1 and sep["vectorised_groups"] == 0
+    assert len(list((sep_dir / "members").iterdir())) == 4
+    a, b = _metrics_by_settings(vec_dir), _metrics_by_settings(sep_dir)
+    assert a.keys() == b.keys() and len(a) == 4
+    for k in a:
+        assert a[k]["steps"] == b[k]["steps"] and a[k]["converged"] == 1.0, k
+        np.testing.assert_allclose(a[k]["residual"], b[k]["residual"], rtol=1e-9)
+    # damping changes the answer's path: the members really differ
+    assert len({m["steps"] for m in a.values()}) > 1
+    csv_lines = (vec_dir / "metrics.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("member,solver.damping,seed") and len(csv_lines) == 5
+    agg = {a["settings"]["solver.damping"]: a for a in vec["aggregates"]}
+    assert agg[0.5]["n"] == 2 and agg[0.5]["steps"]["min"] <= agg[0.5]["steps"]["max"]
+    assert (vec_dir / "sweep.png").exists()
+
+
+SHARDED = r"""
+import json, pathlib, sys, tempfile
+import jax
+assert jax.device_count() == 8
+from iterjax import run as runlib
+tmp = pathlib.Path(tempfile.mkdtemp())
+base = '''experiment: fixed_point_sweep
+problem: tanh_deq
+dim: 6
+solver: {name: anderson, history: 3}
+sweep: {grid: {radius: [0.5, 0.7, 0.9]}, seeds: 2}
+'''
+out = {}
+for name, mesh in [("plain", ""), ("sharded", "mesh: {shape: [-1], axes: [sweep]}\n")]:
+    path = tmp / f"{name}.yaml"
+    path.write_text(base + mesh)
+    d, s = runlib.run_experiment(path, out=tmp, quiet=True)
+    assert s["vectorised_groups"] == 1
+    out[name] = {json.dumps(json.loads(l)["settings"]): json.loads(l)["metrics"]
+                 for l in (d / "metrics.jsonl").read_text().splitlines()}
+    out[name + "_mesh"] = s.get("mesh")
+assert out["sharded_mesh"] == {"sweep": 8} and out["plain_mesh"] is None, out
+assert len(out["plain"]) == 6 and out["plain"].keys() == out["sharded"].keys()
+for k, m in out["plain"].items():
+    assert m["steps"] == out["sharded"][k]["steps"], (k, m, out["sharded"][k])
+    r = out["sharded"][k]["residual"]
+    assert abs(m["residual"] - r) <= 1e-12 * (1 + r), (k, m, r)
+print("SWEEP SHARDING OK")
+"""
+
+
+def test_sweep_sharded_over_eight_devices_equals_unsharded():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        PYTHONPATH=root,
+        JAX_PLATFORMS="cpu",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", SHARDED],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0 and "SWEEP SHARDING OK" in out.stdout, out.stderr[-3000:]
+
+
+# --- Resume
+
+
+def _interrupt_at_step(monkeypatch, at):
+    save = Workdir.checkpoint
+
+    def checkpoint(self, step, state, force=False):
+        saved = save(self, step, state, force=force)
+        if step == at:
+            raise KeyboardInterrupt
+        return saved
+
+    monkeypatch.setattr(Workdir, "checkpoint", checkpoint)
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(toy, tmp_path, monkeypatch):
+    path = _config(tmp_path, "experiment: toy\nsteps: 7\ncheckpoint_every: 2\n")
+    full_dir, full = runlib.run_experiment(path, out=tmp_path / "a", quiet=True)
+    _interrupt_at_step(monkeypatch, 5)  # after the step-4 checkpoint and row 5
+    with pytest.raises(runlib.Interrupted) as info:
+        runlib.run_experiment(path, out=tmp_path / "b", quiet=True)
+    run_dir = info.value.args[0]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted" and str(run_dir) in status["resume"]
+    assert len(_rows(run_dir)) == 5  # row 5 was written after the last checkpoint
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.EXPERIMENTS, "toy", "toy_experiment")
+    assert runlib.main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert _rows(run_dir) == _rows(full_dir)
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["metrics"] == full["metrics"]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+
+
+def test_interrupted_sweep_resumes_with_the_missing_members(toy, tmp_path, monkeypatch):
+    text = "experiment: toy\nsweep: {grid: {lr: [0.1, 0.2]}, seeds: 2, vmap: false}\n"
+    path = _config(tmp_path, text)
+    full_dir, _ = runlib.run_experiment(path, out=tmp_path / "a", quiet=True)
+    calls = []
+    run = toy.run
+
+    def flaky(cfg, workdir):
+        calls.append(cfg)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run(cfg, workdir)
+
+    monkeypatch.setattr(toy, "run", flaky)
+    with pytest.raises(runlib.Interrupted) as info:
+        runlib.run_experiment(path, out=tmp_path / "b", quiet=True)
+    run_dir = info.value.args[0]
+    monkeypatch.setattr(toy, "run", run)
+    _, summary = runlib.run_experiment(resume=run_dir, quiet=True)
+    assert summary["members"] == 4 and not summary["failed"]
+    assert _metrics_by_settings(run_dir) == _metrics_by_settings(full_dir)
+
+
+# --- Robustness
+
+
+def test_a_crashing_member_is_recorded_and_the_rest_run(toy, tmp_path):
+    text = "experiment: toy\nfail_seed: 1\nsweep: {seeds: 3, vmap: false}\n"
+    run_dir, summary = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)
+    assert list(summary["failed"]) == [1]
+    assert "toy failure for seed 1" in summary["failed"][1]
+    status = {r["member"]: r["status"] for r in _rows(run_dir)}
+    assert status == {0: "ok", 1: "failed", 2: "ok"}
+    assert summary["aggregates"][0]["n"] == 2
+
+
+def test_a_failing_vectorised_group_falls_back_to_separate_runs(
+    toy, tmp_path, monkeypatch
+):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(sweeplib, "run_vectorised", broken)
+    text = "experiment: toy\nfail_seed: 0\nsweep: {seeds: 2}\n"
+    run_dir, summary = runlib.run_experiment(
+        _config(tmp_path, text), out=tmp_path, quiet=True
+    )
+    assert list(summary["failed"]) == [0]
+    assert (run_dir / "members" / "001" / "summary.json").exists()
+
+
+def test_nonfinite_metrics_are_flagged(toy, tmp_path):
+    text = "experiment: toy\nnan_seed: 1\nsweep: {seeds: 3, grid: {lr: [0.1]}}\n"
+    run_dir, summary = runlib.run_experiment(
+        _config(tmp_path, text), out=tmp_path, quiet=True
+    )
+    assert summary["vectorised_groups"] == 1
+    assert summary["nonfinite_metrics"] == {1: ["loss"]}
+    rows = _rows(run_dir)
+    assert rows[1]["metrics"]["loss"] is None and rows[0]["metrics"]["loss"] > 0
+    single_dir, single = runlib.run_experiment(
+        _config(tmp_path, "experiment: toy\nnan_seed: 0\n", "n.yaml"),
+        out=tmp_path,
+        quiet=True,
+    )
+    assert single["nonfinite_metrics"] == {"metrics.loss": "summary"}
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        (
+            "sweep: {grid: {stepz: [1, 2]}}\n",
+            r"sweep member 0 \(stepz=1\): .*`stepz`: unknown key",
+        ),
+        (
+            "sweep: {grid: {lr: [0.1, fast]}}\n",
+            r"sweep member 1 \(lr=fast\): .*`lr`: expected a number",
+        ),
+        (
+            "sweep: {grid: {steps: [2, 3]}, vmap: true}\n",
+            r"`sweep.vmap`: cannot vectorise over \['steps'\]",
+        ),
+        ("sweep: {grid: {lr: 0.1}}\n", r"`sweep.grid.lr`: expected a list"),
+        ("sweep: {seeds: 0}\n", r"`sweep.seeds`"),
+        (
+            "sweep: {random: {num: 2, space: {lr: {gauss: [0, 1]}}}}\n",
+            r"`sweep.random.space.lr`: one of",
+        ),
+        (
+            "sweep: {random: {num: 2, space: {lr: {uniform: [1, 0]}}}}\n",
+            r"`sweep.random.space.lr.uniform`",
+        ),
+        ("sweep: {seed: 3}\n", r"`sweep.seed`: unknown key; allowed keys"),
+        ("mesh: {shape: [2, 2], axes: [a]}\n", r"`mesh`: `shape` and `axes`"),
+        ("mesh: {shape: [-1, -1], axes: [a, b]}\n", r"`mesh.shape`"),
+        ("distributed: yes\n", r"`distributed`: expected 'auto' or a mapping"),
+        ("checkpoint_every: -1\n", r"`checkpoint_every`: must be >= 0"),
+    ],
+)
+def test_invalid_platform_keys_are_rejected_by_key(toy, tmp_path, text, match):
+    with pytest.raises(cfglib.ConfigError, match=match):
+        runlib.prepare(_config(tmp_path, "experiment: toy\n" + text))
+
+
+def test_a_mesh_that_does_not_cover_the_devices_is_rejected(toy, tmp_path):
+    n = jax.device_count()
+    path = _config(tmp_path, f"experiment: toy\nmesh: {{shape: [{n + 1}]}}\n")
+    with pytest.raises(cfglib.ConfigError, match="does not cover"):
+        runlib.run_experiment(path, out=tmp_path, quiet=True)
+    assert not (tmp_path / "toy").exists()  # rejected before the run directory
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    with pytest.raises(cfglib.ConfigError, match="no config.yaml"):
+        runlib.run_experiment(resume=tmp_path)
+
+
+# --- Records, reports, platform settings
+
+
+def test_run_directory_records_what_reproduces_it(toy, tmp_path):
+    run_dir, summary = runlib.run_experiment(
+        _config(tmp_path, "experiment: toy\nseed: 4\n"), out=tmp_path, quiet=True
+    )
+    env = summary["environment"]
+    assert env["packages"]["jax"] == jax.__version__ and env["packages"]["flax"]
+    assert env["seeds"] == {"seed": 4, "fail_seed": -1, "nan_seed": -1}
+    assert env["devices"] and env["process_count"] == 1 and "git_commit" in env
+    again = runlib.prepare(run_dir / "config.yaml")
+    assert again.cfg.seed == 4 and again.name == "toy"
+
+
+def test_report_puts_runs_side_by_side(toy, tmp_path):
+    dirs = [
+        runlib.run_experiment(
+            _config(tmp_path, f"experiment: toy\nlr: {lr}\n", f"{i}.yaml"),
+            out=tmp_path,
+            quiet=True,
+        )[0]
+        for i, lr in enumerate([0.1, 0.3])
+    ]
+    assert (
+        runlib.main(["report", *map(str, dirs), "--out", str(tmp_path / "r.md")]) == 0
+    )
+    md = (tmp_path / "r.md").read_text()
+    assert "## Settings that differ" in md and "| lr | 0.1 | 0.3 |" in md
+    assert "| loss |" in md and "![loss](toy/" in md
+    runlib.main(["report", *map(str, dirs), "--out", str(tmp_path / "r.html")])
+    page = (tmp_path / "r.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+
+
+def test_distributed_initialisation_from_config_and_environment(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    spec = cfglib.DistributedSpec("10.0.0.1:1234", num_processes=4, process_id=2)
+    runlib._start(cfglib.Platform(distributed=spec))
+    runlib._start(cfglib.Platform(distributed="auto"))
+    monkeypatch.setenv("ITERJAX_DISTRIBUTED", "1")
+    runlib._start(cfglib.Platform())
+    assert calls == [
+        {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 2},
+        {},
+        {},
+    ]
+
+
+def test_compilation_cache_option(tmp_path):
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        runlib._start(cfglib.Platform(compilation_cache=str(tmp_path / "cache")))
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_cli_list_shows_every_config_with_its_description(capsys):
+    assert runlib.main(["list"]) == 0
+    out = capsys.readouterr().out
+    for path in runlib.CONFIG_DIR.glob("*.yaml"):
+        line = next(x for x in out.splitlines() if x.startswith(path.stem + " "))
+        assert len(line.split(None, 1)[1]) > 20, line
