@@ -145,12 +145,14 @@ def resolved(p: Prepared) -> dict:
     return {"experiment": p.name, **cfglib.to_dict(p.cfg), **plat}
 
 
-def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume):
+def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume, primary=None):
+    """One run; `primary` (default: process 0) writes the files."""
     import jax
 
     if isinstance(getattr(cfg, "x64", None), bool):
         jax.config.update("jax_enable_x64", cfg.x64)
-    primary = jax.process_index() == 0
+    if primary is None:
+        primary = jax.process_index() == 0
     workdir = Workdir(
         run_dir,
         quiet,
@@ -235,7 +237,9 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
                         continue
                     member_dir = run_dir / "members" / f"{m.index:03d}"
                     try:
-                        s = _run_one(p, m.cfg, member_dir, True, mesh, False)
+                        # members are split over processes: each writes its own
+                        own = mesh if nproc == 1 else None  # no global mesh
+                        s = _run_one(p, m.cfg, member_dir, True, own, False, True)
                         row = _row(m, sweeplib.scalar_metrics(s))
                     except KeyboardInterrupt:
                         raise

@@ -99,7 +99,7 @@ atol: 1.0e-9
 max_steps: 500
 sweep:
   grid: {solver.damping: [0.5, 1.0]}
-  seeds: 2
+  seeds: [3]
   vmap: %s
 """
 
@@ -112,18 +112,18 @@ def test_vectorised_sweep_equals_separate_runs(tmp_path):
         _config(tmp_path, FP_SWEEP % "false", "s.yaml"), out=tmp_path, quiet=True
     )
     assert vec["vectorised_groups"] == 1 and sep["vectorised_groups"] == 0
-    assert len(list((sep_dir / "members").iterdir())) == 4
+    assert len(list((sep_dir / "members").iterdir())) == 2
     a, b = _metrics_by_settings(vec_dir), _metrics_by_settings(sep_dir)
-    assert a.keys() == b.keys() and len(a) == 4
+    assert a.keys() == b.keys() and len(a) == 2
     for k in a:
         assert a[k]["steps"] == b[k]["steps"] and a[k]["converged"] == 1.0, k
         np.testing.assert_allclose(a[k]["residual"], b[k]["residual"], rtol=1e-9)
     # damping changes the answer's path: the members really differ
     assert len({m["steps"] for m in a.values()}) > 1
     csv_lines = (vec_dir / "metrics.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("member,solver.damping,seed") and len(csv_lines) == 5
+    assert csv_lines[0].startswith("member,solver.damping,seed") and len(csv_lines) == 3
     agg = {a["settings"]["solver.damping"]: a for a in vec["aggregates"]}
-    assert agg[0.5]["n"] == 2 and agg[0.5]["steps"]["min"] <= agg[0.5]["steps"]["max"]
+    assert agg[0.5]["n"] == 1 and agg[0.5]["steps"]["std"] == 0.0
     assert (vec_dir / "sweep.png").exists()
 
 

@@ -1,0 +1,121 @@
+"""A sweep over seeds of a fixed-point experiment: vectorised vs a Python loop.
+
+The experiment is `configs/fixed_point_sweep.yaml` without its grid (Anderson on
+a 64-dimensional `slow_system`, radius 0.9, atol 1e-8). Measured side by side,
+in one process, each the median of `--repeats` end-to-end `iterjax run`s
+(config validation, compile, solves, tables, plots):
+
+* one seed (`sweep: {seeds: 1}`);
+* N seeds as one `jax.vmap` (`sweep: {seeds: N}`, the default);
+* N seeds as N separate runs (`vmap: false`), which is what a Python loop over
+  `iterjax run seed=...` costs, each member compiled for its own constants.
+
+and, without the runner, the compiled solve alone: one seed, N seeds vmapped,
+and a Python loop of N calls of the one-seed function (no recompiles). The
+vectorised sweep's while loop runs as long as its slowest member; the loop pays
+per-call dispatch and N sequential solves.
+
+Run: python benchmarks/sweep.py [--seeds 16] [--repeats 3]
+"""
+
+import argparse
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import markdown  # noqa: E402
+from iterjax import run as runlib  # noqa: E402
+from iterjax.diagnostics import time_calls  # noqa: E402
+
+BASE = """\
+experiment: fixed_point_sweep
+problem: slow_system
+dim: 64
+radius: 0.9
+solver: {name: anderson, history: 5}
+atol: 1.0e-8
+max_steps: 4000
+"""
+
+
+def end_to_end(tmp, name, sweep, repeats):
+    path = pathlib.Path(tmp) / f"{name}.yaml"
+    path.write_text(BASE + f"sweep: {sweep}\n")
+    times = []
+    for _ in range(repeats):
+        jax.clear_caches()  # every run compiles, as a fresh `iterjax run` would
+        start = time.perf_counter()
+        runlib.run_experiment(path, out=tmp, quiet=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compiled(seeds, repeats):
+    import experiments.fixed_point_sweep as fps
+    from iterjax.sweep import replace_dotted
+
+    cfg = runlib.prepare(runlib.CONFIG_DIR / "fixed_point_sweep.yaml").cfg
+    cfg = replace_dotted(replace_dotted(cfg, "radius", 0.9), "solver.history", 5)
+    one = jax.jit(lambda s: fps.trial(replace_dotted(cfg, "seed", s)))
+    many = jax.jit(jax.vmap(lambda s: fps.trial(replace_dotted(cfg, "seed", s))))
+    ids = np.arange(seeds)
+
+    def loop(ids):
+        return [one(s) for s in ids]
+
+    calls = {"one": (one, (0,)), "vmap": (many, (ids,)), "loop": (loop, (ids,))}
+    return time_calls(calls, repeats)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    args = parser.parse_args()
+    n = args.seeds
+    with tempfile.TemporaryDirectory() as tmp:
+        e2e = {
+            "one seed": end_to_end(tmp, "one", "{seeds: 1}", args.repeats),
+            f"{n} seeds, vmapped": end_to_end(tmp, "vec", f"{{seeds: {n}}}", args.repeats),
+            f"{n} seeds, separate runs": end_to_end(
+                tmp, "loop", f"{{seeds: {n}, vmap: false}}", args.repeats
+            ),
+        }
+    ms = compiled(n, max(args.repeats, 10))
+    one = e2e["one seed"]
+    rows = [[k, f"{v:.2f}", f"{v / one:.1f}x"] for k, v in e2e.items()]
+    rows += [
+        ["compiled solve, one seed", f"{ms['one'] / 1e3:.4f}", "1.0x"],
+        [f"compiled solve, {n} seeds vmapped", f"{ms['vmap'] / 1e3:.4f}",
+         f"{ms['vmap'] / ms['one']:.1f}x"],
+        [f"compiled solve, Python loop of {n}", f"{ms['loop'] / 1e3:.4f}",
+         f"{ms['loop'] / ms['one']:.1f}x"],
+    ]
+    lines = [
+        f"jax {jax.__version__}, {jax.devices()[0].platform} "
+        f"({jax.device_count()} device), float64; fixed_point_sweep: Anderson on "
+        "slow_system, dim 64, radius 0.9; end-to-end = `iterjax run` incl. compile",
+        "",
+        markdown(["what", "seconds", "vs one seed"], rows),
+        "",
+        f"vectorised sweep of {n} seeds / one seed, end to end: "
+        f"**{e2e[f'{n} seeds, vmapped'] / one:.1f}x** (target <= 3x; separate "
+        f"runs: {e2e[f'{n} seeds, separate runs'] / one:.1f}x)",
+    ]
+    print("\n".join(lines))
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"sweep_{jax.devices()[0].platform}.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
