@@ -47,6 +47,7 @@ bench: $(PEERS) $(TORCH)
 	$(PY) benchmarks/sequence.py
 	$(PY) benchmarks/deq.py
 	$(PY) benchmarks/bilevel.py
+	$(PY) benchmarks/sweep.py
 
 clean:
 	rm -rf .venv .venv-torch runs build *.egg-info

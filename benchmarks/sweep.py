@@ -85,7 +85,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         e2e = {
             "one seed": end_to_end(tmp, "one", "{seeds: 1}", args.repeats),
-            f"{n} seeds, vmapped": end_to_end(tmp, "vec", f"{{seeds: {n}}}", args.repeats),
+            f"{n} seeds, vmapped": end_to_end(
+                tmp, "vec", f"{{seeds: {n}}}", args.repeats
+            ),
             f"{n} seeds, separate runs": end_to_end(
                 tmp, "loop", f"{{seeds: {n}, vmap: false}}", args.repeats
             ),
@@ -95,10 +97,16 @@ def main():
     rows = [[k, f"{v:.2f}", f"{v / one:.1f}x"] for k, v in e2e.items()]
     rows += [
         ["compiled solve, one seed", f"{ms['one'] / 1e3:.4f}", "1.0x"],
-        [f"compiled solve, {n} seeds vmapped", f"{ms['vmap'] / 1e3:.4f}",
-         f"{ms['vmap'] / ms['one']:.1f}x"],
-        [f"compiled solve, Python loop of {n}", f"{ms['loop'] / 1e3:.4f}",
-         f"{ms['loop'] / ms['one']:.1f}x"],
+        [
+            f"compiled solve, {n} seeds vmapped",
+            f"{ms['vmap'] / 1e3:.4f}",
+            f"{ms['vmap'] / ms['one']:.1f}x",
+        ],
+        [
+            f"compiled solve, Python loop of {n}",
+            f"{ms['loop'] / 1e3:.4f}",
+            f"{ms['loop'] / ms['one']:.1f}x",
+        ],
     ]
     lines = [
         f"jax {jax.__version__}, {jax.devices()[0].platform} "
