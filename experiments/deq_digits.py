@@ -40,7 +40,7 @@ def run(cfg: Config, workdir) -> dict:
     total = len(cfg.models) * cfg.train.epochs
     with workdir.progress(total, "training") as advance:
         for v in cfg.models:
-            model, hist = dm.train(v, cfg.train, workdir.log, advance)
+            model, hist = dm.train(v, cfg.train, workdir.log, advance, workdir.shard)
             histories[v.label] = hist
             rows.append(summarise(v, model, hist))
     plot(histories, workdir, "deq_digits.png")

@@ -207,8 +207,17 @@ def evaluate(model, x, y):
     return acc, jnp.mean(sol.num_steps.astype(x.dtype))
 
 
-def train(v: Variant, cfg: TrainConfig, log=lambda **row: None, advance=None):
+def train(
+    v: Variant,
+    cfg: TrainConfig,
+    log=lambda **row: None,
+    advance=None,
+    shard=lambda batch: batch,
+):
     """Train one variant; returns (model, history: list of per-epoch dicts).
+
+    `shard` places each batch (e.g. `Workdir.shard`: over the config's mesh, for
+    data parallelism; the parameters follow, replicated).
 
     Stops early (the last row's train_loss is not finite) if training diverges.
     """
@@ -225,9 +234,8 @@ def train(v: Variant, cfg: TrainConfig, log=lambda **row: None, advance=None):
         for b in range(per_epoch):
             idx = order[b * cfg.batch : (b + 1) * cfg.batch]
             key, sub = jax.random.split(key)
-            loss, s = train_step(
-                model, opt, xtr[idx], ytr[idx], sub, v.jac_reg, v.correction
-            )
+            x, y = shard((xtr[idx], ytr[idx]))
+            loss, s = train_step(model, opt, x, y, sub, v.jac_reg, v.correction)
             losses.append(loss)
             stats.append(s)
         jax.block_until_ready(losses)

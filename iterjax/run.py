@@ -199,8 +199,6 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
     pid, nproc = jax.process_index(), jax.process_count()
     primary = pid == 0
     sweep = p.platform.sweep
-    if isinstance(getattr(p.cfg, "x64", None), bool):
-        jax.config.update("jax_enable_x64", p.cfg.x64)
     done = {r["member"]: r for r in _read_rows(run_dir)} if resume else {}
     rows_file = run_dir / f"rows-{pid}.jsonl"
     workdir = Workdir(run_dir, quiet, mesh=mesh, primary=primary)
@@ -218,6 +216,9 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
             for keys, members in plan:
                 todo = [m for m in members if m.index not in done]
                 if keys and todo:
+                    x64 = getattr(todo[0].cfg, "x64", None)
+                    if isinstance(x64, bool):
+                        jax.config.update("jax_enable_x64", x64)
                     try:
                         results = sweeplib.run_vectorised(p.module, todo, keys, mesh)
                     except Exception as e:  # one bad member: isolate it

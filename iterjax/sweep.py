@@ -102,7 +102,11 @@ def _is_array_key(module, key):
 
 
 def _label(settings):
-    show = lambda v: v.get("name", v) if isinstance(v, dict) else v
+    def show(v):
+        if isinstance(v, dict):
+            return v.get("name", v)
+        return f"{v:.4g}" if isinstance(v, float) else v
+
     return ", ".join(f"{k}={show(v)}" for k, v in settings.items())
 
 
@@ -242,11 +246,15 @@ def write_tables(path, rows):
         w = csv.writer(f)
         w.writerow(["member", *keys, *names, "status", "error"])
         for r in rows:
-            settings = [json.dumps(r["settings"].get(k)) for k in keys]
+            settings = [_cell(r["settings"].get(k)) for k in keys]
             w.writerow(
                 [r["member"], *settings, *(r["metrics"].get(n) for n in names)]
                 + [r["status"], r.get("error", "")]
             )
+
+
+def _cell(v):
+    return v if isinstance(v, str | int | float) else json.dumps(v)
 
 
 def markdown(aggregates, seed_key) -> str:

@@ -154,6 +154,18 @@ for k, m in out["plain"].items():
     assert m["steps"] == out["sharded"][k]["steps"], (k, m, out["sharded"][k])
     r = out["sharded"][k]["residual"]
     assert abs(m["residual"] - r) <= 1e-12 * (1 + r), (k, m, r)
+# batches: Workdir.shard splits the leading axis over the mesh; parameters that
+# were never placed follow, replicated (data parallelism without code changes)
+import jax.numpy as jnp, numpy as np
+from iterjax.workdir import Workdir
+mesh = runlib.make_mesh(runlib.cfglib.MeshSpec((-1,), ("batch",)))
+x = np.arange(48.0).reshape(16, 3)
+xs = Workdir(tmp / "w", mesh=mesh).shard({"x": x})["x"]
+assert len(xs.sharding.device_set) == 8
+assert xs.addressable_shards[0].data.shape == (2, 3)
+w = jnp.linspace(0.0, 1.0, 3)
+step = jax.jit(lambda w, x: w - 0.1 * jax.grad(lambda w: jnp.sum(jnp.tanh(x @ w)))(w))
+np.testing.assert_allclose(step(w, xs), step(w, x), rtol=1e-12)
 print("SWEEP SHARDING OK")
 """
 
