@@ -22,6 +22,7 @@ import math
 import os
 import pathlib
 import platform
+import shutil
 import socket
 import subprocess
 import sys
@@ -115,6 +116,9 @@ def run_experiment(
         if overrides:
             raise cfglib.ConfigError("--resume takes no overrides")
         path, smoke = run_dir / "config.yaml", False
+        status = run_dir / "status.json"
+        if status.exists() and json.loads(status.read_text())["status"] == "done":
+            return run_dir, json.loads((run_dir / "summary.json").read_text())
     p = prepare(path, overrides, smoke)
     _start(p.platform, compilation_cache)
     mesh = make_mesh(p.platform.mesh)
@@ -237,6 +241,7 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
                     if m.index % nproc != pid:
                         continue
                     member_dir = run_dir / "members" / f"{m.index:03d}"
+                    shutil.rmtree(member_dir, ignore_errors=True)  # a partial try
                     try:
                         # members are split over processes: each writes its own
                         own = mesh if nproc == 1 else None  # no global mesh

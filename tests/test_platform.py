@@ -221,6 +221,9 @@ def test_resume_after_interruption_equals_uninterrupted_run(toy, tmp_path, monke
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert resumed["metrics"] == full["metrics"]
     assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+    # resuming a finished run changes nothing
+    again_dir, again = runlib.run_experiment(resume=run_dir)
+    assert again["metrics"] == full["metrics"] and _rows(run_dir) == _rows(full_dir)
 
 
 def test_interrupted_sweep_resumes_with_the_missing_members(toy, tmp_path, monkeypatch):
