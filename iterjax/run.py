@@ -426,13 +426,22 @@ def _flatten(tree, prefix=""):
     return out
 
 
+def describe(path) -> str:
+    """The first sentence of a config's leading comment block."""
+    words = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or text.startswith(("Run:", "Runtime:")):
+            break
+        words.append(text)
+    header = " ".join(words)
+    end = header.find(". ")
+    return header if end < 0 else header[: end + 1]
+
+
 def _list_configs():
     for p in sorted(CONFIG_DIR.glob("*.yaml")):
-        first = p.read_text().splitlines()[0:1]
-        desc = (
-            first[0].lstrip("# ").strip() if first and first[0].startswith("#") else ""
-        )
-        print(f"{p.stem:28s} {desc}")
+        print(f"{p.stem:20s} {describe(p)}")
 
 
 def main(argv=None):
