@@ -64,9 +64,7 @@ def run(s, inner, outer, theta0, w0, *, n, m, batch, budget, evals, evaluate, se
         return _run_implicit(s, inner, outer, theta0, w0, n, m, budget, evals, evaluate)
     solver = make_solver(s, inner, outer, n, m)
     state = solver.init(theta0, w0)
-    idx = jnp.arange(batch, dtype=jnp.int32) % n, jnp.arange(batch, dtype=jnp.int32) % m
-    _, info = jax.jit(solver.step)(state, *idx)
-    per_step = int(info["grads"] + info["hvps"]) * batch
+    per_step = sum(solver.oracles) * batch
     steps = max(1, int(budget / per_step / evals))
 
     def chunk(state, key):

@@ -250,7 +250,8 @@ def test_stochastic_solvers_reach_the_bilevel_optimum(name):
     state, info = jax.jit(lambda: _run(solver, 1500))()
     err = float(jnp.linalg.norm(state.theta - q_optimum()))
     assert err < 1e-3 * float(jnp.linalg.norm(q_optimum())) + 1e-5, err
-    assert int(info["grads"][0]) > 0
+    assert (int(info["grads"][0]), int(info["hvps"][0])) == solver.oracles
+    assert solver.oracles[0] > 0
     # With noisy oracles the iterates still approach the optimum.
     noisy, _ = jax.jit(lambda: _run(solver, 1500, sigma=0.1))()
     assert float(jnp.linalg.norm(noisy.theta - q_optimum())) < 0.1 * float(

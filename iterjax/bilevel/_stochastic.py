@@ -107,6 +107,11 @@ class SOBA(_Stochastic):
         self._check()
         check_range("SOBA", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
 
+    @property
+    def oracles(self) -> tuple[int, int]:
+        """(gradients, HVPs) per step, each on a minibatch of each loss."""
+        return (2, 2)
+
     def init(self, theta, w0):
         return self._init(theta, w0, tu.tree_zeros_like(w0))
 
@@ -119,7 +124,7 @@ class SOBA(_Stochastic):
         d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
         w = tu.tree_axpy(-rho, d_w, w)
         v = tu.tree_axpy(-rho, d_v, v)
-        return self._outer_update(state, d_t, w, v), _info(2, 2)
+        return self._outer_update(state, d_t, w, v), _info(*self.oracles)
 
 
 class StocBiO(_Stochastic):
@@ -142,6 +147,11 @@ class StocBiO(_Stochastic):
         check_int("StocBiO", "inner_steps", self.inner_steps, 1)
         check_int("StocBiO", "neumann_terms", self.neumann_terms, 1)
 
+    @property
+    def oracles(self) -> tuple[int, int]:
+        """(gradients, HVPs) per step, each on a minibatch of each loss."""
+        return (self.inner_steps + 1, self.neumann_terms)
+
     def init(self, theta, w0):
         return self._init(theta, w0, tu.tree_zeros_like(w0))
 
@@ -163,7 +173,7 @@ class StocBiO(_Stochastic):
         total, _ = jax.lax.fori_loop(0, self.neumann_terms - 1, neumann, (f_w, f_w))
         v = tu.tree_scale(-eta, total)  # ≈ -H⁻¹ ∇_w f
         d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
-        info = _info(self.inner_steps + 1, self.neumann_terms)
+        info = _info(*self.oracles)
         return self._outer_update(state, d_t, w, v), info
 
 
@@ -193,6 +203,11 @@ class F2SA(_Stochastic):
         check_range("F2SA", "lam_growth", self.lam_growth, lo=0.0)
         check_range("F2SA", "lam_max", self.lam_max, lo=self.lam)
 
+    @property
+    def oracles(self) -> tuple[int, int]:
+        """(gradients, HVPs) per step, each on a minibatch of each loss."""
+        return (3 * self.inner_steps + 3, 0)
+
     def init(self, theta, w0):
         lam = jnp.asarray(self.lam, jax.tree.leaves(w0)[0].dtype)
         return self._init(theta, w0, (w0, lam))
@@ -220,7 +235,7 @@ class F2SA(_Stochastic):
             tu.tree_scale(lam, tu.tree_sub(g_t(y), g_t(z))),
         )
         lam = jnp.minimum(lam + self.lam_growth, self.lam_max)
-        info = _info(3 * self.inner_steps + 3, 0)
+        info = _info(*self.oracles)
         return self._outer_update(state, d_t, z, (y, lam)), info
 
 
@@ -244,6 +259,11 @@ class AmIGO(_Stochastic):
         check_int("AmIGO", "inner_steps", self.inner_steps, 1)
         check_int("AmIGO", "v_steps", self.v_steps, 1)
 
+    @property
+    def oracles(self) -> tuple[int, int]:
+        """(gradients, HVPs) per step, each on a minibatch of each loss."""
+        return (self.inner_steps + 1, self.v_steps + 1)
+
     def init(self, theta, w0):
         return self._init(theta, w0, tu.tree_zeros_like(w0))
 
@@ -263,7 +283,7 @@ class AmIGO(_Stochastic):
 
         v = jax.lax.fori_loop(0, self.v_steps, v_step, state.aux)
         d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
-        info = _info(self.inner_steps + 1, self.v_steps + 1)
+        info = _info(*self.oracles)
         return self._outer_update(state, d_t, w, v), info
 
 
@@ -316,6 +336,11 @@ class SABA(_Stochastic):
         return jax.vmap(lambda j: jax.grad(self.outer_loss, (0, 1))(w, theta, j[None]))(
             idx
         )
+
+    @property
+    def oracles(self) -> tuple[int, int]:
+        """(gradients, HVPs) per step, each on a minibatch of each loss."""
+        return (2, 2)
 
     def init(self, theta, w0):
         v0 = tu.tree_zeros_like(w0)
@@ -371,5 +396,5 @@ class SABA(_Stochastic):
         tables = SabaTables(t_in, t_out, m_in, m_out)
         # One inner and one outer batch of gradients, HVPs and cross products, as
         # SOBA (evaluated per sample, to fill the tables).
-        info = _info(2, 2)
+        info = _info(*self.oracles)
         return self._outer_update(state, d_t, w, (v, tables)), info
