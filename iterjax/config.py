@@ -215,6 +215,9 @@ def to_dict(cfg) -> Any:
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
     """`data['a']['b'] = value` for `dotted = 'a.b'` (creating mappings as needed)."""
     keys = dotted.split(".")
+    for prefix in ("sweep.grid.", "sweep.random.space."):  # their keys are dotted
+        if dotted.startswith(prefix) and len(dotted) > len(prefix):
+            keys = prefix.split(".")[:-1] + [dotted[len(prefix) :]]
     node = data
     for k in keys[:-1]:
         node = node.setdefault(k, {})

@@ -23,6 +23,7 @@ EXPERIMENTS = {
     "data_hypercleaning": "experiments.data_hypercleaning",
     "hpo_logreg": "experiments.hpo_logreg",
     "fixed_point_sweep": "experiments.fixed_point_sweep",
+    "hpo_sweep": "experiments.hpo_sweep",
 }
 
 SOLVERS = {

@@ -211,26 +211,31 @@ def nonfinite(metrics: dict) -> list[str]:
 
 def aggregate(rows, seed_key) -> list[dict]:
     """Per setting (all keys but the seed): n, then mean/std/min/max of each
-    numeric metric over the seeds that finished."""
+    numeric metric over the seeds that finished, ignoring non-finite values
+    (counted in `nonfinite`)."""
     out = {}
     for r in rows:
         if r["status"] != "ok":
             continue
         key = json.dumps({k: v for k, v in r["settings"].items() if k != seed_key})
         out.setdefault(key, []).append(r["metrics"])
+    names = list(dict.fromkeys(n for ms in out.values() for m in ms for n in m))
     result = []
     for key, ms in out.items():
         entry = {"settings": json.loads(key), "n": len(ms)}
-        for name in ms[0]:
+        for name in names:
             xs = [m.get(name) for m in ms]
-            if not all(_is_number(x) or isinstance(x, bool) for x in xs):
+            if not all(x is None or isinstance(x, int | float) for x in xs):
                 continue
-            a = np.asarray(xs, dtype=float)
+            a = np.asarray([np.nan if x is None else x for x in xs], dtype=float)
+            ok = a[np.isfinite(a)]
+            stat = lambda f: float(f(ok)) if ok.size else float("nan")
             entry[name] = {
-                "mean": float(np.mean(a)),
-                "std": float(np.std(a)),
-                "min": float(np.min(a)),
-                "max": float(np.max(a)),
+                "mean": stat(np.mean),
+                "std": stat(np.std),
+                "min": stat(np.min),
+                "max": stat(np.max),
+                "nonfinite": int(a.size - ok.size),
             }
         result.append(entry)
     return result
@@ -253,6 +258,13 @@ def write_tables(path, rows):
             )
 
 
+def _mean_std(stat):
+    if stat is None:
+        return ""
+    flag = f" ({stat['nonfinite']} non-finite)" if stat["nonfinite"] else ""
+    return f"{stat['mean']:.4g} ± {stat['std']:.2g}{flag}"
+
+
 def _cell(v):
     return v if isinstance(v, str | int | float) else json.dumps(v)
 
@@ -268,7 +280,7 @@ def markdown(aggregates, seed_key) -> str:
     for a in aggregates:
         cells = [_label({k: a["settings"][k]}).split("=", 1)[1] for k in keys]
         cells.append(a["n"])
-        cells += [f"{a[n]['mean']:.4g} ± {a[n]['std']:.2g}" for n in names]
+        cells += [_mean_std(a.get(n)) for n in names]
         rows.append(cells)
     return markdown_table([*keys, f"{seed_key}s", *names], rows)
 
@@ -304,8 +316,9 @@ def plot(aggregates, rows, seed_key, workdir, max_metrics=6):
                 x = np.asarray([a["settings"][xkey] for a in pts], dtype=float)
             else:
                 x = np.arange(len(pts), dtype=float)
-            mean = np.asarray([a[name]["mean"] for a in pts])
-            std = np.asarray([a[name]["std"] for a in pts])
+            nan = {"mean": np.nan, "std": np.nan}
+            mean = np.asarray([a.get(name, nan)["mean"] for a in pts])
+            std = np.asarray([a.get(name, nan)["std"] for a in pts])
             ax.plot(x, mean, "o-", label=label, ms=3)
             ax.fill_between(x, mean - std, mean + std, alpha=0.25)
         ax.set(title=name, xlabel=xkey or "setting")

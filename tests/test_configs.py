@@ -146,7 +146,15 @@ def _check_fixed_point_sweep(summary):
     assert steps[("anderson", 0.9)] < steps[("picard", 0.9)]
 
 
+def _check_hpo_sweep(summary):
+    assert summary["vectorised_groups"] == 1 and summary["members"] == 4
+    assert not summary["failed"] and not summary["nonfinite_metrics"]
+    for a in summary["aggregates"]:  # better than the uninformed log(2)
+        assert a["test_loss"]["max"] < 0.69 and a["test_acc"]["min"] > 0.5, a
+
+
 SMOKE_CHECKS = {
+    "hpo_sweep": _check_hpo_sweep,
     "fixed_point_sweep": _check_fixed_point_sweep,
     "hpo_logreg": _check_hpo_logreg,
     "data_hypercleaning": _check_data_hypercleaning,

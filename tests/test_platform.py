@@ -72,6 +72,14 @@ def test_expand_grid_random_and_seeds():
     assert seeds == [{"train.seed": 5}, {"train.seed": 9}]
 
 
+def test_overrides_reach_dotted_grid_keys(tmp_path):
+    path = _config(tmp_path, FP_SWEEP % "null")
+    p = runlib.prepare(path, ["sweep.grid.solver.damping=[0.25]", "sweep.seeds=3"])
+    assert [m.settings for m in p.members] == [
+        {"solver.damping": 0.25, "seed": s} for s in range(3)
+    ]
+
+
 def test_groups_split_on_keys_that_cannot_be_vectorised():
     p = runlib.prepare(runlib.CONFIG_DIR / "fixed_point_sweep.yaml", smoke=True)
     plan = sweeplib.groups(p.module, p.members, p.platform.sweep)
