@@ -75,7 +75,12 @@ def long_sequences(cfg, workdir, advance):
             f, init, xs = cells.gru(dim, T, cfg.input_dim, seed=cfg.seed)
             run = jax.jit(
                 lambda xs, f=f, init=init: ij.scan(
-                    f, init, xs, method=ij.DEER(), atol=cfg.atol, return_stats=True
+                    f,
+                    init,
+                    xs,
+                    method=ij.DEER(mesh=workdir.mesh),
+                    atol=cfg.atol,
+                    return_stats=True,
                 )
             )
             carry, ys, stats = run(xs)

@@ -90,7 +90,7 @@ def run(cfg: Config, workdir) -> dict:
             for T in cfg.lengths:
                 f, init, xs = make_cell(cfg, cname, T)
                 for s in cfg.methods:
-                    method = build("sequence_method", s)
+                    method = build("sequence_method", s, mesh=workdir.mesh)
                     row = dict(cell=cname, length=T, method=s.label)
                     row.update(measure(f, init, xs, method, cfg.atol, cfg.repeats))
                     workdir.log(**row)
@@ -98,7 +98,7 @@ def run(cfg: Config, workdir) -> dict:
                     advance()
             f, init, xs = make_cell(cfg, cname, cfg.error_length)
             for s in cfg.methods:
-                method = build("sequence_method", s)
+                method = build("sequence_method", s, mesh=workdir.mesh)
                 err = cells.sweep_errors(
                     f, init, xs, method, cfg.atol, cfg.error_sweeps
                 )

@@ -83,8 +83,25 @@ def validate(kind, spec, where):
         raise ConfigError(f"config key `{where}`: {e}") from None
 
 
-def build(kind, spec, where="?"):
-    """Instantiate the object a `Spec` names (nested specs for linear solvers)."""
+def build(kind, spec, where="?", mesh=None):
+    """Instantiate the object a `Spec` names (nested specs for linear solvers).
+
+    `mesh` (a run's `Workdir.mesh`) goes to sequence methods that take one and
+    were not given one: their time axis is then sharded over it (windowed
+    methods excepted, which do not shard).
+    """
+    obj = _build(kind, spec, where)
+    if (
+        mesh is not None
+        and "mesh" in _options(type(obj))
+        and "mesh" not in spec.kwargs()
+        and getattr(obj, "window", None) is None
+    ):
+        obj = dataclasses.replace(obj, mesh=mesh)
+    return obj
+
+
+def _build(kind, spec, where):
     cls = KINDS[kind][spec.name]
     fields = _options(cls)
     kwargs = {}

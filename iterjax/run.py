@@ -465,7 +465,14 @@ def main(argv=None):
     rep = sub.add_parser("report", help="summarise one or several run directories")
     rep.add_argument("dirs", nargs="+", help="run directories")
     rep.add_argument("--out", default="report.md", help="report.md or report.html")
-    args = parser.parse_args(argv)
+    # overrides may come after options (`run cfg --smoke a=1`): argparse leaves
+    # them over; anything else left over is an error.
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if args.command != "run" or "=" not in e or e[0] == "-"]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command == "list":
         _list_configs()
         return 0

@@ -418,3 +418,13 @@ def test_cli_list_shows_every_config_with_its_description(capsys):
     for path in runlib.CONFIG_DIR.glob("*.yaml"):
         line = next(x for x in out.splitlines() if x.startswith(path.stem + " "))
         assert len(line.split(None, 1)[1]) > 20, line
+
+
+def test_the_config_mesh_reaches_sequence_methods():
+    from iterjax.config import Spec
+
+    mesh = runlib.make_mesh(cfglib.MeshSpec())
+    assert registry.build("sequence_method", Spec("deer"), mesh=mesh).mesh is mesh
+    assert registry.build("sequence_method", Spec("jacobi")).mesh is None
+    windowed = Spec("picard", (("window", 8),))
+    assert registry.build("sequence_method", windowed, mesh=mesh).mesh is None
