@@ -2,14 +2,12 @@
 robustness, reports, multi-host and cache settings, invalid configs."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import numpy as np
 import pytest
+from helpers import run_on_host_devices
 
 from iterjax import config as cfglib
 from iterjax import registry
@@ -179,22 +177,7 @@ print("SWEEP SHARDING OK")
 
 
 def test_sweep_sharded_over_eight_devices_equals_unsharded():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        PYTHONPATH=root,
-        JAX_PLATFORMS="cpu",
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", SHARDED],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0 and "SWEEP SHARDING OK" in out.stdout, out.stderr[-3000:]
+    assert "SWEEP SHARDING OK" in run_on_host_devices(SHARDED)
 
 
 # --- Resume

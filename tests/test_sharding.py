@@ -4,13 +4,11 @@ XLA fixes the device count when JAX starts, so the checks run in a fresh
 interpreter with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import pytest
+from helpers import run_on_host_devices
 
 import iterjax as ij
 
@@ -71,22 +69,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_time_axis_sharded_over_eight_devices():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        PYTHONPATH=root,
-        JAX_PLATFORMS="cpu",
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env=env,
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0 and "SHARDING OK" in out.stdout, out.stderr[-3000:]
+    assert "SHARDING OK" in run_on_host_devices(SCRIPT)
 
 
 def test_bad_mesh_arguments_are_rejected():
