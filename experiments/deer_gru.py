@@ -31,6 +31,7 @@ import iterjax as ij  # noqa: E402
 from experiments import cells  # noqa: E402
 from iterjax.config import Spec, spec  # noqa: E402
 from iterjax.registry import build  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,30 +267,25 @@ def _plot(cfg, long_rows, long_curves, chaos_curves, loss_curves, workdir):
 
 
 def _tables(long_rows, chaos_rows, training):
-    lines = [
-        "| GRU hidden | T | DEER sweeps | converged | error vs lax.scan |",
-        "|---|---|---|---|---|",
-    ]
-    for r in long_rows:
-        lines.append(
-            f"| {r['dim']} | {r['length']} | {r['sweeps']} | "
-            f"{r['converged']} | {r['error']:.1e} |"
-        )
-    lines += [
-        "",
-        "| chaotic: method | sweeps | converged | fallbacks | error |",
-        "|---|---|---|---|---|",
-    ]
-    for r in chaos_rows:
-        lines.append(
-            f"| {r['method']} | {r['sweeps']} | {r['converged']} | "
-            f"{r['fallbacks']} | {r['error']:.1e} |"
-        )
+    long = markdown_table(
+        ["GRU hidden", "T", "DEER sweeps", "converged", "error vs lax.scan"],
+        [
+            [r["dim"], r["length"], r["sweeps"], r["converged"], f"{r['error']:.1e}"]
+            for r in long_rows
+        ],
+    )
+    chaos = markdown_table(
+        ["chaotic: method", "sweeps", "converged", "fallbacks", "error"],
+        [
+            [r[k] for k in ("method", "sweeps", "converged", "fallbacks")]
+            + [f"{r['error']:.1e}"]
+            for r in chaos_rows
+        ],
+    )
     acc = training["accuracy"]
-    lines += [
-        "",
+    note = (
         f"training: max |loss(DEER) - loss(lax.scan)| over steps = "
         f"{training['loss_gap']:.1e}; test accuracy lax.scan "
-        f"{acc['lax.scan']:.3f}, DEER {acc['DEER']:.3f}",
-    ]
-    return "\n".join(lines)
+        f"{acc['lax.scan']:.3f}, DEER {acc['DEER']:.3f}"
+    )
+    return "\n\n".join([long, chaos, note])

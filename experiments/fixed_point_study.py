@@ -23,6 +23,7 @@ import iterjax as ij  # noqa: E402
 from experiments.problems import PROBLEMS  # noqa: E402
 from iterjax.config import Spec, spec  # noqa: E402
 from iterjax.registry import build  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 Problem = Literal["tanh_deq", "slow_system", "pytree"]
 NORMS = {"max": ij.max_norm, "two": ij.two_norm, "rms": ij.rms_norm}
@@ -165,22 +166,18 @@ def _plot(cfg, traces, workdir):
 
 
 def _table(rows):
-    head = "| problem | solver | steps | f evals | JVPs | converged | residual | ms |"
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        lines.append(
-            f"| {r['problem']} | {r['solver']} | {r['steps']} | {r['f_evals']} | "
-            f"{r['jvps']} | {r['converged']} | {r['residual']:.1e} | {r['ms']:.3f} |"
-        )
-    return "\n".join(lines)
+    headers = ["problem", "solver", "steps", "f evals", "JVPs", "converged"]
+    keys = ("problem", "solver", "steps", "f_evals", "jvps", "converged")
+    cells = lambda r: [r[k] for k in keys] + [f"{r['residual']:.1e}", f"{r['ms']:.3f}"]
+    return markdown_table(headers + ["residual", "ms"], map(cells, rows))
 
 
 def _grad_table(grads):
-    head = "| adjoint | rel. error vs exact | cosine | grad ms |"
-    lines = [head, "|---|---|---|---|"]
-    for g in grads.values():
-        lines.append(
-            f"| {g['adjoint']} | {g['rel_err']:.1e} | {g['cosine']:.6f} | "
-            f"{g['grad_ms']:.3f} |"
-        )
-    return "\n".join(lines)
+    headers = ["adjoint", "rel. error vs exact", "cosine", "grad ms"]
+    cells = lambda g: [
+        g["adjoint"],
+        f"{g['rel_err']:.1e}",
+        f"{g['cosine']:.6f}",
+        f"{g['grad_ms']:.3f}",
+    ]
+    return markdown_table(headers, map(cells, grads.values()))

@@ -35,6 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from experiments import charlm, charlm_train  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,13 +332,14 @@ def _plot(cfg, s, history, workdir):
 
 
 def _table(s):
-    lines = [
-        "| window | tokens/call (trained) | tokens/call (+ CLLM) | exact match |",
-        "|---|---|---|---|",
+    headers = ["window", "tokens/call (trained)", "tokens/call (+ CLLM)"]
+    rows = [
+        [
+            b["block_size"],
+            f"{b['tokens_per_call']:.2f}",
+            f"{a['tokens_per_call']:.2f}",
+            min(b["exact_match"], a["exact_match"]),
+        ]
+        for b, a in zip(s["before"], s["after"])
     ]
-    for b, a in zip(s["before"], s["after"]):
-        lines.append(
-            f"| {b['block_size']} | {b['tokens_per_call']:.2f} | "
-            f"{a['tokens_per_call']:.2f} | {min(b['exact_match'], a['exact_match'])} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(headers + ["exact match"], rows)

@@ -21,6 +21,7 @@ import iterjax as ij  # noqa: E402
 from experiments import cells  # noqa: E402
 from iterjax.config import Spec, spec  # noqa: E402
 from iterjax.registry import build  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 Cell = Literal["tanh_rnn", "gru"]
 
@@ -151,15 +152,14 @@ def _plot(cfg, rows, curves, workdir):
 
 
 def _table(rows):
-    head = (
-        "| cell | T | method | sweeps | depth | error vs lax.scan | fallbacks "
-        "| wall / lax.scan |"
+    headers = ["cell", "T", "method", "sweeps", "depth", "error vs lax.scan"]
+    headers += ["fallbacks", "wall / lax.scan"]
+    cells = lambda r: (
+        [r[k] for k in ("cell", "length", "method", "sweeps", "depth")]
+        + [
+            f"{r['error']:.1e}",
+            r["fallbacks"],
+            f"{r['wall_ratio']:.1f}",
+        ]
     )
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        lines.append(
-            f"| {r['cell']} | {r['length']} | {r['method']} | {r['sweeps']} | "
-            f"{r['depth']} | {r['error']:.1e} | {r['fallbacks']} | "
-            f"{r['wall_ratio']:.1f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(headers, map(cells, rows))

@@ -33,6 +33,7 @@ import iterjax as ij  # noqa: E402
 from experiments import cells, diffusion  # noqa: E402
 from iterjax.config import Spec, spec  # noqa: E402
 from iterjax.registry import build  # noqa: E402
+from iterjax.run import markdown_table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,14 +214,14 @@ def _plot(cfg, rows, curves, samples, guided, guided_samples, workdir):
 
 
 def _table(rows):
-    lines = [
-        "| N | method | sweeps | N / sweeps | evaluations | error | wall / lax.scan |",
-        "|" + "---|" * 7,
+    headers = ["N", "method", "sweeps", "N / sweeps", "evaluations", "error"]
+    cells = lambda r: [
+        r["steps"],
+        r["method"],
+        r["sweeps"],
+        f"{r['steps'] / r['sweeps']:.1f}",
+        r["evaluations"],
+        f"{r['error']:.1e}",
+        f"{r['wall_ratio']:.1f}",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['steps']} | {r['method']} | {r['sweeps']} | "
-            f"{r['steps'] / r['sweeps']:.1f} | {r['evaluations']} | "
-            f"{r['error']:.1e} | {r['wall_ratio']:.1f} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(headers + ["wall / lax.scan"], map(cells, rows))
