@@ -31,6 +31,9 @@ class Solver:
     lam: float = 10.0  # f2sa: λ_0, grown by lam_growth per step to lam_max
     lam_growth: float = 0.01
     lam_max: float = 1000.0
+    # implicit: the inner Newton-CG's forcing and the adjoint CG's tolerance
+    forcing: Literal["fixed", "eisenstat-walker"] = "fixed"
+    cg_rtol: float = 1e-6
 
 
 def make_solver(s, inner, outer, n, m):
@@ -93,7 +96,8 @@ def _run_implicit(s, inner, outer, theta, w, n, m, budget, evals, evaluate):
     full_in, full_out = jnp.arange(n), jnp.arange(m)
     g = lambda w, t: inner(w, t, full_in)
     f = lambda w, t: outer(w, t, full_out)
-    method = bl.Implicit(ij.CG(rtol=1e-6), atol=1e-6)
+    newton = ij.Newton(ij.CG(rtol=0.1), forcing=s.forcing)
+    method = bl.Implicit(ij.CG(rtol=s.cg_rtol), solver=newton, atol=1e-6)
     opt = optax.adam(s.outer_lr * 0.1)
 
     def step(theta, w, opt_state):

@@ -214,6 +214,11 @@ def _write(tmp_path, text):
         ("experiment: fixed_point_study\n", ["nokey=1"], "`nokey`: unknown key"),
         ("experiment: fixed_point_study\n", ["dim"], "key=value"),
         ("dim: 3\n", [], "experiment"),
+        (
+            "experiment: hpo_logreg\nsolvers: [{name: implicit, forcing: ew}]\n",
+            [],
+            r"`solvers\[0\].forcing`: 'ew' is not one of",
+        ),
     ],
 )
 def test_invalid_configs_are_rejected_by_key(tmp_path, text, overrides, match):
