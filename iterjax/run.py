@@ -22,7 +22,6 @@ import math
 import os
 import pathlib
 import platform
-import shutil
 import socket
 import subprocess
 import sys
@@ -241,11 +240,12 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
                     if m.index % nproc != pid:
                         continue
                     member_dir = run_dir / "members" / f"{m.index:03d}"
-                    shutil.rmtree(member_dir, ignore_errors=True)  # a partial try
+                    # a member interrupted before goes on from its checkpoint
+                    again = (member_dir / "status.json").exists()
                     try:
                         # members are split over processes: each writes its own
                         own = mesh if nproc == 1 else None  # no global mesh
-                        s = _run_one(p, m.cfg, member_dir, True, own, False, True)
+                        s = _run_one(p, m.cfg, member_dir, True, own, again, True)
                         row = _row(m, sweeplib.scalar_metrics(s))
                     except KeyboardInterrupt:
                         raise

@@ -218,26 +218,45 @@ def test_resume_after_interruption_equals_uninterrupted_run(toy, tmp_path, monke
 
 
 def test_interrupted_sweep_resumes_with_the_missing_members(toy, tmp_path, monkeypatch):
-    text = "experiment: toy\nsweep: {grid: {lr: [0.1, 0.2]}, seeds: 2, vmap: false}\n"
+    text = (
+        "experiment: toy\ncheckpoint_every: 2\n"
+        "sweep: {grid: {lr: [0.1, 0.2]}, seeds: 2, vmap: false}\n"
+    )
     path = _config(tmp_path, text)
     full_dir, _ = runlib.run_experiment(path, out=tmp_path / "a", quiet=True)
-    calls = []
-    run = toy.run
+    saves = []
+    save = Workdir.checkpoint
 
-    def flaky(cfg, workdir):
-        calls.append(cfg)
-        if len(calls) == 3:
+    def checkpoint(self, step, state, force=False):  # Ctrl-C inside member 2
+        saved = save(self, step, state, force=force)
+        saves.extend([step] if saved else [])
+        # members 0 and 1 save at steps 2, 4, 6; member 2 at 2, then 4: stop there
+        if saved and len(saves) == 2 * 3 + 2:
             raise KeyboardInterrupt
-        return run(cfg, workdir)
+        return saved
 
-    monkeypatch.setattr(toy, "run", flaky)
+    monkeypatch.setattr(Workdir, "checkpoint", checkpoint)
     with pytest.raises(runlib.Interrupted) as info:
         runlib.run_experiment(path, out=tmp_path / "b", quiet=True)
     run_dir = info.value.args[0]
-    monkeypatch.setattr(toy, "run", run)
+    member = run_dir / "members" / "002"
+    assert json.loads((member / "status.json").read_text())["status"] == "interrupted"
+    assert len(_rows(member)) == 4
+    monkeypatch.setattr(Workdir, "checkpoint", save)
+    restore, starts = Workdir.restore, []
+
+    def restore_and_record(self, state):
+        out = restore(self, state)
+        starts.append(out[0])
+        return out
+
+    monkeypatch.setattr(Workdir, "restore", restore_and_record)
     _, summary = runlib.run_experiment(resume=run_dir, quiet=True)
+    assert starts == [4, 0]  # member 2 from its checkpoint, member 3 afresh
     assert summary["members"] == 4 and not summary["failed"]
     assert _metrics_by_settings(run_dir) == _metrics_by_settings(full_dir)
+    # member 2 went on from its step-4 checkpoint: the same rows, none twice
+    assert _rows(member) == _rows(full_dir / "members" / "002")
 
 
 # --- Robustness
