@@ -15,6 +15,7 @@ The reserved top-level config keys (`iterjax.config.Platform`) say how to run:
 """
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
@@ -152,8 +153,7 @@ def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume, primary=None):
     """One run; `primary` (default: process 0) writes the files."""
     import jax
 
-    if isinstance(getattr(cfg, "x64", None), bool):
-        jax.config.update("jax_enable_x64", cfg.x64)
+    _set_x64(cfg)
     if primary is None:
         primary = jax.process_index() == 0
     workdir = Workdir(
@@ -164,20 +164,9 @@ def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume, primary=None):
         resume=resume,
         primary=primary,
     )
-    _status(run_dir, "running", primary)
     start = time.perf_counter()
-    try:
+    with _recorded(run_dir, primary), contextlib.closing(workdir):
         summary = p.module.run(cfg, workdir) or {}
-    except KeyboardInterrupt:
-        _status(
-            run_dir, "interrupted", primary, resume=f"iterjax run --resume {run_dir}"
-        )
-        raise
-    except Exception as e:
-        _status(run_dir, "failed", primary, error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        workdir.close()
     summary = {
         "experiment": p.name,
         "seconds": round(time.perf_counter() - start, 3),
@@ -187,10 +176,7 @@ def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume, primary=None):
     flagged = dict(workdir.nonfinite)
     flagged.update({k: "summary" for k in _nonfinite_paths(summary)})
     summary["nonfinite_metrics"] = flagged
-    if primary:
-        with open(run_dir / "summary.json", "w") as f:
-            json.dump(jsonable(summary), f, indent=2)
-    _status(run_dir, "done", primary)
+    _finish(run_dir, summary, primary)
     return summary
 
 
@@ -205,7 +191,6 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
     done = {r["member"]: r for r in _read_rows(run_dir)} if resume else {}
     rows_file = run_dir / f"rows-{pid}.jsonl"
     workdir = Workdir(run_dir, quiet, mesh=mesh, primary=primary)
-    _status(run_dir, "running", primary)
     start = time.perf_counter()
 
     def record(row):
@@ -213,53 +198,47 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
             f.write(json.dumps(jsonable(row)) + "\n")
 
     plan = sweeplib.groups(p.module, p.members, sweep)
-    try:
-        with workdir.progress(len(p.members), "sweep") as advance:
-            advance(len(done))
-            for keys, members in plan:
-                todo = [m for m in members if m.index not in done]
-                if keys and todo:
-                    x64 = getattr(todo[0].cfg, "x64", None)
-                    if isinstance(x64, bool):
-                        jax.config.update("jax_enable_x64", x64)
-                    try:
-                        results = sweeplib.run_vectorised(p.module, todo, keys, mesh)
-                    except Exception as e:  # one bad member: isolate it
-                        print(
-                            f"iterjax: vectorised group failed ({e}); "
-                            "running its members one by one",
-                            file=sys.stderr,
-                        )
-                    else:
-                        for m, metrics in zip(todo, results):
-                            if primary:
-                                record(_row(m, metrics))
-                            advance()
-                        continue
-                for m in todo:
-                    if m.index % nproc != pid:
-                        continue
-                    member_dir = run_dir / "members" / f"{m.index:03d}"
-                    # a member interrupted before goes on from its checkpoint
-                    again = (member_dir / "status.json").exists()
-                    try:
-                        # members are split over processes: each writes its own
-                        own = mesh if nproc == 1 else None  # no global mesh
-                        s = _run_one(p, m.cfg, member_dir, True, own, again, True)
-                        row = _row(m, sweeplib.scalar_metrics(s))
-                    except KeyboardInterrupt:
-                        raise
-                    except Exception as e:
-                        row = sweeplib.error_row(m, e)
-                    record(row)
-                    advance()
-    except KeyboardInterrupt:
-        _status(
-            run_dir, "interrupted", primary, resume=f"iterjax run --resume {run_dir}"
-        )
-        raise
-    finally:
-        workdir.close()
+    with (
+        _recorded(run_dir, primary),
+        contextlib.closing(workdir),
+        workdir.progress(len(p.members), "sweep") as advance,
+    ):
+        advance(len(done))
+        for keys, members in plan:
+            todo = [m for m in members if m.index not in done]
+            if keys and todo:
+                _set_x64(todo[0].cfg)
+                try:
+                    results = sweeplib.run_vectorised(p.module, todo, keys, mesh)
+                except Exception as e:  # one bad member: isolate it
+                    print(
+                        f"iterjax: vectorised group failed ({e}); "
+                        "running its members one by one",
+                        file=sys.stderr,
+                    )
+                else:
+                    for m, metrics in zip(todo, results):
+                        if primary:
+                            record(_row(m, metrics))
+                        advance()
+                    continue
+            for m in todo:
+                if m.index % nproc != pid:
+                    continue
+                member_dir = run_dir / "members" / f"{m.index:03d}"
+                # a member interrupted before goes on from its checkpoint
+                again = (member_dir / "status.json").exists()
+                try:
+                    # members are split over processes: each writes its own
+                    own = mesh if nproc == 1 else None  # no global mesh
+                    s = _run_one(p, m.cfg, member_dir, True, own, again, True)
+                    row = _row(m, sweeplib.scalar_metrics(s))
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:
+                    row = sweeplib.error_row(m, e)
+                record(row)
+                advance()
     if nproc > 1:
         from jax.experimental import multihost_utils
 
@@ -283,10 +262,40 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
     if primary:
         sweeplib.write_tables(run_dir, rows)
         sweeplib.plot(aggregates, rows, sweep.seed_key, workdir)
-        with open(run_dir / "summary.json", "w") as f:
+    _finish(run_dir, summary, primary)
+    return summary
+
+
+@contextlib.contextmanager
+def _recorded(run_dir, primary):
+    """status.json: running, then interrupted (with the resume command) or
+    failed when the body raises; `_finish` writes done."""
+    _status(run_dir, "running", primary)
+    try:
+        yield
+    except KeyboardInterrupt:
+        _status(
+            run_dir, "interrupted", primary, resume=f"iterjax run --resume {run_dir}"
+        )
+        raise
+    except Exception as e:
+        _status(run_dir, "failed", primary, error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _finish(run_dir, summary, primary):
+    if primary:
+        with open(pathlib.Path(run_dir) / "summary.json", "w") as f:
             json.dump(jsonable(summary), f, indent=2)
     _status(run_dir, "done", primary)
-    return summary
+
+
+def _set_x64(cfg):
+    """A config's `x64: bool` field sets jax_enable_x64 before its run."""
+    import jax
+
+    if isinstance(getattr(cfg, "x64", None), bool):
+        jax.config.update("jax_enable_x64", cfg.x64)
 
 
 def _row(member, metrics):
