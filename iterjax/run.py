@@ -349,7 +349,8 @@ def _start(plat: cfglib.Platform, compilation_cache=None):
     cache = compilation_cache or plat.compilation_cache
     cache = cache or os.environ.get("ITERJAX_COMPILATION_CACHE")
     if cache:
-        jax.config.update("jax_compilation_cache_dir", str(cache))
+        cache = os.path.expanduser(str(cache))
+        jax.config.update("jax_compilation_cache_dir", cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
