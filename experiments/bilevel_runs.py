@@ -61,12 +61,10 @@ def make_solver(s, inner, outer, n, m):
     raise ValueError(f"no stochastic solver {s.name!r}")
 
 
-def run(s, inner, outer, theta0, w0, *, n, m, batch, budget, evals, evaluate, seed):
-    """A list of `dict(oracles, seconds, **evaluate(w, theta))`, one per eval."""
-    if s.name == "implicit":
-        return _run_implicit(s, inner, outer, theta0, w0, n, m, budget, evals, evaluate)
-    solver = make_solver(s, inner, outer, n, m)
-    state = solver.init(theta0, w0)
+def chunked(solver, n, m, batch, budget, evals):
+    """`(chunk, steps, oracles per step)`: `chunk(state, key)` is `steps` solver
+    steps on random minibatches of indices, a pure function; `evals` chunks
+    spend `budget` per-sample oracle calls."""
     per_step = sum(solver.oracles) * batch
     steps = max(1, int(budget / per_step / evals))
 
@@ -79,6 +77,16 @@ def run(s, inner, outer, theta0, w0, *, n, m, batch, budget, evals, evaluate, se
 
         return jax.lax.scan(body, state, jax.random.split(key, steps))[0]
 
+    return chunk, steps, per_step
+
+
+def run(s, inner, outer, theta0, w0, *, n, m, batch, budget, evals, evaluate, seed):
+    """A list of `dict(oracles, seconds, **evaluate(w, theta))`, one per eval."""
+    if s.name == "implicit":
+        return _run_implicit(s, inner, outer, theta0, w0, n, m, budget, evals, evaluate)
+    solver = make_solver(s, inner, outer, n, m)
+    state = solver.init(theta0, w0)
+    chunk, steps, per_step = chunked(solver, n, m, batch, budget, evals)
     key = jax.random.PRNGKey(seed)
     chunk = jax.jit(chunk).lower(state, key).compile()
     curve, seconds = [], 0.0

@@ -75,30 +75,29 @@ def curve(cfg: Config):
     s = dataclasses.replace(cfg.solver, inner_lr=cfg.solver.inner_lr / L)
     n, m = len(X), len(val[0])
     solver = runs.make_solver(s, inner, outer, n, m)
-    per_step = sum(solver.oracles) * cfg.batch
-    steps = max(1, int(cfg.budget / per_step / cfg.evals))
+    chunk, steps, per_step = runs.chunked(
+        solver, n, m, cfg.batch, cfg.budget, cfg.evals
+    )
 
-    def step(state, key):
-        ki, ko = jax.random.split(key)
-        i = jax.random.randint(ki, (cfg.batch,), 0, n)
-        j = jax.random.randint(ko, (cfg.batch,), 0, m)
-        return solver.step(state, i, j)[0], None
-
-    def chunk(state, key):
-        state = jax.lax.scan(step, state, jax.random.split(key, steps))[0]
+    def evaluated(state, key):
+        state = chunk(state, key)
         pred = jnp.argmax(test[0] @ state.w, -1).astype(test[1].dtype)
         acc = jnp.mean((pred == test[1]).astype(state.w.dtype))
         return state, (ce(state.w, *test), acc)
 
     state = solver.init(jnp.full(d, cfg.theta0), jnp.zeros((d + 1, classes)))
     keys = jax.random.split(jax.random.key(cfg.seed), cfg.evals)
-    _, (loss, acc) = jax.lax.scan(chunk, state, keys)
+    _, (loss, acc) = jax.lax.scan(evaluated, state, keys)
     calls = per_step * steps * np.arange(1, cfg.evals + 1)
     return calls, loss, acc
 
 
 def trial(cfg: Config) -> dict:
-    _, loss, acc = curve(cfg)
+    """The metrics of one run, pure in the `ARRAY_KEYS` fields of `cfg`."""
+    return _metrics(*curve(cfg)[1:])
+
+
+def _metrics(loss, acc):
     return {"test_loss": loss[-1], "best_test_loss": jnp.min(loss), "test_acc": acc[-1]}
 
 
@@ -115,9 +114,5 @@ def run(cfg: Config, workdir) -> dict:
     )
     ax.grid(alpha=0.3, which="both")
     workdir.savefig(fig, "hpo_sweep.png")
-    metrics = {
-        "test_loss": float(loss[-1]),
-        "best_test_loss": float(jnp.min(loss)),
-        "test_acc": float(acc[-1]),
-    }
+    metrics = jax.tree.map(float, _metrics(loss, acc))
     return {"metrics": metrics}

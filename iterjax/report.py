@@ -15,6 +15,7 @@ import pathlib
 import yaml
 
 from .run import _flatten, markdown_table
+from .sweep import scalar_metrics
 
 
 def load(run_dir) -> dict:
@@ -34,12 +35,11 @@ def load(run_dir) -> dict:
 
 
 def _numbers(summary):
-    source = summary.get("metrics", summary)
     skip = {"seconds", "members", "vectorised_groups"}
     return {
         k: v
-        for k, v in source.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip
+        for k, v in scalar_metrics(summary).items()
+        if not isinstance(v, bool) and k not in skip
     }
 
 

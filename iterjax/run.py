@@ -34,7 +34,7 @@ import yaml
 from . import config as cfglib
 from . import registry
 from . import sweep as sweeplib
-from .workdir import Workdir, jsonable
+from .workdir import Workdir, jsonable, nonfinite_paths
 
 __all__ = ["Workdir", "markdown_table", "prepare", "run_experiment", "main"]
 
@@ -174,7 +174,7 @@ def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume, primary=None):
         **summary,
     }
     flagged = dict(workdir.nonfinite)
-    flagged.update({k: "summary" for k in _nonfinite_paths(summary)})
+    flagged.update({k: "summary" for k in nonfinite_paths(summary)})
     summary["nonfinite_metrics"] = flagged
     _finish(run_dir, summary, primary)
     return summary
@@ -301,7 +301,7 @@ def _set_x64(cfg):
 def _row(member, metrics):
     row = {"member": member.index, "settings": member.settings, "metrics": metrics}
     row["status"] = "ok"
-    bad = sweeplib.nonfinite(metrics)
+    bad = list(nonfinite_paths(metrics))
     if bad:
         row["nonfinite"] = bad
     return row
@@ -321,14 +321,6 @@ def _status(run_dir, status, primary, **extra):
     if primary:
         with open(pathlib.Path(run_dir) / "status.json", "w") as f:
             json.dump({"status": status, **extra}, f)
-
-
-def _nonfinite_paths(tree, prefix=""):
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from _nonfinite_paths(v, f"{prefix}{k}.")
-    elif isinstance(tree, float) and not math.isfinite(tree):
-        yield prefix.rstrip(".")
 
 
 # --- Platform: processes, compilation cache, mesh.

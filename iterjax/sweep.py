@@ -28,7 +28,6 @@ import dataclasses
 import fnmatch
 import itertools
 import json
-import math
 import traceback
 
 import numpy as np
@@ -194,19 +193,7 @@ def scalar_metrics(summary: dict) -> dict:
     """What a member reports to the sweep table: the summary's `metrics` mapping
     when it has one, else its top-level numbers."""
     source = summary.get("metrics", summary)
-    return {
-        k: v
-        for k, v in source.items()
-        if isinstance(v, (int, float, bool)) or k == "metrics"
-    }
-
-
-def nonfinite(metrics: dict) -> list[str]:
-    return [
-        k
-        for k, v in metrics.items()
-        if v is None or (isinstance(v, float) and not math.isfinite(v))
-    ]
+    return {k: v for k, v in source.items() if isinstance(v, int | float)}
 
 
 def aggregate(rows, seed_key) -> list[dict]:

@@ -59,9 +59,8 @@ class Workdir:
 
     def log(self, **row) -> None:
         """Append one row of metrics (numbers, strings, lists) to metrics.jsonl."""
-        for k, v in row.items():
-            if isinstance(v, float) and not math.isfinite(v):
-                self.nonfinite[k] = self.nonfinite.get(k, 0) + 1
+        for k in nonfinite_paths(row):
+            self.nonfinite[k] = self.nonfinite.get(k, 0) + 1
         self._rows += 1
         if not self.primary:
             return
@@ -207,3 +206,12 @@ def jsonable(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None if math.isnan(x) else str(x)
     return x
+
+
+def nonfinite_paths(tree, prefix=""):
+    """The dotted keys of a nested mapping whose values are NaN or +-inf floats."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from nonfinite_paths(v, f"{prefix}{k}.")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        yield prefix.rstrip(".")
