@@ -77,8 +77,8 @@ def parallel_depth(method, length):
     evaluations and associative-combine levels (the unit a GPU pays in latency).
 
     Jacobi: 1. Gauss-Seidel: the block. Picard/DEER/QuasiDEER: 1 + the 2 log2(W)
-    levels of `associative_scan`. ELK: 2 per CG step (one JVP, one VJP). QuasiELK:
-    three scans. Sequential: the length.
+    levels of `associative_scan`. ELK / QuasiELK: 1 + two scans (Kalman filter and
+    smoother). Sequential: the length.
     """
     import math
 
@@ -90,10 +90,8 @@ def parallel_depth(method, length):
         return length
     if isinstance(method, seq.GaussSeidel):
         return min(method.block, w)
-    if isinstance(method, seq.ELK):
-        return 1 + 2 * method.cg_steps
-    if isinstance(method, seq.QuasiELK):  # variance, filter and smoother scans
-        return 1 + 3 * levels
+    if isinstance(method, seq.ELK):  # QuasiELK too: filter and smoother scans
+        return 1 + 2 * levels
     if isinstance(method, seq.Jacobi):
         return 1
     return 1 + levels

@@ -8,6 +8,8 @@ from jax.test_util import check_grads
 
 import iterjax as ij
 from experiments import cells
+from iterjax.sequence.elk import gauss_jordan
+from iterjax.sequence.elk import solve as elk_solve
 
 METHODS = [
     ij.Jacobi(),
@@ -202,10 +204,12 @@ def test_elk_step_solves_the_levenberg_marquardt_system():
     r = jax.vmap(cell)(prev, xs) - X
     frozen = jnp.array([True, False, False, False, False, False])
     r = jnp.where(frozen[:, None], 0, r)
-    delta = ij.ELK(damping=0.3, cg_steps=50).sweep(cell, init, X, xs, r, None, frozen)
+    method = ij.ELK(damping=0.3)
+    _, jac = method.linearize(cell, prev, xs)
+    delta = jax.jit(method.sweep, static_argnums=0)(cell, init, X, xs, r, jac, frozen)
     lam = 0.3 * jnp.max(jnp.sum(r**2, axis=-1))
     # Dense M = I - subdiag(J_t) over the free positions 2..6.
-    jac = jax.vmap(jax.jacfwd(cell))(prev, xs)
+    np.testing.assert_allclose(jac, jax.vmap(jax.jacfwd(cell))(prev, xs), atol=1e-13)
     M = np.eye(12)
     for t in range(1, 6):
         M[2 * t : 2 * t + 2, 2 * t - 2 : 2 * t] = -jac[t]
@@ -213,6 +217,17 @@ def test_elk_step_solves_the_levenberg_marquardt_system():
     expected = np.linalg.solve(M.T @ M + lam * np.eye(10), M.T @ np.ravel(r[1:]))
     np.testing.assert_allclose(delta[0], 0, atol=0)
     np.testing.assert_allclose(np.ravel(delta[1:]), expected, atol=1e-10)
+
+
+def test_gauss_jordan_solves_batches_with_pivoting():
+    """ELK's CPU solve: random batches, and a permutation (zero diagonal: no step
+    succeeds without pivoting)."""
+    M = jax.random.normal(jax.random.PRNGKey(0), (4, 3, 6, 6))
+    X = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 6, 2))
+    got = jax.jit(gauss_jordan)(M, X)
+    np.testing.assert_allclose(got, np.linalg.solve(M, X), rtol=1e-10, atol=1e-10)
+    P = jnp.eye(6)[jnp.array([3, 0, 5, 1, 2, 4])]
+    np.testing.assert_allclose(jax.jit(elk_solve)(P, X[0, 0]), P.T @ X[0, 0], atol=0)
 
 
 @pytest.mark.parametrize("batch", [1, 3, None])
@@ -238,7 +253,7 @@ def test_quasi_elk_step_is_the_exact_levenberg_marquardt_step():
     method = ij.QuasiELK(damping=0.3)
     fx, a = method.linearize(cell, prev, xs)
     r = jnp.where(frozen[:, None], 0, fx - X)
-    delta = method.sweep(cell, init, X, xs, r, a, frozen)
+    delta = jax.jit(method.sweep, static_argnums=0)(cell, init, X, xs, r, a, frozen)
     jac = jax.vmap(jax.jacfwd(cell))(prev, xs)
     np.testing.assert_allclose(a, jnp.diagonal(jac, axis1=1, axis2=2), atol=1e-12)
     lam = 0.3 * jnp.max(jnp.sum(r**2, axis=-1))

@@ -37,7 +37,7 @@ SCRIPT = textwrap.dedent(
     f, init, xs = cells.gru(dim=5, length=128, input_dim=3)
     ref = jax.lax.scan(f, init, xs)
     ref_grad = jax.grad(lambda xs: jnp.sum(jax.lax.scan(f, init, xs)[1] ** 2))(xs)
-    methods = [ij.DEER(mesh=auto), ij.QuasiELK(mesh=auto), ij.Jacobi(mesh=auto),
+    methods = [ij.DEER(mesh=auto), ij.ELK(mesh=auto), ij.Jacobi(mesh=auto),
                ij.GaussSeidel(block=4, mesh=auto), ij.DEER(mesh=explicit)]
     for i, m in enumerate(methods):
         run = jax.jit(lambda xs, m=m: ij.scan(f, init, xs, method=m, atol=1e-11,

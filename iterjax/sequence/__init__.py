@@ -11,8 +11,8 @@ sweeps of one core update (see `_core`) with a method choosing the matrix A_t:
 | `Picard()` | I | O(T D) | increment recurrences (ODE / diffusion steps) |
 | `QuasiDEER()` | diag ∂f/∂s | O(T D) | linearly, faster than Jacobi |
 | `DEER()` | ∂f/∂s | O(T D^2) | quadratically near the solution |
-| `ELK(damping)` | Levenberg-Marquardt step | O(T D) | stably where Newton overshoots |
-| `QuasiELK(damping)` | LM step, diag J (Kalman smoother) | O(T D) | exact LM step |
+| `ELK(damping)` | LM step (Kalman smoother) | O(T D^2) | where Newton overshoots |
+| `QuasiELK(damping)` | LM step with diag ∂f/∂s | O(T D) | stably, linearly |
 
 Every method also takes `window=W` (a ParaDiGMS sliding window: O(W) work and
 memory per sweep) and `mesh=` (the time axis sharded over a device mesh).

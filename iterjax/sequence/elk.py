@@ -1,145 +1,196 @@
-"""ELK: Levenberg-Marquardt sweeps for stability on long or chaotic sequences."""
+"""ELK: Levenberg-Marquardt sweeps, solved exactly by a parallel Kalman smoother."""
 
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.scipy.sparse.linalg import cg
 
 from .._checks import check_int, check_range
 from ._core import AbstractSequenceMethod, linear_recurrence, prefix_scan, shift
-from .deer import QuasiDEER
+from .deer import DEER, QuasiDEER
 
 
 class ELK(AbstractSequenceMethod):
     """Levenberg-Marquardt (trust-region Newton) sweeps (Gonzalez et al. 2024).
 
-    With M = I - ∂F/∂X (identity minus J_t on the sub-diagonal), each sweep solves
+    With J_t = ∂f/∂s at the current iterate (as `DEER`), each sweep minimises
 
-        min_δ  Σ_t |δ_t - J_t δ_{t-1} - r_t|^2 + λ_k Σ_t |δ_t|^2,
-        i.e.   (M^T M + λ_k I) δ = M^T r,
+        Σ_t |δ_t - J_t δ_{t-1} - r_t|^2 + λ Σ_t |δ_t|^2,   δ_0 = 0,
+        i.e.   (M^T M + λ I) δ = M^T r,   M = I - subdiag(J_t),
 
     over the unaccepted positions. λ = 0 is DEER's Newton step; λ > 0 shortens and
     rotates it towards the gradient of the merit function Σ|r_t|^2, which keeps the
     iteration stable where Newton's step overshoots (chaotic or expanding cells).
     The damping follows the residual (Yamashita & Fukushima 2001),
-    λ_k = damping * max_t |r_t|^2: strong far from the solution, vanishing near it,
-    where the step becomes Newton's and convergence superlinear.
-    The system is solved matrix-free by conjugate gradients, each CG step one
-    parallel JVP and one VJP of the cell: O(T D) memory, no Jacobian is formed.
-    (The paper solves the same problem as a parallel Kalman smoother.)
+    λ = damping * max_t |r_t|^2: strong far from the solution, vanishing near it,
+    where the step becomes Newton's and convergence quadratic.
 
-    Attributes:
-      damping: scale of λ_k (> 0).
-      cg_steps: conjugate-gradient iterations per sweep (>= 1); the system has
-        condition number at most (|M|^2 + λ) / λ.
-    """
-
-    damping: float = 0.1
-    cg_steps: int = struct.field(pytree_node=False, default=20)
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_range("ELK", "damping", self.damping, lo=0.0, lo_open=True)
-        check_int("ELK", "cg_steps", self.cg_steps, 1)
-
-    def sweep(self, cell, s0, X, xs, r, A, frozen):
-        free = ~frozen[:, None]
-        prev = shift(X, s0, self.mesh)
-        _, jvp = jax.linearize(lambda P: jax.vmap(cell)(P, xs), prev)
-        zero = jnp.zeros_like(s0)
-        m = lambda v: v - jvp(shift(v, zero, self.mesh))  # M v
-        mt = jax.linear_transpose(m, X)  # M^T, returns a 1-tuple
-        lam = self.damping * jnp.max(jnp.sum(r**2, axis=-1))
-        normal = lambda v: (
-            jnp.where(free, mt(m(jnp.where(free, v, 0)))[0], 0) + (lam * v)
-        )
-        rhs = jnp.where(free, mt(r)[0], 0)
-        delta, _ = cg(normal, rhs, tol=1e-10, maxiter=self.cg_steps)
-        return delta
-
-
-class QuasiELK(AbstractSequenceMethod):
-    """Quasi-ELK: Levenberg-Marquardt sweeps with the diagonal Jacobian, solved
-    exactly by a parallel Kalman smoother (Gonzalez et al. 2024).
-
-    With a_t = diag ∂f/∂s (as `QuasiDEER`), each sweep minimises, per component,
-
-        Σ_t (δ_t - a_t δ_{t-1} - r_t)^2 + λ Σ_t δ_t^2,   δ_0 = 0,
-
-    over the unaccepted positions: the MAP estimate of a linear-Gaussian state-space
-    model with dynamics δ_t = a_t δ_{t-1} + r_t + N(0, 1) and observations
-    0 = δ_t + N(0, 1/λ). A Kalman filter and Rauch-Tung-Striebel smoother give it
-    exactly, in parallel: the filtered variances P_t = (a_t^2 P_{t-1} + 1) /
-    (λ a_t^2 P_{t-1} + λ + 1) are a Möbius recurrence (an associative scan of
-    normalised 2x2 matrices), the filtered means and the smoothed means are affine
-    recurrences (forward and reverse). O(T D) memory, O(log T) depth. λ follows the
-    residual as in `ELK`: λ = damping * max_t |r_t|^2; λ -> 0 is `QuasiDEER`.
+    The minimiser is the MAP estimate (the smoothed mean) of the linear-Gaussian
+    state-space model δ_t = J_t δ_{t-1} + r_t + N(0, I), observed as
+    0 = δ_t + N(0, I / λ), which `kalman_smoother` computes exactly with two
+    associative scans: O(T D^2) memory (as DEER), O(log T) depth.
 
     Attributes:
       damping: scale of λ (> 0).
-      jvp_batch: basis JVPs evaluated at once for the diagonal (see `QuasiDEER`).
     """
 
     damping: float = 0.1
-    jvp_batch: int | None = struct.field(pytree_node=False, default=16)
 
     def __post_init__(self):
         super().__post_init__()
-        check_range("QuasiELK", "damping", self.damping, lo=0.0, lo_open=True)
-        if self.jvp_batch is not None:
-            check_int("QuasiELK", "jvp_batch", self.jvp_batch, 1)
+        check_range(type(self).__name__, "damping", self.damping, lo=0.0, lo_open=True)
 
     def linearize(self, cell, prev, xs):
-        return QuasiDEER(jvp_batch=self.jvp_batch).linearize(cell, prev, xs)
+        return DEER().linearize(cell, prev, xs)
 
     def sweep(self, cell, s0, X, xs, r, A, frozen):
         lam = self.damping * jnp.max(jnp.sum(r**2, axis=-1))
         return kalman_smoother(A, r, lam, frozen, self.mesh)
 
 
-def _mobius_combine(earlier, later):
-    """The 2x2 matrices (a, b; c, d) of later @ earlier, scaled to max entry 1 (a
-    Möbius map is unchanged by scaling, and the products would overflow)."""
-    a1, b1, c1, d1 = earlier
-    a2, b2, c2, d2 = later
-    out = (
-        a2 * a1 + b2 * c1,
-        a2 * b1 + b2 * d1,
-        c2 * a1 + d2 * c1,
-        c2 * b1 + d2 * d1,
+class QuasiELK(ELK):
+    """Quasi-ELK: `ELK` with the diagonal Jacobian a_t = diag ∂f/∂s (as
+    `QuasiDEER`). The smoother then runs per component: O(T D) memory and work.
+    λ -> 0 is `QuasiDEER`.
+
+    Attributes:
+      damping: scale of λ (> 0).
+      jvp_batch: basis JVPs evaluated at once for the diagonal (see `QuasiDEER`).
+    """
+
+    jvp_batch: int | None = struct.field(pytree_node=False, default=16)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.jvp_batch is not None:
+            check_int("QuasiELK", "jvp_batch", self.jvp_batch, 1)
+
+    def linearize(self, cell, prev, xs):
+        return QuasiDEER(jvp_batch=self.jvp_batch).linearize(cell, prev, xs)
+
+
+class _Ops:
+    """The matrix operations of the smoother, for dense (..., D, D) or diagonal
+    (..., D) matrices: one implementation serves ELK and QuasiELK."""
+
+    def __init__(self, dense):
+        if dense:
+            self.mm = jnp.matmul
+            self.mv = lambda a, v: jnp.einsum("...ij,...j->...i", a, v)
+            self.t = lambda a: jnp.swapaxes(a, -1, -2)
+            self.solve = solve  # M^{-1} X
+            self.sym = lambda a: (a + self.t(a)) / 2
+            eye = lambda a: jnp.eye(a.shape[-1], dtype=a.dtype)
+        else:
+            self.mm = self.mv = jnp.multiply
+            self.t = self.sym = lambda a: a
+            self.solve = lambda m, x: x / m
+            eye = lambda a: jnp.ones((), a.dtype)
+        self.eye = lambda a: jnp.broadcast_to(eye(a), a.shape)  # I, shaped like a
+
+    def solve2(self, first, second):
+        """Two solves M^{-1} X of the same shapes, as one batch."""
+        (M1, X1), (M2, X2) = first, second
+        both = self.solve(jnp.stack([M1, M2]), jnp.stack([X1, X2]))
+        return both[0], both[1]
+
+
+def solve(M, X):
+    """M^{-1} X for batches of small dense matrices (..., D, D), (..., D, K).
+
+    On CPU by `gauss_jordan` in plain XLA ops: the batched LAPACK solve there
+    splits its batch over XLA's intra-op thread pool and waits for it, and
+    several such solves at once (the devices of a host mesh, or concurrent ops)
+    deadlock the pool. Elsewhere `jnp.linalg.solve`.
+    """
+    return jax.lax.platform_dependent(M, X, cpu=gauss_jordan, default=jnp.linalg.solve)
+
+
+def gauss_jordan(M, X):
+    """M^{-1} X by Gauss-Jordan elimination with partial pivoting: D steps, each
+    a rank-one update of the batch of augmented matrices [M | X]."""
+    D = M.shape[-1]
+    rows = jnp.arange(D).reshape((1,) * (M.ndim - 2) + (D,))
+
+    def eliminate(k, aug):
+        col = jnp.where(rows >= k, jnp.abs(aug[..., :, k]), -1)
+        p = jnp.argmax(col, axis=-1)[..., None]  # the pivot row, per matrix
+        row_k = aug[..., k, :]
+        row_p = jnp.take_along_axis(aug, p[..., None], axis=-2)[..., 0, :]
+        is_k, is_p = (rows == k)[..., None], (rows == p)[..., None]
+        aug = jnp.where(
+            is_k, row_p[..., None, :], jnp.where(is_p, row_k[..., None, :], aug)
+        )
+        pivot = row_p / row_p[..., k, None]
+        factor = jnp.where(rows == k, 0, aug[..., :, k])
+        aug = aug - factor[..., None] * pivot[..., None, :]
+        return jnp.where(is_k, pivot[..., None, :], aug)
+
+    aug = jax.lax.fori_loop(0, D, eliminate, jnp.concatenate([M, X], axis=-1))
+    return aug[..., D:]
+
+
+def _filter_combine(ops):
+    """Särkkä & García-Fernández (2021), Lemma 8: compose the filtering elements
+    (A, b, C, η, J) of an earlier and a later block of steps."""
+    mm, mv, t = ops.mm, ops.mv, ops.t
+
+    def combine(earlier, later):
+        A1, b1, C1, e1, J1 = earlier
+        A2, b2, C2, e2, J2 = later
+        M = ops.eye(A1) + mm(C1, J2)  # I + C_1 J_2; its transpose is I + J_2 C_1
+        W, V = ops.solve2((t(M), t(A2)), (M, A1))
+        W, V = t(W), t(V)  # A_2 M^{-1}, A_1^T M^{-T}
+        return (
+            mm(W, A1),
+            mv(W, b1 + mv(C1, e2)) + b2,
+            ops.sym(mm(mm(W, C1), t(A2)) + C2),
+            mv(V, e2 - mv(J2, b1)) + e1,
+            ops.sym(mm(mm(V, J2), A1) + J1),
+        )
+
+    return combine
+
+
+def kalman_smoother(A, r, lam, frozen, mesh=None):
+    """argmin_δ Σ_t |δ_t - A_t δ_{t-1} - r_t|^2 + λ |δ_t|^2 with δ_0 = 0 and δ_t = 0
+    on the `frozen` positions, by a parallel Kalman filter and Rauch-Tung-Striebel
+    smoother (Särkkä & García-Fernández 2021).
+
+    The model is δ_t = A_t δ_{t-1} + r_t + N(0, I), observed as 0 = δ_t + N(0, I/λ)
+    (exactly, λ = ∞, where frozen). With ρ = 1 / (1 + λ) and κ = λ / (1 + λ), step
+    t's filtering element is
+
+        (A, b, C, η, J)_t = (ρ A_t, ρ r_t, ρ I, -κ A_t^T r_t, κ A_t^T A_t),
+
+    and `prefix_scan` of them gives the filtered means m_t (the b's) and
+    covariances P_t (the C's); δ_0 = 0 is known, so the first element needs no
+    special case. The smoother is the reverse affine recurrence
+    δ_t = E_t δ_{t+1} + m_t - E_t (A_{t+1} m_t + r_{t+1}),
+    E_t = P_t A_{t+1}^T (A_{t+1} P_t A_{t+1}^T + I)^{-1}.
+
+    `A` is (T, D, D) (dense) or (T, D) (diagonal: every component independently).
+    """
+    ops = _Ops(dense=A.ndim == r.ndim + 1)
+    lam = jnp.asarray(lam, r.dtype)
+    rho = jnp.where(frozen, 0, 1 / (1 + lam))
+    kappa = jnp.where(frozen, 1, 1 / (1 + 1 / lam))  # λ / (1 + λ), λ = ∞ safe
+    per = lambda c, a: c.reshape(c.shape + (1,) * (a.ndim - 1)) * a  # c_t a_t
+    At = ops.t(A)
+    elems = (
+        per(rho, A),
+        per(rho, r),
+        per(rho, ops.eye(A)),
+        -per(kappa, ops.mv(At, r)),
+        per(kappa, ops.mm(At, A)),
     )
-    scale = jnp.maximum(jnp.maximum(out[0], out[1]), jnp.maximum(out[2], out[3]))
-    return tuple(e / scale for e in out)
+    _, m, P, _, _ = prefix_scan(_filter_combine(ops), elems, mesh)
 
+    def successor(a):  # (a_2, ..., a_T, 0)
+        return jnp.flip(shift(jnp.flip(a, 0), jnp.zeros_like(a[0]), mesh), 0)
 
-def _next(a, fill, mesh):
-    """(a_2, ..., a_T, fill): the successor of every position."""
-    return jnp.flip(shift(jnp.flip(a, 0), fill, mesh), 0)
-
-
-def kalman_smoother(a, r, lam, frozen, mesh=None):
-    """argmin_δ Σ_t (δ_t - a_t δ_{t-1} - r_t)^2 + λ δ_t^2 (elementwise, δ_0 = 0),
-    with δ_t = 0 on `frozen` positions, by a parallel Kalman filter and
-    Rauch-Tung-Striebel smoother (see `QuasiELK`)."""
-    fz = frozen[:, None]
-    ones, zeros = jnp.ones_like(a), jnp.zeros_like(a)
-    a2 = a * a
-    # Filtered variance: P_t = (a^2 P + 1) / (λ a^2 P + λ + 1), P_0 = 0; a frozen
-    # position is observed exactly (P_t = 0).
-    mats = (
-        jnp.where(fz, 0, a2),
-        jnp.where(fz, 0, ones),
-        jnp.where(fz, 0, lam * a2),
-        jnp.where(fz, 1, (lam + 1) * ones),
-    )
-    _, b, _, d = prefix_scan(_mobius_combine, mats, mesh)
-    P = b / d
-    P_pred = a2 * shift(P, zeros[0], mesh) + 1  # P^-_t
-    gain = jnp.where(fz, 0, 1 / (1 + lam * P_pred))  # 1 - K_t
-    m = linear_recurrence(gain * a, gain * r, mesh)  # filtered means
-    # Smoother, backwards: δ_t = m_t + G_t (δ_{t+1} - a_{t+1} m_t - r_{t+1}).
-    a_next = _next(a, zeros[0], mesh)
-    G = P * a_next / (a_next**2 * P + 1)
-    h = m - G * (a_next * m + _next(r, zeros[0], mesh))
+    A_next, r_next = successor(A), successor(r)
+    FP = ops.mm(A_next, P)
+    E = ops.t(ops.solve(ops.mm(FP, ops.t(A_next)) + ops.eye(A), FP))
+    g = m - ops.mv(E, ops.mv(A_next, m) + r_next)
     rev = lambda v: jnp.flip(v, 0)
-    return rev(linear_recurrence(rev(G), rev(h), mesh))
+    return rev(linear_recurrence(rev(E), rev(g), mesh))
