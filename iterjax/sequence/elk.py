@@ -87,12 +87,6 @@ class _Ops:
             eye = lambda a: jnp.ones((), a.dtype)
         self.eye = lambda a: jnp.broadcast_to(eye(a), a.shape)  # I, shaped like a
 
-    def solve2(self, first, second):
-        """Two solves M^{-1} X of the same shapes, as one batch."""
-        (M1, X1), (M2, X2) = first, second
-        both = self.solve(jnp.stack([M1, M2]), jnp.stack([X1, X2]))
-        return both[0], both[1]
-
 
 def solve(M, X):
     """M^{-1} X for batches of small dense matrices (..., D, D), (..., D, K).
@@ -137,9 +131,9 @@ def _filter_combine(ops):
     def combine(earlier, later):
         A1, b1, C1, e1, J1 = earlier
         A2, b2, C2, e2, J2 = later
-        M = ops.eye(A1) + mm(C1, J2)  # I + C_1 J_2; its transpose is I + J_2 C_1
-        W, V = ops.solve2((t(M), t(A2)), (M, A1))
-        W, V = t(W), t(V)  # A_2 M^{-1}, A_1^T M^{-T}
+        eye = ops.eye(A1)
+        inv = ops.solve(eye + mm(C1, J2), eye)  # (I + C_1 J_2)^{-1}
+        W, V = mm(A2, inv), t(mm(inv, A1))  # A_2 M^{-1}, A_1^T M^{-T}
         return (
             mm(W, A1),
             mv(W, b1 + mv(C1, e2)) + b2,
