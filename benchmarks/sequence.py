@@ -43,25 +43,30 @@ QUICK = [(16, 1024, 1), (16, 256, 8)]
 
 
 def methods(hidden, T):
-    dense = ij.DEER() if hidden * hidden * T <= 2**26 else ij.DEER(window=1024)
+    """The methods of one case; the dense ones (DEER, ELK) slide a window of 1024
+    once T x hidden^2 passes 2^26 (their Jacobians: 0.5 GB in float64)."""
+    w = None if hidden * hidden * T <= 2**26 else 1024
+    sfx = "" if w is None else f"(window={w})"
     return {
         "lax.scan": ij.Sequential(),
         "jacobi": ij.Jacobi(),
         "gauss_seidel(8)": ij.GaussSeidel(block=8),
         "quasi_deer": ij.QuasiDEER(),
-        "deer" if dense.window is None else "deer(window=1024)": dense,
-        "elk": ij.ELK(),
+        "deer" + sfx: ij.DEER(window=w),
+        "elk" + sfx: ij.ELK(window=w),
         "quasi_elk": ij.QuasiELK(),
     }
 
 
-def case(hidden, T, batch, rounds):
+def case(hidden, T, batch, rounds, only=None):
     f, init, xs = cells.gru(hidden, T, input_dim=4)
     xs = jnp.broadcast_to(xs, (batch,) + xs.shape) + 0.1 * jax.random.normal(
         jax.random.PRNGKey(1), (batch,) + xs.shape
     )
     rows, fwd, bwd, mem = [], {}, {}, {}
     for name, m in methods(hidden, T).items():
+        if only and name != "lax.scan" and name.split("(")[0] not in only:
+            continue
         one = lambda xs, m=m: ij.scan(
             f, init, xs, method=m, atol=ATOL, return_stats=True
         )
@@ -99,12 +104,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two small cases")
     parser.add_argument("--large", action="store_true", help="add hidden 256")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--methods", help="comma-separated subset, e.g. deer,elk (lax.scan always)"
+    )
     args = parser.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}, atol {ATOL:g}, float64\n")
     table = []
     cases = QUICK if args.quick else CASES + (LARGE if args.large else [])
     for hidden, T, batch in cases:
-        for r in case(hidden, T, batch, args.rounds):
+        only = args.methods.split(",") if args.methods else None
+        for r in case(hidden, T, batch, args.rounds, only):
             table.append(
                 [
                     hidden,
