@@ -32,7 +32,7 @@ class Solver:
     lam_growth: float = 0.01
     lam_max: float = 1000.0
     # implicit: the inner Newton-CG's forcing and the adjoint CG's tolerance
-    forcing: Literal["fixed", "eisenstat-walker"] = "fixed"
+    forcing: Literal["fixed", "superlinear", "eisenstat-walker"] = "fixed"
     cg_rtol: float = 1e-6
 
 

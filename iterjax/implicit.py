@@ -84,8 +84,11 @@ def _implicit_value_jvp(fn, linear_solver, primals, tangents):
     # y* does not depend on the initial guess: its tangent is ignored on purpose.
     _, rhs = jax.jvp(lambda a: fn(y_star, a), (args,), (dargs,))
 
+    # Linearised once: each product replays only the tangent computation.
+    _, f_y = jax.linearize(lambda y: fn(y, args), y_star)
+
     def matvec(t):  # (I - ∂f/∂y) t
-        return tu.tree_sub(t, jax.jvp(lambda y: fn(y, args), (y_star,), (t,))[1])
+        return tu.tree_sub(t, f_y(t))
 
     dy = jax.lax.custom_linear_solve(
         matvec, rhs, solve=linear_solver.solve, transpose_solve=linear_solver.solve

@@ -108,7 +108,7 @@ class Implicit(AbstractMethod):
         w = sol.value
         value, (f_w, f_theta) = jax.value_and_grad(outer_loss, (0, 1))(w, theta)
         grad_w = jax.grad(inner_loss)
-        hvp = lambda v: jax.jvp(lambda w: grad_w(w, theta), (w,), (v,))[1]
+        _, hvp = jax.linearize(lambda w: grad_w(w, theta), w)
         v, lin = self.linear_solver.solve_with_stats(hvp, f_w)
         _, vjp = jax.vjp(lambda t: grad_w(w, t), theta)
         grad = tu.tree_sub(f_theta, vjp(v)[0])
