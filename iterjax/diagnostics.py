@@ -1,6 +1,7 @@
 """Diagnostics: count the evaluations a solver really makes; time jitted calls."""
 
 import collections
+import random
 import statistics
 import time
 
@@ -56,13 +57,18 @@ def time_calls(calls: dict, rounds: int = 50) -> dict:
     """Median wall time in ms of each `name -> (f, args)`, after a warm-up call.
 
     The calls are timed round-robin, so that drift in machine load affects every
-    one alike; compare them as ratios.
+    one alike, in a fresh (seeded) order each round: a call's time depends on which
+    one ran just before it (caches, the thread pool), by up to 15% on a 2-core CPU,
+    and a fixed order would bias the ratios. Compare them as ratios.
     """
     for f, args in calls.values():
         jax.block_until_ready(f(*args))
     times = {name: [] for name in calls}
+    order, rng = list(calls), random.Random(0)
     for _ in range(rounds):
-        for name, (f, args) in calls.items():
+        rng.shuffle(order)
+        for name in order:
+            f, args = calls[name]
             start = time.perf_counter()
             jax.block_until_ready(f(*args))
             times[name].append(time.perf_counter() - start)
