@@ -7,6 +7,7 @@ interpreter with XLA_FLAGS=--xla_force_host_platform_device_count=8.
 import textwrap
 
 import jax
+import numpy as np
 import pytest
 from helpers import run_on_host_devices
 
@@ -38,7 +39,8 @@ SCRIPT = textwrap.dedent(
     ref = jax.lax.scan(f, init, xs)
     ref_grad = jax.grad(lambda xs: jnp.sum(jax.lax.scan(f, init, xs)[1] ** 2))(xs)
     methods = [ij.DEER(mesh=auto), ij.ELK(mesh=auto), ij.Jacobi(mesh=auto),
-               ij.GaussSeidel(block=4, mesh=auto), ij.DEER(mesh=explicit)]
+               ij.GaussSeidel(block=4, mesh=auto), ij.DEER(mesh=explicit),
+               ij.DEER(window=32, mesh=auto)]
     for i, m in enumerate(methods):
         run = jax.jit(lambda xs, m=m: ij.scan(f, init, xs, method=m, atol=1e-11,
                                               return_stats=True))
@@ -58,6 +60,10 @@ SCRIPT = textwrap.dedent(
                   ).lower(xs).compile().as_text()
     assert "collective-permute" in hlo and "f64[8,5,5]{2,1,0} all-gather" in hlo
     assert not re.search(r"\[128[,\]]\S* all-gather", hlo)  # nothing T-long
+    # a sliding window is shared by the devices: each holds 32 / 8 Jacobians
+    hlo = jax.jit(lambda xs: ij.scan(f, init, xs, method=ij.DEER(window=32, mesh=auto)
+                                     )[1]).lower(xs).compile().as_text()
+    assert "f64[4,5,5]" in hlo and "f64[32,5,5]" not in hlo
     # a batch of sequences, vmapped, each sharded over time
     batch = jnp.stack([xs, 0.5 * xs])
     out = jax.jit(jax.vmap(lambda x: ij.scan(f, init, x, method=ij.DEER(mesh=auto),
@@ -76,8 +82,11 @@ def test_bad_mesh_arguments_are_rejected():
     mesh = jax.make_mesh((1,), ("time",))
     with pytest.raises(TypeError, match="mesh"):
         ij.DEER(mesh="time")
-    with pytest.raises(ValueError, match="window"):
-        ij.Jacobi(window=4, mesh=mesh)
+    device = jax.devices()[0]
+    two = jax.sharding.Mesh(np.array([device, device]), ("time",))  # only its size
+    with pytest.raises(ValueError, match="`window`=5 must be divisible by the 2"):
+        ij.Jacobi(window=5, mesh=two)
+    ij.DEER(window=4, mesh=mesh)  # fine
 
 
 def test_length_not_divisible_by_devices_is_rejected():

@@ -67,7 +67,10 @@ class AbstractSequenceMethod(struct.PyTreeNode):
       mesh: a `jax.sharding.Mesh` to shard the time axis over (all its axes, in
         order): every device holds T / devices positions, evaluates f there, and
         the associative scan runs per device with one cross-device combine of the
-        devices' totals. T must be divisible by the mesh size; not with `window`.
+        devices' totals. T must be divisible by the mesh size. With a `window`,
+        the window is what is split (it must be divisible by the mesh size too):
+        the devices share its evaluations, Jacobians and scan, and each sweep
+        gathers the (T, D) trajectory to slice the window out and put it back.
     """
 
     window: int | None = struct.field(pytree_node=False, default=None, kw_only=True)
@@ -82,8 +85,11 @@ class AbstractSequenceMethod(struct.PyTreeNode):
                 raise TypeError(
                     f"{name}: `mesh` must be a jax.sharding.Mesh, got {self.mesh!r}"
                 )
-            if self.window is not None:
-                raise ValueError(f"{name}: `window` and `mesh` cannot be combined")
+            if self.window is not None and self.window % self.mesh.size:
+                raise ValueError(
+                    f"{name}: `window`={self.window} must be divisible by the "
+                    f"{self.mesh.size} devices of `mesh`"
+                )
 
     def linearize(self, cell, prev, xs):
         """`(f(prev_t, x_t), A_t)` for every t: A is None (zero, the default), (T, D)
@@ -248,6 +254,8 @@ class Sweeps(AbstractFixedPointSolver):
             window = lambda a: jax.lax.dynamic_slice_in_dim(a, start, W)
         X, prev = window(y), window(shift(y, s0, self.method.mesh))
         xw = jax.tree_util.tree_map(window, xs)
+        if W < T:  # the devices of the mesh share the window
+            X, prev, xw = shard_time((X, prev, xw), self.method.mesh)
 
         fx, A = self.method.linearize(cell, prev, xw)
         r = fx - X
