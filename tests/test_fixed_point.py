@@ -156,6 +156,38 @@ def test_already_converged_initial_guess_takes_no_step():
     assert int(sol.num_steps) == 0 and bool(sol.converged)
 
 
+class _EagerPicard(ij.Picard):
+    def lazy_init(self, y0):
+        return None
+
+
+@pytest.mark.parametrize("damping", [1.0, 0.5])
+def test_lazy_init_is_the_eager_init_run_inside_the_loop(damping):
+    """Picard's initial evaluation runs as the loop's first iteration: same
+    solution, step count, residual and trace as evaluating before the loop, also
+    from a converged y0 and when max_steps runs out."""
+    fn, args, y0 = PROBLEMS["tanh"]()
+    lazy = ij.Picard(damping)
+    state = lazy.lazy_init(y0)
+    y, state = lazy.step(fn, y0, args, state)
+    np.testing.assert_array_equal(y, y0)
+    np.testing.assert_array_equal(state.residual, lazy.init(fn, y0, args).residual)
+    y_star = ij.fixed_point(fn, y0, args, atol=1e-13).value
+    for start, max_steps in [(y0, 100), (y_star, 100), (y0, 3), (y0, 1)]:
+        got, want = (
+            jax.jit(
+                lambda y, s=s: ij.fixed_point(
+                    fn, y, args, solver=s, atol=1e-9, max_steps=max_steps, trace=True
+                )
+            )(start)
+            for s in (lazy, _EagerPicard(damping))
+        )
+        leaves = jax.tree_util.tree_leaves
+        for a, b in zip(leaves(got), leaves(want), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert int(got.num_steps) == 1 and not bool(got.converged)
+
+
 @pytest.mark.parametrize("solver", ALL_SOLVERS + [ij.Halpern()], ids=IDS + ["halpern"])
 def test_float32_dtype_preserved(solver):
     fn, args, y0 = PROBLEMS["tanh"]()

@@ -38,6 +38,10 @@ class Picard(AbstractFixedPointSolver):
     def init(self, fn, y0, args):
         return PicardState(tu.tree_sub(fn(y0, args), y0))
 
+    def lazy_init(self, y0):
+        # y0 + β·0 = y0, then the first step evaluates fn(y0): exactly `init`.
+        return PicardState(tu.tree_zeros_like(y0))
+
     def step(self, fn, y, args, state):
         y = tu.tree_axpy(self.damping, state.residual, y)
         return y, PicardState(tu.tree_sub(fn(y, args), y))
