@@ -43,17 +43,20 @@ QUICK = [(16, 1024, 1), (16, 256, 8)]
 
 
 def methods(hidden, T):
-    """The methods of one case; the dense ones (DEER, ELK) slide a window of 1024
-    once T x hidden^2 passes 2^26 (their Jacobians: 0.5 GB in float64)."""
-    w = None if hidden * hidden * T <= 2**26 else 1024
-    sfx = "" if w is None else f"(window={w})"
+    """The methods of one case; the dense ones slide a window of 1024 once
+    T x hidden^2 passes 2^26 for DEER (its Jacobians: 0.5 GB in float64) or 2^24
+    for ELK (its filter elements hold three D x D matrices per position, and each
+    combine an inverse and seven products)."""
+    window = lambda limit: None if hidden * hidden * T <= limit else 1024
+    sfx = lambda w: "" if w is None else f"(window={w})"
+    deer, elk = window(2**26), window(2**24)
     return {
         "lax.scan": ij.Sequential(),
         "jacobi": ij.Jacobi(),
         "gauss_seidel(8)": ij.GaussSeidel(block=8),
         "quasi_deer": ij.QuasiDEER(),
-        "deer" + sfx: ij.DEER(window=w),
-        "elk" + sfx: ij.ELK(window=w),
+        "deer" + sfx(deer): ij.DEER(window=deer),
+        "elk" + sfx(elk): ij.ELK(window=elk),
         "quasi_elk": ij.QuasiELK(),
     }
 
@@ -107,10 +110,15 @@ def main(argv=None):
     parser.add_argument(
         "--methods", help="comma-separated subset, e.g. deer,elk (lax.scan always)"
     )
+    parser.add_argument(
+        "--cases", help="comma-separated HIDDENxTxBATCH subset, e.g. 16x4096x16"
+    )
     args = parser.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}, atol {ATOL:g}, float64\n")
     table = []
     cases = QUICK if args.quick else CASES + (LARGE if args.large else [])
+    if args.cases:
+        cases = [tuple(int(n) for n in c.split("x")) for c in args.cases.split(",")]
     for hidden, T, batch in cases:
         only = args.methods.split(",") if args.methods else None
         for r in case(hidden, T, batch, args.rounds, only):
