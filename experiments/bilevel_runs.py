@@ -1,20 +1,25 @@
-"""Budgeted runs of bilevel solvers, shared by hpo_logreg and data_hypercleaning.
+"""Budgeted runs of bilevel solvers, shared by hpo_logreg, data_hypercleaning and
+hpo_sweep.
 
-A run gives one solver a budget of per-sample oracle calls (gradients and
-Hessian-vector products, times the batch size they were evaluated on) and records
-`evaluate(w, theta)` at `evals` evenly spaced points, with the calls and the wall
-time spent so far (compilation excluded, evaluation excluded). Solvers: the
-stochastic `iterjax.bilevel` solvers on random minibatches of indices, and the
+Each experiment states its bilevel `Problem` (losses on minibatches of indices,
+start, smoothness constant, test metrics) once. A run gives one solver a budget
+of per-sample oracle calls (gradients and Hessian-vector products, times the
+batch size they were evaluated on) and records `evaluate(w, theta)` at `evals`
+evenly spaced points, with the calls and the wall time spent so far
+(compilation excluded, evaluation excluded). Solvers: the stochastic
+`iterjax.bilevel` solvers on random minibatches of indices, and the
 deterministic implicit baseline: full-batch `hypergradient` (implicit CG), Adam
 on θ, each inner solve warm-started from the last.
 """
 
 import dataclasses
 import time
-from typing import Literal
+from collections.abc import Callable
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 import iterjax as ij
@@ -34,6 +39,40 @@ class Solver:
     # implicit: the inner Newton-CG's forcing and the adjoint CG's tolerance
     forcing: Literal["fixed", "superlinear", "eisenstat-walker"] = "fixed"
     cg_rtol: float = 1e-6
+
+
+class Problem(NamedTuple):
+    """A bilevel problem on minibatches of sample indices.
+
+    `inner(w, θ, idx)` over `n` training samples, `outer(w, θ, idx)` over `m`
+    validation samples, the start `(theta0, w0)`, `L` the smoothness constant of
+    the inner loss at θ0 (the unit of a `Solver`'s `inner_lr`), and
+    `test(w) -> (held-out loss, accuracy)`.
+    """
+
+    inner: Callable
+    outer: Callable
+    theta0: jax.Array
+    w0: jax.Array
+    n: int
+    m: int
+    L: float
+    test: Callable
+
+
+def classifier_metrics(w, x, y):
+    """(mean cross-entropy, accuracy) of the linear classifier `x @ w`."""
+    logp = jax.nn.log_softmax(x @ w)
+    loss = -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
+    acc = jnp.mean((jnp.argmax(logp, -1).astype(y.dtype) == y).astype(w.dtype))
+    return loss, acc
+
+
+def softmax_smoothness(x):
+    """L of mean CE(x w, y) in w (any class count): Böhning's bound
+    λ_max(xᵀx / n) / 2."""
+    x = np.asarray(x)
+    return float(np.linalg.eigvalsh(x.T @ x / len(x))[-1]) / 2
 
 
 def make_solver(s, inner, outer, n, m):
@@ -80,13 +119,15 @@ def chunked(solver, n, m, batch, budget, evals):
     return chunk, steps, per_step
 
 
-def run(s, inner, outer, theta0, w0, *, n, m, batch, budget, evals, evaluate, seed):
-    """A list of `dict(oracles, seconds, **evaluate(w, theta))`, one per eval."""
+def run(s, p: Problem, *, batch, budget, evals, evaluate, seed):
+    """A list of `dict(oracles, seconds, **evaluate(w, theta))`, one per eval.
+    `s.inner_lr` is in units of 1/`p.L`."""
     if s.name == "implicit":
-        return _run_implicit(s, inner, outer, theta0, w0, n, m, budget, evals, evaluate)
-    solver = make_solver(s, inner, outer, n, m)
-    state = solver.init(theta0, w0)
-    chunk, steps, per_step = chunked(solver, n, m, batch, budget, evals)
+        return _run_implicit(s, p, budget, evals, evaluate)
+    s = dataclasses.replace(s, inner_lr=s.inner_lr / p.L)
+    solver = make_solver(s, p.inner, p.outer, p.n, p.m)
+    state = solver.init(p.theta0, p.w0)
+    chunk, steps, per_step = chunked(solver, p.n, p.m, batch, budget, evals)
     key = jax.random.PRNGKey(seed)
     chunk = jax.jit(chunk).lower(state, key).compile()
     curve, seconds = [], 0.0
@@ -100,10 +141,11 @@ def run(s, inner, outer, theta0, w0, *, n, m, batch, budget, evals, evaluate, se
     return curve
 
 
-def _run_implicit(s, inner, outer, theta, w, n, m, budget, evals, evaluate):
+def _run_implicit(s, p, budget, evals, evaluate):
+    n, m, theta, w = p.n, p.m, p.theta0, p.w0
     full_in, full_out = jnp.arange(n), jnp.arange(m)
-    g = lambda w, t: inner(w, t, full_in)
-    f = lambda w, t: outer(w, t, full_out)
+    g = lambda w, t: p.inner(w, t, full_in)
+    f = lambda w, t: p.outer(w, t, full_out)
     newton = ij.Newton(ij.CG(rtol=0.1), forcing=s.forcing)
     method = bl.Implicit(ij.CG(rtol=s.cg_rtol), solver=newton, atol=1e-6)
     opt = optax.adam(s.outer_lr * 0.1)

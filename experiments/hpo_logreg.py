@@ -68,22 +68,31 @@ def load(name, cfg):
     return [(f64(x[p]), i32(y[p])) for p in parts], int(y.max()) + 1
 
 
-def problem(train, val, classes):
+def problem(name, cfg) -> runs.Problem:
+    """The bilevel problem on dataset `name` (split by `cfg.seed`,
+    `cfg.val_fraction`, `cfg.test_fraction`), started at log penalties
+    `cfg.theta0`."""
+    (train, val, test), classes = load(name, cfg)
     (X, Y), (Xv, Yv) = train, val
     d = X.shape[1] - 1
 
-    def ce(w, x, y):
-        logp = jax.nn.log_softmax(x @ w)
-        return -jnp.mean(jnp.take_along_axis(logp, y[:, None], 1))
-
     def inner(w, theta, idx):
         penalty = 0.5 * jnp.sum(jnp.exp(theta)[:, None] * w[:d] ** 2)
-        return ce(w, X[idx], Y[idx]) + penalty
+        return runs.classifier_metrics(w, X[idx], Y[idx])[0] + penalty
 
     def outer(w, theta, idx):
-        return ce(w, Xv[idx], Yv[idx])
+        return runs.classifier_metrics(w, Xv[idx], Yv[idx])[0]
 
-    return inner, outer, ce, d
+    return runs.Problem(
+        inner,
+        outer,
+        theta0=jnp.full(d, cfg.theta0),
+        w0=jnp.zeros((d + 1, classes)),
+        n=len(X),
+        m=len(Xv),
+        L=runs.softmax_smoothness(X) + float(np.exp(cfg.theta0)),
+        test=lambda w: runs.classifier_metrics(w, *test),
+    )
 
 
 def run(cfg: Config, workdir) -> dict:
@@ -92,38 +101,22 @@ def run(cfg: Config, workdir) -> dict:
     total = len(cfg.datasets) * len(cfg.solvers)
     with workdir.progress(total, "solvers") as advance:
         for name in cfg.datasets:
-            (train, val, test), classes = load(name, cfg)
-            inner, outer, ce, d = problem(train, val, classes)
-            X = train[0]
-            L = float(jnp.linalg.eigvalsh(X.T @ X / len(X))[-1]) / 2 + np.exp(
-                cfg.theta0
-            )
+            p = problem(name, cfg)
 
-            def evaluate(w, theta, test=test, ce=ce):
-                pred = jnp.argmax(test[0] @ w, -1).astype(test[1].dtype)
-                acc = jnp.mean((pred == test[1]).astype(w.dtype))
-                return {"test_loss": float(ce(w, *test)), "test_acc": float(acc)}
+            def evaluate(w, theta, p=p):
+                loss, acc = p.test(w)
+                return {"test_loss": float(loss), "test_acc": float(acc)}
 
             # The held-out loss with the initial penalties, inner problem solved.
-            full = jnp.arange(len(X))
-            w_untuned = ij.argmin(
-                lambda w, t: inner(w, t, full),
-                jnp.zeros((d + 1, classes)),
-                jnp.full(d, cfg.theta0),
-                atol=1e-8,
-            ).value
+            full = jnp.arange(p.n)
+            g = lambda w, t, p=p: p.inner(w, t, full)
+            w_untuned = ij.argmin(g, p.w0, p.theta0, atol=1e-8).value
             untuned = evaluate(w_untuned, None)["test_loss"]
             workdir.log(dataset=name, solver="untuned", test_loss=untuned)
             for s in cfg.solvers:
-                scaled = dataclasses.replace(s, inner_lr=s.inner_lr / L)
                 curve = runs.run(
-                    scaled,
-                    inner,
-                    outer,
-                    jnp.full(d, cfg.theta0),
-                    jnp.zeros((d + 1, classes)),
-                    n=len(X),
-                    m=len(val[0]),
+                    s,
+                    p,
                     batch=cfg.batch,
                     budget=cfg.budget,
                     evals=cfg.evals,
@@ -141,7 +134,7 @@ def run(cfg: Config, workdir) -> dict:
                         untuned_test_loss=untuned,
                         test_loss_first=first["test_loss"],
                         test_loss=last["test_loss"],
-                        best_test_loss=min(p["test_loss"] for p in curve),
+                        best_test_loss=min(q["test_loss"] for q in curve),
                         test_acc=last["test_acc"],
                         seconds=last["seconds"],
                     )

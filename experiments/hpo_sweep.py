@@ -1,13 +1,15 @@
-"""One stochastic bilevel solver tuning L2 penalties: the experiment made for sweeps.
+"""One stochastic bilevel solver on one problem: the bilevel experiment made for sweeps.
 
-The `hpo_logreg` problem (per-feature penalties of logistic regression on
-breast_cancer or digits, held-out loss as the metric) solved by one stochastic
-solver (`solver`: SOBA, SABA, AmIGO, StocBiO or F2SA) for a budget of per-sample
-oracle calls. `trial(cfg)` is the whole run as one pure function of the step
-sizes and the minibatch seed (`ARRAY_KEYS`), so a `sweep:` over
-`solver.outer_lr` x `solver.inner_lr` x seeds trains every member at once as one
-`jax.vmap`. The data split (`split_seed`) is fixed across members.
-`solver.inner_lr` is in units of 1/L, as in `hpo_logreg`.
+`problem`: `hpo_logreg` (per-feature L2 penalties of logistic regression on
+`dataset`, breast_cancer or digits) or `data_hypercleaning` (per-sample weights
+on digits with half the training labels corrupted, that experiment's default
+data), solved by one stochastic solver (`solver`: SOBA, SABA, AmIGO, StocBiO or
+F2SA) for a budget of per-sample oracle calls; held-out loss and accuracy
+recorded. `trial(cfg)` is the whole run as one pure function of the step sizes
+and the minibatch seed (`ARRAY_KEYS`), so a `sweep:` over `solver.outer_lr` x
+`solver.inner_lr` x seeds trains every member at once as one `jax.vmap`. The
+data (`split_seed`) are fixed across members. `solver.inner_lr` is in units of
+1/L, as in the two experiments, so tuned values carry over to their configs.
 """
 
 import dataclasses
@@ -23,15 +25,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import bilevel_runs as runs  # noqa: E402
-from experiments import hpo_logreg  # noqa: E402
+from experiments import data_hypercleaning, hpo_logreg  # noqa: E402
 from iterjax.config import ConfigError  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    dataset: Literal["breast_cancer", "digits"] = "digits"
+    problem: Literal["hpo_logreg", "data_hypercleaning"] = "hpo_logreg"
+    dataset: Literal["breast_cancer", "digits"] = "digits"  # hpo_logreg's
     solver: runs.Solver = runs.Solver("soba", outer_lr=1.0, inner_lr=0.5)
-    theta0: float = -2.0
+    theta0: float | None = None  # None: -2 (log penalty) / 0 (logit weight)
     batch: int = 32
     budget: float = 1e6
     evals: int = 20
@@ -42,6 +45,11 @@ class Config:
     x64: bool = True
 
     def __post_init__(self):
+        if self.problem == "data_hypercleaning" and self.dataset != "digits":
+            raise ConfigError(
+                "config key `dataset`: data_hypercleaning is on digits; "
+                "`dataset` chooses hpo_logreg's data"
+            )
         if self.solver.name == "implicit":
             raise ConfigError(
                 "config key `solver.name`: hpo_sweep runs a stochastic solver "
@@ -59,33 +67,36 @@ ARRAY_KEYS = (
 )
 
 
-def curve(cfg: Config):
-    """(oracle calls, held-out loss, test accuracy) at `evals` points; pure in
-    the `ARRAY_KEYS` fields."""
+def problem(cfg: Config) -> runs.Problem:
+    if cfg.problem == "data_hypercleaning":
+        data_cfg = data_hypercleaning.Config(seed=cfg.split_seed)
+        theta0 = 0.0 if cfg.theta0 is None else cfg.theta0
+        return data_hypercleaning.problem(data_cfg, theta0)[0]
     split = types.SimpleNamespace(
         seed=cfg.split_seed,
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
+        theta0=-2.0 if cfg.theta0 is None else cfg.theta0,
     )
+    return hpo_logreg.problem(cfg.dataset, split)
+
+
+def curve(cfg: Config):
+    """(oracle calls, held-out loss, test accuracy) at `evals` points; pure in
+    the `ARRAY_KEYS` fields."""
     with jax.ensure_compile_time_eval():  # the data are constants, not traced
-        (train, val, test), classes = hpo_logreg.load(cfg.dataset, split)
-        X = np.asarray(train[0])
-    inner, outer, ce, d = hpo_logreg.problem(train, val, classes)
-    L = np.linalg.eigvalsh(X.T @ X / len(X))[-1] / 2 + np.exp(cfg.theta0)
-    s = dataclasses.replace(cfg.solver, inner_lr=cfg.solver.inner_lr / L)
-    n, m = len(X), len(val[0])
-    solver = runs.make_solver(s, inner, outer, n, m)
+        p = problem(cfg)
+    s = dataclasses.replace(cfg.solver, inner_lr=cfg.solver.inner_lr / p.L)
+    solver = runs.make_solver(s, p.inner, p.outer, p.n, p.m)
     chunk, steps, per_step = runs.chunked(
-        solver, n, m, cfg.batch, cfg.budget, cfg.evals
+        solver, p.n, p.m, cfg.batch, cfg.budget, cfg.evals
     )
 
     def evaluated(state, key):
         state = chunk(state, key)
-        pred = jnp.argmax(test[0] @ state.w, -1).astype(test[1].dtype)
-        acc = jnp.mean((pred == test[1]).astype(state.w.dtype))
-        return state, (ce(state.w, *test), acc)
+        return state, p.test(state.w)
 
-    state = solver.init(jnp.full(d, cfg.theta0), jnp.zeros((d + 1, classes)))
+    state = solver.init(p.theta0, p.w0)
     keys = jax.random.split(jax.random.key(cfg.seed), cfg.evals)
     _, (loss, acc) = jax.lax.scan(evaluated, state, keys)
     calls = per_step * steps * np.arange(1, cfg.evals + 1)
@@ -98,7 +109,16 @@ def trial(cfg: Config) -> dict:
 
 
 def _metrics(loss, acc):
-    return {"test_loss": loss[-1], "best_test_loss": jnp.min(loss), "test_acc": acc[-1]}
+    return {
+        "test_loss": loss[-1],
+        "best_test_loss": jnp.min(loss),
+        "test_acc": acc[-1],
+        "best_test_acc": jnp.max(acc),
+    }
+
+
+def label(cfg: Config) -> str:
+    return cfg.dataset if cfg.problem == "hpo_logreg" else cfg.problem
 
 
 def run(cfg: Config, workdir) -> dict:
@@ -110,7 +130,7 @@ def run(cfg: Config, workdir) -> dict:
     ax.set(
         xlabel="per-sample oracle calls",
         ylabel="held-out loss",
-        title=f"{cfg.solver.name} on {cfg.dataset}",
+        title=f"{cfg.solver.name} on {label(cfg)}",
     )
     ax.grid(alpha=0.3, which="both")
     workdir.savefig(fig, "hpo_sweep.png")
