@@ -14,9 +14,10 @@ same budget of per-sample oracle calls (gradients and Hessian-vector products,
 times the batch size). Recorded against oracle calls: test accuracy and loss of
 the inner iterate, and the fraction of corrupted samples whose weight σ(θ_i)
 fell below one half; summarised as the calls each solver needs to reach the
-baseline's best accuracy and its final held-out loss. `inner_lr` is in units of 1/L (Böhning's
-bound on the unweighted loss), so `hpo_sweep` (`problem: data_hypercleaning`)
-tunes the step sizes of every stochastic solver as one `jax.vmap`.
+baseline's best accuracy and its final held-out loss. `inner_lr` is in units of
+1/L (Böhning's bound on the unweighted loss), so `hpo_sweep` (`problem:
+data_hypercleaning`) tunes the step sizes of every stochastic solver as one
+`jax.vmap`.
 """
 
 import dataclasses
