@@ -355,7 +355,16 @@ def _gru_loss(method, scan):
     return loss
 
 
-@pytest.mark.parametrize("method", METHODS, ids=IDS)
+# With a window too: the adjoint recurrence is linear, its diagonal A_t are
+# computed once and slide with the window; dense ones are recomputed per window.
+WINDOWED_GRAD = [ij.QuasiDEER(window=16), ij.QuasiELK(window=16), ij.DEER(window=16)]
+
+
+@pytest.mark.parametrize(
+    "method",
+    METHODS + WINDOWED_GRAD,
+    ids=IDS + ["quasi-window", "quasi-elk-window", "deer-window"],
+)
 def test_grad_matches_lax_scan(method):
     params = cells.gru_params(jax.random.PRNGKey(1), 5, 3)
     init = 0.1 * jnp.ones(5)
@@ -365,6 +374,42 @@ def test_grad_matches_lax_scan(method):
     )
     ref = jax.grad(_gru_loss(None, jax.lax.scan), argnums=(0, 1, 2))(params, init, xs)
     _close(mine, ref, 1e-7)
+
+
+@pytest.mark.parametrize(
+    "method",
+    [ij.QuasiDEER(), ij.QuasiDEER(window=8), ij.QuasiELK(window=8), ij.DEER()],
+    ids=["quasi", "quasi-window", "quasi-elk-window", "deer"],
+)
+def test_linear_recurrences_linearise_once_with_the_same_sweeps(method):
+    """The adjoint's linear recurrences take A_t from one linearisation, carried
+    with the inputs: the same sweeps and values as linearising at every sweep."""
+    from iterjax._iterate import iterative_solve
+    from iterjax.sequence._core import Sweeps
+    from iterjax.sequence._scan import _sweep_linear
+
+    T, D = 40, 4
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
+    # Mostly diagonal, varying along t: a misplaced A_t costs sweeps.
+    diag = jax.random.uniform(k1, (T, D), minval=-0.95, maxval=0.95)
+    J = jax.vmap(jnp.diag)(diag) + 0.05 * jax.random.normal(k2, (T, D, D))
+    b = jax.random.normal(k3, (T, D))
+    cell = lambda h, inp: inp[0] @ h + inp[1]
+    s0 = jnp.zeros(D)
+    once = _sweep_linear((method, 1e-12, 0.0), cell, (J, b), s0)
+    every = iterative_solve(
+        Sweeps(method, 1e-12, 0.0),
+        lambda h, x, _: cell(h, x),
+        jnp.zeros((T, D)),
+        (s0, (J, b), ()),
+        atol=1e-12,
+        rtol=0.0,
+        max_steps=T + 1,
+    )
+    assert bool(once.converged) and int(once.num_steps) == int(every.num_steps)
+    _close(once.value, every.value, 1e-13)
+    ref = jax.lax.scan(lambda h, inp: (cell(h, inp),) * 2, s0, (J, b))[1]
+    _close(once.value, ref, 1e-10)
 
 
 @pytest.mark.parametrize("method", [ij.DEER(), ij.Jacobi()], ids=["deer", "jacobi"])

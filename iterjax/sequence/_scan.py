@@ -194,23 +194,49 @@ def _trajectory_jvp(cell, options, primals, tangents):
 
 
 def _sweep_linear(options, cell, inputs, s0):
-    """Solve a linear recurrence h_t = cell(h_{t-1}, inputs_t) from h_0 = 0.
+    """Solve a linear recurrence h_t = cell(h_{t-1}, inputs_t) from h_0 = 0 (the
+    `Solution` of its sweeps).
 
-    Exact after at most T + 1 sweeps (frozen prefix), two for DEER.
+    Exact after at most T + 1 sweeps (frozen prefix), two for DEER. The method's
+    A_t do not depend on the iterate here, so they are computed once (not every
+    sweep) where that costs no more memory than the sweeps themselves: when they
+    are diagonal, or dense without a `window`.
     """
     method, atol, rtol = options
     T = inputs[0].shape[0]
     zero = jnp.zeros_like(s0)
-    sol = iterative_solve(
+    X0 = jnp.zeros((T,) + zero.shape, zero.dtype)
+    A = jax.eval_shape(lambda: method.linearize(cell, X0, inputs)[1])
+    if A is not None and (A.ndim == X0.ndim or method.window is None):
+        A = method.linearize(cell, X0, inputs)[1]
+        method = _FixedJacobians(method, window=method.window, mesh=method.mesh)
+        cell, inputs = _ignore_last(cell), (inputs, A)
+    return iterative_solve(
         Sweeps(method, atol, rtol),
         lambda h, x, _: cell(h, x),
-        jnp.zeros((T,) + zero.shape, zero.dtype),
+        X0,
         (zero, inputs, ()),
         atol=atol,
         rtol=rtol,
         max_steps=T + 1,
     )
-    return sol.value
+
+
+def _ignore_last(cell):
+    return lambda h, inp: cell(h, inp[0])
+
+
+class _FixedJacobians(AbstractSequenceMethod):
+    """`method` with its A_t computed once, carried along with the inputs (and so
+    windowed and sharded with them): `inputs_t = (x_t, A_t)`."""
+
+    method: AbstractSequenceMethod
+
+    def linearize(self, cell, prev, xs):
+        return jax.vmap(cell)(prev, xs), xs[1]
+
+    def sweep(self, cell, s0, X, xs, r, A, frozen):
+        return self.method.sweep(cell, s0, X, xs, r, A, frozen)
 
 
 def _tangent_recurrence(cell, options, X, args, b):
@@ -221,7 +247,7 @@ def _tangent_recurrence(cell, options, X, args, b):
         p, x, bt = inp
         return jax.jvp(lambda q: cell(q, x, consts), (p,), (h,))[1] + bt
 
-    return _sweep_linear(options, lin, (shift(X, s0), xs, b), s0)
+    return _sweep_linear(options, lin, (shift(X, s0), xs, b), s0).value
 
 
 def _cotangent_recurrence(cell, options, X, args, v):
@@ -238,7 +264,7 @@ def _cotangent_recurrence(cell, options, X, args, v):
         _, pullback = jax.vjp(lambda q: cell(q, x, consts), p)
         return jnp.where(m, pullback(u)[0], 0) + vt
 
-    u = _sweep_linear(options, lin, _flip((X, x_next, v, has_next)), s0)
+    u = _sweep_linear(options, lin, _flip((X, x_next, v, has_next)), s0).value
     return jnp.flip(u, 0)
 
 
