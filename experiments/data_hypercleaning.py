@@ -82,7 +82,10 @@ def load(cfg):
     )
 
 
-def problem(cfg, theta0=0.0) -> tuple[runs.Problem, dict]:
+THETA0 = 0.0  # every sample weight σ(θ0) = 1/2 at the start
+
+
+def problem(cfg, theta0=THETA0) -> tuple[runs.Problem, dict]:
     """The bilevel problem (all sample weights σ(θ0) at the start) and its data."""
     data = load(cfg)
     x, y = data["x"], data["y"]

@@ -34,7 +34,7 @@ class Config:
     problem: Literal["hpo_logreg", "data_hypercleaning"] = "hpo_logreg"
     dataset: Literal["breast_cancer", "digits"] = "digits"  # hpo_logreg's
     solver: runs.Solver = runs.Solver("soba", outer_lr=1.0, inner_lr=0.5)
-    theta0: float | None = None  # None: -2 (log penalty) / 0 (logit weight)
+    theta0: float | None = None  # None: the problem's own (log penalty -2 / logit 0)
     batch: int = 32
     budget: float = 1e6
     evals: int = 20
@@ -70,13 +70,13 @@ ARRAY_KEYS = (
 def problem(cfg: Config) -> runs.Problem:
     if cfg.problem == "data_hypercleaning":
         data_cfg = data_hypercleaning.Config(seed=cfg.split_seed)
-        theta0 = 0.0 if cfg.theta0 is None else cfg.theta0
+        theta0 = data_hypercleaning.THETA0 if cfg.theta0 is None else cfg.theta0
         return data_hypercleaning.problem(data_cfg, theta0)[0]
     split = types.SimpleNamespace(
         seed=cfg.split_seed,
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
-        theta0=-2.0 if cfg.theta0 is None else cfg.theta0,
+        theta0=hpo_logreg.Config.theta0 if cfg.theta0 is None else cfg.theta0,
     )
     return hpo_logreg.problem(cfg.dataset, split)
 
