@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 PEERS   := .venv/.peers-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TORCH   := .venv-torch/.installed-torch-2.13.0-torchdeq-0.1.0
-CONFIG  ?= configs/fixed_point_study.yaml
+CONFIG  ?= fixed_point_study
 PYTEST_WORKERS ?= 2
 
 .PHONY: run test lint format bench smoke clean

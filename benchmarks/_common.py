@@ -1,7 +1,7 @@
 """Memory and table helpers shared by the benchmarks (timing: iterjax.diagnostics)."""
 
 from iterjax.diagnostics import compiled_memory
-from iterjax.run import markdown_table
+from iterjax.lab.tables import markdown_table
 
 
 def compiled_bytes(f, *args):

@@ -1,6 +1,6 @@
 """A sweep over seeds of a fixed-point experiment: vectorised vs a Python loop.
 
-The experiment is `configs/fixed_point_sweep.yaml` without its grid (Anderson on
+The experiment is the built-in `fixed_point_sweep` config without its grid (Anderson on
 a 64-dimensional `slow_system`, radius 0.9, atol 1e-8). Measured side by side,
 in one process, each the median of `--repeats` end-to-end `iterjax run`s
 (config validation, compile, solves, tables, plots):
@@ -32,8 +32,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import markdown  # noqa: E402
-from iterjax import run as runlib  # noqa: E402
 from iterjax.diagnostics import time_calls  # noqa: E402
+from iterjax.lab import runner as runlib  # noqa: E402
 
 BASE = """\
 experiment: fixed_point_sweep
@@ -59,8 +59,8 @@ def end_to_end(tmp, name, sweep, repeats):
 
 
 def compiled(seeds, repeats):
-    import experiments.fixed_point_sweep as fps
-    from iterjax.sweep import replace_dotted
+    import iterjax.experiments.fixed_point_sweep as fps
+    from iterjax.lab.sweep import replace_dotted
 
     cfg = runlib.prepare(runlib.CONFIG_DIR / "fixed_point_sweep.yaml").cfg
     cfg = replace_dotted(replace_dotted(cfg, "radius", 0.9), "solver.history", 5)

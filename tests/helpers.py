@@ -7,7 +7,7 @@ import numpy as np
 import scipy.optimize
 
 import iterjax as ij
-from experiments import problems
+from iterjax.experiments import problems
 
 # Solvers that reach 1e-10 on contractions. Halpern (O(1/k)) is tested separately.
 ALL_SOLVERS = [

@@ -1,4 +1,5 @@
-"""Every config in configs/ runs shrunk; invalid configs are rejected by key."""
+"""Every built-in config (iterjax/configs/) runs shrunk; invalid configs are
+rejected by key."""
 
 import json
 import pathlib
@@ -6,9 +7,10 @@ import pathlib
 import pytest
 import yaml
 
-from iterjax import config as cfglib
-from iterjax import registry
-from iterjax.run import CONFIG_DIR, main, prepare, run_experiment
+from iterjax.lab import config as cfglib
+from iterjax.lab import registry
+from iterjax.lab.cli import main
+from iterjax.lab.runner import CONFIG_DIR, prepare, run_experiment
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -267,24 +269,27 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
     ).cfg
     assert cfg.atol == 1e-9
     assert registry.build("solver", cfg.solvers[0]).damping == 0.5
-    zero = cfglib._to_spec("solver", {"name": "anderson", "regularization": "0e0"}, "s")
+    zero = registry.to_spec(
+        "solver", {"name": "anderson", "regularization": "0e0"}, "s"
+    )
     assert registry.build("solver", zero).regularization == 0.0
     with pytest.raises(cfglib.ConfigError, match="atol"):
         prepare(_write(tmp_path, "experiment: fixed_point_study\natol: 1e-x\n"))
 
 
 def test_newton_linear_solver_spec_nests():
-    spec = cfglib._to_spec(
+    spec = registry.to_spec(
         "solver", {"name": "newton", "linear_solver": {"name": "bicgstab"}}, "s"
     )
     solver = registry.build("solver", spec)
     assert type(solver.linear_solver).__name__ == "BiCGStab"
     with pytest.raises(cfglib.ConfigError, match="unknown linear_solver"):
-        cfglib._to_spec("solver", {"name": "newton", "linear_solver": "lu"}, "s")
+        registry.to_spec("solver", {"name": "newton", "linear_solver": "lu"}, "s")
 
 
-def test_config_dir_is_the_repo_configs():
-    assert CONFIG_DIR == pathlib.Path(__file__).resolve().parent.parent / "configs"
+def test_config_dir_is_the_packages_configs():
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    assert CONFIG_DIR == repo / "iterjax" / "configs"
 
 
 def test_hpo_sweep_vmaps_data_hypercleaning(tmp_path):
@@ -313,7 +318,7 @@ def test_bilevel_problems_step_size_unit_bounds_the_inner_hessian(name):
     import jax.numpy as jnp
     import numpy as np
 
-    from experiments import data_hypercleaning, hpo_logreg
+    from iterjax.experiments import data_hypercleaning, hpo_logreg
 
     jax.config.update("jax_enable_x64", True)
     if name == "hpo_logreg":

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import iterjax as ij
-from experiments import diffusion
+from iterjax.experiments import diffusion
 
 N = 200
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 from helpers import run_on_host_devices
 
-from iterjax import config as cfglib
-from iterjax import registry
-from iterjax import run as runlib
-from iterjax import sweep as sweeplib
-from iterjax.workdir import Workdir
+from iterjax.lab import cli, registry
+from iterjax.lab import config as cfglib
+from iterjax.lab import runner as runlib
+from iterjax.lab import sweep as sweeplib
+from iterjax.lab.workdir import Workdir
 
 
 @pytest.fixture
@@ -137,7 +137,7 @@ SHARDED = r"""
 import json, pathlib, sys, tempfile
 import jax
 assert jax.device_count() == 8
-from iterjax import run as runlib
+from iterjax.lab import runner as runlib
 tmp = pathlib.Path(tempfile.mkdtemp())
 base = '''experiment: fixed_point_sweep
 problem: tanh_deq
@@ -163,7 +163,7 @@ for k, m in out["plain"].items():
 # batches: Workdir.shard splits the leading axis over the mesh; parameters that
 # were never placed follow, replicated (data parallelism without code changes)
 import jax.numpy as jnp, numpy as np
-from iterjax.workdir import Workdir
+from iterjax.lab.workdir import Workdir
 mesh = runlib.make_mesh(runlib.cfglib.MeshSpec((-1,), ("batch",)))
 x = np.arange(48.0).reshape(16, 3)
 xs = Workdir(tmp / "w", mesh=mesh).shard({"x": x})["x"]
@@ -207,7 +207,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(toy, tmp_path, monke
     assert len(_rows(run_dir)) == 5  # row 5 was written after the last checkpoint
     monkeypatch.undo()
     monkeypatch.setitem(registry.EXPERIMENTS, "toy", "toy_experiment")
-    assert runlib.main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    assert cli.main(["run", "--resume", str(run_dir), "--quiet"]) == 0
     assert _rows(run_dir) == _rows(full_dir)
     resumed = json.loads((run_dir / "summary.json").read_text())
     assert resumed["metrics"] == full["metrics"]
@@ -378,13 +378,11 @@ def test_report_puts_runs_side_by_side(toy, tmp_path):
         )[0]
         for i, lr in enumerate([0.1, 0.3])
     ]
-    assert (
-        runlib.main(["report", *map(str, dirs), "--out", str(tmp_path / "r.md")]) == 0
-    )
+    assert cli.main(["report", *map(str, dirs), "--out", str(tmp_path / "r.md")]) == 0
     md = (tmp_path / "r.md").read_text()
     assert "## Settings that differ" in md and "| lr | 0.1 | 0.3 |" in md
     assert "| loss |" in md and "![loss](toy/" in md
-    runlib.main(["report", *map(str, dirs), "--out", str(tmp_path / "r.html")])
+    cli.main(["report", *map(str, dirs), "--out", str(tmp_path / "r.html")])
     page = (tmp_path / "r.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
 
@@ -415,7 +413,7 @@ def test_compilation_cache_option(tmp_path):
 
 
 def test_cli_list_shows_every_config_with_its_description(capsys):
-    assert runlib.main(["list"]) == 0
+    assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
     for path in runlib.CONFIG_DIR.glob("*.yaml"):
         line = next(x for x in out.splitlines() if x.startswith(path.stem + " "))
@@ -423,7 +421,7 @@ def test_cli_list_shows_every_config_with_its_description(capsys):
 
 
 def test_the_config_mesh_reaches_sequence_methods():
-    from iterjax.config import Spec
+    from iterjax.lab.config import Spec
 
     mesh = runlib.make_mesh(cfglib.MeshSpec())
     assert registry.build("sequence_method", Spec("deer"), mesh=mesh).mesh is mesh

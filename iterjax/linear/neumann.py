@@ -12,12 +12,15 @@ Both converge when the spectral radius of (I - A) is below one, i.e. when the
 forward map is a contraction at the solution.
 """
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from .. import _tree as tu
 from .._checks import check_int, check_range
+from .._iterate import AbstractFixedPointSolver, iterative_solve
 from ._base import AbstractLinearSolver, LinearStats
 
 
@@ -85,12 +88,10 @@ class Richardson(AbstractLinearSolver):
         return self.solve_with_stats(matvec, b)[0]
 
     def solve_with_stats(self, matvec, b, rtol=None):
-        from .._iterate import iterative_solve
-        from ..fixed_point.picard import Picard
-
+        # fn(x) - x = b - A x: the driver's residual is the linear residual.
         fn = lambda x, _: tu.tree_add(x, tu.tree_sub(b, matvec(x)))
         sol = iterative_solve(
-            Picard(damping=self.damping),
+            _RichardsonStep(self.damping),
             fn,
             tu.tree_zeros_like(b),
             None,
@@ -101,3 +102,21 @@ class Richardson(AbstractLinearSolver):
         broke = ~jnp.isfinite(sol.residual)
         stats = LinearStats(sol.num_steps + 1, sol.converged, broke)
         return sol.value, stats
+
+
+class _RichardsonState(NamedTuple):
+    residual: object  # like x: b - A x
+
+
+class _RichardsonStep(AbstractFixedPointSolver):
+    """x <- x + damping (b - A x) as a driver solver (`linear` sits below
+    `fixed_point`, so it does not use `fixed_point.Picard`)."""
+
+    damping: float = 1.0
+
+    def init(self, fn, y0, args):
+        return _RichardsonState(tu.tree_sub(fn(y0, args), y0))
+
+    def step(self, fn, y, args, state):
+        y = tu.tree_axpy(self.damping, state.residual, y)
+        return y, _RichardsonState(tu.tree_sub(fn(y, args), y))

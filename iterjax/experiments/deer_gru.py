@@ -1,0 +1,291 @@
+"""DEER on GRUs over long sequences, the chaotic case, and training with DEER.
+
+Three parts:
+
+1. `long`: a random GRU (hidden `dims`) over T in `lengths` (the DEER paper's
+   EigenWorms series are 17,984 steps): Newton sweeps to `atol`, error vs
+   `lax.scan`, and the error after each sweep at the longest T.
+2. `chaotic`: a tanh RNN with recurrent spectral norm `chaotic_scale` (expanding,
+   chaotic dynamics) in `chaotic_dtype`: sweeps, fallbacks (sweeps in which
+   Newton's update was not finite, i.e. where plain DEER would have diverged) and
+   the error of every method in `chaotic_methods`.
+3. `train`: a GRU classifier of noisy sinusoids (`classes` periods, length
+   `train_length`) trained with Adam from the same initialisation on the same
+   batches, once with `lax.scan` and once with `iterjax.scan(method=DEER())`:
+   the two loss curves agree to solver tolerance.
+"""
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+import optax
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+import iterjax as ij  # noqa: E402
+from iterjax.experiments import cells  # noqa: E402
+from iterjax.lab.config import Spec, spec  # noqa: E402
+from iterjax.lab.registry import build  # noqa: E402
+from iterjax.lab.tables import markdown_table  # noqa: E402
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # 1. long sequences
+    dims: tuple[int, ...] = (16, 64)
+    lengths: tuple[int, ...] = (1024, 4096, 16384)
+    input_dim: int = 4
+    atol: float = 1e-6
+    # 2. chaotic dynamics
+    chaotic_scale: float = 3.0
+    chaotic_length: int = 2048
+    chaotic_dim: int = 8
+    chaotic_dtype: Literal["float32", "float64"] = "float32"
+    chaotic_atol: float = 1e-4
+    chaotic_methods: tuple[spec("sequence_method"), ...] = (
+        Spec("deer"),
+        Spec("deer", (("damping", 0.5),)),
+        Spec("quasi_deer"),
+        Spec("elk"),
+        Spec("quasi_elk"),
+        Spec("jacobi"),
+    )
+    # 3. training
+    classes: int = 4
+    train_length: int = 1024
+    train_samples: int = 256
+    test_samples: int = 256
+    hidden: int = 16
+    batch: int = 32
+    train_steps: int = 100
+    learning_rate: float = 1e-2
+    train_atol: float = 1e-8
+    seed: int = 0
+    x64: bool = True
+
+
+def long_sequences(cfg, workdir, advance):
+    rows, curves = [], {}
+    for dim in cfg.dims:
+        for T in cfg.lengths:
+            f, init, xs = cells.gru(dim, T, cfg.input_dim, seed=cfg.seed)
+            run = jax.jit(
+                lambda xs, f=f, init=init: ij.scan(
+                    f,
+                    init,
+                    xs,
+                    method=ij.DEER(mesh=workdir.mesh),
+                    atol=cfg.atol,
+                    return_stats=True,
+                )
+            )
+            carry, ys, stats = run(xs)
+            ref = jax.jit(lambda xs, f=f, init=init: jax.lax.scan(f, init, xs))(xs)
+            row = dict(
+                part="long",
+                dim=dim,
+                length=T,
+                sweeps=int(stats.num_sweeps),
+                converged=bool(stats.converged),
+                residual=float(stats.residual),
+                error=cells.max_error((carry, ys), ref),
+            )
+            workdir.log(**row)
+            rows.append(row)
+            advance()
+        curves[dim] = cells.sweep_errors(f, init, xs, ij.DEER(), cfg.atol, 30)
+        workdir.log(part="long_curve", dim=dim, length=T, errors=curves[dim])
+    return rows, curves
+
+
+def chaotic(cfg, workdir, advance):
+    f, init, xs = cells.tanh_rnn(
+        cfg.chaotic_dim,
+        cfg.chaotic_length,
+        cfg.chaotic_scale,
+        seed=cfg.seed,
+        dtype=cfg.chaotic_dtype,
+    )
+    ref = jax.lax.scan(f, init, xs)
+    rows, curves = [], {}
+    for s in cfg.chaotic_methods:
+        method = build("sequence_method", s)
+        out = jax.jit(
+            lambda xs, method=method: ij.scan(
+                f,
+                init,
+                xs,
+                method=method,
+                atol=cfg.chaotic_atol,
+                return_stats=True,
+                trace=True,
+            )
+        )(xs)
+        stats = out[2]
+        row = dict(
+            part="chaotic",
+            method=s.label,
+            sweeps=int(stats.num_sweeps),
+            converged=bool(stats.converged),
+            fallbacks=int(stats.fallbacks),
+            error=cells.max_error(out[:2], ref),
+        )
+        curves[s.label] = np.asarray(stats.trace[: row["sweeps"]])
+        workdir.log(**row)
+        rows.append(row)
+        advance()
+    return rows, curves
+
+
+def sinusoids(key, n, length, classes):
+    """Noisy sinusoids whose period (4 * 2^label steps) is the label."""
+    k1, k2, k3 = jax.random.split(key, 3)
+    labels = jax.random.randint(k1, (n,), 0, classes)
+    period = 4.0 * 2.0 ** labels.astype(jnp.float_)
+    phase = jax.random.uniform(k2, (n, 1), maxval=2 * jnp.pi)
+    t = jnp.arange(length, dtype=jnp.float_)
+    x = jnp.sin(2 * jnp.pi * t[None, :] / period[:, None] + phase)
+    x = x + 0.5 * jax.random.normal(k3, x.shape)
+    return x[..., None], labels
+
+
+def _classifier(scan, method, atol):
+    def logits(params, x):
+        f = lambda h, xt: (cells.gru_cell(params["gru"], h, xt),) * 2
+        init = jnp.zeros(params["gru"]["b"].shape[1])
+        if scan is ij.scan:
+            _, hs = ij.scan(f, init, x, method=method, atol=atol)
+        else:
+            _, hs = jax.lax.scan(f, init, x)
+        return params["out"] @ jnp.mean(hs, axis=0)
+
+    def loss(params, x, y):
+        z = jax.vmap(logits, (None, 0))(params, x)
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, y))
+
+    return logits, loss
+
+
+def train(cfg, workdir, advance):
+    key = jax.random.PRNGKey(cfg.seed)
+    kd, kt, kp, ko, kb = jax.random.split(key, 5)
+    x, y = sinusoids(kd, cfg.train_samples, cfg.train_length, cfg.classes)
+    xt, yt = sinusoids(kt, cfg.test_samples, cfg.train_length, cfg.classes)
+    params0 = {
+        "gru": cells.gru_params(kp, cfg.hidden, 1),
+        "out": jax.random.normal(ko, (cfg.classes, cfg.hidden)) / cfg.hidden**0.5,
+    }
+    opt = optax.adam(cfg.learning_rate)
+    batches = jax.random.randint(kb, (cfg.train_steps, cfg.batch), 0, cfg.train_samples)
+    curves, accuracy = {}, {}
+    for name, scan in [("lax.scan", jax.lax.scan), ("DEER", ij.scan)]:
+        logits, loss = _classifier(scan, ij.DEER(), cfg.train_atol)
+
+        @jax.jit
+        def step(params, state, idx, loss=loss):
+            value, g = jax.value_and_grad(loss)(params, x[idx], y[idx])
+            updates, state = opt.update(g, state)
+            return optax.apply_updates(params, updates), state, value
+
+        params, state, losses = params0, opt.init(params0), []
+        for idx in batches:
+            params, state, value = step(params, state, idx)
+            losses.append(float(value))
+            advance()
+        pred = jnp.argmax(jax.jit(jax.vmap(logits, (None, 0)))(params, xt), -1)
+        curves[name] = np.asarray(losses)
+        accuracy[name] = float(jnp.mean(pred == yt))
+        workdir.log(part="train", method=name, losses=losses, accuracy=accuracy[name])
+    gap = float(np.max(np.abs(curves["DEER"] - curves["lax.scan"])))
+    return dict(loss_gap=gap, accuracy=accuracy), curves
+
+
+def run(cfg: Config, workdir) -> dict:
+    jax.config.update("jax_enable_x64", cfg.x64)
+    total = (
+        len(cfg.dims) * len(cfg.lengths)
+        + len(cfg.chaotic_methods)
+        + 2 * cfg.train_steps
+    )
+    with workdir.progress(total, "deer_gru") as advance:
+        long_rows, long_curves = long_sequences(cfg, workdir, advance)
+        chaos_rows, chaos_curves = chaotic(cfg, workdir, advance)
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int/float
+            training, loss_curves = train(cfg, workdir, advance)
+    workdir.log(part="train_summary", **training)
+    _plot(cfg, long_rows, long_curves, chaos_curves, loss_curves, workdir)
+    table = _tables(long_rows, chaos_rows, training)
+    return {"long": long_rows, "chaotic": chaos_rows, "train": training, "table": table}
+
+
+def _plot(cfg, long_rows, long_curves, chaos_curves, loss_curves, workdir):
+    fig, ax = plt.subplots(1, 4, figsize=(22, 4.5))
+    for dim in cfg.dims:
+        pts = np.asarray(
+            [(r["length"], r["sweeps"]) for r in long_rows if r["dim"] == dim]
+        )
+        ax[0].semilogx(pts[:, 0], pts[:, 1], "o-", label=f"GRU hidden {dim}")
+        err = np.maximum(long_curves[dim], 1e-17)
+        ax[1].semilogy(np.arange(1, len(err) + 1), err, "o-", label=f"hidden {dim}")
+    ax[0].set(
+        title=f"DEER sweeps to atol {cfg.atol:g} vs T",
+        xlabel="T",
+        ylabel="sweeps",
+        ylim=(0, None),
+    )
+    ax[1].axhline(cfg.atol, color="k", lw=0.5, ls="--")
+    ax[1].set(
+        title=f"DEER error vs sweeps, T={cfg.lengths[-1]}",
+        xlabel="sweep",
+        ylabel="max |s_t - s_t(lax.scan)|",
+    )
+    for m, tr in chaos_curves.items():
+        ax[2].semilogy(np.arange(1, len(tr) + 1), np.maximum(tr, 1e-30), label=m)
+    ax[2].axhline(cfg.chaotic_atol, color="k", lw=0.5, ls="--")
+    ax[2].set(
+        title=f"chaotic tanh RNN |W|={cfg.chaotic_scale}, "
+        f"T={cfg.chaotic_length}, {cfg.chaotic_dtype}",
+        xlabel="sweep",
+        ylabel="residual",
+        xscale="log",
+    )
+    for name, losses in loss_curves.items():
+        ax[3].plot(losses, label=name, ls="-" if name == "DEER" else "--")
+    ax[3].set(
+        title=f"GRU classifier, T={cfg.train_length}",
+        xlabel="step",
+        ylabel="training loss",
+    )
+    for a in ax:
+        a.legend(fontsize=7)
+    workdir.savefig(fig, "deer_gru.png")
+
+
+def _tables(long_rows, chaos_rows, training):
+    long = markdown_table(
+        ["GRU hidden", "T", "DEER sweeps", "converged", "error vs lax.scan"],
+        [
+            [r["dim"], r["length"], r["sweeps"], r["converged"], f"{r['error']:.1e}"]
+            for r in long_rows
+        ],
+    )
+    chaos = markdown_table(
+        ["chaotic: method", "sweeps", "converged", "fallbacks", "error"],
+        [
+            [r[k] for k in ("method", "sweeps", "converged", "fallbacks")]
+            + [f"{r['error']:.1e}"]
+            for r in chaos_rows
+        ],
+    )
+    acc = training["accuracy"]
+    note = (
+        f"training: max |loss(DEER) - loss(lax.scan)| over steps = "
+        f"{training['loss_gap']:.1e}; test accuracy lax.scan "
+        f"{acc['lax.scan']:.3f}, DEER {acc['DEER']:.3f}"
+    )
+    return "\n\n".join([long, chaos, note])

@@ -1,0 +1,100 @@
+"""Command line: `iterjax run CONFIG [key=value ...]`, `iterjax run --resume DIR`,
+`iterjax list`, `iterjax report DIR...`."""
+
+import argparse
+import os
+import pathlib
+import sys
+
+from . import config as cfglib
+from . import report
+from .runner import CONFIG_DIR, Interrupted, run_experiment
+
+
+def describe(path) -> str:
+    """The first sentence of a config's leading comment block."""
+    words = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        text = line.lstrip("#").strip()
+        if not line.startswith("#") or text.startswith(("Run:", "Runtime:")):
+            break
+        words.append(text)
+    header = " ".join(words)
+    end = header.find(". ")
+    return header if end < 0 else header[: end + 1]
+
+
+def _list_configs():
+    for p in sorted(CONFIG_DIR.glob("*.yaml")):
+        print(f"{p.stem:20s} {describe(p)}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="iterjax", description=__doc__.splitlines()[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run an experiment (or sweep) from a config file")
+    r.add_argument(
+        "config",
+        nargs="?",
+        help="a YAML config, or the name of a built-in config (iterjax list)",
+    )
+    r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    r.add_argument("--out", default=os.environ.get("ITERJAX_RUNS", "runs"))
+    r.add_argument(
+        "--smoke", action="store_true", help="apply the config's smoke overrides"
+    )
+    r.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
+    r.add_argument(
+        "--compilation-cache", metavar="DIR", help="JAX's persistent compilation cache"
+    )
+    r.add_argument("--quiet", action="store_true")
+    sub.add_parser("list", help="list the built-in configs")
+    rep = sub.add_parser("report", help="summarise one or several run directories")
+    rep.add_argument("dirs", nargs="+", help="run directories")
+    rep.add_argument("--out", default="report.md", help="report.md or report.html")
+    # overrides may come after options (`run cfg --smoke a=1`): argparse leaves
+    # them over; anything else left over is an error.
+    args, extra = parser.parse_known_args(argv)
+    bad = [e for e in extra if args.command != "run" or "=" not in e or e[0] == "-"]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    if args.command == "list":
+        _list_configs()
+        return 0
+    if args.command == "report":
+        path = report.write(args.dirs, args.out)
+        print(f"report in {path}")
+        return 0
+    if (args.config is None) == (args.resume is None):
+        parser.error("run takes a CONFIG or --resume DIR")
+    try:
+        path, summary = run_experiment(
+            args.config,
+            args.overrides,
+            out=args.out,
+            smoke=args.smoke,
+            quiet=args.quiet,
+            resume=args.resume,
+            compilation_cache=args.compilation_cache,
+        )
+    except cfglib.ConfigError as e:
+        print(f"iterjax: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(
+            f"iterjax: interrupted; continue with: iterjax run --resume {e.args[0]}",
+            file=sys.stderr,
+        )
+        return 130
+    print(f"results in {path}")
+    if "table" in summary and not args.quiet:
+        print(summary["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""YAML config files -> frozen, typed dataclasses. Unknown or mistyped keys are errors.
+
+A config file names its experiment and sets that experiment's `Config` fields::
+
+    # iterjax/configs/fixed_point_study.yaml
+    experiment: fixed_point_study
+    dim: 32
+    solvers:
+      - {name: anderson, history: 5}
+    smoke: {dim: 8}        # overrides used by the test suite's shrunk smoke run
+
+Overrides on the command line use dotted keys and YAML values: `dim=64`,
+`solvers='[{name: picard}]'`. Every value is checked against the dataclass field's
+type annotation (int, float, str, bool, tuples, nested dataclasses, `Literal`,
+`Optional`, and `Spec` for registry objects such as solvers) before anything runs.
+"""
+
+import dataclasses
+import types
+import typing
+from typing import Any, Literal, Union
+
+import yaml
+
+from . import registry
+from .spec import ConfigError as ConfigError
+from .spec import Spec as Spec
+from .spec import float_literal as float_literal
+from .spec import spec as spec
+
+_SCALARS = {int: "an int", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _fail(where, msg):
+    raise ConfigError(f"config key `{where or '<root>'}`: {msg}")
+
+
+def from_dict(cls, data: Any, where: str = ""):
+    """Build dataclass `cls` from a mapping, checking every key and type."""
+    return _convert(cls, data, where)
+
+
+def _convert(tp, value, where):
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        base, kind = typing.get_args(tp)
+        assert base is Spec
+        return registry.to_spec(kind, value, where)
+    if dataclasses.is_dataclass(tp):
+        return _to_dataclass(tp, value, where)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for a in options:
+            try:
+                return _convert(a, value, where)
+            except ConfigError as e:
+                errors.append(e)
+        # a mapping meant for the one dataclass option: its error names the key
+        shaped = [
+            e
+            for a, e in zip(options, errors)
+            if len(options) == 1 or (isinstance(value, dict) and _is_mapping_type(a))
+        ]
+        if len(shaped) == 1:
+            raise shaped[0]
+        allowed = " or ".join(_describe(a) for a in options)
+        _fail(where, f"expected {allowed}, got {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            _fail(where, f"{value!r} is not one of {list(choices)}")
+        return value
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            _fail(where, f"expected a mapping, got {value!r}")
+        return {
+            _convert(key_type, k, where): _convert(value_type, v, f"{where}.{k}")
+            for k, v in value.items()
+        }
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            _fail(where, f"expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(
+                _convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)
+            )
+        if len(args) != len(value):
+            _fail(where, f"expected {len(args)} items, got {len(value)}")
+        return tuple(
+            _convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))
+        )
+    if tp in _SCALARS:
+        ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
+        if tp is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if tp is float and (number := float_literal(value)) is not None:
+            return number
+        if not ok:
+            _fail(where, f"expected {_SCALARS[tp]}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config annotation {tp!r} at {where}")
+
+
+def _describe(tp):
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(repr(c) for c in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"a list, each {_describe(typing.get_args(tp)[0])}"
+    return _SCALARS.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _is_mapping_type(tp):
+    return dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict
+
+
+def _to_dataclass(cls, value, where):
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        _fail(where, f"expected a mapping of {cls.__name__} fields, got {value!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls, include_extras=True)
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        _fail(key, f"unknown key; allowed keys: {sorted(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name in value:
+            kwargs[name] = _convert(hints[name], value[name], key)
+        elif (
+            f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ):
+            _fail(key, "missing required key")
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> Any:
+    """A plain (YAML-serialisable) view of a config dataclass."""
+    if isinstance(cfg, Spec):
+        return {"name": cfg.name, **{k: to_dict(v) for k, v in cfg.options}}
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """`data['a']['b'] = value` for `dotted = 'a.b'` (creating mappings as needed)."""
+    keys = dotted.split(".")
+    for prefix in ("sweep.grid.", "sweep.random.space."):  # their keys are dotted
+        if dotted.startswith(prefix) and len(dotted) > len(prefix):
+            keys = prefix.split(".")[:-1] + [dotted[len(prefix) :]]
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key `{dotted}`: `{k}` is not a mapping")
+    node[keys[-1]] = value
+
+
+def parse_overrides(items) -> list[tuple[str, Any]]:
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def load(path, overrides=(), smoke: bool = False):
+    """Read a config file; returns `(experiment_name, raw_dict, platform)`.
+
+    Overrides (and, with `smoke`, the file's `smoke:` block) are applied first;
+    the raw dict is then turned into the experiment's `Config` by `from_dict`,
+    and the reserved top-level keys (`sweep`, `mesh`, ...) into a `Platform`.
+    """
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict) or "experiment" not in data:
+        raise ConfigError(
+            f"{path}: a config must be a mapping with an `experiment` key"
+        )
+    name = data.pop("experiment")
+    smoke_overrides = data.pop("smoke", {}) or {}
+    if smoke:
+        for k, v in smoke_overrides.items():
+            set_dotted(data, k, v)
+    for k, v in parse_overrides(overrides):
+        set_dotted(data, k, v)
+    reserved = {f.name for f in dataclasses.fields(Platform)}
+    platform = {k: data.pop(k) for k in list(data) if k in reserved}
+    return name, data, from_dict(Platform, platform)
+
+
+# --- The reserved top-level keys: how a config runs rather than what it computes.
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomSearch:
+    """`num` draws from `space`: each key maps to one distribution,
+    `{uniform: [lo, hi]}`, `{log_uniform: [lo, hi]}`, `{int_uniform: [lo, hi]}`
+    (both ends included) or `{choice: [v1, v2, ...]}`."""
+
+    num: int
+    space: dict[str, dict[str, tuple[Any, ...]]]
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num < 1:
+            _fail("sweep.random.num", f"must be >= 1, got {self.num}")
+        for key, dist in self.space.items():
+            where = f"sweep.random.space.{key}"
+            if len(dist) != 1 or next(iter(dist)) not in DISTRIBUTIONS:
+                _fail(where, f"one of {sorted(DISTRIBUTIONS)}, got {dist!r}")
+            ((kind, values),) = dist.items()
+            if kind == "choice":
+                if not values:
+                    _fail(f"{where}.choice", "needs at least one value")
+                continue
+            lo, hi = (values + (None, None))[:2] if len(values) == 2 else (None, None)
+            ok = (
+                all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for v in (lo, hi)
+                )
+                and lo <= hi
+            )
+            if kind == "log_uniform":
+                ok = ok and lo > 0
+            if kind == "int_uniform":
+                ok = ok and isinstance(lo, int) and isinstance(hi, int)
+            if not ok:
+                _fail(
+                    f"{where}.{kind}",
+                    f"expected [lo, hi] with lo <= hi, got {list(values)}",
+                )
+
+
+DISTRIBUTIONS = ("uniform", "log_uniform", "int_uniform", "choice")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+    """Runs of one config over several settings (see `iterjax.lab.sweep`).
+
+    The members are the product of `grid` (dotted key -> list of values), the
+    `random` draws and the seeds (`seeds: 8` means 0..7, or a list), which set
+    the config key `seed_key`. `vmap: null` vectorises the members with `jax.vmap`
+    when the experiment allows it for every key that varies, `true` insists,
+    `false` runs them one after another.
+    """
+
+    grid: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    random: RandomSearch | None = None
+    seeds: int | tuple[int, ...] = ()
+    seed_key: str = "seed"
+    vmap: bool | None = None
+
+    def __post_init__(self):
+        for key, values in self.grid.items():
+            if not values:
+                _fail(f"sweep.grid.{key}", "needs at least one value")
+        if isinstance(self.seeds, int) and self.seeds < 1:
+            _fail("sweep.seeds", f"a count >= 1 or a list of ints, got {self.seeds}")
+        if self.seed_key in self.grid and self.seeds:
+            _fail(f"sweep.grid.{self.seed_key}", "is also set by `sweep.seeds`")
+        if not (self.grid or self.random or self.seeds):
+            _fail("sweep", "sets none of `grid`, `random`, `seeds`")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """A device mesh over `jax.devices()`: `shape` (one -1 takes the devices
+    left) and `axes` names. Sweeps shard their members over the first axis."""
+
+    shape: tuple[int, ...] = (-1,)
+    axes: tuple[str, ...] = ("data",)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedSpec:
+    """Arguments of `jax.distributed.initialize`; all None means auto-detect
+    (SLURM, TPU pods, Open MPI), as does `distributed: auto`."""
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Platform:
+    """The reserved top-level config keys."""
+
+    sweep: Sweep | None = None
+    mesh: MeshSpec | None = None
+    distributed: Literal["auto"] | DistributedSpec | None = None
+    compilation_cache: str | None = None
+    checkpoint_every: int = 0
+
+    def __post_init__(self):
+        if self.checkpoint_every < 0:
+            _fail("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+        if self.mesh is not None:
+            if len(self.mesh.shape) != len(self.mesh.axes):
+                _fail("mesh", "`shape` and `axes` must have the same length")
+            if sum(s == -1 for s in self.mesh.shape) > 1 or any(
+                s == 0 or s < -1 for s in self.mesh.shape
+            ):
+                _fail(
+                    "mesh.shape",
+                    f"positive sizes and at most one -1, got {list(self.mesh.shape)}",
+                )

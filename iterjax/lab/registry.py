@@ -1,0 +1,166 @@
+"""Names used in config files, resolved through explicit dictionaries."""
+
+import dataclasses
+import importlib
+
+import jax
+
+from .. import implicit, linear, sequence
+from ..fixed_point import Anderson, Broyden, Halpern, Newton, Picard
+from .spec import ConfigError, Spec, float_literal
+
+EXPERIMENTS = {
+    "fixed_point_study": "iterjax.experiments.fixed_point_study",
+    "jacobi_rnn": "iterjax.experiments.jacobi_rnn",
+    "deer_gru": "iterjax.experiments.deer_gru",
+    "picard_diffusion": "iterjax.experiments.picard_diffusion",
+    "charlm_train": "iterjax.experiments.charlm_train",
+    "jacobi_decoding": "iterjax.experiments.jacobi_decoding",
+    "deq_digits": "iterjax.experiments.deq_digits",
+    "deq_memory": "iterjax.experiments.deq_memory",
+    "deq_solvers": "iterjax.experiments.deq_solvers",
+    "hpo_ridge": "iterjax.experiments.hpo_ridge",
+    "data_hypercleaning": "iterjax.experiments.data_hypercleaning",
+    "hpo_logreg": "iterjax.experiments.hpo_logreg",
+    "fixed_point_sweep": "iterjax.experiments.fixed_point_sweep",
+    "hpo_sweep": "iterjax.experiments.hpo_sweep",
+}
+
+SOLVERS = {
+    "picard": Picard,
+    "anderson": Anderson,
+    "broyden": Broyden,
+    "newton": Newton,
+    "halpern": Halpern,
+}
+LINEAR_SOLVERS = {
+    "cg": linear.CG,
+    "gmres": linear.GMRES,
+    "bicgstab": linear.BiCGStab,
+    "neumann": linear.Neumann,
+    "richardson": linear.Richardson,
+}
+ADJOINTS = {
+    "implicit": implicit.ImplicitAdjoint,
+    "unrolled": implicit.UnrolledAdjoint,
+    "phantom": implicit.PhantomAdjoint,
+}
+SEQUENCE_METHODS = {
+    "sequential": sequence.Sequential,
+    "jacobi": sequence.Jacobi,
+    "gauss_seidel": sequence.GaussSeidel,
+    "picard": sequence.Picard,
+    "deer": sequence.DEER,
+    "quasi_deer": sequence.QuasiDEER,
+    "elk": sequence.ELK,
+    "quasi_elk": sequence.QuasiELK,
+}
+KINDS = {
+    "solver": SOLVERS,
+    "linear_solver": LINEAR_SOLVERS,
+    "adjoint": ADJOINTS,
+    "sequence_method": SEQUENCE_METHODS,
+}
+
+
+def _options(cls):
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def validate(kind, spec, where):
+    """Check a `Spec`'s name and options; raise ConfigError naming the key."""
+    table = KINDS[kind]
+    if spec.name not in table:
+        raise ConfigError(
+            f"config key `{where}.name`: unknown {kind} {spec.name!r}; "
+            f"allowed: {sorted(table)}"
+        )
+    try:
+        build(kind, spec, where)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key `{where}`: {e}") from None
+
+
+def build(kind, spec, where="?", mesh=None):
+    """Instantiate the object a `Spec` names (nested specs for linear solvers).
+
+    `mesh` (a run's `Workdir.mesh`) goes to sequence methods that take one and
+    were not given one: their time axis is then sharded over it (windowed
+    methods excepted, which do not shard).
+    """
+    obj = _build(kind, spec, where)
+    if (
+        mesh is not None
+        and "mesh" in _options(type(obj))
+        and "mesh" not in spec.kwargs()
+        and getattr(obj, "window", None) is None
+    ):
+        obj = dataclasses.replace(obj, mesh=mesh)
+    return obj
+
+
+def _build(kind, spec, where):
+    cls = KINDS[kind][spec.name]
+    fields = _options(cls)
+    kwargs = {}
+    for key, value in spec.options:
+        if key not in fields:
+            raise ConfigError(
+                f"config key `{where}.{key}`: unknown option for {spec.name}; "
+                f"allowed: {sorted(fields)}"
+            )
+        if key == "linear_solver":
+            value = build(
+                "linear_solver", to_spec("linear_solver", value, f"{where}.{key}")
+            )
+        elif isinstance(value, jax.Array):
+            pass  # a traced setting of a vectorised sweep; checked concrete before
+        elif isinstance(value, bool) != isinstance(fields[key].default, bool):
+            raise ConfigError(f"config key `{where}.{key}`: wrong type {value!r}")
+        elif isinstance(fields[key].default, int) and not isinstance(
+            fields[key].default, bool
+        ):
+            if not isinstance(value, int):
+                raise ConfigError(
+                    f"config key `{where}.{key}`: expected an int, got {value!r}"
+                )
+        elif isinstance(fields[key].default, float) and (
+            float_literal(value) is not None
+        ):
+            value = float_literal(value)
+        elif isinstance(fields[key].default, float) and not isinstance(
+            value, (int, float)
+        ):
+            raise ConfigError(
+                f"config key `{where}.{key}`: expected a number, got {value!r}"
+            )
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def to_spec(kind, value, where) -> Spec:
+    """A config value (a name, or a mapping with `name`) as a validated `Spec`."""
+    if isinstance(value, Spec):
+        return value
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(
+            f"config key `{where}`: expected a {kind} name or a mapping with "
+            f"`name`, got {value!r}"
+        )
+    options = {k: v for k, v in value.items() if k != "name"}
+    out = Spec(value["name"], tuple(sorted(options.items())))
+    validate(kind, out, where)
+    return out
+
+
+def experiment(name):
+    if name not in EXPERIMENTS:
+        raise ConfigError(
+            f"config key `experiment`: unknown experiment {name!r}; "
+            f"allowed: {sorted(EXPERIMENTS)}"
+        )
+    return importlib.import_module(EXPERIMENTS[name])

@@ -1,0 +1,398 @@
+"""Runs an experiment or a sweep from a config and records it (the command line
+is `iterjax.lab.cli`).
+
+A run writes `runs/<experiment>/<stamp>/` with the resolved config (`config.yaml`,
+itself a valid config), `metrics.jsonl` (one JSON object per logged row),
+`summary.json` (what the experiment's `run(cfg, workdir)` returns, plus timing,
+environment and non-finite metrics), `status.json` (running, done, failed or
+interrupted) and the experiment's PNG plots. A config with a `sweep:` block
+writes one directory for the whole sweep (see `iterjax.lab.sweep`).
+
+The reserved top-level config keys (`iterjax.lab.config.Platform`) say how to run:
+`sweep`, `mesh` (a device mesh; sweeps shard over its first axis),
+`distributed` (`jax.distributed.initialize`, or `auto`), `compilation_cache`
+(a directory for JAX's persistent compilation cache) and `checkpoint_every`.
+"""
+
+import contextlib
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import pathlib
+import platform
+import socket
+import subprocess
+import sys
+import time
+import typing
+
+import jax
+import numpy as np
+import yaml
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType
+
+from . import config as cfglib
+from . import registry
+from . import sweep as sweeplib
+from .tables import flatten
+from .workdir import Workdir, jsonable, nonfinite_paths
+
+__all__ = ["Workdir", "prepare", "run_experiment", "make_mesh", "environment"]
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+PACKAGES = (
+    "iterjax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "chex",
+    "numpy",
+    "orbax-checkpoint",
+)
+
+
+def resolve_config_path(name_or_path: str) -> pathlib.Path:
+    p = pathlib.Path(name_or_path)
+    if p.exists():
+        return p
+    candidate = CONFIG_DIR / (p.name if p.suffix else p.name + ".yaml")
+    if candidate.exists():
+        return candidate
+    raise cfglib.ConfigError(
+        f"no config file {name_or_path!r} (looked in {CONFIG_DIR})"
+    )
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; `args[0]` is the run directory to resume."""
+
+
+class Prepared(typing.NamedTuple):
+    name: str
+    module: typing.Any
+    cfg: typing.Any
+    platform: cfglib.Platform
+    members: list | None  # the sweep's members, or None for a single run
+
+
+def prepare(path, overrides=(), smoke=False) -> Prepared:
+    """Load and validate a config, and every member of its sweep, before anything
+    is compiled or run."""
+    name, raw, plat = cfglib.load(
+        resolve_config_path(str(path)), overrides, smoke=smoke
+    )
+    module = registry.experiment(name)
+    cfg = cfglib.from_dict(module.Config, raw)
+    members = sweeplib.plan(module, raw, plat.sweep) if plat.sweep else None
+    return Prepared(name, module, cfg, plat, members)
+
+
+def run_experiment(
+    path=None,
+    overrides=(),
+    *,
+    out="runs",
+    smoke=False,
+    quiet=False,
+    resume=None,
+    compilation_cache=None,
+):
+    """Validate, run and record one experiment or sweep; returns (run_dir, summary).
+
+    `resume=DIR` continues the run in DIR from its last checkpoint (a sweep from
+    its last finished member) with the config recorded there.
+    """
+    if resume is not None:
+        run_dir = pathlib.Path(resume)
+        if not (run_dir / "config.yaml").exists():
+            raise cfglib.ConfigError(f"--resume {resume}: no config.yaml there")
+        if overrides:
+            raise cfglib.ConfigError("--resume takes no overrides")
+        path, smoke = run_dir / "config.yaml", False
+        status = run_dir / "status.json"
+        if status.exists() and json.loads(status.read_text())["status"] == "done":
+            return run_dir, json.loads((run_dir / "summary.json").read_text())
+    p = prepare(path, overrides, smoke)
+    _start(p.platform, compilation_cache)
+    mesh = make_mesh(p.platform.mesh)
+    if resume is None:
+        run_dir = pathlib.Path(out) / p.name / _stamp()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with open(run_dir / "config.yaml", "w") as f:
+            yaml.safe_dump(resolved(p), f, sort_keys=False)
+    try:
+        if p.members is None:
+            summary = _run_one(p, p.cfg, run_dir, quiet, mesh, resume is not None)
+        else:
+            summary = _run_sweep(p, run_dir, quiet, mesh, resume is not None)
+    except Interrupted:
+        raise
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir) from None
+    return run_dir, summary
+
+
+def resolved(p: Prepared) -> dict:
+    """The config as run: experiment, every field, and the platform keys set."""
+    plat = {
+        k: v
+        for k, v in cfglib.to_dict(p.platform).items()
+        if v != cfglib.to_dict(getattr(cfglib.Platform(), k))
+    }
+    return {"experiment": p.name, **cfglib.to_dict(p.cfg), **plat}
+
+
+def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume, primary=None):
+    """One run; `primary` (default: process 0) writes the files."""
+    _set_x64(cfg)
+    if primary is None:
+        primary = jax.process_index() == 0
+    workdir = Workdir(
+        run_dir,
+        quiet,
+        checkpoint_every=p.platform.checkpoint_every,
+        mesh=mesh,
+        resume=resume,
+        primary=primary,
+    )
+    start = time.perf_counter()
+    with _recorded(run_dir, primary), contextlib.closing(workdir):
+        summary = p.module.run(cfg, workdir) or {}
+    summary = {
+        "experiment": p.name,
+        "seconds": round(time.perf_counter() - start, 3),
+        "environment": environment(cfg),
+        **summary,
+    }
+    flagged = dict(workdir.nonfinite)
+    flagged.update({k: "summary" for k in nonfinite_paths(summary)})
+    summary["nonfinite_metrics"] = flagged
+    _finish(run_dir, summary, primary)
+    return summary
+
+
+def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
+    """Every member, vectorised by groups where the experiment allows; rows are
+    appended as they finish so that an interrupted sweep resumes where it was."""
+
+    pid, nproc = jax.process_index(), jax.process_count()
+    primary = pid == 0
+    sweep = p.platform.sweep
+    done = {r["member"]: r for r in _read_rows(run_dir)} if resume else {}
+    rows_file = run_dir / f"rows-{pid}.jsonl"
+    workdir = Workdir(run_dir, quiet, mesh=mesh, primary=primary)
+    start = time.perf_counter()
+
+    def record(row):
+        with open(rows_file, "a") as f:
+            f.write(json.dumps(jsonable(row)) + "\n")
+
+    plan = sweeplib.groups(p.module, p.members, sweep)
+    with (
+        _recorded(run_dir, primary),
+        contextlib.closing(workdir),
+        workdir.progress(len(p.members), "sweep") as advance,
+    ):
+        advance(len(done))
+        for keys, members in plan:
+            todo = [m for m in members if m.index not in done]
+            if keys and todo:
+                _set_x64(todo[0].cfg)
+                try:
+                    results = sweeplib.run_vectorised(p.module, todo, keys, mesh)
+                except Exception as e:  # one bad member: isolate it
+                    print(
+                        f"iterjax: vectorised group failed ({e}); "
+                        "running its members one by one",
+                        file=sys.stderr,
+                    )
+                else:
+                    for m, metrics in zip(todo, results):
+                        if primary:
+                            record(_row(m, metrics))
+                        advance()
+                    continue
+            for m in todo:
+                if m.index % nproc != pid:
+                    continue
+                member_dir = run_dir / "members" / f"{m.index:03d}"
+                # a member interrupted before goes on from its checkpoint
+                again = (member_dir / "status.json").exists()
+                try:
+                    # members are split over processes: each writes its own
+                    own = mesh if nproc == 1 else None  # no global mesh
+                    s = _run_one(p, m.cfg, member_dir, True, own, again, True)
+                    row = _row(m, sweeplib.scalar_metrics(s))
+                except KeyboardInterrupt:
+                    raise
+                except Exception as e:
+                    row = sweeplib.error_row(m, e)
+                record(row)
+                advance()
+    if nproc > 1:
+        multihost_utils.sync_global_devices("iterjax sweep rows")
+    rows = sorted(_read_rows(run_dir), key=lambda r: r["member"])
+    aggregates = sweeplib.aggregate(rows, sweep.seed_key)
+    summary = {
+        "experiment": p.name,
+        "seconds": round(time.perf_counter() - start, 3),
+        "environment": environment(p.cfg),
+        "members": len(p.members),
+        "vectorised_groups": sum(1 for keys, _ in plan if keys),
+        "mesh": dict(mesh.shape) if mesh is not None else None,
+        "failed": {r["member"]: r["error"] for r in rows if r["status"] != "ok"},
+        "nonfinite_metrics": {
+            r["member"]: r["nonfinite"] for r in rows if r.get("nonfinite")
+        },
+        "aggregates": aggregates,
+        "table": sweeplib.markdown(aggregates, sweep.seed_key),
+    }
+    if primary:
+        sweeplib.write_tables(run_dir, rows)
+        sweeplib.plot(aggregates, rows, sweep.seed_key, workdir)
+    _finish(run_dir, summary, primary)
+    return summary
+
+
+@contextlib.contextmanager
+def _recorded(run_dir, primary):
+    """status.json: running, then interrupted (with the resume command) or
+    failed when the body raises; `_finish` writes done."""
+    _status(run_dir, "running", primary)
+    try:
+        yield
+    except KeyboardInterrupt:
+        _status(
+            run_dir, "interrupted", primary, resume=f"iterjax run --resume {run_dir}"
+        )
+        raise
+    except Exception as e:
+        _status(run_dir, "failed", primary, error=f"{type(e).__name__}: {e}")
+        raise
+
+
+def _finish(run_dir, summary, primary):
+    if primary:
+        with open(pathlib.Path(run_dir) / "summary.json", "w") as f:
+            json.dump(jsonable(summary), f, indent=2)
+    _status(run_dir, "done", primary)
+
+
+def _set_x64(cfg):
+    """A config's `x64: bool` field sets jax_enable_x64 before its run."""
+    if isinstance(getattr(cfg, "x64", None), bool):
+        jax.config.update("jax_enable_x64", cfg.x64)
+
+
+def _row(member, metrics):
+    row = {"member": member.index, "settings": member.settings, "metrics": metrics}
+    row["status"] = "ok"
+    bad = list(nonfinite_paths(metrics))
+    if bad:
+        row["nonfinite"] = bad
+    return row
+
+
+def _read_rows(run_dir):
+    rows = {}
+    for path in sorted(pathlib.Path(run_dir).glob("rows-*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                rows[r["member"]] = r
+    return list(rows.values())
+
+
+def _status(run_dir, status, primary, **extra):
+    if primary:
+        with open(pathlib.Path(run_dir) / "status.json", "w") as f:
+            json.dump({"status": status, **extra}, f)
+
+
+# --- Platform: processes, compilation cache, mesh.
+
+
+def _start(plat: cfglib.Platform, compilation_cache=None):
+    """Multi-host initialisation and the compilation cache, before any compile."""
+    dist = plat.distributed
+    if dist is None and os.environ.get("ITERJAX_DISTRIBUTED"):
+        dist = "auto"
+    if dist is not None and not jax.distributed.is_initialized():
+        kwargs = {}
+        if isinstance(dist, cfglib.DistributedSpec):
+            kwargs = {k: v for k, v in cfglib.to_dict(dist).items() if v is not None}
+        jax.distributed.initialize(**kwargs)
+    cache = compilation_cache or plat.compilation_cache
+    cache = cache or os.environ.get("ITERJAX_COMPILATION_CACHE")
+    if cache:
+        cache = os.path.expanduser(str(cache))
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def make_mesh(spec: cfglib.MeshSpec | None):
+    """A `jax.sharding.Mesh` over all devices (of every process), or None."""
+    if spec is None:
+        return None
+
+    n = jax.device_count()
+    known = math.prod(s for s in spec.shape if s != -1)
+    shape = tuple(n // known if s == -1 else s for s in spec.shape)
+    if math.prod(shape) != n:
+        raise cfglib.ConfigError(
+            f"config key `mesh.shape`: {list(spec.shape)} does not cover the "
+            f"{n} devices"
+        )
+    return jax.make_mesh(shape, spec.axes, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def _stamp():
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    if jax.process_count() > 1:  # every process writes to process 0's directory
+        code = np.frombuffer(stamp.encode().ljust(32), dtype=np.uint8)
+        code = multihost_utils.broadcast_one_to_all(code)
+        stamp = bytes(np.asarray(code)).decode().strip()
+    return stamp
+
+
+def environment(cfg=None) -> dict:
+    """What it takes to reproduce a run: versions, commit, devices, seeds."""
+    root = CONFIG_DIR.parent
+
+    def git(*args):
+        try:
+            return subprocess.run(
+                ["git", *args], capture_output=True, text=True, timeout=5, cwd=root
+            ).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    seeds = {}
+    if cfg is not None:
+        flat = flatten(cfglib.to_dict(cfg))
+        seeds = {k: v for k, v in flat.items() if k.split(".")[-1].endswith("seed")}
+    return {
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "packages": versions,
+        "git_commit": git("rev-parse", "HEAD") or None,
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "devices": [d.device_kind for d in jax.devices()],
+        "platform": jax.default_backend(),
+        "process_count": jax.process_count(),
+        "host": socket.gethostname(),
+        "x64": bool(jax.config.jax_enable_x64),
+        "seeds": seeds,
+        "argv": sys.argv,
+    }

@@ -1,0 +1,20 @@
+"""Plain-text helpers shared by runs, sweeps and reports: markdown tables and
+dotted views of nested mappings."""
+
+
+def markdown_table(headers, rows) -> str:
+    """A markdown table: one header row, then one row per list of cells."""
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def flatten(tree, prefix="") -> dict:
+    """`{'a': {'b': 1}}` -> `{'a.b': 1}`: a nested mapping with dotted keys."""
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    else:
+        out[prefix.rstrip(".")] = tree
+    return out

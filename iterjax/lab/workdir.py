@@ -1,0 +1,208 @@
+"""The run directory an experiment writes to: metrics, plots, progress, checkpoints."""
+
+import contextlib
+import json
+import math
+import pathlib
+
+import jax
+import matplotlib.pyplot as plt
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+from rich.progress import BarColumn, Progress, TimeElapsedColumn
+
+
+class Workdir:
+    """What an experiment's `run(cfg, workdir)` writes to.
+
+    `log(**row)` appends to `metrics.jsonl`, `savefig` writes a PNG, `progress`
+    shows a bar. A training loop makes itself resumable with two calls::
+
+        step, state = workdir.restore(state)      # (0, state) on a fresh run
+        for step in range(step + 1, steps + 1):
+            state = update(state)
+            workdir.log(step=step, ...)
+            workdir.checkpoint(step, state)       # every `checkpoint_every` steps
+
+    `checkpoint` saves the pytree `state` with orbax together with the number of
+    metrics rows written so far; `iterjax run --resume DIR` truncates
+    `metrics.jsonl` back to that row and `restore` returns the saved state, so
+    the resumed run ends with the same metrics as an uninterrupted one.
+    `state` must hold everything the loop depends on (parameters, optimiser
+    state, PRNG keys as `jax.random.key_data`).
+
+    On a multi-process run every process calls the same methods; only process 0
+    writes metrics and plots.
+    """
+
+    def __init__(
+        self,
+        path,
+        quiet=False,
+        *,
+        checkpoint_every=0,
+        mesh=None,
+        resume=False,
+        primary=True,
+    ):
+        self.path = pathlib.Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.quiet = quiet or not primary
+        self.checkpoint_every = checkpoint_every
+        self.mesh = mesh
+        self.primary = primary
+        self.nonfinite = {}  # metric name -> rows in which it was NaN or inf
+        self._manager = None
+        self._metrics = None
+        self._rows = 0
+        self._restored = None
+        if resume:
+            self._restored = self._latest()
+            keep = self._restored[1]["metrics_rows"] if self._restored else 0
+            self._truncate_metrics(keep)
+
+    # --- metrics and plots
+
+    def log(self, **row) -> None:
+        """Append one row of metrics (numbers, strings, lists) to metrics.jsonl."""
+        for k in nonfinite_paths(row):
+            self.nonfinite[k] = self.nonfinite.get(k, 0) + 1
+        self._rows += 1
+        if not self.primary:
+            return
+        if self._metrics is None:
+            self._metrics = open(self.path / "metrics.jsonl", "a")
+        self._metrics.write(json.dumps(jsonable(row)) + "\n")
+        self._metrics.flush()
+
+    def logged(self) -> list[dict]:
+        """The rows in metrics.jsonl (after a resume: those before the checkpoint)."""
+        if self._metrics is not None:
+            self._metrics.flush()
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+    def savefig(self, fig, name: str) -> pathlib.Path:
+        out = self.path / name
+        if self.primary:
+            fig.savefig(out, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        return out
+
+    @contextlib.contextmanager
+    def progress(self, total: int, description: str):
+        """A rich progress bar; yields `advance()` (silent when quiet)."""
+        if self.quiet:
+            yield lambda n=1: None
+            return
+        with Progress(
+            "[progress.description]{task.description}",
+            BarColumn(),
+            "{task.completed}/{task.total}",
+            TimeElapsedColumn(),
+        ) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+
+    def shard(self, tree):
+        """Place the leading axis of every leaf over the mesh's first axis (the
+        config's `mesh:`); unchanged without a mesh."""
+        if self.mesh is None:
+            return tree
+        spec = NamedSharding(self.mesh, PartitionSpec(self.mesh.axis_names[0]))
+        return jax.device_put(tree, spec)
+
+    # --- checkpoints
+
+    def restore(self, state):
+        """`(step, state)` from the latest checkpoint of a resumed run, else
+        `(0, state)`. `state` gives the structure, dtypes and shardings."""
+        if self._restored is None:
+            return 0, state
+        step = self._restored[0]
+        restored = self._checkpoints().restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        self._rows = restored["meta"]["metrics_rows"]
+        return step, restored["state"]
+
+    def checkpoint(self, step: int, state, *, force: bool = False) -> bool:
+        """Save `state` after `step` when `step` is a multiple of
+        `checkpoint_every` (or `force`); returns whether it saved."""
+        every = self.checkpoint_every
+        if not force and (every <= 0 or step % every):
+            return False
+        manager = self._checkpoints()
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({"metrics_rows": self._rows}),
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+        return True
+
+    def _checkpoints(self):
+        if self._manager is None:
+            self._manager = ocp.CheckpointManager(
+                (self.path / "checkpoints").absolute(),
+                options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
+            )
+        return self._manager
+
+    def _latest(self):
+        """(step, meta) of the newest complete checkpoint, or None."""
+        if not (self.path / "checkpoints").exists():
+            return None
+        manager = self._checkpoints()
+        step = manager.latest_step()
+        if step is None:
+            return None
+        meta = manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        )
+        return step, dict(meta["meta"])
+
+    def _truncate_metrics(self, rows):
+        path = self.path / "metrics.jsonl"
+        if path.exists() and self.primary:
+            lines = path.read_text().splitlines(keepends=True)[:rows]
+            path.write_text("".join(lines))
+        self._rows = rows
+
+    def close(self):
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+
+def jsonable(x):
+    """Arrays to lists, NaN to null and +-inf to strings, recursively."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist"):
+        return jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else str(x)
+    return x
+
+
+def nonfinite_paths(tree, prefix=""):
+    """The dotted keys of a nested mapping whose values are NaN or +-inf floats."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from nonfinite_paths(v, f"{prefix}{k}.")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        yield prefix.rstrip(".")

@@ -1,0 +1,101 @@
+"""The package's import structure: the numerical core never imports the platform
+(`iterjax.lab`) or the experiments, no module imports inside a function, and no
+two modules of `iterjax` import each other (directly or through others)."""
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent / "iterjax"
+MODULES = {
+    ".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(
+        ".__init__"
+    ): p
+    for p in sorted(ROOT.rglob("*.py"))
+}
+# the platform, its experiments and the `python -m iterjax` command line
+PLATFORM = ("iterjax.lab", "iterjax.experiments", "iterjax.__main__")
+
+
+def _resolve(module, node):
+    """The absolute names an import statement in `module` refers to."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = ""
+    if node.level:  # relative: start from the module's package, go up
+        parts = module.split(".")
+        if MODULES[module].name != "__init__.py":
+            parts = parts[:-1]
+        base = ".".join(parts[: len(parts) - node.level + 1])
+    base = ".".join(filter(None, [base, node.module]))
+    # `from pkg import sub` names the submodule when there is one
+    return [
+        f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base
+        for a in node.names
+    ]
+
+
+def _imports(module):
+    """(names, function-level import lines) of one module."""
+    tree = ast.parse(MODULES[module].read_text())
+    names, nested = [], []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names += _resolve(module, node)
+            if node not in tree.body:
+                nested.append(node.lineno)
+    return names, nested
+
+
+GRAPH = {m: _imports(m) for m in MODULES}
+
+
+def _internal(names):
+    return {n for n in names if n in MODULES}
+
+
+def test_resolution_sees_known_edges():
+    # guards the checks below against a resolver that sees nothing
+    assert "iterjax._iterate" in _internal(GRAPH["iterjax.linear.neumann"][0])
+    assert "iterjax.lab.registry" in _internal(GRAPH["iterjax.lab.config"][0])
+    assert "iterjax.fixed_point" in _internal(GRAPH["iterjax.bilevel._argmin"][0])
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_no_function_level_imports(module):
+    assert not GRAPH[module][1], f"{module}: imports inside a function, lines"
+
+
+@pytest.mark.parametrize(
+    "module", sorted(m for m in MODULES if not m.startswith(PLATFORM))
+)
+def test_core_never_imports_the_platform(module):
+    bad = [n for n in GRAPH[module][0] if n.startswith(PLATFORM)]
+    assert not bad, f"{module} imports {bad}"
+
+
+def test_no_import_cycles():
+    # A module's own parent packages are imported first by Python itself, so
+    # an edge to an ancestor is not part of a cycle.
+    edges = {
+        m: {n for n in _internal(names) if not m.startswith(n + ".")}
+        for m, (names, _) in GRAPH.items()
+    }
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(edges[m]):
+            if state.get(n) == "open":
+                cycle = stack[stack.index(n) :] + [n]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = "done"
+
+    for m in sorted(edges):
+        if m not in state:
+            visit(m)
