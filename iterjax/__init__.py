@@ -20,6 +20,10 @@ from .fixed_point import Halpern as Halpern
 from .fixed_point import Newton as Newton
 from .fixed_point import OptaxSolver as OptaxSolver
 from .fixed_point import Picard as Picard
+from .fixed_point import Relaxed as Relaxed
+from .fixed_point import Restarted as Restarted
+from .fixed_point import RestartRule as RestartRule
+from .fixed_point import Safeguarded as Safeguarded
 from .fixed_point import fixed_point as fixed_point
 from .fixed_point import root as root
 from .implicit import AbstractAdjoint as AbstractAdjoint

@@ -160,3 +160,13 @@ def solve_with(adjoint, solver, fn, y0, args, **kwargs) -> Solution:
     return adjoint.apply(
         functools.partial(iterative_solve, **kwargs), solver, fn, y0, args
     )
+
+
+def state_at(solver, y, residual, args):
+    """`solver.init` at `y` where `fn(y) - y = residual` is already known.
+
+    `init` evaluates fn once, at its y0; here it is handed a map that returns the
+    known value y + residual, so the state (e.g. a restart's) costs no evaluation.
+    """
+    fy = tu.tree_add(y, residual)
+    return solver.init(lambda *_: fy, y, args)

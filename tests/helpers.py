@@ -9,23 +9,29 @@ import scipy.optimize
 import iterjax as ij
 from iterjax.experiments import problems
 
-# Solvers that reach 1e-10 on contractions. Halpern (O(1/k)) is tested separately.
+# Solvers that reach 1e-10 on contractions, every wrapper among them; the
+# textbook Halpern (O(1/k), no restarts) is tested separately.
+SOLVERS = {
+    "picard": ij.Picard(),
+    "picard-damped": ij.Picard(damping=0.7),
+    "anderson": ij.Anderson(),
+    "anderson-m2": ij.Anderson(history=2, mixing=0.8),
+    "broyden": ij.Broyden(),
+    "newton": ij.Newton(),
+    "halpern": ij.Halpern(),
+}
+WRAPPERS = {
+    "relaxed": lambda s: ij.Relaxed(s, 0.8),
+    "restarted": ij.Restarted,
+    "safeguarded": ij.Safeguarded,
+}
 ALL_SOLVERS = [
-    ij.Picard(),
-    ij.Picard(damping=0.7),
-    ij.Anderson(),
-    ij.Anderson(history=2, mixing=0.8),
-    ij.Broyden(),
-    ij.Newton(),
+    *SOLVERS.values(),
+    ij.Relaxed(ij.Anderson(), 0.8),
+    ij.Restarted(ij.Anderson(3)),
+    ij.Safeguarded(ij.Broyden()),
 ]
-IDS = [
-    "picard",
-    "picard-damped",
-    "anderson",
-    "anderson-m2",
-    "broyden",
-    "newton",
-]
+IDS = [*SOLVERS, "relaxed-anderson", "restarted-anderson", "safeguarded-broyden"]
 
 
 def tanh_cell(n=12, radius=0.8, seed=0):

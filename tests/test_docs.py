@@ -12,6 +12,10 @@ import pytest
 MODULES = [
     "iterjax.fixed_point._api",
     "iterjax.fixed_point.picard",
+    "iterjax.fixed_point.halpern",
+    "iterjax.fixed_point.relaxed",
+    "iterjax.fixed_point.restarted",
+    "iterjax.fixed_point.safeguarded",
     "iterjax.diagnostics",
     "iterjax.sequence.jacobi",
     "iterjax.sequence.picard",

@@ -7,6 +7,7 @@ import pytest
 from helpers import ALL_SOLVERS, IDS, PROBLEMS, reference
 
 import iterjax as ij
+from iterjax.fixed_point.halpern import anchor_weight
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
@@ -100,21 +101,28 @@ def test_complex_linear_fixed_point(getkey):
 
 
 def test_halpern_converges_on_nonexpansive_map_where_picard_cycles():
-    # A rotation about c is an isometry: Picard cycles forever, Halpern converges.
+    # A rotation about c is an isometry: Picard cycles forever; the textbook
+    # Halpern converges at O(1/k), restarted Halpern linearly (to 1e-10).
     t = 1.0
     rot = jnp.array([[jnp.cos(t), -jnp.sin(t)], [jnp.sin(t), jnp.cos(t)]])
     c = jnp.array([1.0, -2.0])
     fn = lambda y, a: a[0] @ (y - a[1]) + a[1]
     y0 = jnp.array([3.0, 3.0])
-    picard = ij.fixed_point(
-        fn, y0, (rot, c), solver=ij.Picard(), atol=1e-3, max_steps=3000
+    solve = lambda s, atol: ij.fixed_point(
+        fn, y0, (rot, c), solver=s, atol=atol, max_steps=3000
     )
-    halpern = ij.fixed_point(
-        fn, y0, (rot, c), solver=ij.Halpern(), atol=1e-3, max_steps=3000
-    )
+    picard = solve(ij.Picard(), 1e-3)
+    textbook = solve(ij.Halpern(restart=None, contraction=1.0), 1e-3)
+    restarted = solve(ij.Halpern(), 1e-10)
     assert not bool(picard.converged)
-    assert bool(halpern.converged)
-    np.testing.assert_allclose(halpern.value, c, atol=1e-2)
+    assert bool(textbook.converged)
+    np.testing.assert_allclose(textbook.value, c, atol=1e-2)
+    assert bool(restarted.converged)
+    assert int(restarted.num_steps) < int(textbook.num_steps)  # 1e-10 vs 1e-3
+    assert int(restarted.stats["restarts"]) > 0
+    np.testing.assert_allclose(restarted.value, c, atol=1e-9)
+    # the secant estimate of the contraction factor finds the isometry
+    np.testing.assert_allclose(restarted.stats["contraction"], 1.0, atol=1e-12)
 
 
 def test_halpern_rate_is_one_over_k():
@@ -125,7 +133,7 @@ def test_halpern_rate_is_one_over_k():
         fn,
         jnp.array([1.0, 0.0]),
         rot,
-        solver=ij.Halpern(),
+        solver=ij.Halpern(restart=None, contraction=1.0),
         atol=0.0,
         max_steps=1000,
         trace=True,
@@ -134,6 +142,45 @@ def test_halpern_rate_is_one_over_k():
     # k * residual stays bounded (O(1/k)) and the residual keeps shrinking.
     assert tr[999] < tr[99] / 3
     assert np.max(np.arange(1, 1001)[100:] * tr[100:]) < 10
+
+
+@pytest.mark.parametrize("problem", ["cos", "tanh", "pytree"])
+def test_restarted_halpern_within_twice_picards_steps(problem):
+    if problem == "cos":
+        fn, args, y0 = (lambda y, a: jnp.cos(y)), None, jnp.array(1.0)
+    else:
+        fn, args, y0 = PROBLEMS[problem]()
+    steps = {}
+    for name, solver in [("picard", ij.Picard()), ("halpern", ij.Halpern())]:
+        sol = ij.fixed_point(fn, y0, args, solver=solver, atol=1e-10, max_steps=2000)
+        assert bool(sol.converged), name
+        steps[name] = int(sol.num_steps)
+    assert steps["halpern"] <= 2 * steps["picard"], steps
+    # the textbook form, for contrast, is sublinear: far from 1e-10
+    textbook = ij.Halpern(restart=None, contraction=1.0)
+    sol = ij.fixed_point(fn, y0, args, solver=textbook, atol=1e-10, max_steps=2000)
+    assert not bool(sol.converged)
+
+
+def test_halpern_with_known_contraction_is_oc_halpern():
+    # β_k = 1/φ_{k+1}, φ_k = Σ_{i<=k} γ^{-2i} (Park & Ryu 2022), checked against
+    # the sum itself; γ = 1 gives 1/(k+2).
+    k = jnp.arange(30)
+    for gamma in [0.3, 0.9, 0.999999]:
+        phi = np.array([sum(gamma ** (-2.0 * i) for i in range(j + 2)) for j in k])
+        np.testing.assert_allclose(
+            anchor_weight(jnp.array(gamma), k), 1 / phi, rtol=1e-9
+        )
+    np.testing.assert_allclose(
+        anchor_weight(jnp.array(1.0), k), 1 / (np.arange(30) + 2)
+    )
+    assert float(anchor_weight(jnp.array(0.0), jnp.int32(0))) == 0.0
+    assert float(anchor_weight(jnp.array(1e-3), jnp.int32(400))) == 0.0  # no NaN
+    fn, args, y0 = PROBLEMS["tanh"]()
+    sol = ij.fixed_point(
+        fn, y0, args, solver=ij.Halpern(contraction=0.8), atol=1e-10, max_steps=500
+    )
+    assert bool(sol.converged)
 
 
 def test_trace_layout():
@@ -188,7 +235,7 @@ def test_lazy_init_is_the_eager_init_run_inside_the_loop(damping):
     assert int(got.num_steps) == 1 and not bool(got.converged)
 
 
-@pytest.mark.parametrize("solver", ALL_SOLVERS + [ij.Halpern()], ids=IDS + ["halpern"])
+@pytest.mark.parametrize("solver", ALL_SOLVERS, ids=IDS)
 def test_float32_dtype_preserved(solver):
     fn, args, y0 = PROBLEMS["tanh"]()
     args32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), args)
@@ -197,8 +244,7 @@ def test_float32_dtype_preserved(solver):
     )
     assert sol.value.dtype == jnp.float32
     assert sol.residual.dtype == jnp.float32
-    if not isinstance(solver, ij.Halpern):
-        assert bool(sol.converged)
+    assert bool(sol.converged)
 
 
 def test_linear_solvers_against_numpy(getkey):

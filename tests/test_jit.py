@@ -9,7 +9,7 @@ from helpers import ALL_SOLVERS, IDS, PROBLEMS
 import iterjax as ij
 
 
-@pytest.mark.parametrize("solver", ALL_SOLVERS + [ij.Halpern()], ids=IDS + ["halpern"])
+@pytest.mark.parametrize("solver", ALL_SOLVERS, ids=IDS)
 def test_jit_matches_eager_and_traces_once(solver):
     fn, args, y0 = PROBLEMS["pytree"]()
 

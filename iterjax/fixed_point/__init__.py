@@ -8,3 +8,7 @@ from .halpern import Halpern as Halpern
 from .newton import Newton as Newton
 from .optax_solver import OptaxSolver as OptaxSolver
 from .picard import Picard as Picard
+from .relaxed import Relaxed as Relaxed
+from .restarted import Restarted as Restarted
+from .restarted import RestartRule as RestartRule
+from .safeguarded import Safeguarded as Safeguarded

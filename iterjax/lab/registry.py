@@ -6,7 +6,17 @@ import importlib
 import jax
 
 from .. import implicit, linear, sequence
-from ..fixed_point import Anderson, Broyden, Halpern, Newton, Picard
+from ..fixed_point import (
+    Anderson,
+    Broyden,
+    Halpern,
+    Newton,
+    Picard,
+    Relaxed,
+    Restarted,
+    RestartRule,
+    Safeguarded,
+)
 from .spec import ConfigError, Spec, float_literal
 
 EXPERIMENTS = {
@@ -32,6 +42,9 @@ SOLVERS = {
     "broyden": Broyden,
     "newton": Newton,
     "halpern": Halpern,
+    "relaxed": Relaxed,
+    "restarted": Restarted,
+    "safeguarded": Safeguarded,
 }
 LINEAR_SOLVERS = {
     "cg": linear.CG,
@@ -111,10 +124,10 @@ def _build(kind, spec, where):
                 f"config key `{where}.{key}`: unknown option for {spec.name}; "
                 f"allowed: {sorted(fields)}"
             )
-        if key == "linear_solver":
-            value = build(
-                "linear_solver", to_spec("linear_solver", value, f"{where}.{key}")
-            )
+        if key in ("linear_solver", "solver"):  # a nested spec: a wrapped solver
+            value = build(key, to_spec(key, value, f"{where}.{key}"))
+        elif key in ("rule", "restart"):  # a RestartRule's factors, or null
+            value = _restart_rule(value, f"{where}.{key}")
         elif isinstance(value, jax.Array):
             pass  # a traced setting of a vectorised sweep; checked concrete before
         elif isinstance(value, bool) != isinstance(fields[key].default, bool):
@@ -126,10 +139,14 @@ def _build(kind, spec, where):
                 raise ConfigError(
                     f"config key `{where}.{key}`: expected an int, got {value!r}"
                 )
-        elif isinstance(fields[key].default, float) and (
+        elif isinstance(fields[key].default, float | None) and (
             float_literal(value) is not None
         ):
             value = float_literal(value)
+        elif fields[key].default is None and not isinstance(value, int | float):
+            raise ConfigError(
+                f"config key `{where}.{key}`: expected a number or null, got {value!r}"
+            )
         elif isinstance(fields[key].default, float) and not isinstance(
             value, (int, float)
         ):
@@ -155,6 +172,25 @@ def to_spec(kind, value, where) -> Spec:
     out = Spec(value["name"], tuple(sorted(options.items())))
     validate(kind, out, where)
     return out
+
+
+def _restart_rule(value, where):
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"config key `{where}`: expected a mapping of RestartRule factors "
+            f"or null, got {value!r}"
+        )
+    fields = _options(RestartRule)
+    unknown = sorted(set(value) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"config key `{where}.{unknown[0]}`: unknown option; "
+            f"allowed: {sorted(fields)}"
+        )
+    factors = {k: float_literal(v) or v for k, v in value.items()}
+    return RestartRule(**factors)
 
 
 def experiment(name):

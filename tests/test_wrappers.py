@@ -1,0 +1,143 @@
+"""Every wrapper (Relaxed, Restarted, Safeguarded) around every solver, under
+jit, vmap and grad; and what each wrapper does."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import PROBLEMS, SOLVERS, WRAPPERS, reference
+
+import iterjax as ij
+
+COMBOS = [(w, s) for w in WRAPPERS for s in SOLVERS]
+
+
+def _batch(args, scales):
+    w, x = args
+    return jnp.stack([s * w for s in scales]), jnp.stack([x * (1 + s) for s in scales])
+
+
+@pytest.mark.parametrize("wrapper,solver", COMBOS, ids=[f"{w}-{s}" for w, s in COMBOS])
+def test_wrapper_under_jit_vmap_and_grad(wrapper, solver):
+    fn, args, y0 = PROBLEMS["tanh"]()
+    wrapped = WRAPPERS[wrapper](SOLVERS[solver])
+    solve = lambda a, adjoint=ij.ImplicitAdjoint(): ij.fixed_point(
+        fn, y0, a, solver=wrapped, atol=1e-10, max_steps=300, adjoint=adjoint
+    )
+    # vmap: per-element step counts and values, as the single solves give them
+    batched = _batch(args, [0.2, 1.0])
+    out = jax.jit(jax.vmap(solve))(batched)
+    single = jax.jit(solve)
+    for i in range(2):
+        lane = jax.tree_util.tree_map(lambda b: b[i], batched)
+        one = single(lane)
+        assert bool(one.converged), (wrapper, solver, one.num_steps)
+        assert int(out.num_steps[i]) == int(one.num_steps)
+        np.testing.assert_allclose(out.value[i], one.value, atol=1e-13, rtol=0)
+    assert int(out.num_steps[0]) < int(out.num_steps[1])
+    np.testing.assert_allclose(one.value, reference(fn, y0, lane), atol=1e-9)
+    # grad: unrolled through the wrapper's own steps, against the implicit one
+    loss = lambda a, adj: jnp.sum(jnp.sin(solve(a, adj).value))
+    unrolled = jax.jit(jax.grad(lambda a: loss(a, ij.UnrolledAdjoint())))(args)
+    implicit = jax.grad(lambda a: loss(a, ij.ImplicitAdjoint()))(args)
+    jax.tree_util.tree_map(
+        lambda u, i: np.testing.assert_allclose(u, i, atol=1e-8), unrolled, implicit
+    )
+
+
+def test_relaxed_picard_is_krasnoselskii_mann():
+    fn, args, y0 = PROBLEMS["slow"]()
+    kw = dict(atol=1e-10, max_steps=3000, trace=True)
+    relaxed = ij.fixed_point(fn, y0, args, solver=ij.Relaxed(ij.Picard(), 0.6), **kw)
+    damped = ij.fixed_point(fn, y0, args, solver=ij.Picard(damping=0.6), **kw)
+    assert int(relaxed.num_steps) == int(damped.num_steps)
+    np.testing.assert_allclose(relaxed.trace, damped.trace, rtol=1e-9, atol=1e-15)
+    # the reported residual is f's, not the relaxed map's
+    true = jnp.max(jnp.abs(fn(relaxed.value, args) - relaxed.value))
+    np.testing.assert_allclose(relaxed.residual, true, rtol=1e-9)
+
+
+def test_relaxed_converges_on_a_rotation():
+    rot = lambda y, a: jnp.stack([-y[1], y[0]])
+    plain = ij.fixed_point(rot, jnp.ones(2), solver=ij.Picard(), max_steps=500)
+    relaxed = ij.Relaxed(ij.Picard(), 0.5)
+    sol = ij.fixed_point(rot, jnp.ones(2), solver=relaxed, max_steps=500)
+    assert not bool(plain.converged) and bool(sol.converged)
+
+
+def test_restarted_halpern_is_halperns_own_restarts():
+    # The wrapper and Halpern's built-in restarts apply one rule at the same
+    # points: the same iterates (to rounding).
+    fn, args, y0 = PROBLEMS["slow"]()
+    kw = dict(atol=1e-10, max_steps=3000, trace=True)
+    builtin = ij.Halpern(contraction=1.0)
+    wrapped = ij.Restarted(ij.Halpern(restart=None, contraction=1.0))
+    a = ij.fixed_point(fn, y0, args, solver=builtin, **kw)
+    b = ij.fixed_point(fn, y0, args, solver=wrapped, **kw)
+    assert int(a.stats["restarts"]) == int(b.stats["restarts"]) > 5
+    assert int(a.num_steps) == int(b.num_steps)
+    np.testing.assert_allclose(a.trace, b.trace, rtol=1e-6)
+
+
+def test_restarting_a_memoryless_solver_changes_nothing():
+    fn, args, y0 = PROBLEMS["slow"]()
+    kw = dict(atol=1e-10, max_steps=3000, trace=True)
+    plain = ij.fixed_point(fn, y0, args, solver=ij.Picard(), **kw)
+    wrapped = ij.fixed_point(fn, y0, args, solver=ij.Restarted(ij.Picard()), **kw)
+    assert int(wrapped.stats["restarts"]) > 5
+    assert int(wrapped.num_steps) == int(plain.num_steps)
+    np.testing.assert_allclose(wrapped.trace, plain.trace, rtol=1e-9)
+
+
+def test_restart_costs_no_function_evaluation():
+    count = []
+
+    def fn(y, a):
+        jax.debug.callback(lambda: count.append(1))
+        return 0.5 * jnp.cos(y)
+
+    sol = ij.fixed_point(fn, jnp.ones(3), solver=ij.Restarted(ij.Anderson(3)))
+    jax.effects_barrier()
+    assert int(sol.stats["restarts"]) > 0
+    assert len(count) == int(sol.num_steps) + 1
+
+
+def test_safeguard_falls_back_to_picard():
+    # Gradient steps of length 5 on the residual diverge (error factor -1.5 per
+    # step on this map); every one is refused, and the Picard steps converge.
+    fn = lambda y, a: 0.5 * y + 1.0
+    wild = ij.OptaxSolver(optax.sgd(5.0))
+    assert not bool(ij.fixed_point(fn, jnp.zeros(2), solver=wild).converged)
+    sol = ij.fixed_point(fn, jnp.zeros(2), solver=ij.Safeguarded(wild), atol=1e-10)
+    assert bool(sol.converged)
+    np.testing.assert_allclose(sol.value, 2.0, atol=1e-9)
+    assert int(sol.stats["fallbacks"]) == int(sol.num_steps)
+    # a good inner solver is never overruled
+    tanh, args, y0 = PROBLEMS["tanh"]()
+    out = ij.fixed_point(tanh, y0, args, solver=ij.Safeguarded(ij.Newton()))
+    assert bool(out.converged) and int(out.stats["fallbacks"]) == 0
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: ij.Relaxed(ij.Picard(), -0.5), "relaxation"),
+        (lambda: ij.Relaxed(ij.Picard(), 2.0), "relaxation"),
+        (lambda: ij.RestartRule(sufficient_decay=1.5), "sufficient_decay"),
+        (lambda: ij.RestartRule(artificial=0.0), "artificial"),
+        (lambda: ij.RestartRule(0.9, 0.5), "must not exceed"),
+        (lambda: ij.Safeguarded(ij.Anderson(), growth=0.5), "growth"),
+        (lambda: ij.Halpern(reflection=1.5), "reflection"),
+        (lambda: ij.Halpern(contraction=0.0), "contraction"),
+    ],
+)
+def test_bad_hyperparameters_raise(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+@pytest.mark.parametrize("wrapper", [ij.Relaxed, ij.Restarted, ij.Safeguarded])
+def test_wrapping_a_non_solver_raises(wrapper):
+    with pytest.raises(TypeError, match="must be an iterjax solver"):
+        wrapper("anderson")
