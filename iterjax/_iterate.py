@@ -61,6 +61,14 @@ class AbstractFixedPointSolver(struct.PyTreeNode):
         """Solver-specific extras for `Solution.stats`, from the final state."""
         return {}
 
+    def displacement(self, y, y0, num_steps, state):
+        """The estimate of the infimal displacement vector v (`Solution.
+        displacement`): where the map has no fixed point, Picard-type iterates
+        drift as y_k ≈ y_0 + k v (Pazy 1971), so the normalised iterate
+        (y_k - y_0) / k (error O(1/k)) is the default; 0 when v = 0."""
+        k = jnp.maximum(num_steps, 1)
+        return jax.tree_util.tree_map(lambda a, b: (a - b) / k.astype(a.dtype), y, y0)
+
 
 class _Carry(NamedTuple):
     y: object
@@ -69,10 +77,11 @@ class _Carry(NamedTuple):
     done: jax.Array  # shape=(), bool
     converged: jax.Array  # shape=(), bool
     residual: jax.Array  # shape=(), real dtype of y
+    marks: jax.Array  # shape=(2,), real: residual norms at the last two steps 2^j
     trace: object  # shape=(max_steps,) or None
 
 
-def _status(y, residual_tree, atol, rtol, norm):
+def residual_status(y, residual_tree, atol, rtol, norm):
     """(converged, finite, |r|) of a residual pytree: one reduction when rtol=0."""
     size = norm(residual_tree)
     finite = jnp.isfinite(size)
@@ -113,24 +122,28 @@ def iterative_solve(
     state = None if unrolled else solver.lazy_init(y0)
     if state is None:
         state = solver.init(fn, y0, args)
-        converged, finite, size = _status(y0, state.residual, atol, rtol, norm)
+        converged, finite, size = residual_status(y0, state.residual, atol, rtol, norm)
         carry = (y0, state, jnp.int32(0), ~finite | converged, converged, size)
     else:  # iteration "-1" of the loop evaluates fn(y0)
         real = jax.eval_shape(norm, state.residual).dtype
         no = jnp.bool_(False)
         carry = (y0, state, jnp.int32(-1), no, no, jnp.array(jnp.inf, real))
+    marks = jnp.full((2,), carry[-1])
     trace_buf = jnp.full((max_steps,), jnp.nan, carry[-1].dtype) if trace else None
-    carry = _Carry(*carry, trace_buf)
+    carry = _Carry(*carry, marks, trace_buf)
 
     def body(c):
         y, s = solver.step(fn, c.y, args, c.state)
-        conv, fin, nrm = _status(y, s.residual, atol, rtol, norm)
+        conv, fin, nrm = residual_status(y, s.residual, atol, rtol, norm)
         tr = None
         if c.trace is not None:  # (step -1, the lazy init, is not recorded)
             tr = c.trace.at[c.num_steps].set(
                 nrm, mode="drop", wrap_negative_indices=False
             )
-        return _Carry(y, s, c.num_steps + 1, conv | ~fin, conv, nrm, tr)
+        n = c.num_steps + 1
+        power = (n > 0) & ((n & (n - 1)) == 0)
+        marks = jnp.where(power, jnp.stack([c.marks[1], nrm]), c.marks)
+        return _Carry(y, s, n, conv | ~fin, conv, nrm, marks, tr)
 
     if unrolled:
         # Mask with `where`, not `lax.cond`: residuals of a cond inside a scan are
@@ -144,6 +157,7 @@ def iterative_solve(
         cond = lambda c: ~c.done & (c.num_steps < max_steps)
         carry = jax.lax.while_loop(cond, body, carry)
 
+    v = solver.displacement(carry.y, y0, carry.num_steps, carry.state)
     return Solution(
         value=carry.y,
         converged=carry.converged,
@@ -152,7 +166,21 @@ def iterative_solve(
         result=result_code(carry.converged, jnp.isfinite(carry.residual)),
         trace=carry.trace,
         stats=solver.summary(carry.state),
+        displacement=v,
+        drifting=_drifting(carry, norm(v)),
     )
+
+
+def _drifting(c, v_norm):
+    """Not converged, and the iterates drift along v: over at least the last half
+    of the run the residual norm fell by less than 10%, and |v| accounts for at
+    least 90% of it. A map without a fixed point (an infeasible problem) does
+    this; so does, within `max_steps`, one whose fixed point is too far away to
+    tell apart from a translation."""
+    stalled = c.residual >= 0.9 * c.marks[0]
+    explained = v_norm >= 0.9 * c.residual
+    finite = jnp.isfinite(c.residual)
+    return ~c.converged & finite & (c.num_steps >= 8) & stalled & explained
 
 
 def solve_with(adjoint, solver, fn, y0, args, **kwargs) -> Solution:

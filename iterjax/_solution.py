@@ -45,6 +45,13 @@ class Solution:
       trace: residual norms after each step, shape `[max_steps]`, NaN after the solve
         stopped; `None` unless `trace=True` was passed.
       stats: solver-specific extras (e.g. `max_steps`).
+      displacement: the estimate of the infimal displacement vector v, a pytree
+        like `value`: the direction and step in which the iterates drift when
+        the map has no fixed point (e.g. an infeasible problem); near 0 when it
+        has one. The solver's own estimate: (y_k - y_0) / k by default, the
+        residual for `Halpern` (Park & Ryu's accelerated estimate).
+      drifting: bool array, `True` when the solve did not converge and the
+        iterates drift along `displacement` (see `message`).
     """
 
     value: Any
@@ -54,12 +61,21 @@ class Solution:
     result: jax.Array
     trace: Any = None
     stats: dict = struct.field(default_factory=dict)
+    displacement: Any = None
+    drifting: Any = None
 
     @property
     def message(self) -> str:
         """A human-readable description of `result` (concrete results only)."""
         codes = np.unique(np.asarray(self.result))
-        return "; ".join(MESSAGES[int(c)] for c in codes)
+        text = "; ".join(MESSAGES[int(c)] for c in codes)
+        if self.drifting is not None and np.any(np.asarray(self.drifting)):
+            text += (
+                "; the iterates drift along `Solution.displacement` without a "
+                "falling residual: the map may have no fixed point (an "
+                "infeasible problem), or one too far to reach in max_steps"
+            )
+        return text
 
     def raise_if_failed(self) -> "Solution":
         """Raise `NonConvergenceError` unless every (batch) element converged."""

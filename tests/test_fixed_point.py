@@ -287,3 +287,64 @@ def test_krylov_default_tolerance_is_dtype_aware():
 
     assert default_rtol(jnp.zeros(3)) == 1e-8
     assert 1e-7 < default_rtol(jnp.zeros(3, jnp.float32)) < 1e-5
+
+
+# --- Infeasibility: the infimal displacement vector v and the drifting flag.
+
+
+def _disjoint_balls_douglas_rachford():
+    """The Douglas-Rachford map of two disjoint balls A, B: it has no fixed point,
+    and its iterates drift by v = a* - b*, the closest points' difference."""
+    ca, ra, cb, rb = jnp.array([0.0, 0.0]), 1.0, jnp.array([4.0, 1.0]), 1.5
+
+    def proj(c, r, z):
+        return c + (z - c) * jnp.minimum(1.0, r / jnp.linalg.norm(z - c))
+
+    def dr(z, _):
+        b = proj(cb, rb, z)
+        return z + proj(ca, ra, 2 * b - z) - b
+
+    u = (cb - ca) / jnp.linalg.norm(cb - ca)
+    return dr, (ca + ra * u) - (cb - rb * u)
+
+
+def test_infeasibility_displacement_estimates():
+    dr, v = _disjoint_balls_douglas_rachford()
+    y0 = jnp.array([1.0, -2.0])
+    solve = lambda s, n: ij.fixed_point(dr, y0, solver=s, atol=1e-10, max_steps=n)
+    # Halpern's residual: the accelerated estimate, O(1/k)
+    sol = solve(ij.Halpern(), 1000)
+    assert int(sol.result) == 1 and bool(sol.drifting)
+    assert "no fixed point" in sol.message
+    np.testing.assert_allclose(sol.displacement, v, atol=1e-3)
+    # Picard's normalised iterate (y_k - y_0)/k: also O(1/k), a larger constant
+    err = lambda n: float(jnp.max(jnp.abs(solve(ij.Picard(), n).displacement - v)))
+    assert err(1000) < 5e-3 and err(2000) < 0.6 * err(1000)
+    assert bool(solve(ij.Picard(), 1000).drifting)
+
+
+def test_feasible_problems_do_not_drift():
+    fn, args, y0 = PROBLEMS["tanh"]()
+    sol = ij.fixed_point(fn, y0, args, atol=1e-10)
+    assert bool(sol.converged) and not bool(sol.drifting)
+    # A rotation has a fixed point: Picard cycles around it without drifting.
+    rot = lambda y, a: jnp.stack([-y[1], y[0]])
+    cyc = ij.fixed_point(rot, jnp.ones(2), solver=ij.Picard(), max_steps=500)
+    assert not bool(cyc.converged) and not bool(cyc.drifting)
+    np.testing.assert_allclose(cyc.displacement, 0.0, atol=1e-2)
+    # slow but feasible: the residual falls over the run, so it is not drifting
+    slow = lambda y, a: 0.995 * y + 1.0
+    sol = ij.fixed_point(slow, jnp.array(0.0), solver=ij.Picard(), max_steps=1000)
+    assert not bool(sol.converged) and not bool(sol.drifting)
+    assert "no fixed point" not in sol.message
+
+
+def test_drifting_per_lane_under_vmap():
+    # lane 0: a contraction (converges); lane 1: a translation by 0.3 (drifts)
+    fn = lambda y, a: a[0] * y + a[1]
+    a = jnp.array([0.5, 1.0]), jnp.array([1.0, 0.3])
+    solve = lambda a: ij.fixed_point(fn, jnp.zeros(2), a, solver=ij.Picard())
+    out = jax.vmap(solve)(a)
+    np.testing.assert_array_equal(out.converged, [True, False])
+    np.testing.assert_array_equal(out.drifting, [False, True])
+    np.testing.assert_allclose(out.displacement[1], [0.3, 0.3], rtol=1e-12)

@@ -1,5 +1,6 @@
 """Fixed points and roots: `fixed_point`, `root` and their solvers."""
 
+from ._api import finite_sum_fixed_point as finite_sum_fixed_point
 from ._api import fixed_point as fixed_point
 from ._api import root as root
 from .anderson import Anderson as Anderson
@@ -12,3 +13,4 @@ from .relaxed import Relaxed as Relaxed
 from .restarted import Restarted as Restarted
 from .restarted import RestartRule as RestartRule
 from .safeguarded import Safeguarded as Safeguarded
+from .vr_halpern import VRHalpern as VRHalpern

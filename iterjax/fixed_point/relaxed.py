@@ -67,3 +67,7 @@ class Relaxed(AbstractFixedPointSolver):
 
     def summary(self, state) -> dict:
         return self.solver.summary(state.inner)
+
+    def displacement(self, y, y0, num_steps, state):
+        v = self.solver.displacement(y, y0, num_steps, state.inner)
+        return tu.tree_scale(1 / self.relaxation, v)  # f_ω drifts by ω v

@@ -119,3 +119,6 @@ class Restarted(AbstractFixedPointSolver):
 
     def summary(self, state) -> dict:
         return {**self.solver.summary(state.inner), "restarts": state.restarts}
+
+    def displacement(self, y, y0, num_steps, state):
+        return self.solver.displacement(y, y0, num_steps, state.inner)

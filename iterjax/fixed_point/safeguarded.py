@@ -74,3 +74,6 @@ class Safeguarded(AbstractFixedPointSolver):
 
     def summary(self, state) -> dict:
         return {**self.solver.summary(state.inner), "fallbacks": state.fallbacks}
+
+    def displacement(self, y, y0, num_steps, state):
+        return self.solver.displacement(y, y0, num_steps, state.inner)

@@ -126,7 +126,7 @@ def _build(kind, spec, where):
             )
         if key in ("linear_solver", "solver"):  # a nested spec: a wrapped solver
             value = build(key, to_spec(key, value, f"{where}.{key}"))
-        elif key in ("rule", "restart"):  # a RestartRule's factors, or null
+        elif isinstance(fields[key].default, RestartRule):  # its factors, or null
             value = _restart_rule(value, f"{where}.{key}")
         elif isinstance(value, jax.Array):
             pass  # a traced setting of a vectorised sweep; checked concrete before
