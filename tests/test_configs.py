@@ -161,7 +161,23 @@ def _check_hpo_sweep(summary):
         assert a["test_loss"]["max"] < 0.69 and a["test_acc"]["min"] > 0.5, a
 
 
+def _check_halpern_vs_picard(summary):
+    rows = {(r["n"], r["solver"]): r for r in summary["rows"]}
+    for (n, solver), r in rows.items():
+        assert r["converged"] == (solver != "halpern (textbook)"), (n, solver)
+    for n in {n for n, _ in rows}:
+        restarted = rows[(n, "halpern (restarted)")]["operator_calls"]
+        assert restarted < 0.5 * rows[(n, "picard")]["operator_calls"]
+    savings = summary["vr_savings"]
+    ns = sorted(savings, key=int)
+    assert savings[ns[-1]] > 2 * savings[ns[0]] and savings[ns[-1]] > 2.0, savings
+    last = summary["infeasible"][-1]
+    assert last["drifting"] and last["restarted_halpern_residual"] < 1e-4
+    assert last["halpern_residual"] < last["picard_normalised"]
+
+
 SMOKE_CHECKS = {
+    "halpern_vs_picard": _check_halpern_vs_picard,
     "hpo_sweep": _check_hpo_sweep,
     "fixed_point_sweep": _check_fixed_point_sweep,
     "hpo_logreg": _check_hpo_logreg,

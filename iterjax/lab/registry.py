@@ -34,6 +34,7 @@ EXPERIMENTS = {
     "hpo_logreg": "iterjax.experiments.hpo_logreg",
     "fixed_point_sweep": "iterjax.experiments.fixed_point_sweep",
     "hpo_sweep": "iterjax.experiments.hpo_sweep",
+    "halpern_vs_picard": "iterjax.experiments.halpern_vs_picard",
 }
 
 SOLVERS = {
