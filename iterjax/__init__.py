@@ -27,6 +27,7 @@ from .fixed_point import Safeguarded as Safeguarded
 from .fixed_point import VRHalpern as VRHalpern
 from .fixed_point import finite_sum_fixed_point as finite_sum_fixed_point
 from .fixed_point import fixed_point as fixed_point
+from .fixed_point import fixed_point_chain as fixed_point_chain
 from .fixed_point import root as root
 from .implicit import AbstractAdjoint as AbstractAdjoint
 from .implicit import ImplicitAdjoint as ImplicitAdjoint

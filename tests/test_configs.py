@@ -176,7 +176,17 @@ def _check_halpern_vs_picard(summary):
     assert last["halpern_residual"] < last["picard_normalised"]
 
 
+def _check_warmstart_sequence(summary):
+    rows = {r["chain"]: r for r in summary["rows"]}
+    for label, r in rows.items():
+        assert r["converged"] == ("real-time" not in label), label
+    for solver, saving in summary["savings"].items():
+        assert saving > 1.2, (solver, saving)
+        assert rows[f"{solver}, warm"]["max_error"] < 1e-3
+
+
 SMOKE_CHECKS = {
+    "warmstart_sequence": _check_warmstart_sequence,
     "halpern_vs_picard": _check_halpern_vs_picard,
     "hpo_sweep": _check_hpo_sweep,
     "fixed_point_sweep": _check_fixed_point_sweep,

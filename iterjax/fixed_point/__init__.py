@@ -5,6 +5,7 @@ from ._api import fixed_point as fixed_point
 from ._api import root as root
 from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
+from .chain import fixed_point_chain as fixed_point_chain
 from .halpern import Halpern as Halpern
 from .newton import Newton as Newton
 from .optax_solver import OptaxSolver as OptaxSolver

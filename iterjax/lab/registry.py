@@ -35,6 +35,7 @@ EXPERIMENTS = {
     "fixed_point_sweep": "iterjax.experiments.fixed_point_sweep",
     "hpo_sweep": "iterjax.experiments.hpo_sweep",
     "halpern_vs_picard": "iterjax.experiments.halpern_vs_picard",
+    "warmstart_sequence": "iterjax.experiments.warmstart_sequence",
 }
 
 SOLVERS = {
