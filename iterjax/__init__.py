@@ -17,6 +17,7 @@ from .bilevel import hypergradient as hypergradient
 from .fixed_point import Anderson as Anderson
 from .fixed_point import Broyden as Broyden
 from .fixed_point import Halpern as Halpern
+from .fixed_point import LazyNewton as LazyNewton
 from .fixed_point import Newton as Newton
 from .fixed_point import OptaxSolver as OptaxSolver
 from .fixed_point import Picard as Picard

@@ -18,6 +18,7 @@ SOLVERS = {
     "anderson-m2": ij.Anderson(history=2, mixing=0.8),
     "broyden": ij.Broyden(),
     "newton": ij.Newton(),
+    "lazy-newton": ij.LazyNewton(2),
     "halpern": ij.Halpern(),
 }
 WRAPPERS = {

@@ -54,6 +54,11 @@ def _check_jacobi_rnn(summary):
 
 
 def _check_deer_gru(summary):
+    lazy = {(r["method"], r["jacobian_every"]): r for r in summary["lazy"]}
+    assert all(r["converged"] and r["error"] < 1e-5 for r in lazy.values())
+    for m in ("deer", "quasi_deer"):
+        assert lazy[(m, 3)]["jacobians"] < lazy[(m, 1)]["jacobians"]
+        assert lazy[(m, 1)]["jacobians"] == lazy[(m, 1)]["sweeps"]
     assert all(r["converged"] and r["error"] < 1e-5 for r in summary["long"])
     assert all(r["converged"] for r in summary["chaotic"])
     assert summary["train"]["loss_gap"] < 1e-6
@@ -64,10 +69,10 @@ def _check_fixed_point_study(summary):
     slow = {k[1]: v for k, v in rows.items() if k[0] == "slow_system"}
     assert slow["anderson"]["f_evals"] < slow["picard"]["f_evals"]
     assert slow["newton"]["converged"] and slow["newton"]["jvps"] > 0
-    assert {"halpern", "restarted"} <= set(slow)
+    assert {"halpern", "restarted", "lazy_newton"} <= set(slow)
     for (p, s), r in rows.items():
         assert r["converged"], (p, s)
-        assert r["f_evals"] == r["steps"] + 1 or s == "newton"
+        assert r["f_evals"] == r["steps"] + 1 or s in ("newton", "lazy_newton")
     grads = summary["gradients"]
     assert grads["implicit"]["rel_err"] < 1e-8
     assert grads["implicit(linear_solver=richardson)"]["rel_err"] < 1e-7

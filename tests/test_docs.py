@@ -13,6 +13,8 @@ MODULES = [
     "iterjax.fixed_point._api",
     "iterjax.fixed_point.picard",
     "iterjax.fixed_point.halpern",
+    "iterjax.fixed_point.lazy_newton",
+    "iterjax.fixed_point.chain",
     "iterjax.fixed_point.relaxed",
     "iterjax.fixed_point.restarted",
     "iterjax.fixed_point.safeguarded",

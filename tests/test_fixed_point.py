@@ -348,3 +348,23 @@ def test_drifting_per_lane_under_vmap():
     np.testing.assert_array_equal(out.converged, [True, False])
     np.testing.assert_array_equal(out.drifting, [False, True])
     np.testing.assert_allclose(out.displacement[1], [0.3, 0.3], rtol=1e-12)
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_lazy_newton_same_solution_fewer_jacobians(every):
+    fn, args, y0 = PROBLEMS["tanh"]()
+    newton = ij.fixed_point(fn, y0, args, solver=ij.Newton(), atol=1e-12)
+    lazy = ij.fixed_point(
+        fn, y0, args, solver=ij.LazyNewton(every), atol=1e-12, max_steps=100
+    )
+    assert bool(lazy.converged)
+    np.testing.assert_allclose(lazy.value, newton.value, atol=1e-11)
+    steps, jacobians = int(lazy.num_steps), int(lazy.stats["jacobians"])
+    assert jacobians == -(-steps // every)  # at steps 0, d, 2d, ...
+    if every == 1:  # dense Newton: Newton's steps
+        assert steps == int(newton.num_steps)
+
+
+def test_lazy_newton_rejects_bad_period():
+    with pytest.raises(ValueError, match="jacobian_every"):
+        ij.LazyNewton(0)

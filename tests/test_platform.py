@@ -2,6 +2,7 @@
 robustness, reports, multi-host and cache settings, invalid configs."""
 
 import json
+import pathlib
 import textwrap
 
 import jax
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 from helpers import run_on_host_devices
 
+import iterjax
+import iterjax.lab
 from iterjax.lab import cli, registry
 from iterjax.lab import config as cfglib
 from iterjax.lab import runner as runlib
@@ -428,3 +431,89 @@ def test_the_config_mesh_reaches_sequence_methods():
     assert registry.build("sequence_method", Spec("jacobi")).mesh is None
     windowed = Spec("picard", (("window", 8),))
     assert registry.build("sequence_method", windowed, mesh=mesh).mesh is None
+
+
+# --- Your own experiments: an import path, registered names, the Python API.
+
+
+@pytest.fixture
+def user_package(tmp_path, monkeypatch):
+    """A package outside the repository whose module `exp` is the toy
+    experiment with an `x64` field (so a run switches float64 on)."""
+    pkg = tmp_path / "site" / "userpkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    toy_source = (pathlib.Path(__file__).parent / "toy_experiment.py").read_text()
+    toy_source = toy_source.replace(
+        "    nan_seed: int = -1\n", "    nan_seed: int = -1\n    x64: bool = True\n"
+    )
+    (pkg / "exp.py").write_text(toy_source)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    return "userpkg.exp"
+
+
+def test_experiment_by_import_path_runs_sweeps_and_resumes(
+    user_package, tmp_path, monkeypatch
+):
+    text = f"experiment: {user_package}\nsteps: 7\ncheckpoint_every: 2\n"
+    path = _config(tmp_path, text)
+    full_dir, full = runlib.run_experiment(path, out=tmp_path / "a", quiet=True)
+    assert full["experiment"] == user_package and full_dir.parent.name == user_package
+    _interrupt_at_step(monkeypatch, 5)
+    with pytest.raises(runlib.Interrupted) as info:
+        runlib.run_experiment(path, out=tmp_path / "b", quiet=True)
+    monkeypatch.undo()
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    _, resumed = runlib.run_experiment(resume=info.value.args[0])
+    assert resumed["metrics"] == full["metrics"]
+    sweep = (
+        f"experiment: {user_package}\nsweep: {{grid: {{lr: [0.1, 0.2]}}, seeds: 2}}\n"
+    )
+    _, summary = runlib.run_experiment(_config(tmp_path, sweep, "s.yaml"), out=tmp_path)
+    assert summary["members"] == 4 and summary["vectorised_groups"] == 1
+    assert not summary["failed"]
+
+
+def test_python_api_leaves_jax_config_as_found(user_package, tmp_path):
+    jax.config.update("jax_enable_x64", False)
+    try:
+        run_dir, summary = iterjax.lab.run(
+            {"experiment": user_package, "steps": 3}, out=tmp_path, lr=0.2
+        )
+        assert not jax.config.jax_enable_x64  # the run's x64 was switched back
+        assert summary["environment"]["x64"] is True  # ... and was on for the run
+        assert (run_dir / "config.yaml").read_text().count("lr: 0.2") == 1
+        _, again = iterjax.lab.run(
+            "fixed_point_study",
+            out=tmp_path,
+            smoke=True,
+            **{"solvers.0.name": "anderson"},
+        )
+        assert again["rows"][0]["solver"].startswith("anderson")
+    finally:
+        jax.config.update("jax_enable_x64", True)
+
+
+@pytest.mark.parametrize(
+    "name, match",
+    [
+        ("no_such_pkg.exp", "unknown experiment 'no_such_pkg.exp': neither"),
+        ("json", "defines no Config or run"),
+    ],
+)
+def test_bad_experiment_names_are_explained(name, match, tmp_path):
+    with pytest.raises(cfglib.ConfigError, match=match):
+        runlib.prepare({"experiment": name})
+
+
+def test_registered_solver_names_reach_configs(monkeypatch):
+    monkeypatch.setattr(
+        registry, "KINDS", {**registry.KINDS, "solver": dict(registry.SOLVERS)}
+    )
+    iterjax.lab.register("solver", "km", iterjax.Picard)
+    spec = registry.to_spec("solver", {"name": "km", "damping": 0.5}, "s")
+    assert registry.build("solver", spec) == iterjax.Picard(damping=0.5)
+    with pytest.raises(ValueError, match="unknown kind"):
+        iterjax.lab.register("optimizer", "x", iterjax.Picard)
+    with pytest.raises(TypeError, match="dataclass"):
+        iterjax.lab.register("solver", "x", lambda: None)

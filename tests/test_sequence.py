@@ -20,6 +20,9 @@ METHODS = [
     ij.QuasiDEER(),
     ij.ELK(damping=0.5),
     ij.QuasiELK(damping=0.5),
+    ij.DEER(jacobian_every=3),
+    ij.QuasiDEER(jacobian_every=2),
+    ij.ELK(damping=0.5, jacobian_every=2),
 ]
 IDS = [
     "jacobi",
@@ -30,6 +33,9 @@ IDS = [
     "quasi",
     "elk",
     "quasi-elk",
+    "lazy-deer",
+    "lazy-quasi",
+    "lazy-elk",
 ]
 
 CELLS = {
@@ -78,6 +84,23 @@ def test_exact_after_length_sweeps_even_without_tolerance(method):
     f, init, xs = cells.tanh_rnn(dim=4, length=24, scale=2.5, seed=1)
     carry, ys = ij.scan(f, init, xs, method=method, atol=0.0, max_sweeps=24)
     _close((carry, ys), jax.lax.scan(f, init, xs), 1e-12)
+
+
+@pytest.mark.parametrize("every", [2, 3, 4])
+def test_lazy_jacobians_same_solution_fewer_jacobians(every):
+    f, init, xs = cells.gru(dim=6, length=256, input_dim=3)
+    run = lambda m: ij.scan(f, init, xs, method=m, atol=1e-10, return_stats=True)
+    c1, y1, s1 = run(ij.DEER())
+    cd, yd, sd = run(ij.DEER(jacobian_every=every))
+    _close((cd, yd), (c1, y1), 1e-9)
+    assert bool(sd.converged)
+    assert int(s1.jacobians) == int(s1.num_sweeps)  # every sweep linearises
+    # sweeps 0, d, 2d, ... linearise; the rest evaluate f alone
+    assert int(sd.jacobians) == -(-int(sd.num_sweeps) // every)
+    assert int(sd.jacobians) < int(s1.jacobians)
+    assert int(sd.num_sweeps) <= 2 * int(s1.num_sweeps)
+    # Jacobi has no A_t to reuse: nothing changes
+    assert int(run(ij.Jacobi(jacobian_every=every))[2].jacobians) == 0
 
 
 def test_gauss_seidel_block_t_is_one_update_and_one_check():
@@ -464,6 +487,13 @@ def test_integer_carry_with_parallel_method_is_rejected(method):
             jnp.ones(5, jnp.int32),
             method=method,
         )
+
+
+def test_lazy_jacobians_reject_a_window_and_bad_periods():
+    with pytest.raises(ValueError, match="window"):
+        ij.DEER(window=16, jacobian_every=2)
+    with pytest.raises(ValueError, match="jacobian_every"):
+        ij.DEER(jacobian_every=0)
 
 
 @pytest.mark.parametrize("window", [0, -3, 2.5])

@@ -9,6 +9,10 @@ Three parts:
    chaotic dynamics) in `chaotic_dtype`: sweeps, fallbacks (sweeps in which
    Newton's update was not finite, i.e. where plain DEER would have diverged) and
    the error of every method in `chaotic_methods`.
+2b. `lazy`: `lazy_methods` (DEER, quasi-DEER) with lazy Jacobians
+   (`jacobian_every=d`, d in `lazy`) on the long GRUs at the longest T: sweeps,
+   Jacobian evaluations (sweeps that linearise), error and median wall time
+   against d = 1.
 3. `train`: a GRU classifier of noisy sinusoids (`classes` periods, length
    `train_length`) trained with Adam from the same initialisation on the same
    batches, once with `lax.scan` and once with `iterjax.scan(method=DEER())`:
@@ -41,6 +45,12 @@ class Config:
     lengths: tuple[int, ...] = (1024, 4096, 16384)
     input_dim: int = 4
     atol: float = 1e-6
+    lazy: tuple[int, ...] = (1, 2, 3, 4)  # jacobian_every of the lazy rows
+    lazy_methods: tuple[spec("sequence_method"), ...] = (
+        Spec("deer"),
+        Spec("quasi_deer"),
+    )
+    lazy_rounds: int = 3
     # 2. chaotic dynamics
     chaotic_scale: float = 3.0
     chaotic_length: int = 2048
@@ -101,6 +111,43 @@ def long_sequences(cfg, workdir, advance):
         curves[dim] = cells.sweep_errors(f, init, xs, ij.DEER(), cfg.atol, 30)
         workdir.log(part="long_curve", dim=dim, length=T, errors=curves[dim])
     return rows, curves
+
+
+def lazy_jacobians(cfg, workdir, advance):
+    rows, T = [], cfg.lengths[-1]
+    for dim in cfg.dims:
+        f, init, xs = cells.gru(dim, T, cfg.input_dim, seed=cfg.seed)
+        ref = jax.jit(lambda xs, f=f, init=init: jax.lax.scan(f, init, xs))(xs)
+        runs = {}
+        for s in cfg.lazy_methods:
+            for d in cfg.lazy:
+                method = build("sequence_method", s, "lazy_methods", workdir.mesh)
+                method = dataclasses.replace(method, jacobian_every=d)
+                runs[(s.label, d)] = jax.jit(
+                    lambda xs, f=f, init=init, m=method: ij.scan(
+                        f, init, xs, method=m, atol=cfg.atol, return_stats=True
+                    )
+                )
+        calls = {key: (run, (xs,)) for key, run in runs.items()}
+        ms = ij.diagnostics.time_calls(calls, cfg.lazy_rounds)
+        for (label, d), run in runs.items():
+            carry, ys, stats = run(xs)
+            row = dict(
+                part="lazy",
+                dim=dim,
+                length=T,
+                method=label,
+                jacobian_every=d,
+                sweeps=int(stats.num_sweeps),
+                jacobians=int(stats.jacobians),
+                converged=bool(stats.converged),
+                error=cells.max_error((carry, ys), ref),
+                ms=round(ms[(label, d)], 1),
+            )
+            workdir.log(**row)
+            rows.append(row)
+            advance()
+    return rows
 
 
 def chaotic(cfg, workdir, advance):
@@ -209,18 +256,26 @@ def run(cfg: Config, workdir) -> dict:
     jax.config.update("jax_enable_x64", cfg.x64)
     total = (
         len(cfg.dims) * len(cfg.lengths)
+        + len(cfg.dims) * len(cfg.lazy) * len(cfg.lazy_methods)
         + len(cfg.chaotic_methods)
         + 2 * cfg.train_steps
     )
     with workdir.progress(total, "deer_gru") as advance:
         long_rows, long_curves = long_sequences(cfg, workdir, advance)
+        lazy_rows = lazy_jacobians(cfg, workdir, advance)
         chaos_rows, chaos_curves = chaotic(cfg, workdir, advance)
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int/float
             training, loss_curves = train(cfg, workdir, advance)
     workdir.log(part="train_summary", **training)
     _plot(cfg, long_rows, long_curves, chaos_curves, loss_curves, workdir)
-    table = _tables(long_rows, chaos_rows, training)
-    return {"long": long_rows, "chaotic": chaos_rows, "train": training, "table": table}
+    table = _tables(long_rows, lazy_rows, chaos_rows, training)
+    return {
+        "long": long_rows,
+        "lazy": lazy_rows,
+        "chaotic": chaos_rows,
+        "train": training,
+        "table": table,
+    }
 
 
 def _plot(cfg, long_rows, long_curves, chaos_curves, loss_curves, workdir):
@@ -266,12 +321,49 @@ def _plot(cfg, long_rows, long_curves, chaos_curves, loss_curves, workdir):
     workdir.savefig(fig, "deer_gru.png")
 
 
-def _tables(long_rows, chaos_rows, training):
+def _tables(long_rows, lazy_rows, chaos_rows, training):
     long = markdown_table(
         ["GRU hidden", "T", "DEER sweeps", "converged", "error vs lax.scan"],
         [
             [r["dim"], r["length"], r["sweeps"], r["converged"], f"{r['error']:.1e}"]
             for r in long_rows
+        ],
+    )
+    base = {(r["dim"], r["method"]): r for r in lazy_rows if r["jacobian_every"] == 1}
+
+    def vs_base(r):
+        b = base[(r["dim"], r["method"])]
+        return [
+            f"{b['jacobians'] / r['jacobians']:.2f}x",
+            f"{r['sweeps'] / b['sweeps']:.2f}x",
+            f"{r['ms'] / b['ms']:.2f}x",
+        ]
+
+    lazy = markdown_table(
+        [
+            "lazy: hidden",
+            "T",
+            "method",
+            "jacobian_every",
+            "sweeps",
+            "Jacobian sweeps",
+            "fewer Jacobians",
+            "sweeps vs d=1",
+            "time vs d=1",
+            "error",
+        ],
+        [
+            [
+                r["dim"],
+                r["length"],
+                r["method"],
+                r["jacobian_every"],
+                r["sweeps"],
+                r["jacobians"],
+                *vs_base(r),
+                f"{r['error']:.1e}",
+            ]
+            for r in lazy_rows
         ],
     )
     chaos = markdown_table(
@@ -288,4 +380,4 @@ def _tables(long_rows, chaos_rows, training):
         f"{training['loss_gap']:.1e}; test accuracy lax.scan "
         f"{acc['lax.scan']:.3f}, DEER {acc['DEER']:.3f}"
     )
-    return "\n\n".join([long, chaos, note])
+    return "\n\n".join([long, lazy, chaos, note])

@@ -7,6 +7,7 @@ from .anderson import Anderson as Anderson
 from .broyden import Broyden as Broyden
 from .chain import fixed_point_chain as fixed_point_chain
 from .halpern import Halpern as Halpern
+from .lazy_newton import LazyNewton as LazyNewton
 from .newton import Newton as Newton
 from .optax_solver import OptaxSolver as OptaxSolver
 from .picard import Picard as Picard

@@ -15,6 +15,7 @@ type annotation (int, float, str, bool, tuples, nested dataclasses, `Literal`,
 `Optional`, and `Spec` for registry objects such as solvers) before anything runs.
 """
 
+import copy
 import dataclasses
 import types
 import typing
@@ -161,17 +162,36 @@ def to_dict(cfg) -> Any:
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
-    """`data['a']['b'] = value` for `dotted = 'a.b'` (creating mappings as needed)."""
+    """`data['a']['b'] = value` for `dotted = 'a.b'` (creating mappings as needed).
+
+    A digit indexes a list (`solvers.0.name`); a list element given as a name
+    (`solvers: [picard]`) becomes the mapping `{name: picard}` to take a key.
+    """
     keys = dotted.split(".")
     for prefix in ("sweep.grid.", "sweep.random.space."):  # their keys are dotted
         if dotted.startswith(prefix) and len(dotted) > len(prefix):
             keys = prefix.split(".")[:-1] + [dotted[len(prefix) :]]
     node = data
     for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"config key `{dotted}`: `{k}` is not a mapping")
-    node[keys[-1]] = value
+        key = _key(node, k, dotted)
+        if isinstance(node, dict):
+            node.setdefault(key, {})
+        if isinstance(node[key], str):  # a spec's shorthand: its name
+            node[key] = {"name": node[key]}
+        node = node[key]
+    node[_key(node, keys[-1], dotted)] = value
+
+
+def _key(node, k, dotted):
+    if isinstance(node, list):
+        if not k.isdigit() or int(k) >= len(node):
+            raise ConfigError(
+                f"config key `{dotted}`: `{k}` is not an index of a list of {len(node)}"
+            )
+        return int(k)
+    if not isinstance(node, dict):
+        raise ConfigError(f"config key `{dotted}`: `{k}` is not in a mapping")
+    return k
 
 
 def parse_overrides(items) -> list[tuple[str, Any]]:
@@ -184,25 +204,30 @@ def parse_overrides(items) -> list[tuple[str, Any]]:
     return out
 
 
-def load(path, overrides=(), smoke: bool = False):
-    """Read a config file; returns `(experiment_name, raw_dict, platform)`.
+def load(source, overrides=(), smoke: bool = False, values=None):
+    """Read a config; returns `(experiment_name, raw_dict, platform)`.
 
-    Overrides (and, with `smoke`, the file's `smoke:` block) are applied first;
-    the raw dict is then turned into the experiment's `Config` by `from_dict`,
-    and the reserved top-level keys (`sweep`, `mesh`, ...) into a `Platform`.
+    `source` is a YAML file's path or the mapping itself. Overrides (`key=value`
+    strings, and `values`: dotted keys to Python values; with `smoke`, the
+    config's `smoke:` block first) are applied, then the raw dict is turned into
+    the experiment's `Config` by `from_dict`, and the reserved top-level keys
+    (`sweep`, `mesh`, ...) into a `Platform`.
     """
-    with open(path) as f:
-        data = yaml.safe_load(f) or {}
+    if isinstance(source, dict):
+        data = copy.deepcopy(source)
+    else:
+        with open(source) as f:
+            data = yaml.safe_load(f) or {}
     if not isinstance(data, dict) or "experiment" not in data:
         raise ConfigError(
-            f"{path}: a config must be a mapping with an `experiment` key"
+            f"{source}: a config must be a mapping with an `experiment` key"
         )
     name = data.pop("experiment")
     smoke_overrides = data.pop("smoke", {}) or {}
     if smoke:
         for k, v in smoke_overrides.items():
             set_dotted(data, k, v)
-    for k, v in parse_overrides(overrides):
+    for k, v in [*parse_overrides(overrides), *(values or {}).items()]:
         set_dotted(data, k, v)
     reserved = {f.name for f in dataclasses.fields(Platform)}
     platform = {k: data.pop(k) for k in list(data) if k in reserved}

@@ -10,6 +10,7 @@ from ..fixed_point import (
     Anderson,
     Broyden,
     Halpern,
+    LazyNewton,
     Newton,
     Picard,
     Relaxed,
@@ -44,6 +45,7 @@ SOLVERS = {
     "broyden": Broyden,
     "newton": Newton,
     "halpern": Halpern,
+    "lazy_newton": LazyNewton,
     "relaxed": Relaxed,
     "restarted": Restarted,
     "safeguarded": Safeguarded,
@@ -196,9 +198,44 @@ def _restart_rule(value, where):
 
 
 def experiment(name):
-    if name not in EXPERIMENTS:
+    """The module of experiment `name`: a built-in or registered name, or the
+    import path of a module of the user's (`mypkg.my_experiment`) that defines a
+    dataclass `Config` and `run(cfg, workdir) -> dict`."""
+    path = EXPERIMENTS.get(name, name)
+    try:
+        module = importlib.import_module(path)
+    except (ImportError, TypeError, ValueError) as e:
         raise ConfigError(
-            f"config key `experiment`: unknown experiment {name!r}; "
-            f"allowed: {sorted(EXPERIMENTS)}"
+            f"config key `experiment`: unknown experiment {name!r}: neither a "
+            f"built-in one ({', '.join(sorted(EXPERIMENTS))}) nor an importable "
+            f"module ({e})"
+        ) from None
+    missing = [a for a in ("Config", "run") if not hasattr(module, a)]
+    if missing:
+        raise ConfigError(
+            f"config key `experiment`: module {path!r} defines no "
+            f"{' or '.join(missing)}; an experiment module defines a dataclass "
+            "`Config` and `run(cfg, workdir) -> dict`"
         )
-    return importlib.import_module(EXPERIMENTS[name])
+    return module
+
+
+def register(kind: str, name: str, target) -> None:
+    """Make `name` usable in config files.
+
+    `kind` is "experiment" (`target`: a module's import path) or one of
+    "solver", "linear_solver", "adjoint", "sequence_method" (`target`: the class,
+    built with the options the config gives, checked against its fields).
+    Example: `register("solver", "my_picard", MyPicard)`, then
+    `solvers: [{name: my_picard, damping: 0.5}]`.
+    """
+    table = EXPERIMENTS if kind == "experiment" else KINDS.get(kind)
+    if table is None:
+        raise ValueError(
+            f"register: unknown kind {kind!r}; one of {['experiment', *sorted(KINDS)]}"
+        )
+    if kind == "experiment" and not isinstance(target, str):
+        raise TypeError("register: an experiment is registered by its import path")
+    if kind != "experiment" and not dataclasses.is_dataclass(target):
+        raise TypeError(f"register: a {kind} must be a dataclass, got {target!r}")
+    table[name] = target

@@ -79,16 +79,28 @@ class Prepared(typing.NamedTuple):
     members: list | None  # the sweep's members, or None for a single run
 
 
-def prepare(path, overrides=(), smoke=False) -> Prepared:
-    """Load and validate a config, and every member of its sweep, before anything
-    is compiled or run."""
-    name, raw, plat = cfglib.load(
-        resolve_config_path(str(path)), overrides, smoke=smoke
-    )
+def prepare(path, overrides=(), smoke=False, values=None) -> Prepared:
+    """Load and validate a config (a path, a built-in name or a mapping), and
+    every member of its sweep, before anything is compiled or run."""
+    source = path if isinstance(path, dict) else resolve_config_path(str(path))
+    name, raw, plat = cfglib.load(source, overrides, smoke=smoke, values=values)
     module = registry.experiment(name)
     cfg = cfglib.from_dict(module.Config, raw)
     members = sweeplib.plan(module, raw, plat.sweep) if plat.sweep else None
     return Prepared(name, module, cfg, plat, members)
+
+
+def run(config, /, *, out="runs", smoke=False, quiet=True, **values):
+    """Run an experiment from Python (a notebook, a script); returns
+    `(run_dir, summary)`.
+
+    `config` is a built-in config's name, a YAML file's path or the config as a
+    mapping (with its `experiment` key); keyword arguments override its keys,
+    dotted keys through a mapping: `run("fixed_point_study", dim=16,
+    **{"solvers.0.name": "picard"})`. JAX's global configuration (float64 included)
+    is left as it was found.
+    """
+    return run_experiment(config, out=out, smoke=smoke, quiet=quiet, values=values)
 
 
 def run_experiment(
@@ -100,23 +112,37 @@ def run_experiment(
     quiet=False,
     resume=None,
     compilation_cache=None,
+    values=None,
 ):
     """Validate, run and record one experiment or sweep; returns (run_dir, summary).
 
     `resume=DIR` continues the run in DIR from its last checkpoint (a sweep from
-    its last finished member) with the config recorded there.
+    its last finished member) with the config recorded there. JAX's float64 mode
+    is restored afterwards (a config's `x64` sets it for the run only).
     """
+    x64 = bool(jax.config.jax_enable_x64)
+    try:
+        return _run_experiment(
+            path, overrides, out, smoke, quiet, resume, compilation_cache, values
+        )
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+
+
+def _run_experiment(
+    path, overrides, out, smoke, quiet, resume, compilation_cache, values
+):
     if resume is not None:
         run_dir = pathlib.Path(resume)
         if not (run_dir / "config.yaml").exists():
             raise cfglib.ConfigError(f"--resume {resume}: no config.yaml there")
-        if overrides:
+        if overrides or values:
             raise cfglib.ConfigError("--resume takes no overrides")
         path, smoke = run_dir / "config.yaml", False
         status = run_dir / "status.json"
         if status.exists() and json.loads(status.read_text())["status"] == "done":
             return run_dir, json.loads((run_dir / "summary.json").read_text())
-    p = prepare(path, overrides, smoke)
+    p = prepare(path, overrides, smoke, values)
     _start(p.platform, compilation_cache)
     mesh = make_mesh(p.platform.mesh)
     if resume is None:
@@ -361,8 +387,9 @@ def _stamp():
 
 
 def environment(cfg=None) -> dict:
-    """What it takes to reproduce a run: versions, commit, devices, seeds."""
-    root = CONFIG_DIR.parent
+    """What it takes to reproduce a run: versions, the git state of the working
+    directory (the user's project, not iterjax's), devices, seeds."""
+    root = os.getcwd()
 
     def git(*args):
         try:

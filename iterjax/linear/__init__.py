@@ -7,3 +7,7 @@ from .krylov import GMRES as GMRES
 from .krylov import BiCGStab as BiCGStab
 from .neumann import Neumann as Neumann
 from .neumann import Richardson as Richardson
+from .preconditioners import AbstractPreconditioner as AbstractPreconditioner
+from .preconditioners import ChebyshevPreconditioner as ChebyshevPreconditioner
+from .preconditioners import FunctionPreconditioner as FunctionPreconditioner
+from .preconditioners import JacobiPreconditioner as JacobiPreconditioner

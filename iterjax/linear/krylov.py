@@ -17,6 +17,11 @@ from flax import struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
 from ._base import AbstractLinearSolver, LinearStats
+from .preconditioners import as_preconditioner
+
+
+def _identity(r):
+    return r
 
 
 def default_rtol(b):
@@ -29,12 +34,19 @@ class _Krylov(AbstractLinearSolver):
     rtol: float | None = struct.field(pytree_node=False, default=None)
     atol: float = struct.field(pytree_node=False, default=0.0)
     max_steps: int | None = struct.field(pytree_node=False, default=None)
+    preconditioner: object = struct.field(pytree_node=False, default=None)
 
     def _rtol(self, b):
         return default_rtol(b) if self.rtol is None else self.rtol
 
+    def _preconditioner(self, matvec, b):
+        """`(apply, build cost, cost per application)`; the identity by default."""
+        pre = as_preconditioner(self.preconditioner)
+        return (_identity, 0, 0) if pre is None else pre.build(matvec, b)
+
     def _check(self):
         name = type(self).__name__
+        as_preconditioner(self.preconditioner)
         if self.rtol is not None:
             check_range(name, "rtol", self.rtol, lo=0.0)
         check_range(name, "atol", self.atol, lo=0.0)
@@ -54,9 +66,15 @@ class CG(_Krylov):
     than a wrong answer (an implicit gradient through an indefinite Hessian is
     meaningless: use GMRES or BiCGStab there).
 
+    With a `preconditioner` M (symmetric positive definite) it is preconditioned
+    CG: z = M r takes r's place in the directions and in α, β.
+
     Attributes:
       rtol, atol: stopping tolerances on the residual norm (rtol=None: dtype-aware).
       max_steps: iteration cap (10 * n when None, as jax.scipy).
+      preconditioner: None, `JacobiPreconditioner()`,
+        `ChebyshevPreconditioner(degree)` or a function r -> M r
+        (all three Krylov solvers take it).
     """
 
     def __post_init__(self):
@@ -70,29 +88,45 @@ class CG(_Krylov):
         size = sum(jnp.size(a) for a in jax.tree_util.tree_leaves(b))
         max_steps = 10 * size if self.max_steps is None else self.max_steps
         dot = lambda u, v: jnp.real(tu.tree_vdot(u, v))
+        apply, cost, per_apply = self._preconditioner(matvec, b)
         rs0 = dot(b, b)
         rtol = self._rtol(b) if rtol is None else rtol
         tol2 = jnp.maximum(rtol**2 * rs0, self.atol**2)
 
         def cond(c):
-            _, _, _, rs, k, ok = c
+            _, _, _, _, rs, k, ok = c
             return (rs > tol2) & (k < max_steps) & ok
 
         def body(c):
-            x, r, p, rs, k, _ = c
+            x, r, p, rz, rs, k, _ = c
             ap = matvec(p)
             pap = dot(p, ap)
             ok = pap > 0
-            alpha = jnp.where(ok, rs / jnp.where(ok, pap, 1), 0)
+            alpha = jnp.where(ok, rz / jnp.where(ok, pap, 1), 0)
             x = tu.tree_axpy(alpha, p, x)
             r = tu.tree_axpy(-alpha, ap, r)
+            z = apply(r)
+            rz_new = dot(r, z)
+            p = tu.tree_axpy(rz_new / jnp.where(rz > 0, rz, 1), p, z)
             rs_new = dot(r, r)
-            p = tu.tree_axpy(rs_new / jnp.where(rs > 0, rs, 1), p, r)
-            return x, r, p, jnp.where(ok, rs_new, rs), k + 1, ok
+            return (
+                x,
+                r,
+                p,
+                jnp.where(ok, rz_new, rz),
+                jnp.where(ok, rs_new, rs),
+                k + 1,
+                ok,
+            )
 
-        init = (tu.tree_zeros_like(b), b, b, rs0, jnp.int32(0), jnp.array(True))
-        x, _, _, rs, k, ok = jax.lax.while_loop(cond, body, init)
-        return x, LinearStats(k, ok & (rs <= tol2), ~ok)
+        z0 = apply(b)
+        zero, yes = jnp.int32(0), jnp.array(True)
+        init = (tu.tree_zeros_like(b), b, z0, dot(b, z0), rs0, zero, yes)
+        x, _, _, _, rs, k, ok = jax.lax.while_loop(cond, body, init)
+        # products: one per step, plus the preconditioner's (built once, applied
+        # at the start and once per step)
+        matvecs = k * (1 + per_apply) + cost + per_apply
+        return x, LinearStats(matvecs, ok & (rs <= tol2), ~ok)
 
 
 class BiCGStab(_Krylov):
@@ -102,8 +136,14 @@ class BiCGStab(_Krylov):
         self._check()
 
     def solve(self, matvec, b):
+        apply = self._preconditioner(matvec, b)[0]
         return jsl.bicgstab(
-            matvec, b, tol=self._rtol(b), atol=self.atol, maxiter=self.max_steps
+            matvec,
+            b,
+            tol=self._rtol(b),
+            atol=self.atol,
+            maxiter=self.max_steps,
+            M=apply,
         )[0]
 
 
@@ -129,9 +169,11 @@ class GMRES(_Krylov):
             )
 
     def solve(self, matvec, b):
+        apply = self._preconditioner(matvec, b)[0]
         return jsl.gmres(
             matvec,
             b,
+            M=apply,
             tol=self._rtol(b),
             atol=self.atol,
             restart=self.restart,

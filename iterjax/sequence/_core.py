@@ -71,13 +71,27 @@ class AbstractSequenceMethod(struct.PyTreeNode):
         the window is what is split (it must be divisible by the mesh size too):
         the devices share its evaluations, Jacobians and scan, and each sweep
         gathers the (T, D) trajectory to slice the window out and put it back.
+      jacobian_every: lazy Jacobians (Shamanskii 1967; Doikov, Chayti & Jaggi
+        2023, "Second-order optimization with lazy Hessians"): compute A_t on
+        sweeps 0, d, 2d, ... and reuse them in between, where a sweep evaluates f
+        alone. d = 1 (default) linearises every sweep. Fewer Jacobian evaluations
+        for a few more sweeps; still exact after T sweeps. The A_t of the whole
+        sequence are carried between sweeps, so it needs `window=None`. Under
+        `vmap` both branches of the choice run, so it saves work only unbatched.
     """
 
     window: int | None = struct.field(pytree_node=False, default=None, kw_only=True)
     mesh: Mesh | None = struct.field(pytree_node=False, default=None, kw_only=True)
+    jacobian_every: int = struct.field(pytree_node=False, default=1, kw_only=True)
 
     def __post_init__(self):
         name = type(self).__name__
+        check_int(name, "jacobian_every", self.jacobian_every, 1)
+        if self.jacobian_every > 1 and self.window is not None:
+            raise ValueError(
+                f"{name}: `jacobian_every` > 1 carries every A_t between sweeps; "
+                "it does not combine with a sliding `window`"
+            )
         if self.window is not None:
             check_int(name, "window", self.window, 1)
         if self.mesh is not None:
@@ -217,6 +231,9 @@ class SweepState(NamedTuple):
     residual: jax.Array  # (T, D): f(X_{t-1}, x_t) - X_t where known, else the max
     accepted: jax.Array  # int32: length of the accepted prefix
     fallbacks: jax.Array  # int32: sweeps in which some position fell back
+    jacobians: jax.Array  # int32: sweeps that computed A_t
+    A: object  # the A_t of the last linearisation (lazy Jacobians), else None
+    sweeps: jax.Array  # int32: sweeps taken
 
 
 class Sweeps(AbstractFixedPointSolver):
@@ -236,11 +253,32 @@ class Sweeps(AbstractFixedPointSolver):
     rtol: float
 
     def summary(self, state):
-        return {"fallbacks": state.fallbacks}
+        return {"fallbacks": state.fallbacks, "jacobians": state.jacobians}
 
     def init(self, fn, y0, args):
         unknown = jnp.full(y0.shape, jnp.finfo(y0.dtype).max)
-        return SweepState(unknown, jnp.int32(0), jnp.int32(0))
+        A = None
+        if self.method.jacobian_every > 1:
+            s0, xs, consts = args
+            cell = lambda h, x: fn(h, x, consts)
+            shape = jax.eval_shape(lambda: self.method.linearize(cell, y0, xs)[1])
+            A = None if shape is None else jnp.zeros(shape.shape, shape.dtype)
+        zero = jnp.int32(0)
+        return SweepState(unknown, zero, zero, zero, A, zero)
+
+    def _linearize(self, cell, prev, xw, state):
+        """`(f, A, computed)`: fresh A_t on every `jacobian_every`-th sweep, else the
+        carried ones with f alone."""
+        if state.A is None:
+            fx, A = self.method.linearize(cell, prev, xw)
+            return fx, A, jnp.bool_(A is not None)
+        fresh = (state.sweeps % self.method.jacobian_every) == 0
+        fx, A = jax.lax.cond(
+            fresh,
+            lambda: self.method.linearize(cell, prev, xw),
+            lambda: (jax.vmap(cell)(prev, xw), state.A),
+        )
+        return fx, A, fresh
 
     def step(self, fn, y, args, state):
         s0, xs, consts = args
@@ -257,7 +295,7 @@ class Sweeps(AbstractFixedPointSolver):
         if W < T:  # the devices of the mesh share the window
             X, prev, xw = shard_time((X, prev, xw), self.method.mesh)
 
-        fx, A = self.method.linearize(cell, prev, xw)
+        fx, A, computed = self._linearize(cell, prev, xw, state)
         r = fx - X
         ok = position_ok(r, X, self.atol, self.rtol)
         # Past the first unaccepted position a non-finite residual is an artefact
@@ -290,5 +328,9 @@ class Sweeps(AbstractFixedPointSolver):
             residual = jnp.where(past, big, put(state.residual, r))
         accepted = start + jnp.sum(frozen, dtype=jnp.int32)
         fallbacks = state.fallbacks + jnp.any(~fine).astype(jnp.int32)
+        jacobians = state.jacobians + computed.astype(jnp.int32)
         y_new, residual = shard_time((y_new, residual), self.method.mesh)
-        return y_new, SweepState(residual, accepted, fallbacks)
+        A = None if state.A is None else A
+        return y_new, SweepState(
+            residual, accepted, fallbacks, jacobians, A, state.sweeps + 1
+        )

@@ -32,6 +32,8 @@ class ScanStats:
       fallbacks: sweeps in which some position's update was not finite and fell back
         to the Jacobi update.
       trace: the residual after every sweep (`trace=True`), else None.
+      jacobians: sweeps that computed the A_t (every sweep of DEER, ELK and the
+        quasi methods, unless `jacobian_every` > 1; 0 for Jacobi and Picard).
     """
 
     num_sweeps: jax.Array
@@ -40,6 +42,7 @@ class ScanStats:
     result: jax.Array
     fallbacks: jax.Array
     trace: object = None
+    jacobians: object = None
 
 
 def scan(
@@ -92,7 +95,7 @@ def scan(
         carry, ys = jax.lax.scan(f, init, xs, length=length, reverse=reverse)
         zero = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(init)))
         none = jnp.int32(0)
-        stats = ScanStats(none, jnp.bool_(True), zero, none, none)
+        stats = ScanStats(none, jnp.bool_(True), zero, none, none, jacobians=none)
         return (carry, ys, stats) if return_stats else (carry, ys)
 
     if reverse:
@@ -154,6 +157,7 @@ def _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace=False)
         result=sol.result,
         fallbacks=sol.stats["fallbacks"],
         trace=sol.trace,
+        jacobians=sol.stats["jacobians"],
     )
     options = (method, atol, rtol)
     X = _trajectory(cell, options, sol.value, (s0, xs, consts))

@@ -1,0 +1,171 @@
+"""Preconditioners for the Krylov solvers: M ≈ A^{-1}, built from the operator.
+
+A preconditioner is a value (hashable, so that a solver holding one stays a
+static hyperparameter of adjoints and Newton) whose `build(matvec, b)` returns
+`(apply, cost, per_apply)`: the function r -> M r, the operator products spent
+building it, and the products each application costs. `CG`, `GMRES` and
+`BiCGStab` take one as `preconditioner=`; a plain function r -> M r is accepted
+too (the hook for learned preconditioners, e.g. Deep Conjugate Direction).
+"""
+
+import abc
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .. import _tree as tu
+from .._checks import check_int, check_range
+
+
+class AbstractPreconditioner(struct.PyTreeNode):
+    """Base class: `build(matvec, b) -> (apply, cost, per_apply)`."""
+
+    @abc.abstractmethod
+    def build(self, matvec, b):
+        """`(apply, cost, per_apply)` for the operator `matvec`."""
+
+
+class FunctionPreconditioner(AbstractPreconditioner):
+    """A user's function r -> M r (free of operator products).
+
+    Attributes:
+      fn: the function, pytree to pytree like `b`.
+    """
+
+    fn: Callable = struct.field(pytree_node=False)
+
+    def build(self, matvec, b):
+        return self.fn, 0, 0
+
+
+class JacobiPreconditioner(AbstractPreconditioner):
+    """M = diag(A)^{-1}, the diagonal found by probing the matrix-free operator.
+
+    `probes=None` reads the diagonal exactly, e_i·A e_i for every i (n products,
+    `batch` at a time); `probes=k` estimates it as the mean of z ⊙ A z over k
+    Rademacher vectors z (Bekas, Kokiopoulou & Saad 2007), exact for a diagonal A.
+
+    Attributes:
+      probes: None, or the number k >= 1 of random probes.
+      batch: basis vectors probed together (memory: batch products at once).
+      seed: the probes' PRNG seed.
+    """
+
+    probes: int | None = struct.field(pytree_node=False, default=None)
+    batch: int = struct.field(pytree_node=False, default=64)
+    seed: int = struct.field(pytree_node=False, default=0)
+
+    def __post_init__(self):
+        if self.probes is not None:
+            check_int("JacobiPreconditioner", "probes", self.probes, 1)
+        check_int("JacobiPreconditioner", "batch", self.batch, 1)
+
+    def build(self, matvec, b):
+        flat, unravel = tu.ravel(b)
+        n = flat.shape[0]
+        op = lambda v: tu.ravel(matvec(unravel(v)))[0]
+        if self.probes is None:
+            column = lambda i: op(jnp.zeros_like(flat).at[i].set(1))[i]
+            diag = jax.lax.map(column, jnp.arange(n), batch_size=min(self.batch, n))
+            cost = n
+        else:
+            key = jax.random.key(self.seed)
+            z = jax.random.rademacher(key, (self.probes, n), flat.dtype)
+            diag = jnp.mean(z * jax.vmap(op)(z), axis=0)
+            cost = self.probes
+        safe = jnp.where(diag != 0, diag, 1)
+        return (lambda r: unravel(tu.ravel(r)[0] / safe)), cost, 0
+
+
+class ChebyshevPreconditioner(AbstractPreconditioner):
+    """M = p(A), the degree-k Chebyshev polynomial approximation of A^{-1} on the
+    spectrum's interval [λ_min, λ_max], estimated by Lanczos (A symmetric positive
+    definite).
+
+    `lanczos_steps` Lanczos steps from b give the Ritz values θ_1 <= ... <= θ_m;
+    the interval is [θ_1 / margin, θ_m · margin] (Ritz values lie inside the
+    spectrum; the margin covers what they miss at its ends). Applying M runs k + 1
+    steps of the Chebyshev semi-iteration for A x = r from x = 0 (Saad 2003,
+    Algorithm 12.1), a polynomial of degree k in A: k products. Polynomial
+    preconditioning does not lower the total products of CG (CG is optimal in
+    its Krylov space), it trades inner products, and so synchronisations and
+    memory traffic, for products; the
+    adaptive choice of the polynomial by a Krylov minimisation ("Polynomial
+    Preconditioning", in the seeds) is still to do.
+
+    Attributes:
+      degree: k >= 1.
+      lanczos_steps: m >= 2.
+      margin: >= 1.
+    """
+
+    degree: int = struct.field(pytree_node=False, default=4)
+    lanczos_steps: int = struct.field(pytree_node=False, default=12)
+    margin: float = struct.field(pytree_node=False, default=1.1)
+
+    def __post_init__(self):
+        check_int("ChebyshevPreconditioner", "degree", self.degree, 1)
+        check_int("ChebyshevPreconditioner", "lanczos_steps", self.lanczos_steps, 2)
+        check_range("ChebyshevPreconditioner", "margin", self.margin, lo=1.0)
+
+    def build(self, matvec, b):
+        lo, hi = lanczos_bounds(matvec, b, self.lanczos_steps)
+        lo, hi = lo / self.margin, hi * self.margin
+        theta, delta = (hi + lo) / 2, (hi - lo) / 2
+
+        def apply(r):  # k steps of the Chebyshev iteration on A x = r, x_0 = 0
+            sigma = theta / delta
+            rho = 1 / sigma
+            d = tu.tree_scale(1 / theta, r)
+            x, res = d, r
+            for _ in range(self.degree):
+                res = tu.tree_sub(res, matvec(d))
+                rho_new = 1 / (2 * sigma - rho)
+                d = tu.tree_add(
+                    tu.tree_scale(rho_new * rho, d),
+                    tu.tree_scale(2 * rho_new / delta, res),
+                )
+                x, rho = tu.tree_add(x, d), rho_new
+            return x
+
+        return apply, self.lanczos_steps, self.degree
+
+
+def lanczos_bounds(matvec, b, steps):
+    """(θ_min, θ_max): the extreme Ritz values of `steps` Lanczos steps from b."""
+    flat, unravel = tu.ravel(b)
+    op = lambda v: tu.ravel(matvec(unravel(v)))[0]
+    norm = jnp.linalg.norm(flat)
+    v = flat / jnp.where(norm > 0, norm, 1)
+
+    def step(carry, _):
+        v, v_prev, beta = carry
+        w = op(v) - beta * v_prev
+        alpha = jnp.vdot(v, w).real
+        w = w - alpha * v
+        beta_new = jnp.linalg.norm(w)
+        v_new = w / jnp.where(beta_new > 0, beta_new, 1)
+        return (v_new, v, beta_new), (alpha, beta_new)
+
+    zero = jnp.zeros((), jnp.real(flat).dtype)
+    _, (alphas, betas) = jax.lax.scan(
+        step, (v, jnp.zeros_like(v), zero), None, length=steps
+    )
+    tridiagonal = jnp.diag(alphas) + jnp.diag(betas[:-1], 1) + jnp.diag(betas[:-1], -1)
+    ritz = jnp.linalg.eigvalsh(tridiagonal)
+    return ritz[0], ritz[-1]
+
+
+def as_preconditioner(p):
+    """None, an `AbstractPreconditioner`, or a function r -> M r (wrapped in a
+    `FunctionPreconditioner`)."""
+    if p is None or isinstance(p, AbstractPreconditioner):
+        return p
+    if callable(p):
+        return FunctionPreconditioner(p)
+    raise TypeError(
+        "preconditioner must be an iterjax preconditioner (JacobiPreconditioner, "
+        f"ChebyshevPreconditioner) or a function r -> M r, got {p!r}"
+    )
