@@ -82,6 +82,10 @@ def _implicit_value_jvp(fn, linear_solver, primals, tangents):
     y_star, args = primals
     _, dargs = tangents
     # y* does not depend on the initial guess: its tangent is ignored on purpose.
+    # Inside the rule y* is itself the implicit function of args (this same
+    # custom_jvp), so that differentiating the rule again (grad of grad, hessian)
+    # sees y*'s dependence on args rather than a constant.
+    y_star = _implicit_value(fn, linear_solver, y_star, args)
     _, rhs = jax.jvp(lambda a: fn(y_star, a), (args,), (dargs,))
 
     # Linearised once: each product replays only the tangent computation.

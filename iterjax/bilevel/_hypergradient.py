@@ -96,10 +96,13 @@ class Implicit(AbstractMethod):
         check_int("Implicit", "max_steps", self.max_steps, 1)
 
     def __call__(self, outer_loss, inner_loss, theta, w0):
+        # w*(θ) through argmin's implicit adjoint, and v through a
+        # custom_linear_solve: the hypergradient is itself differentiable (the
+        # hyper-Hessian: jacfwd, jacrev, hessian of F), at no cost to first order.
         sol = argmin(
             inner_loss,
             w0,
-            jax.lax.stop_gradient(theta),
+            theta,
             solver=self.solver,
             atol=self.atol,
             max_steps=self.max_steps,
@@ -109,7 +112,10 @@ class Implicit(AbstractMethod):
         value, (f_w, f_theta) = jax.value_and_grad(outer_loss, (0, 1))(w, theta)
         grad_w = jax.grad(inner_loss)
         _, hvp = jax.linearize(lambda w: grad_w(w, theta), w)
-        v, lin = self.linear_solver.solve_with_stats(hvp, f_w)
+        solve = lambda mv, b: self.linear_solver.solve_with_stats(mv, b)
+        v, lin = jax.lax.custom_linear_solve(
+            hvp, f_w, solve, symmetric=True, has_aux=True
+        )
         _, vjp = jax.vjp(lambda t: grad_w(w, t), theta)
         grad = tu.tree_sub(f_theta, vjp(v)[0])
         newton_jvps = jnp.maximum(sol.stats.get("jvps", 0), 0)

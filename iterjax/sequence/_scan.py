@@ -186,6 +186,8 @@ def _trajectory_jvp(cell, options, primals, tangents):
     """
     X, args = primals
     _, dargs = tangents
+    X = _trajectory(cell, options, X, args)  # so that the rule's own derivative
+    # (hessian, grad of grad) sees X's dependence on args, as `implicit` does
     _, rhs = jax.jvp(lambda a: _trajectory_map(cell, X, a), (args,), (dargs,))
 
     def matvec(t):
