@@ -11,6 +11,7 @@ from flax import struct
 SUCCESSFUL = 0
 MAX_STEPS_REACHED = 1
 NONFINITE = 2
+NONFINITE_LOSS = 3
 
 MESSAGES = {
     SUCCESSFUL: "converged",
@@ -22,6 +23,10 @@ MESSAGES = {
     NONFINITE: (
         "diverged: the iterate or its residual became non-finite (inf or NaN); "
         "the map may not be contractive, try damping or another solver"
+    ),
+    NONFINITE_LOSS: (
+        "did not converge: the gradient vanished at a point where the loss itself "
+        "is not finite (NaN or inf); the minimiser there is not valid"
     ),
 }
 
@@ -41,7 +46,8 @@ class Solution:
         are `num_steps + 1` for Picard, Anderson, Broyden and Halpern).
       residual: the norm (default: infinity norm) of `fn(value) - value` (fixed
         points) or of `F(value)` (roots).
-      result: int32 code: 0 converged, 1 max_steps reached, 2 non-finite.
+      result: int32 code: 0 converged, 1 max_steps reached, 2 non-finite, 3 a
+        non-finite loss at a stationary point (`argmin`).
       trace: residual norms after each step, shape `[max_steps]`, NaN after the solve
         stopped; `None` unless `trace=True` was passed.
       stats: solver-specific extras (e.g. `max_steps`).

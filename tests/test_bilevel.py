@@ -312,3 +312,20 @@ def test_saba_variance_reduction_converges_where_soba_stalls():
     )
     assert e_saba < 1e-6, e_saba
     assert e_soba > 100 * e_saba, (e_soba, e_saba)
+
+
+def test_a_nan_loss_at_a_stationary_point_is_not_converged():
+    # the gradient w - t vanishes at w = 1, where the loss is NaN
+    loss = lambda w, t: 0.5 * (w - t) ** 2 + jnp.where(w > 0.5, jnp.nan, 0.0)
+    sol = ij.argmin(loss, jnp.array(0.0), jnp.array(1.0))
+    assert not bool(sol.converged) and int(sol.result) == 3
+    assert "not finite" in sol.message
+    with pytest.raises(ij.NonConvergenceError, match="not finite"):
+        ij.argmin(loss, jnp.array(0.0), jnp.array(1.0), throw=True)
+    hg = ij.hypergradient(
+        lambda w, t: w**2, loss, jnp.array(1.0), jnp.array(0.0), return_info=True
+    )
+    assert not bool(hg.converged) and int(hg.result) == 3
+    # a finite loss: converged as before
+    ok = ij.argmin(lambda w, t: 0.5 * (w - t) ** 2, jnp.array(0.0), jnp.array(1.0))
+    assert bool(ok.converged) and int(ok.result) == 0

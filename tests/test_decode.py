@@ -222,3 +222,28 @@ def test_bad_input_raises_a_clear_error(kwargs, match):
     call.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ij.jacobi_decode(call.pop("logits_fn"), call.pop("prompt"), **call)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_nan_logits_are_reported_not_accepted(temperature):
+    # NaN logits from position 6 on: no guess may be accepted from them
+    V = 5
+
+    def logits_fn(tokens):
+        base = jax.nn.one_hot((tokens + 1) % V, V) * 3.0
+        return jnp.where(jnp.arange(tokens.shape[0])[:, None] >= 6, jnp.nan, base)
+
+    prompt = jnp.array([0, 1, 2])
+    _, stats = ij.jacobi_decode(
+        logits_fn,
+        prompt,
+        8,
+        block_size=4,
+        temperature=temperature,
+        key=jax.random.key(1),
+    )
+    assert bool(stats.nonfinite) and not bool(stats.converged)
+    assert int(jnp.sum(stats.accepted)) < 8
+    good = lambda tokens: jax.nn.one_hot((tokens + 1) % V, V) * 3.0
+    _, ok = ij.jacobi_decode(good, prompt, 8, block_size=4)
+    assert bool(ok.converged) and not bool(ok.nonfinite)

@@ -318,6 +318,32 @@ def test_nan_in_cell_is_reported_not_hidden():
     assert int(stats.result) == 2 and not bool(stats.converged)
 
 
+@pytest.mark.parametrize(
+    "method",
+    [ij.DEER(), ij.Jacobi(), ij.ELK(damping=0.5), ij.QuasiDEER()],
+    ids=["deer", "jacobi", "elk", "quasi"],
+)
+def test_non_finite_values_stay_where_lax_scan_has_them(method):
+    # a NaN in xs: lax.scan is NaN from there on; so is iterjax.scan, exact before
+    f, init, xs = cells.tanh_rnn(dim=4, length=100, scale=0.8)
+    xs = xs.at[50, 1].set(jnp.nan)
+    c0, y0 = jax.lax.scan(f, init, xs)
+    c, y, stats = ij.scan(f, init, xs, method=method, atol=1e-10, return_stats=True)
+    assert int(stats.result) == 2 and not bool(stats.converged)
+    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(y0))
+    assert not bool(jnp.any(jnp.isfinite(c)))
+    np.testing.assert_allclose(y[:50], y0[:50], atol=1e-9)
+    with pytest.raises(ij.NonConvergenceError):
+        ij.scan(f, init, xs, method=method, atol=1e-10, throw=True)
+    # an overflowing recurrence (float32): non-finite from the same step on
+    g = lambda h, x: (2 * h + 1, h)
+    h0 = jnp.zeros((), jnp.float32)
+    _, y0 = jax.lax.scan(g, h0, None, length=200)
+    c, y, stats = ij.scan(g, h0, None, length=200, method=method, return_stats=True)
+    assert int(stats.result) == 2 and not bool(jnp.isfinite(c))
+    np.testing.assert_array_equal(np.isfinite(y), np.isfinite(y0))
+
+
 def test_trace_records_residual_per_sweep():
     f, init, xs = cells.gru(dim=4, length=100)
     *_, stats = ij.scan(f, init, xs, atol=1e-10, return_stats=True, trace=True)

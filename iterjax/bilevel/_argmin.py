@@ -7,6 +7,7 @@ import optax
 from .. import _tree as tu
 from .._checks import check_inexact
 from .._iterate import AbstractFixedPointSolver
+from .._solution import NONFINITE_LOSS, error_if_failed
 from ..fixed_point import Newton
 from ..fixed_point._api import _solve
 from ..fixed_point.optax_solver import OptaxSolver
@@ -109,7 +110,7 @@ def argmin(
     check_scalar_loss("argmin", "inner_loss", inner_loss, w0, theta)
     grad = jax.grad(inner_loss)
     fp = lambda w, t: tu.tree_sub(w, grad(w, t))
-    return _solve(
+    sol = _solve(
         "argmin",
         grad,
         fp,
@@ -117,10 +118,20 @@ def argmin(
         theta,
         as_solver(solver),
         adjoint,
-        throw,
+        False,
         atol=atol,
         rtol=rtol,
         max_steps=max_steps,
         trace=False,
         norm=norm,
     )
+    # A vanishing gradient where the loss is NaN or inf is no minimiser.
+    stop = jax.lax.stop_gradient
+    finite = jnp.isfinite(inner_loss(stop(sol.value), stop(theta)))
+    sol = sol.replace(
+        converged=sol.converged & finite,
+        result=jnp.where(finite, sol.result, jnp.int32(NONFINITE_LOSS)),
+    )
+    if throw:
+        error_if_failed(sol.result, "argmin")
+    return sol

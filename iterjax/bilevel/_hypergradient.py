@@ -121,7 +121,9 @@ class Implicit(AbstractMethod):
         newton_jvps = jnp.maximum(sol.stats.get("jvps", 0), 0)
         cost = _cost(sol.num_steps + 1, 1, lin.num_matvecs + 1 + newton_jvps)
         ok = sol.converged & lin.converged & ~lin.breakdown
-        return HyperGrad(grad, value, w, cost, ok, _result(ok, grad))
+        # the inner solve's own failure code (e.g. a NaN loss) wins
+        result = jnp.where(sol.converged, _result(ok, grad), sol.result)
+        return HyperGrad(grad, value, w, cost, ok, result)
 
 
 def _result(ok, grad):

@@ -33,7 +33,9 @@ Guarantees of the core, whatever A_t is:
   its value when that is not finite either; the number of sweeps with a fallback is
   reported. Non-finite residuals past the frontier are reported as the largest
   float, so that only a non-finite residual at an accepted predecessor (a genuine
-  NaN of f) stops the solve as diverged.
+  NaN or inf of f) stops the solve as diverged; that position then holds f's
+  non-finite value and every later one NaN (`non_finite_tail`), as lax.scan's
+  would be non-finite from there on, never a finite guess.
 
 One sweep evaluates f (and A_t) at the current iterate, then updates it, so the
 number of sweeps is the number of parallel evaluations of f. The sweeps run on
@@ -212,6 +214,15 @@ def auto_mesh(mesh):
     return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
+def non_finite_tail(X, mesh=None):
+    """X with every position after its first non-finite one set to NaN: where f
+    produced a NaN or inf, lax.scan's later states are not finite either, and the
+    sweeps (stopped there) have only guesses for them."""
+    bad = ~jnp.all(jnp.isfinite(X), axis=-1)
+    after = (count_upto(bad, mesh) - bad.astype(jnp.int32)) > 0
+    return jnp.where(after[:, None], jnp.nan, X)
+
+
 def position_ok(r, X, atol, rtol):
     """Per position t: |r_t| <= atol + rtol |X_t| in every component."""
     bound = atol + rtol * jnp.abs(X)
@@ -315,8 +326,10 @@ class Sweeps(AbstractFixedPointSolver):
         new = jnp.where(fine[:, None], new, jacobi)
         # The first unaccepted position takes the exact step from its accepted
         # predecessor (automatic for linear-recurrence methods, enforced for ELK).
+        # Its residual is f's own value there, so a non-finite one (a NaN in xs,
+        # an overflow) is kept, as lax.scan would, and stops the solve.
         frontier = (unaccepted == 1) & ~ok
-        new = jnp.where(frontier[:, None], jacobi, new)
+        new = jnp.where(frontier[:, None], X + r, new)
         new = jnp.where(frozen[:, None], X, new)
 
         if W == T:

@@ -11,7 +11,13 @@ from .._checks import check_int, check_range, check_same_structure
 from .._iterate import iterative_solve
 from .._solution import error_if_failed
 from .._tree import ravel
-from ._core import AbstractSequenceMethod, Sweeps, shard_time, shift
+from ._core import (
+    AbstractSequenceMethod,
+    Sweeps,
+    non_finite_tail,
+    shard_time,
+    shift,
+)
 from .deer import DEER
 
 
@@ -160,7 +166,8 @@ def _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace=False)
         jacobians=sol.stats["jacobians"],
     )
     options = (method, atol, rtol)
-    X = _trajectory(cell, options, sol.value, (s0, xs, consts))
+    X = non_finite_tail(sol.value, method.mesh)
+    X = _trajectory(cell, options, X, (s0, xs, consts))
     return X, stats
 
 

@@ -24,7 +24,10 @@ class DecodeStats:
       num_calls: model calls made (each one parallel forward pass over the window).
       accepted: tokens accepted by each call, shape [num_tokens] (zero after the
         last call); `num_tokens / num_calls` tokens per call on average.
-      converged: every token was accepted within `max_sweeps` calls.
+      converged: every token was accepted within `max_sweeps` calls, from finite
+        logits.
+      nonfinite: the model returned NaN or inf logits inside the window (decoding
+        stopped there; `converged` is False).
       trajectory: with `return_trajectory=True`, the generated tokens as the model
         saw them at each call, shape [max_sweeps, num_tokens] (rows after the last
         call repeat the result): the Jacobi trajectory that consistency training
@@ -35,6 +38,7 @@ class DecodeStats:
     accepted: jax.Array
     converged: jax.Array
     trajectory: jax.Array | None = None
+    nonfinite: jax.Array | None = None
 
 
 class _State(NamedTuple):
@@ -45,6 +49,7 @@ class _State(NamedTuple):
     num_calls: jax.Array
     accepted: jax.Array  # [N] tokens accepted by each call
     trajectory: jax.Array | None  # [max_sweeps, N] tokens seen by each call
+    nonfinite: jax.Array  # bool: the model returned NaN or inf logits
 
 
 def jacobi_decode(
@@ -135,10 +140,12 @@ def jacobi_decode(
         trajectory=(
             jnp.zeros((max_sweeps, N), prompt.dtype) if return_trajectory else None
         ),
+        nonfinite=jnp.bool_(False),
     )
 
     def cond(state):
-        return (state.start < N) & (state.num_calls < max_sweeps)
+        going = (state.start < N) & (state.num_calls < max_sweeps)
+        return going & ~state.nonfinite
 
     def body(state):
         tokens = jnp.concatenate([prompt, state.gen[:N]])
@@ -154,7 +161,14 @@ def jacobi_decode(
         if return_trajectory:
             seen = state.trajectory.at[state.num_calls].set(state.gen[:N])
             state = state._replace(trajectory=seen)
-        return _advance(state, new, draft, key, N)
+        # NaN logits would accept every guess (no comparison with NaN rejects):
+        # stop instead, keeping what was accepted before, and report it.
+        bad = jnp.any(valid[:, None] & ~jnp.isfinite(window))
+        after = _advance(state, new, draft, key, N)
+        kept = state._replace(num_calls=state.num_calls + 1)
+        return jax.tree_util.tree_map(
+            lambda a, b: jnp.where(bad, a, b), kept, after
+        )._replace(nonfinite=bad)
 
     state = jax.lax.while_loop(cond, body, state)
     tokens = state.gen[:N]
@@ -162,7 +176,10 @@ def jacobi_decode(
     if return_trajectory:
         done = jnp.arange(max_sweeps, dtype=jnp.int32) >= state.num_calls
         trajectory = jnp.where(done[:, None], tokens, state.trajectory)
-    stats = DecodeStats(state.num_calls, state.accepted, state.start >= N, trajectory)
+    converged = (state.start >= N) & ~state.nonfinite
+    stats = DecodeStats(
+        state.num_calls, state.accepted, converged, trajectory, state.nonfinite
+    )
     return tokens, stats
 
 
