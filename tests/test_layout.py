@@ -99,3 +99,33 @@ def test_no_import_cycles():
     for m in sorted(edges):
         if m not in state:
             visit(m)
+
+
+def test_version_comes_from_the_package_metadata(capsys):
+    import importlib.metadata
+
+    import iterjax
+    from iterjax.lab import cli
+
+    assert iterjax.__version__ == importlib.metadata.version("iterjax")
+    with pytest.raises(SystemExit):
+        cli.main(["--version"])
+    assert capsys.readouterr().out.strip() == f"iterjax {iterjax.__version__}"
+
+
+def test_pyproject_states_ranges_and_constraints_pin_them():
+    import tomllib
+
+    root = ROOT.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert all(">=" in d and "==" not in d for d in project["dependencies"])
+    pins = {
+        line.split("==")[0].lower(): line.split("==")[1]
+        for line in (root / "constraints.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    for dep in project["dependencies"]:
+        assert dep.split(">=")[0].lower() in pins, dep
+    # the library's core needs none of the platform's packages
+    core = {d.split(">=")[0] for d in project["dependencies"]}
+    assert not core & {"matplotlib", "scikit-learn", "rich", "pyyaml"}

@@ -6,6 +6,8 @@ import os
 import pathlib
 import sys
 
+import iterjax
+
 from . import config as cfglib
 from . import report
 from .runner import CONFIG_DIR, Interrupted, run_experiment
@@ -32,6 +34,9 @@ def _list_configs():
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="iterjax", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"iterjax {iterjax.__version__}"
     )
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run an experiment (or sweep) from a config file")
