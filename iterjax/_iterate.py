@@ -70,6 +70,12 @@ class AbstractFixedPointSolver(struct.PyTreeNode):
         return jax.tree_util.tree_map(lambda a, b: (a - b) / k.astype(a.dtype), y, y0)
 
 
+def check_solver(owner, solver, name="solver"):
+    """TypeError naming `owner.name` unless `solver` is an iterjax solver."""
+    if not isinstance(solver, AbstractFixedPointSolver):
+        raise TypeError(f"{owner}: `{name}` must be an iterjax solver, got {solver!r}")
+
+
 class _Carry(NamedTuple):
     y: object
     state: object

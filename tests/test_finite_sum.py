@@ -7,24 +7,14 @@ import numpy as np
 import pytest
 
 import iterjax as ij
+from iterjax.experiments import halpern_vs_picard
+from iterjax.experiments.halpern_vs_picard import component
 
 
-def game(n, d=6, seed=0):
-    """T_i(z) = M_i (z - c_i) + c_i, M_i = (I + S_i)^{-1} the resolvent of a skew
-    (bilinear-game) operator: each T_i is nonexpansive, so is their mean."""
-    rng = np.random.default_rng(seed)
-    ms, cs = [], []
-    for _ in range(n):
-        b = rng.normal(size=(d, d)) / np.sqrt(d)
-        s = np.block([[np.zeros((d, d)), b], [-b.T, np.zeros((d, d))]])
-        ms.append(np.linalg.inv(np.eye(2 * d) + s))
-        cs.append(rng.normal(size=2 * d))
-    return jnp.asarray(np.stack(ms)), jnp.asarray(np.stack(cs))
-
-
-def component(y, a, i):
-    m, c = a
-    return m[i] @ (y - c[i]) + c[i]
+def game(n, seed=0):
+    """n resolvents of bilinear games (`halpern_vs_picard`'s), 12-dimensional:
+    each T_i is nonexpansive, so is their mean."""
+    return halpern_vs_picard.game(n, dim=6, sigma_min=0.1, noise=1.0, seed=seed)
 
 
 def exact(a):

@@ -7,6 +7,7 @@ import pytest
 from helpers import ALL_SOLVERS, IDS, PROBLEMS, reference
 
 import iterjax as ij
+from iterjax.experiments.halpern_vs_picard import disjoint_balls
 from iterjax.fixed_point.halpern import anchor_weight
 
 
@@ -292,24 +293,8 @@ def test_krylov_default_tolerance_is_dtype_aware():
 # --- Infeasibility: the infimal displacement vector v and the drifting flag.
 
 
-def _disjoint_balls_douglas_rachford():
-    """The Douglas-Rachford map of two disjoint balls A, B: it has no fixed point,
-    and its iterates drift by v = a* - b*, the closest points' difference."""
-    ca, ra, cb, rb = jnp.array([0.0, 0.0]), 1.0, jnp.array([4.0, 1.0]), 1.5
-
-    def proj(c, r, z):
-        return c + (z - c) * jnp.minimum(1.0, r / jnp.linalg.norm(z - c))
-
-    def dr(z, _):
-        b = proj(cb, rb, z)
-        return z + proj(ca, ra, 2 * b - z) - b
-
-    u = (cb - ca) / jnp.linalg.norm(cb - ca)
-    return dr, (ca + ra * u) - (cb - rb * u)
-
-
 def test_infeasibility_displacement_estimates():
-    dr, v = _disjoint_balls_douglas_rachford()
+    dr, v = disjoint_balls()  # its infimal displacement v in closed form
     y0 = jnp.array([1.0, -2.0])
     solve = lambda s, n: ij.fixed_point(dr, y0, solver=s, atol=1e-10, max_steps=n)
     # Halpern's residual: the accelerated estimate, O(1/k)

@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 from .. import _tree as tu
 from .._checks import check_range
-from .._iterate import AbstractFixedPointSolver
+from .._iterate import AbstractFixedPointSolver, check_solver
 
 
 class RelaxedState(NamedTuple):
@@ -40,10 +40,7 @@ class Relaxed(AbstractFixedPointSolver):
     relaxation: float = 0.5
 
     def __post_init__(self):
-        if not isinstance(self.solver, AbstractFixedPointSolver):
-            raise TypeError(
-                f"Relaxed: `solver` must be an iterjax solver, got {self.solver!r}"
-            )
+        check_solver("Relaxed", self.solver)
         check_range("Relaxed", "relaxation", self.relaxation, 0.0, 2.0, True, True)
 
     def _relaxed(self, fn):

@@ -8,7 +8,7 @@ from flax import struct
 
 from .. import _tree as tu
 from .._checks import check_range
-from .._iterate import AbstractFixedPointSolver, state_at
+from .._iterate import AbstractFixedPointSolver, check_solver, state_at
 
 
 class RestartRule(struct.PyTreeNode):
@@ -89,10 +89,7 @@ class Restarted(AbstractFixedPointSolver):
     rule: RestartRule = RestartRule()
 
     def __post_init__(self):
-        if not isinstance(self.solver, AbstractFixedPointSolver):
-            raise TypeError(
-                f"Restarted: `solver` must be an iterjax solver, got {self.solver!r}"
-            )
+        check_solver("Restarted", self.solver)
 
     def init(self, fn, y0, args):
         inner = self.solver.init(fn, y0, args)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from .. import _tree as tu
 from .._checks import check_range
-from .._iterate import AbstractFixedPointSolver, state_at
+from .._iterate import AbstractFixedPointSolver, check_solver, state_at
 
 
 class SafeguardedState(NamedTuple):
@@ -48,10 +48,7 @@ class Safeguarded(AbstractFixedPointSolver):
     growth: float = 1.0
 
     def __post_init__(self):
-        if not isinstance(self.solver, AbstractFixedPointSolver):
-            raise TypeError(
-                f"Safeguarded: `solver` must be an iterjax solver, got {self.solver!r}"
-            )
+        check_solver("Safeguarded", self.solver)
         check_range("Safeguarded", "growth", self.growth, lo=1.0)
 
     def init(self, fn, y0, args):
