@@ -329,3 +329,52 @@ def test_a_nan_loss_at_a_stationary_point_is_not_converged():
     # a finite loss: converged as before
     ok = ij.argmin(lambda w, t: 0.5 * (w - t) ** 2, jnp.array(0.0), jnp.array(1.0))
     assert bool(ok.converged) and int(ok.result) == 0
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_an_empty_minibatch_is_refused(name):
+    solver = SOLVERS[name]()
+    state = solver.init(jnp.zeros(3), jnp.zeros(4))
+    with pytest.raises(ValueError, match="`inner_batch` is empty"):
+        solver.step(state, jnp.zeros((0,)), jnp.zeros(4))
+    with pytest.raises(ValueError, match="`outer_batch` is empty"):
+        solver.step(state, jnp.zeros(4), {"x": jnp.zeros((0, 4))})
+
+
+def test_saba_index_batches_are_checked():
+    n = 8
+    e = jax.random.normal(jax.random.PRNGKey(3), (n, 4))
+    inner = lambda w, t, idx: q_inner(w, t, jnp.mean(e[idx], 0))
+    outer = lambda w, t, idx: q_outer(w, t, jnp.mean(e[idx], 0))
+    saba = bl.SABA(
+        inner, outer, optax.sgd(0.05), num_inner=n, num_outer=n, inner_lr=0.2
+    )
+    state = saba.init(jnp.zeros(3), jnp.zeros(4))
+    ok = jnp.array([1, 2])
+    with pytest.raises(TypeError, match="`inner_idx` must be integer"):
+        saba.step(state, jnp.array([1.0, 2.0]), ok)
+    with pytest.raises(ValueError, match="`outer_idx` must be a non-empty"):
+        saba.step(state, ok, jnp.zeros((0,), jnp.int32))
+    with pytest.raises(ValueError, match=r"outside \[0, 8\): \[8\]"):
+        saba.step(state, jnp.array([1, 8]), ok)
+    # under jit the indices are not known: out-of-range ones are skipped (the
+    # tables and their means stay consistent) and counted
+    step = jax.jit(saba.step)
+    with_bad, info = step(state, jnp.array([2, 99]), jnp.array([1, -1]))
+    only_good, info_good = step(state, jnp.array([2]), jnp.array([1]))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-15),
+        with_bad,
+        only_good,
+    )
+    assert int(info["skipped"]) == 2 and int(info_good["skipped"]) == 0
+    tables = with_bad.aux[1]
+    for table, mean in [
+        (tables.inner, tables.inner_mean),
+        (tables.outer, tables.outer_mean),
+    ]:
+        jax.tree.map(
+            lambda t, m: np.testing.assert_allclose(jnp.mean(t, 0), m, atol=1e-12),
+            table,
+            mean,
+        )

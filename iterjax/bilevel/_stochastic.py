@@ -68,6 +68,18 @@ class _Stochastic(struct.PyTreeNode):
                 f"{name}: `outer_optimizer` must be an optax.GradientTransformation"
             )
 
+    def _check_batches(self, inner_batch, outer_batch):
+        """An empty minibatch (a leaf with a leading axis of size 0) would move
+        the step and oracle counts but not θ: refuse it, naming the batch."""
+        name = type(self).__name__
+        for what, batch in (("inner_batch", inner_batch), ("outer_batch", outer_batch)):
+            for leaf in jax.tree.leaves(batch):
+                if jnp.ndim(leaf) and jnp.shape(leaf)[0] == 0:
+                    raise ValueError(
+                        f"{name}.step: `{what}` is empty (a leaf of shape "
+                        f"{jnp.shape(leaf)}); every step needs at least one sample"
+                    )
+
     def _outer_update(self, state, direction, w, aux):
         theta, opt_state = optax_step(
             self.outer_optimizer, direction, state.opt_state, state.theta
@@ -116,6 +128,7 @@ class SOBA(_Stochastic):
         return self._init(theta, w0, tu.tree_zeros_like(w0))
 
     def step(self, state, inner_batch=None, outer_batch=None):
+        self._check_batches(inner_batch, outer_batch)
         g, f, rho = self.inner_loss, self.outer_loss, self.inner_lr
         theta, w, v = state.theta, state.w, state.aux
         f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
@@ -156,6 +169,7 @@ class StocBiO(_Stochastic):
         return self._init(theta, w0, tu.tree_zeros_like(w0))
 
     def step(self, state, inner_batch=None, outer_batch=None):
+        self._check_batches(inner_batch, outer_batch)
         g, f, eta = self.inner_loss, self.outer_loss, self.inner_lr
         theta = state.theta
 
@@ -213,6 +227,7 @@ class F2SA(_Stochastic):
         return self._init(theta, w0, (w0, lam))
 
     def step(self, state, inner_batch=None, outer_batch=None):
+        self._check_batches(inner_batch, outer_batch)
         g, f, eta = self.inner_loss, self.outer_loss, self.inner_lr
         theta, z, (y, lam) = state.theta, state.w, state.aux
 
@@ -268,6 +283,7 @@ class AmIGO(_Stochastic):
         return self._init(theta, w0, tu.tree_zeros_like(w0))
 
     def step(self, state, inner_batch=None, outer_batch=None):
+        self._check_batches(inner_batch, outer_batch)
         g, f, eta = self.inner_loss, self.outer_loss, self.inner_lr
         theta = state.theta
 
@@ -285,6 +301,28 @@ class AmIGO(_Stochastic):
         d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
         info = _info(*self.oracles)
         return self._outer_update(state, d_t, w, v), info
+
+
+def _check_indices(name, idx, n):
+    """SABA's index batches: a non-empty 1-D int array; concrete indices must lie
+    in [0, n) (under jit, out-of-range ones are skipped and counted in
+    `info["skipped"]`)."""
+    idx = jnp.asarray(idx) if not isinstance(idx, jax.core.Tracer) else idx
+    if not jnp.issubdtype(idx.dtype, jnp.integer):
+        raise TypeError(f"SABA.step: `{name}` must be integer indices, got {idx.dtype}")
+    if idx.ndim != 1 or idx.shape[0] == 0:
+        raise ValueError(
+            f"SABA.step: `{name}` must be a non-empty 1-D index array, got shape "
+            f"{idx.shape}"
+        )
+    if not isinstance(idx, jax.core.Tracer):
+        bad = (idx < 0) | (idx >= n)
+        if bool(jnp.any(bad)):
+            raise ValueError(
+                f"SABA.step: `{name}` holds indices outside [0, {n}): "
+                f"{idx[bad].tolist()}"
+            )
+    return idx
 
 
 class SabaTables(NamedTuple):
@@ -351,29 +389,35 @@ class SABA(_Stochastic):
         return self._init(theta, w0, (v0, tables))
 
     def step(self, state, inner_idx, outer_idx):
+        inner_idx = _check_indices("inner_idx", inner_idx, self.num_inner)
+        outer_idx = _check_indices("outer_idx", outer_idx, self.num_outer)
         theta, w, (v, tab) = state.theta, state.w, state.aux
         new_in = self._inner_rows(w, theta, v, inner_idx)
         new_out = self._outer_rows(w, theta, outer_idx)
 
         def saga(new, table, mean, idx, n):
-            """(SAGA estimate, updated table, updated mean) of one quantity."""
-            old = table[idx]
-            est = jnp.mean(new, 0) - jnp.mean(old, 0) + mean
+            """(SAGA estimate, updated table, updated mean) of one quantity.
+            Indices outside [0, n) (possible only under jit) are skipped."""
+            valid = (idx >= 0) & (idx < n)
+            shape = (-1,) + (1,) * (table.ndim - 1)
+            old = table.at[idx].get(mode="fill", fill_value=0)
+            new = jnp.where(valid.reshape(shape), new, old)
+            count = jnp.maximum(jnp.sum(valid), 1).astype(table.dtype)
+            est = jnp.sum(new - old, 0) / count + mean
             # Duplicate indices: every copy writes the batch's last value for its
             # row (a scatter of differing values to one row is undefined), and the
             # mean moves by (last new - old) once per distinct row: O(batch) work.
             same = idx[:, None] == idx[None, :]
             pos = jnp.arange(idx.shape[0])
             last = jnp.max(jnp.where(same, pos[None, :], -1), axis=1)
-            is_last = (last == pos).astype(table.dtype)
-            is_last = is_last.reshape((-1,) + (1,) * (table.ndim - 1))
+            is_last = ((last == pos) & valid).astype(table.dtype).reshape(shape)
             mean2 = mean + jnp.sum(is_last * (new - old), 0) / n
             # The written rows depend on the read ones (a NaN row stays NaN, as
             # it has poisoned the mean anyway), so XLA orders the gather before
             # the scatter and updates the table in place; without the dependence
             # it copied every table on every step (6x slower at 900 samples).
             rows = jnp.where(jnp.isnan(old), old, new[last])
-            return est, table.at[idx].set(rows), mean2
+            return est, table.at[idx].set(rows, mode="drop"), mean2
 
         def apply(new, table, mean, idx, n):
             leaves, treedef = jax.tree.flatten(new)
@@ -397,4 +441,8 @@ class SABA(_Stochastic):
         # One inner and one outer batch of gradients, HVPs and cross products, as
         # SOBA (evaluated per sample, to fill the tables).
         info = _info(*self.oracles)
+        skipped = lambda idx, n: jnp.sum((idx < 0) | (idx >= n), dtype=jnp.int32)
+        info["skipped"] = skipped(inner_idx, self.num_inner) + skipped(
+            outer_idx, self.num_outer
+        )
         return self._outer_update(state, d_t, w, (v, tables)), info
