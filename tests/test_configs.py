@@ -405,3 +405,24 @@ def test_bilevel_problems_step_size_unit_bounds_the_inner_hessian(name):
         assert top <= p.L * (1 + 1e-12), (top, p.L)
         if not w.any():  # at w = 0 the bound is tight up to the class count
             assert top >= p.L / classes, (top, p.L)
+
+
+def test_dry_run_validates_and_prints_the_plan_without_running(tmp_path, capsys):
+    code = main(["run", "fixed_point_sweep", "--dry-run", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert code == 0 and not any(tmp_path.iterdir())
+    assert yaml.safe_load(out)["experiment"] == "fixed_point_sweep"
+    assert "# sweep: 160 members in 2 groups" in out and "jax.vmap over" in out
+
+
+def test_config_help_lists_fields_types_defaults(capsys):
+    assert main(["run", "fixed_point_study", "--help", "dim=12"]) == 0
+    out = capsys.readouterr().out
+    assert "| dim | an int | 64 | 12 |" in out
+    assert "| solvers | a list, each a solver" in out
+
+
+def test_out_of_range_values_fail_before_a_run_directory(tmp_path, capsys):
+    code = main(["run", "fixed_point_study", "dim=-5", "--out", str(tmp_path)])
+    assert code == 2 and not any(tmp_path.iterdir())
+    assert "`dim` must be >= 1, got -5" in capsys.readouterr().err

@@ -53,6 +53,13 @@ class Config:
     seed: int = 0
     x64: bool = True
 
+    def __post_init__(self):  # checked before a run directory exists
+        for name in ("dim", "max_steps", "repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.atol < 0:
+            raise ValueError(f"`atol` must be >= 0, got {self.atol}")
+
 
 def _time(f, x, repeats):
     return ij.diagnostics.time_calls({"f": (f, (x,))}, repeats)["f"]

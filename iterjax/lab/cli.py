@@ -6,11 +6,15 @@ import os
 import pathlib
 import sys
 
+import yaml
+
 import iterjax
 
 from . import config as cfglib
 from . import report
-from .runner import CONFIG_DIR, Interrupted, run_experiment
+from . import sweep as sweeplib
+from .runner import CONFIG_DIR, Interrupted, prepare, resolved, run_experiment
+from .tables import markdown_table
 
 
 def describe(path) -> str:
@@ -39,7 +43,22 @@ def main(argv=None):
         "--version", action="version", version=f"iterjax {iterjax.__version__}"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run an experiment (or sweep) from a config file")
+    r = sub.add_parser(
+        "run",
+        help="run an experiment (or sweep) from a config file",
+        add_help=False,
+    )
+    r.add_argument(
+        "-h",
+        "--help",
+        action="store_true",
+        help="this help; with a CONFIG, that config's fields, types and defaults",
+    )
+    r.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, print the resolved config and the sweep plan, run nothing",
+    )
     r.add_argument(
         "config",
         nargs="?",
@@ -74,8 +93,15 @@ def main(argv=None):
         path = report.write(args.dirs, args.out)
         print(f"report in {path}")
         return 0
+    if args.help:
+        if args.config is None:
+            r.print_help()
+            return 0
+        return _config_help(args.config, args.overrides)
     if (args.config is None) == (args.resume is None):
         parser.error("run takes a CONFIG or --resume DIR")
+    if args.dry_run:
+        return _dry_run(args.config, args.overrides, args.smoke)
     try:
         path, summary = run_experiment(
             args.config,
@@ -98,6 +124,49 @@ def main(argv=None):
     print(f"results in {path}")
     if "table" in summary and not args.quiet:
         print(summary["table"])
+    return 0
+
+
+def _config_help(config, overrides):
+    """The fields of CONFIG's experiment: name, type, default, and the value the
+    config (with the overrides) gives."""
+    try:
+        p = prepare(config, overrides)
+    except cfglib.ConfigError as e:
+        print(f"iterjax: {e}", file=sys.stderr)
+        return 2
+    given = cfglib.to_dict(p.cfg)
+    rows = [
+        [name, kind, repr(default), repr(given[name])]
+        for name, kind, default in cfglib.describe_fields(p.module.Config)
+    ]
+    print(f"experiment {p.name} ({p.module.__name__}): {describe_module(p.module)}\n")
+    print(markdown_table(["field", "type", "default", "in this config"], rows))
+    return 0
+
+
+def describe_module(module):
+    doc = (module.__doc__ or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def _dry_run(config, overrides, smoke):
+    """Validate everything a run would, print the resolved config and the sweep
+    plan; compile and write nothing."""
+    try:
+        p = prepare(config, overrides, smoke)
+    except cfglib.ConfigError as e:
+        print(f"iterjax: {e}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(resolved(p), sort_keys=False).rstrip())
+    if p.members is None:
+        print("# one run")
+        return 0
+    plan = sweeplib.groups(p.module, p.members, p.platform.sweep)
+    print(f"# sweep: {len(p.members)} members in {len(plan)} groups")
+    for keys, members in plan:
+        how = f"one jax.vmap over {list(keys)}" if keys else "one run each"
+        print(f"#   {len(members)} members: {how}")
     return 0
 
 

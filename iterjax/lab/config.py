@@ -111,6 +111,8 @@ def _convert(tp, value, where):
 
 
 def _describe(tp):
+    if typing.get_origin(tp) is typing.Annotated:  # spec(kind): a registry name
+        return f"a {typing.get_args(tp)[1]} (name or mapping with `name`)"
     if dataclasses.is_dataclass(tp):
         return f"a mapping of {tp.__name__} fields"
     if typing.get_origin(tp) is Literal:
@@ -145,7 +147,28 @@ def _to_dataclass(cls, value, where):
             and f.default_factory is dataclasses.MISSING
         ):
             _fail(key, "missing required key")
-    return cls(**kwargs)
+    try:  # a Config's own range checks (`__post_init__`) name their key
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(
+            f"config{' key `' + where + '`' if where else ''}: {e}"
+        ) from None
+
+
+def describe_fields(cls) -> list[tuple[str, str, Any]]:
+    """(name, type, default) of every field of a config dataclass: what
+    `iterjax run NAME --help` lists."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    rows = []
+    for f in dataclasses.fields(cls):
+        default = f.default
+        if (
+            default is dataclasses.MISSING
+            and f.default_factory is not dataclasses.MISSING
+        ):
+            default = f.default_factory()
+        rows.append((f.name, _describe(hints[f.name]), to_dict(default)))
+    return rows
 
 
 def to_dict(cfg) -> Any:
