@@ -517,3 +517,76 @@ def test_registered_solver_names_reach_configs(monkeypatch):
         iterjax.lab.register("optimizer", "x", iterjax.Picard)
     with pytest.raises(TypeError, match="dataclass"):
         iterjax.lab.register("solver", "x", lambda: None)
+
+
+# --- A platform that loses nothing: locks, torn rows, failed members, corruption.
+
+
+def test_a_second_process_cannot_resume_a_directory_in_use(toy, tmp_path, monkeypatch):
+    import fcntl
+
+    path = _config(tmp_path, "experiment: toy\nsteps: 5\ncheckpoint_every: 2\n")
+    _interrupt_at_step(monkeypatch, 4)
+    with pytest.raises(runlib.Interrupted) as info:
+        runlib.run_experiment(path, out=tmp_path, quiet=True)
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.EXPERIMENTS, "toy", "toy_experiment")
+    run_dir = info.value.args[0]
+    with open(run_dir / ".lock", "w") as held:  # another process holds the run
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(cfglib.ConfigError, match="in use by another"):
+            runlib.run_experiment(resume=run_dir)
+    _, summary = runlib.run_experiment(resume=run_dir)  # released: it resumes
+    assert summary["metrics"]["loss"] > 0
+
+
+def test_resume_repairs_a_torn_row_and_retries_failed_members(
+    toy, tmp_path, monkeypatch
+):
+    run = toy.run
+
+    def disk_full_once(cfg, workdir):  # member 1 fails the first time only
+        if cfg.seed == 1 and not getattr(disk_full_once, "failed", False):
+            disk_full_once.failed = True
+            raise OSError(28, "No space left on device")
+        return run(cfg, workdir)
+
+    monkeypatch.setattr(toy, "run", disk_full_once)
+    text = "experiment: toy\nsweep: {seeds: 3, vmap: false}\n"
+    run_dir, summary = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)
+    assert list(summary["failed"]) == [1]
+    rows_file = run_dir / "rows-0.jsonl"
+    with open(rows_file, "a") as f:  # the write that the full disk cut short
+        f.write('{"member": 2, "settings": {"se')
+    _, again = runlib.run_experiment(resume=run_dir)
+    assert not again["failed"] and again["members"] == 3
+    lines = rows_file.read_text().splitlines()
+    assert all(json.loads(line) for line in lines)  # no torn line left
+    assert {r["member"]: r["status"] for r in _rows(run_dir)} == {
+        0: "ok",
+        1: "ok",
+        2: "ok",
+    }
+
+
+def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(
+    toy, tmp_path, monkeypatch, capsys
+):
+    path = _config(tmp_path, "experiment: toy\nsteps: 7\ncheckpoint_every: 2\n")
+    full_dir, full = runlib.run_experiment(path, out=tmp_path / "a", quiet=True)
+    _interrupt_at_step(monkeypatch, 6)  # checkpoints 4 and 6 are kept
+    with pytest.raises(runlib.Interrupted) as info:
+        runlib.run_experiment(path, out=tmp_path / "b", quiet=True)
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.EXPERIMENTS, "toy", "toy_experiment")
+    run_dir = info.value.args[0]
+    state = run_dir / "checkpoints" / "6" / "state"
+    for data in [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"]:
+        raw = bytearray(data.read_bytes())  # flip bytes in the array data
+        for i in range(len(raw) // 2, len(raw) // 2 + 8):
+            raw[i] ^= 0xFF
+        data.write_bytes(bytes(raw))
+    _, resumed = runlib.run_experiment(resume=run_dir)
+    assert "checkpoint 6" in capsys.readouterr().err
+    assert resumed["metrics"] == full["metrics"]
+    assert _rows(run_dir) == _rows(full_dir)

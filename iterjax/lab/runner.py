@@ -16,6 +16,7 @@ The reserved top-level config keys (`iterjax.lab.config.Platform`) say how to ru
 
 import contextlib
 import datetime
+import fcntl
 import importlib.metadata
 import json
 import math
@@ -141,7 +142,9 @@ def _run_experiment(
         path, smoke = run_dir / "config.yaml", False
         status = run_dir / "status.json"
         if status.exists() and json.loads(status.read_text())["status"] == "done":
-            return run_dir, json.loads((run_dir / "summary.json").read_text())
+            summary = json.loads((run_dir / "summary.json").read_text())
+            if not summary.get("failed"):  # a sweep's failed members are retried
+                return run_dir, summary
     p = prepare(path, overrides, smoke, values)
     _start(p.platform, compilation_cache)
     mesh = make_mesh(p.platform.mesh)
@@ -151,15 +154,35 @@ def _run_experiment(
         with open(run_dir / "config.yaml", "w") as f:
             yaml.safe_dump(resolved(p), f, sort_keys=False)
     try:
-        if p.members is None:
-            summary = _run_one(p, p.cfg, run_dir, quiet, mesh, resume is not None)
-        else:
-            summary = _run_sweep(p, run_dir, quiet, mesh, resume is not None)
+        with _locked(run_dir):
+            if p.members is None:
+                summary = _run_one(p, p.cfg, run_dir, quiet, mesh, resume is not None)
+            else:
+                summary = _run_sweep(p, run_dir, quiet, mesh, resume is not None)
     except Interrupted:
         raise
     except KeyboardInterrupt:
         raise Interrupted(run_dir) from None
     return run_dir, summary
+
+
+@contextlib.contextmanager
+def _locked(run_dir):
+    """An exclusive lock on the run directory for the run's duration: a second
+    process resuming the same directory gets a clear error instead of
+    interleaving its rows and checkpoints with the first's."""
+    with open(pathlib.Path(run_dir) / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise cfglib.ConfigError(
+                f"{run_dir} is in use by another iterjax process (a run or a "
+                "--resume of it); wait for it to finish"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def resolved(p: Prepared) -> dict:
@@ -208,7 +231,9 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
     pid, nproc = jax.process_index(), jax.process_count()
     primary = pid == 0
     sweep = p.platform.sweep
-    done = {r["member"]: r for r in _read_rows(run_dir)} if resume else {}
+    # A resume keeps the members that finished, and retries the failed ones.
+    rows = _read_rows(run_dir, repair=primary) if resume else []
+    done = {r["member"]: r for r in rows if r["status"] == "ok"}
     rows_file = run_dir / f"rows-{pid}.jsonl"
     workdir = Workdir(run_dir, quiet, mesh=mesh, primary=primary)
     start = time.perf_counter()
@@ -323,13 +348,26 @@ def _row(member, metrics):
     return row
 
 
-def _read_rows(run_dir):
+def _read_rows(run_dir, repair=False):
+    """Each member's last row. A torn last line (a crash or a full disk in the
+    middle of a write) is skipped, and with `repair` cut from its file, so that
+    the rows appended next start on a line of their own."""
     rows = {}
     for path in sorted(pathlib.Path(run_dir).glob("rows-*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
+        text = path.read_text()
+        lines = text.splitlines(keepends=True)
+        for i, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
                 r = json.loads(line)
-                rows[r["member"]] = r
+            except json.JSONDecodeError:
+                if i != len(lines) - 1:
+                    raise
+                if repair:
+                    path.write_text("".join(lines[:-1]))
+                break
+            rows[r["member"]] = r
     return list(rows.values())
 
 

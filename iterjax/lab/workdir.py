@@ -1,12 +1,16 @@
 """The run directory an experiment writes to: metrics, plots, progress, checkpoints."""
 
 import contextlib
+import hashlib
 import json
 import math
 import pathlib
+import sys
 
 import jax
+import jax.numpy as jnp
 import matplotlib.pyplot as plt
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 from rich.progress import BarColumn, Progress, TimeElapsedColumn
@@ -117,19 +121,46 @@ class Workdir:
     # --- checkpoints
 
     def restore(self, state):
-        """`(step, state)` from the latest checkpoint of a resumed run, else
-        `(0, state)`. `state` gives the structure, dtypes and shardings."""
+        """`(step, state)` from the latest good checkpoint of a resumed run, else
+        `(0, state)`. `state` gives the structure, dtypes and shardings.
+
+        A checkpoint that fails to load, or whose contents no longer match the
+        checksum written with it (flipped bytes), is reported on stderr and the
+        previous one is used (the metrics are cut back to it) and the bad one
+        deleted; with none left the run starts over.
+        """
         if self._restored is None:
             return 0, state
-        step = self._restored[0]
-        restored = self._checkpoints().restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(state), meta=ocp.args.JsonRestore()
-            ),
+        manager = self._checkpoints()
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(state),
+                        meta=ocp.args.JsonRestore(),
+                    ),
+                )
+                saved = restored["meta"].get("checksum")
+                if saved is not None and saved != checksum(restored["state"]):
+                    raise ValueError("its contents do not match their checksum")
+            except Exception as e:  # orbax's errors, or ours: try an older one
+                print(
+                    f"iterjax: checkpoint {step} in {self.path} is unusable "
+                    f"({type(e).__name__}: {e}); deleted, falling back to an "
+                    "earlier one",
+                    file=sys.stderr,
+                )
+                manager.delete(step)  # the resumed run saves this step again
+                continue
+            self._truncate_metrics(restored["meta"]["metrics_rows"])
+            return step, restored["state"]
+        print(
+            f"iterjax: no usable checkpoint in {self.path}; starting over",
+            file=sys.stderr,
         )
-        self._rows = restored["meta"]["metrics_rows"]
-        return step, restored["state"]
+        self._truncate_metrics(0)
+        return 0, state
 
     def checkpoint(self, step: int, state, *, force: bool = False) -> bool:
         """Save `state` after `step` when `step` is a multiple of
@@ -142,7 +173,9 @@ class Workdir:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({"metrics_rows": self._rows}),
+                meta=ocp.args.JsonSave(
+                    {"metrics_rows": self._rows, "checksum": checksum(state)}
+                ),
             ),
             force=True,
         )
@@ -162,13 +195,15 @@ class Workdir:
         if not (self.path / "checkpoints").exists():
             return None
         manager = self._checkpoints()
-        step = manager.latest_step()
-        if step is None:
-            return None
-        meta = manager.restore(
-            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
-        )
-        return step, dict(meta["meta"])
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                meta = manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )
+            except Exception:  # unreadable: `restore` says so and goes back further
+                continue
+            return step, dict(meta["meta"])
+        return None
 
     def _truncate_metrics(self, rows):
         path = self.path / "metrics.jsonl"
@@ -184,6 +219,19 @@ class Workdir:
         if self._manager is not None:
             self._manager.close()
             self._manager = None
+
+
+def checksum(state):
+    """SHA-256 of a pytree's array bytes (None where some leaf is not held whole
+    by this process: a multi-host array)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            return None
+        if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()
 
 
 def jsonable(x):
