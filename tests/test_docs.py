@@ -57,6 +57,11 @@ CHECKS = {
         "assert bool(jnp.all(ref == tokens)) and batch.shape == (2, 32)",
         "assert bool(stats.converged) and sampled.shape == (32,)",
     ],
+    5: [  # Halpern converges where Picard cycles; warm starts save steps
+        "assert not bool(picard.converged) and bool(halpern.converged)",
+        "assert int(warm.num_steps.sum()) < int(cold.num_steps.sum())",
+        "assert bool(jnp.all(warm.converged)) and bool(jnp.isfinite(grad(0.5)))",
+    ],
     4: [  # the DEQ trains, and its solves converge
         "assert float(losses[-1][0]) < 0.5 * float(losses[0][0])",
         "assert int(losses[-1][1]) < 100",
