@@ -11,3 +11,7 @@ from .preconditioners import AbstractPreconditioner as AbstractPreconditioner
 from .preconditioners import ChebyshevPreconditioner as ChebyshevPreconditioner
 from .preconditioners import FunctionPreconditioner as FunctionPreconditioner
 from .preconditioners import JacobiPreconditioner as JacobiPreconditioner
+from .stationary import SOR as SOR
+from .stationary import MatrixOperator as MatrixOperator
+from .stationary import Poisson2D as Poisson2D
+from .stationary import optimal_omega as optimal_omega
