@@ -19,7 +19,6 @@ class VRHalpernState(NamedTuple):
     halpern: object  # the Halpern iteration's state on the estimated map
     snapshot: object  # like y: w, where T was last evaluated in full
     t_snapshot: object  # like y: T(w)
-    exact_norm: jax.Array  # shape=(), real: |T(w) - w|, two-norm
     snapshot_step: jax.Array  # shape=(), int32: the step of the last full pass
     key: jax.Array  # PRNG key data for the minibatches
     calls: jax.Array  # shape=(), int32: component evaluations so far
@@ -90,9 +89,8 @@ class VRHalpern(AbstractFixedPointSolver):
         residual = tu.tree_sub(t0, y0)
         halpern = self.halpern.init(lambda *_: t0, y0, args)
         key = jax.random.key_data(jax.random.key(self.seed))
-        norm = tu.two_norm(residual)
         n_calls, zero = jnp.int32(n), jnp.int32(0)
-        return VRHalpernState(residual, halpern, y0, t0, norm, zero, key, n_calls, zero)
+        return VRHalpernState(residual, halpern, y0, t0, zero, key, n_calls, zero)
 
     def step(self, fn, y, args, state):
         n = fn.num_terms
@@ -121,14 +119,12 @@ class VRHalpern(AbstractFixedPointSolver):
             return state.t_snapshot, halpern.residual, state.snapshot
 
         t_w, residual, w = jax.lax.cond(full, snapshot, keep, None)
-        exact_norm = jnp.where(full, tu.two_norm(residual), state.exact_norm)
         calls = state.calls + 2 * batch + jnp.where(full, n, 0)
         return y_next, VRHalpernState(
             residual,
             halpern._replace(residual=residual),
             w,
             t_w,
-            exact_norm,
             jnp.where(full, halpern.steps, state.snapshot_step),
             jax.random.key_data(key),
             calls,
