@@ -569,8 +569,19 @@ def test_resume_repairs_a_torn_row_and_retries_failed_members(
     }
 
 
+def _flip_bytes(data):
+    raw = bytearray(data.read_bytes())
+    for i in range(len(raw) // 2, len(raw) // 2 + 8):
+        raw[i] ^= 0xFF
+    data.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize(
+    "damage, says",
+    [(_flip_bytes, "does not match its SHA-256"), (pathlib.Path.unlink, "missing")],
+)
 def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(
-    toy, tmp_path, monkeypatch, capsys
+    toy, tmp_path, monkeypatch, capsys, damage, says
 ):
     path = _config(tmp_path, "experiment: toy\nsteps: 7\ncheckpoint_every: 2\n")
     full_dir, full = runlib.run_experiment(path, out=tmp_path / "a", quiet=True)
@@ -582,11 +593,9 @@ def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(
     run_dir = info.value.args[0]
     state = run_dir / "checkpoints" / "6" / "state"
     for data in [p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"]:
-        raw = bytearray(data.read_bytes())  # flip bytes in the array data
-        for i in range(len(raw) // 2, len(raw) // 2 + 8):
-            raw[i] ^= 0xFF
-        data.write_bytes(bytes(raw))
+        damage(data)  # the array data
     _, resumed = runlib.run_experiment(resume=run_dir)
-    assert "checkpoint 6" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "checkpoint 6" in err and says in err
     assert resumed["metrics"] == full["metrics"]
     assert _rows(run_dir) == _rows(full_dir)

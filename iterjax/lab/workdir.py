@@ -8,9 +8,7 @@ import pathlib
 import sys
 
 import jax
-import jax.numpy as jnp
 import matplotlib.pyplot as plt
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 from rich.progress import BarColumn, Progress, TimeElapsedColumn
@@ -124,16 +122,20 @@ class Workdir:
         """`(step, state)` from the latest good checkpoint of a resumed run, else
         `(0, state)`. `state` gives the structure, dtypes and shardings.
 
-        A checkpoint that fails to load, or whose contents no longer match the
-        checksum written with it (flipped bytes), is reported on stderr and the
-        previous one is used (the metrics are cut back to it) and the bad one
-        deleted; with none left the run starts over.
+        A checkpoint whose files no longer match the SHA-256 manifest written
+        with it (flipped bytes, a truncated or missing file), or that orbax
+        fails to load, is reported on stderr, deleted, and the previous one is
+        used (the metrics are cut back to it); with none left the run starts
+        over. The manifest is checked before orbax reads anything.
         """
         if self._restored is None:
             return 0, state
         manager = self._checkpoints()
         for step in sorted(manager.all_steps(), reverse=True):
             try:
+                problem = verify_manifest(self._step_dir(step))
+                if problem:
+                    raise ValueError(problem)
                 restored = manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -141,9 +143,6 @@ class Workdir:
                         meta=ocp.args.JsonRestore(),
                     ),
                 )
-                saved = restored["meta"].get("checksum")
-                if saved is not None and saved != checksum(restored["state"]):
-                    raise ValueError("its contents do not match their checksum")
             except Exception as e:  # orbax's errors, or ours: try an older one
                 print(
                     f"iterjax: checkpoint {step} in {self.path} is unusable "
@@ -173,14 +172,17 @@ class Workdir:
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave(
-                    {"metrics_rows": self._rows, "checksum": checksum(state)}
-                ),
+                meta=ocp.args.JsonSave({"metrics_rows": self._rows}),
             ),
             force=True,
         )
         manager.wait_until_finished()
+        if self.primary:
+            write_manifest(self._step_dir(step))
         return True
+
+    def _step_dir(self, step):
+        return self.path / "checkpoints" / str(step)
 
     def _checkpoints(self):
         if self._manager is None:
@@ -221,17 +223,38 @@ class Workdir:
             self._manager = None
 
 
-def checksum(state):
-    """SHA-256 of a pytree's array bytes (None where some leaf is not held whole
-    by this process: a multi-host array)."""
-    digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(state):
-        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-            return None
-        if jax.dtypes.issubdtype(jnp.result_type(leaf), jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
-        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
-    return digest.hexdigest()
+MANIFEST = "iterjax-manifest.json"
+
+
+def _digests(directory):
+    """{relative path: SHA-256} of every file under `directory` but the manifest."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[path.relative_to(directory).as_posix()] = digest
+    return out
+
+
+def write_manifest(directory):
+    """Record the SHA-256 of every file of a finished checkpoint."""
+    (directory / MANIFEST).write_text(json.dumps(_digests(directory), indent=0))
+
+
+def verify_manifest(directory):
+    """None when every file recorded by `write_manifest` is present and unchanged
+    (or when there is no manifest: a checkpoint from an older iterjax), else
+    what is wrong."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    recorded, found = json.loads(path.read_text()), _digests(directory)
+    for name, digest in recorded.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != digest:
+            return f"{name} does not match its SHA-256 in {MANIFEST}"
+    return None
 
 
 def jsonable(x):
