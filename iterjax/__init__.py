@@ -27,6 +27,7 @@ from .fixed_point import Relaxed as Relaxed
 from .fixed_point import Restarted as Restarted
 from .fixed_point import RestartRule as RestartRule
 from .fixed_point import Safeguarded as Safeguarded
+from .fixed_point import Switched as Switched
 from .fixed_point import VRHalpern as VRHalpern
 from .fixed_point import finite_sum_fixed_point as finite_sum_fixed_point
 from .fixed_point import fixed_point as fixed_point

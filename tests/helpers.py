@@ -25,6 +25,7 @@ WRAPPERS = {
     "relaxed": lambda s: ij.Relaxed(s, 0.8),
     "restarted": ij.Restarted,
     "safeguarded": ij.Safeguarded,
+    "switched": lambda s: ij.Switched(ij.Picard(), s, after=6),
 }
 ALL_SOLVERS = [
     *SOLVERS.values(),

@@ -1,4 +1,4 @@
-"""Every wrapper (Relaxed, Restarted, Safeguarded) around every solver, under
+"""Every wrapper (Relaxed, Restarted, Safeguarded, Switched) around every solver, under
 jit, vmap and grad; and what each wrapper does."""
 
 import jax
@@ -119,9 +119,44 @@ def test_safeguard_falls_back_to_picard():
     assert bool(out.converged) and int(out.stats["fallbacks"]) == 0
 
 
+def test_switched_runs_first_then_second():
+    fn, args, y0 = PROBLEMS["slow"]()
+    kw = dict(atol=1e-10, max_steps=3000, trace=True)
+    picard = ij.fixed_point(fn, y0, args, solver=ij.Picard(), **kw)
+    switched = ij.Switched(ij.Picard(), ij.Newton(), after=7)
+    sol = ij.fixed_point(fn, y0, args, solver=switched, **kw)
+    assert int(sol.stats["switched_at"]) == 7
+    np.testing.assert_allclose(sol.trace[:7], picard.trace[:7], rtol=1e-12)
+    # Newton from there: quadratic convergence, a few steps where Picard needs
+    # hundreds
+    assert int(sol.num_steps) <= 7 + 6 and int(picard.num_steps) > 200
+    np.testing.assert_allclose(sol.value, reference(fn, y0, args), atol=1e-9)
+    # `below` switches on the residual instead, at the first step that reaches it
+    early = ij.Switched(ij.Picard(), ij.Newton(), after=10**6, below=1e-2)
+    out = ij.fixed_point(fn, y0, args, solver=early, **kw)
+    two_norms = [
+        float(jnp.linalg.norm(fn(y, args) - y))
+        for y in [y0, *picard_iterates(fn, y0, args, int(out.stats["switched_at"]))]
+    ]
+    assert two_norms[-1] <= 1e-2 < min(two_norms[:-1])
+    # never switched: -1
+    never = ij.Switched(ij.Picard(), ij.Newton(), after=10**6)
+    assert int(ij.fixed_point(fn, y0, args, solver=never).stats["switched_at"]) == -1
+
+
+def picard_iterates(fn, y, args, k):
+    out = []
+    for _ in range(k):
+        y = fn(y, args)
+        out.append(y)
+    return out
+
+
 @pytest.mark.parametrize(
     "make, match",
     [
+        (lambda: ij.Switched(ij.Picard(), ij.Newton(), after=-1), "after"),
+        (lambda: ij.Switched(ij.Picard(), ij.Newton(), below=-1.0), "below"),
         (lambda: ij.Relaxed(ij.Picard(), -0.5), "relaxation"),
         (lambda: ij.Relaxed(ij.Picard(), 2.0), "relaxation"),
         (lambda: ij.RestartRule(sufficient_decay=1.5), "sufficient_decay"),
@@ -137,7 +172,16 @@ def test_bad_hyperparameters_raise(make, match):
         make()
 
 
-@pytest.mark.parametrize("wrapper", [ij.Relaxed, ij.Restarted, ij.Safeguarded])
-def test_wrapping_a_non_solver_raises(wrapper):
-    with pytest.raises(TypeError, match="must be an iterjax solver"):
+@pytest.mark.parametrize(
+    "wrapper, name",
+    [
+        (ij.Relaxed, "solver"),
+        (ij.Restarted, "solver"),
+        (ij.Safeguarded, "solver"),
+        (lambda s: ij.Switched(s, ij.Picard()), "first"),
+        (lambda s: ij.Switched(ij.Picard(), s), "then"),
+    ],
+)
+def test_wrapping_a_non_solver_raises(wrapper, name):
+    with pytest.raises(TypeError, match=f"`{name}` must be an iterjax solver"):
         wrapper("anderson")

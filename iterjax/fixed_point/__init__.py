@@ -15,4 +15,5 @@ from .relaxed import Relaxed as Relaxed
 from .restarted import Restarted as Restarted
 from .restarted import RestartRule as RestartRule
 from .safeguarded import Safeguarded as Safeguarded
+from .switched import Switched as Switched
 from .vr_halpern import VRHalpern as VRHalpern

@@ -6,6 +6,7 @@ import importlib
 import jax
 
 from .. import implicit, linear, sequence
+from .._iterate import AbstractFixedPointSolver
 from ..fixed_point import (
     Anderson,
     Broyden,
@@ -17,6 +18,7 @@ from ..fixed_point import (
     Restarted,
     RestartRule,
     Safeguarded,
+    Switched,
 )
 from .spec import ConfigError, Spec, float_literal
 
@@ -49,6 +51,7 @@ SOLVERS = {
     "relaxed": Relaxed,
     "restarted": Restarted,
     "safeguarded": Safeguarded,
+    "switched": Switched,
 }
 LINEAR_SOLVERS = {
     "cg": linear.CG,
@@ -128,8 +131,9 @@ def _build(kind, spec, where):
                 f"config key `{where}.{key}`: unknown option for {spec.name}; "
                 f"allowed: {sorted(fields)}"
             )
-        if key in ("linear_solver", "solver"):  # a nested spec: a wrapped solver
-            value = build(key, to_spec(key, value, f"{where}.{key}"))
+        nested = _nested_kind(fields[key])
+        if nested:  # a nested spec: a wrapped or a linear solver
+            value = build(nested, to_spec(nested, value, f"{where}.{key}"))
         elif isinstance(fields[key].default, RestartRule):  # its factors, or null
             value = _restart_rule(value, f"{where}.{key}")
         elif isinstance(value, jax.Array):
@@ -159,6 +163,16 @@ def _build(kind, spec, where):
             )
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _nested_kind(field):
+    """ "solver" or "linear_solver" for a field that holds one, else None."""
+    if isinstance(field.type, type):
+        if issubclass(field.type, AbstractFixedPointSolver):
+            return "solver"
+        if issubclass(field.type, linear.AbstractLinearSolver):
+            return "linear_solver"
+    return None
 
 
 def to_spec(kind, value, where) -> Spec:

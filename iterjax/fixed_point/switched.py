@@ -1,0 +1,86 @@
+"""Two solvers in sequence: a cheap one to get close, a fast one to finish."""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from .. import _tree as tu
+from .._checks import check_int, check_range
+from .._iterate import AbstractFixedPointSolver, check_solver, state_at
+
+
+class SwitchedState(NamedTuple):
+    residual: object  # like y: fn(y, args) - y
+    first: object  # the first solver's state
+    then: object  # the second solver's state (rebuilt at y until the switch)
+    switched_at: jax.Array  # shape=(), int32: the step of the switch, -1 before
+    count: jax.Array  # shape=(), int32: steps taken
+
+
+class Switched(AbstractFixedPointSolver):
+    """Runs `first` until it has taken `after` steps or its residual two-norm is
+    at most `below`, then `then` from where it stopped, for good.
+
+    The classical use is a globally convergent but slow iteration followed by a
+    locally fast one: Sinkhorn steps, then Newton steps (Sinkhorn-Newton, Tang
+    et al. 2024, "Accelerating Sinkhorn algorithm with sparse Newton
+    iterations"), or Picard then Anderson. At the switch the second solver's
+    state is built from the known residual (`state_at`): no extra evaluation.
+
+    The choice between the two steps is a `lax.cond`: under `jit` only one runs
+    per step; under `vmap` JAX evaluates both for every lane, so a batched run
+    pays for both solvers' steps.
+
+    Attributes:
+      first, then: the two solvers.
+      after: the most steps `first` takes (>= 0).
+      below: switch as soon as the residual two-norm is at most this (>= 0;
+        0 switches on `after` alone).
+
+    `Solution.stats` holds the second solver's summary and `switched_at`, the
+    step at which it took over (-1 if it never did).
+    """
+
+    first: AbstractFixedPointSolver
+    then: AbstractFixedPointSolver
+    after: int = struct.field(pytree_node=False, default=10)
+    below: float = 0.0
+
+    def __post_init__(self):
+        check_solver("Switched", self.first, "first")
+        check_solver("Switched", self.then, "then")
+        check_int("Switched", "after", self.after, 0)
+        check_range("Switched", "below", self.below, lo=0.0)
+
+    def _switch(self, residual, count):
+        return (count >= self.after) | (tu.two_norm(residual) <= self.below)
+
+    def init(self, fn, y0, args):
+        first = self.first.init(fn, y0, args)
+        then = state_at(self.then, y0, first.residual, args)
+        count = jnp.int32(0)
+        switched_at = jnp.where(self._switch(first.residual, count), 0, -1)
+        return SwitchedState(first.residual, first, then, switched_at, count)
+
+    def step(self, fn, y, args, state):
+        def run_first(_):
+            y_new, first = self.first.step(fn, y, args, state.first)
+            then = state_at(self.then, y_new, first.residual, args)
+            return y_new, first.residual, first, then
+
+        def run_then(_):
+            y_new, then = self.then.step(fn, y, args, state.then)
+            return y_new, then.residual, state.first, then
+
+        y_new, residual, first, then = jax.lax.cond(
+            state.switched_at >= 0, run_then, run_first, None
+        )
+        count = state.count + 1
+        switch = (state.switched_at < 0) & self._switch(residual, count)
+        switched_at = jnp.where(switch, count, state.switched_at).astype(jnp.int32)
+        return y_new, SwitchedState(residual, first, then, switched_at, count)
+
+    def summary(self, state) -> dict:
+        return {**self.then.summary(state.then), "switched_at": state.switched_at}
