@@ -3,6 +3,7 @@
 import importlib.metadata as _metadata
 
 from . import bilevel as bilevel
+from . import classical as classical
 from . import deq as deq
 from . import diagnostics as diagnostics
 from . import linear as linear
@@ -17,6 +18,7 @@ from ._tree import two_norm as two_norm
 from .bilevel import argmin as argmin
 from .bilevel import hypergradient as hypergradient
 from .fixed_point import Anderson as Anderson
+from .fixed_point import Backtracking as Backtracking
 from .fixed_point import Broyden as Broyden
 from .fixed_point import Halpern as Halpern
 from .fixed_point import LazyNewton as LazyNewton

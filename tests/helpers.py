@@ -26,6 +26,7 @@ WRAPPERS = {
     "restarted": ij.Restarted,
     "safeguarded": ij.Safeguarded,
     "switched": lambda s: ij.Switched(ij.Picard(), s, after=6),
+    "backtracking": ij.Backtracking,
 }
 ALL_SOLVERS = [
     *SOLVERS.values(),

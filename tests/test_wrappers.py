@@ -1,4 +1,5 @@
-"""Every wrapper (Relaxed, Restarted, Safeguarded, Switched) around every solver, under
+"""Every wrapper (Relaxed, Restarted, Safeguarded, Switched, Backtracking) around
+every solver, under
 jit, vmap and grad; and what each wrapper does."""
 
 import jax
@@ -144,6 +145,30 @@ def test_switched_runs_first_then_second():
     assert int(ij.fixed_point(fn, y0, args, solver=never).stats["switched_at"]) == -1
 
 
+def test_backtracking_makes_newton_converge_from_far():
+    # Newton on arctan(y) = 0 overshoots from |y0| > 1.39 and diverges; with the
+    # Armijo line search it converges (and takes full steps near the root).
+    # (per lane: the residual of arctan is bounded, so one two-norm over several
+    # starts would let a diverging component hide behind the others)
+    fn = lambda y, a: y - jnp.arctan(y)
+    y0 = jnp.array([2.0, -3.0, 10.0])
+    solve = lambda solver: jax.vmap(
+        lambda y: ij.fixed_point(fn, y, solver=solver, atol=1e-12, max_steps=50)
+    )(y0)
+    assert not np.any(solve(ij.Newton()).converged)
+    sol = solve(ij.Backtracking(ij.Newton()))
+    assert np.all(sol.converged) and np.all(sol.stats["shrinks"] > 0)
+    np.testing.assert_allclose(sol.value, 0.0, atol=1e-12)
+    # a full step that decreases the residual is always taken: as plain Newton
+    near = jnp.array([0.5])
+    a = ij.fixed_point(fn, near, solver=ij.Newton(), atol=1e-12, trace=True)
+    b = ij.fixed_point(
+        fn, near, solver=ij.Backtracking(ij.Newton()), atol=1e-12, trace=True
+    )
+    assert int(b.stats["shrinks"]) == 0 and int(a.num_steps) == int(b.num_steps)
+    np.testing.assert_allclose(a.trace, b.trace, rtol=1e-12)
+
+
 def picard_iterates(fn, y, args, k):
     out = []
     for _ in range(k):
@@ -156,6 +181,9 @@ def picard_iterates(fn, y, args, k):
     "make, match",
     [
         (lambda: ij.Switched(ij.Picard(), ij.Newton(), after=-1), "after"),
+        (lambda: ij.Backtracking(ij.Newton(), shrink=1.0), "shrink"),
+        (lambda: ij.Backtracking(ij.Newton(), max_shrinks=0), "max_shrinks"),
+        (lambda: ij.Backtracking(ij.Newton(), decrease=1.0), "decrease"),
         (lambda: ij.Switched(ij.Picard(), ij.Newton(), below=-1.0), "below"),
         (lambda: ij.Relaxed(ij.Picard(), -0.5), "relaxation"),
         (lambda: ij.Relaxed(ij.Picard(), 2.0), "relaxation"),
@@ -178,6 +206,7 @@ def test_bad_hyperparameters_raise(make, match):
         (ij.Relaxed, "solver"),
         (ij.Restarted, "solver"),
         (ij.Safeguarded, "solver"),
+        (ij.Backtracking, "solver"),
         (lambda s: ij.Switched(s, ij.Picard()), "first"),
         (lambda s: ij.Switched(ij.Picard(), s), "then"),
     ],

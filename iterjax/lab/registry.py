@@ -9,6 +9,7 @@ from .. import implicit, linear, sequence
 from .._iterate import AbstractFixedPointSolver
 from ..fixed_point import (
     Anderson,
+    Backtracking,
     Broyden,
     Halpern,
     LazyNewton,
@@ -52,6 +53,7 @@ SOLVERS = {
     "restarted": Restarted,
     "safeguarded": Safeguarded,
     "switched": Switched,
+    "backtracking": Backtracking,
 }
 LINEAR_SOLVERS = {
     "cg": linear.CG,
