@@ -1,6 +1,7 @@
 """Classical iterations as fixed points: Sinkhorn (entropic optimal transport)
 and Bradley-Terry (rankings from pairwise comparisons)."""
 
+from .bradley_terry import bradley_terry as bradley_terry
 from .sinkhorn import Potentials as Potentials
 from .sinkhorn import marginal_error as marginal_error
 from .sinkhorn import sinkhorn as sinkhorn
