@@ -10,7 +10,7 @@ import scipy.optimize
 from jax.test_util import check_grads
 
 import iterjax as ij
-from iterjax.classical import bradley_terry
+from iterjax.classical import bradley_terry, strongly_connected
 
 CASES = {
     "newman": ("newman", ij.Picard()),
@@ -32,11 +32,8 @@ def _wins(n=12, p=0.6, games=3, spread=1.5, seed=0):
                 if rng.uniform() < p:
                     k = rng.binomial(games, 1 / (1 + np.exp(s[j] - s[i])))
                     w[i, j], w[j, i] = k, games - k
-        try:
-            bradley_terry(w, max_steps=1)
+        if strongly_connected(w):
             return jnp.asarray(w)
-        except ValueError:
-            continue
 
 
 def _scipy_mle(w):
@@ -137,6 +134,12 @@ def test_bad_input_raises(wins, kwargs, match):
 def test_two_groups_that_never_meet_raise():
     w = np.zeros((4, 4))
     w[0, 1] = w[1, 0] = w[2, 3] = w[3, 2] = 1.0
+    assert not strongly_connected(w)
+    w[1, 2] = 1.0  # 1 beat 2, but nobody of {2, 3} beat one of {0, 1}
+    assert not strongly_connected(w)
+    w[3, 0] = 1.0
+    assert strongly_connected(w)
+    w[1, 2] = w[3, 0] = 0.0
     with pytest.raises(ValueError, match=r"players \[2, 3\]"):
         bradley_terry(w)
 

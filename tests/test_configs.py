@@ -190,7 +190,22 @@ def _check_warmstart_sequence(summary):
         assert rows[f"{solver}, warm"]["max_error"] < 1e-3
 
 
+def _check_sinkhorn_newton(summary):
+    for r in summary["rows"]:
+        assert r["converged"] and r["marginal_error"] < 1e-9, r
+    assert summary["smallest_epsilon"]["iterations"] > 5, summary["smallest_epsilon"]
+
+
+def _check_bradley_terry(summary):
+    for r in summary["rows"]:
+        assert r["converged"] and r["max_difference"] < 1e-7, r
+    for density, ratio in summary["zermelo_over_newman"].items():
+        assert ratio > 3, (density, ratio)
+
+
 SMOKE_CHECKS = {
+    "sinkhorn_newton": _check_sinkhorn_newton,
+    "bradley_terry": _check_bradley_terry,
     "warmstart_sequence": _check_warmstart_sequence,
     "halpern_vs_picard": _check_halpern_vs_picard,
     "hpo_sweep": _check_hpo_sweep,

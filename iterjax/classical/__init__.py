@@ -2,6 +2,7 @@
 and Bradley-Terry (rankings from pairwise comparisons)."""
 
 from .bradley_terry import bradley_terry as bradley_terry
+from .bradley_terry import strongly_connected as strongly_connected
 from .sinkhorn import Potentials as Potentials
 from .sinkhorn import marginal_error as marginal_error
 from .sinkhorn import sinkhorn as sinkhorn

@@ -108,6 +108,14 @@ def _check(wins, iteration):
             )
 
 
+def strongly_connected(wins) -> bool:
+    """Whether the directed graph "i beat j" (`wins[i, j] > 0`) is strongly
+    connected: the condition for unique maximum-likelihood scores (concrete
+    `wins` only)."""
+    w = np.asarray(wins)
+    return not (_unreached(w > 0).size or _unreached(w.T > 0).size)
+
+
 def _unreached(adjacency):
     """The nodes not reachable from node 0 along `adjacency` (breadth-first)."""
     seen = np.zeros(len(adjacency), bool)

@@ -40,6 +40,8 @@ EXPERIMENTS = {
     "hpo_sweep": "iterjax.experiments.hpo_sweep",
     "halpern_vs_picard": "iterjax.experiments.halpern_vs_picard",
     "warmstart_sequence": "iterjax.experiments.warmstart_sequence",
+    "sinkhorn_newton": "iterjax.experiments.sinkhorn_newton",
+    "bradley_terry": "iterjax.experiments.bradley_terry",
 }
 
 SOLVERS = {
