@@ -191,3 +191,76 @@ def test_sor_bad_input():
         iterjax_linear.SOR(-0.5)
     with pytest.raises(TypeError, match="splitting"):
         iterjax_linear.SOR(1.0).solve(lambda x: x, jnp.ones(3))
+
+
+# --- Chebyshev semi-iteration.
+
+
+def _poisson_bounds(n):
+    h = 1.0 / (n + 1)
+    return 8 / h**2 * np.sin(np.pi * h / 2) ** 2, 8 / h**2 * np.cos(np.pi * h / 2) ** 2
+
+
+def test_chebyshev_attains_its_worst_case_rate_with_exact_bounds():
+    n = 12
+    pois, _, a = _model_poisson(n)
+    b = jax.random.normal(jax.random.PRNGKey(0), (n, n))
+    lo, hi = _poisson_bounds(n)
+    np.testing.assert_allclose(jnp.linalg.eigvalsh(a)[jnp.array([0, -1])], [lo, hi])
+    rtol = 1e-10
+    x, stats = iterjax_linear.Chebyshev(bounds=(lo, hi), rtol=rtol).solve_with_stats(
+        pois, b
+    )
+    assert bool(stats.converged)
+    exact = jnp.linalg.solve(a, b.ravel()).reshape(n, n)
+    np.testing.assert_allclose(x, exact, atol=1e-9 * float(jnp.max(jnp.abs(exact))))
+    # |r_k| <= 2 q^k / (1 + q^2k) |b|: the steps are at most the bound's, and a
+    # random b (all eigencomponents present) needs nearly all of them
+    q = (np.sqrt(hi / lo) - 1) / (np.sqrt(hi / lo) + 1)
+    bound = np.log(2 / rtol) / np.log(1 / q)
+    steps = int(stats.num_matvecs) - 1
+    assert 0.8 * bound <= steps <= np.ceil(bound) + 1, (steps, bound)
+
+
+def test_chebyshev_with_lanczos_bounds_under_jit_vmap_and_as_adjoint_solver():
+    matvec, b, dense = poisson_1d(n=40, decades=3.0)
+    solver = iterjax_linear.Chebyshev(rtol=1e-11)
+    bs = jnp.stack([b, jnp.arange(40.0)])
+    xs = jax.jit(jax.vmap(lambda b: solver.solve(matvec, b)))(bs)
+    for i in range(2):
+        np.testing.assert_allclose(
+            xs[i], jnp.linalg.solve(dense, bs[i]), rtol=1e-8, atol=1e-12
+        )
+    # the Hessian system of argmin's implicit gradient (SPD)
+    inner = lambda w, th: (
+        0.5 * w @ (dense @ w) * th + jnp.sum(jnp.logaddexp(w, -w)) - jnp.sum(w)
+    )
+    outer = lambda th, adjoint: jnp.sum(
+        ij.argmin(inner, jnp.zeros(40), th, atol=1e-12, adjoint=adjoint).value ** 2
+    )
+    cheb = jax.grad(outer)(1.0, ij.ImplicitAdjoint(solver))
+    cg = jax.grad(outer)(1.0, ij.ImplicitAdjoint(ij.CG(rtol=1e-12)))
+    np.testing.assert_allclose(cheb, cg, rtol=1e-7)
+
+
+def test_chebyshev_diverges_visibly_when_the_bounds_miss_the_spectrum():
+    n = 8
+    pois, _, _ = _model_poisson(n)
+    lo, hi = _poisson_bounds(n)
+    short = iterjax_linear.Chebyshev(bounds=(lo, 0.5 * hi), rtol=1e-10, max_steps=300)
+    _, stats = short.solve_with_stats(pois, jnp.ones((n, n)))
+    assert not bool(stats.converged)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"bounds": (0.0, 1.0)}, "bounds"),
+        ({"bounds": (2.0, 1.0)}, "bounds"),
+        ({"lanczos_steps": 1}, "lanczos_steps"),
+        ({"margin": 0.9}, "margin"),
+    ],
+)
+def test_chebyshev_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        iterjax_linear.Chebyshev(**kwargs)

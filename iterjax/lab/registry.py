@@ -59,6 +59,7 @@ SOLVERS = {
 }
 LINEAR_SOLVERS = {
     "cg": linear.CG,
+    "chebyshev": linear.Chebyshev,
     "gmres": linear.GMRES,
     "bicgstab": linear.BiCGStab,
     "neumann": linear.Neumann,

@@ -2,6 +2,7 @@
 
 from ._base import AbstractLinearSolver as AbstractLinearSolver
 from ._base import LinearStats as LinearStats
+from .chebyshev import Chebyshev as Chebyshev
 from .krylov import CG as CG
 from .krylov import GMRES as GMRES
 from .krylov import BiCGStab as BiCGStab

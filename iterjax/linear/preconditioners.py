@@ -116,21 +116,26 @@ class ChebyshevPreconditioner(AbstractPreconditioner):
         theta, delta = (hi + lo) / 2, (hi - lo) / 2
 
         def apply(r):  # k steps of the Chebyshev iteration on A x = r, x_0 = 0
-            sigma = theta / delta
-            rho = 1 / sigma
-            d = tu.tree_scale(1 / theta, r)
+            d, rho = tu.tree_scale(1 / theta, r), delta / theta
             x, res = d, r
             for _ in range(self.degree):
                 res = tu.tree_sub(res, matvec(d))
-                rho_new = 1 / (2 * sigma - rho)
-                d = tu.tree_add(
-                    tu.tree_scale(rho_new * rho, d),
-                    tu.tree_scale(2 * rho_new / delta, res),
-                )
-                x, rho = tu.tree_add(x, d), rho_new
+                d, rho = chebyshev_direction(d, res, rho, theta, delta)
+                x = tu.tree_add(x, d)
             return x
 
         return apply, self.lanczos_steps, self.degree
+
+
+def chebyshev_direction(d, res, rho, theta, delta):
+    """The next update of the Chebyshev semi-iteration on the interval
+    [θ - δ, θ + δ] (Saad 2003, Algorithm 12.1): `(d_new, ρ_new)` with
+    ρ_new = 1 / (2θ/δ - ρ) and d_new = ρ_new ρ d + (2 ρ_new / δ) res."""
+    rho_new = 1 / (2 * theta / delta - rho)
+    d = tu.tree_add(
+        tu.tree_scale(rho_new * rho, d), tu.tree_scale(2 * rho_new / delta, res)
+    )
+    return d, rho_new
 
 
 def lanczos_bounds(matvec, b, steps):
