@@ -203,7 +203,17 @@ def _check_bradley_terry(summary):
         assert ratio > 3, (density, ratio)
 
 
+def _check_sor_bandit(summary):
+    rows = {r["policy"]: r for r in summary["rows"]}
+    random = rows["uniformly random ω"]["total_iterations"]
+    for name in ("exp3 (plain)", "squarecb (contextual)"):
+        assert rows[name]["total_iterations"] < random, name
+    best = rows["best fixed ω (hindsight)"]["total_iterations"]
+    assert rows["per-instance best ω"]["total_iterations"] <= best
+
+
 SMOKE_CHECKS = {
+    "sor_bandit": _check_sor_bandit,
     "sinkhorn_newton": _check_sinkhorn_newton,
     "bradley_terry": _check_bradley_terry,
     "warmstart_sequence": _check_warmstart_sequence,

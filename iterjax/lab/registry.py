@@ -42,6 +42,7 @@ EXPERIMENTS = {
     "warmstart_sequence": "iterjax.experiments.warmstart_sequence",
     "sinkhorn_newton": "iterjax.experiments.sinkhorn_newton",
     "bradley_terry": "iterjax.experiments.bradley_terry",
+    "sor_bandit": "iterjax.experiments.sor_bandit",
 }
 
 SOLVERS = {

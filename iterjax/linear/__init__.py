@@ -2,6 +2,8 @@
 
 from ._base import AbstractLinearSolver as AbstractLinearSolver
 from ._base import LinearStats as LinearStats
+from .bandit import Exp3 as Exp3
+from .bandit import SquareCB as SquareCB
 from .chebyshev import Chebyshev as Chebyshev
 from .krylov import CG as CG
 from .krylov import GMRES as GMRES
