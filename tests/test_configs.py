@@ -212,7 +212,14 @@ def _check_sor_bandit(summary):
     assert rows["per-instance best ω"]["total_iterations"] <= best
 
 
+def _check_krylov_recycle(summary):
+    for r in summary["rows"]:
+        assert r["converged"] and r["max_difference"] < 1e-6, r
+        assert r["saving"] > 1.0, r
+
+
 SMOKE_CHECKS = {
+    "krylov_recycle": _check_krylov_recycle,
     "sor_bandit": _check_sor_bandit,
     "sinkhorn_newton": _check_sinkhorn_newton,
     "bradley_terry": _check_bradley_terry,

@@ -264,3 +264,78 @@ def test_chebyshev_diverges_visibly_when_the_bounds_miss_the_spectrum():
 def test_chebyshev_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         iterjax_linear.Chebyshev(**kwargs)
+
+
+# --- Krylov recycling.
+
+
+def _darcy_sequence(n=12, count=12, seed=0):
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(2, n, n))
+    params = rng.uniform(-1, 1, (count, 2))
+    ks = np.exp(np.einsum("sc,cij->sij", params, g) * 0.7)
+    return jnp.asarray(ks), params
+
+
+def _poisson_mv(k, x):
+    return iterjax_linear.Poisson2D(k)(x)
+
+
+@pytest.mark.parametrize("warm_start", [True, False])
+def test_recycled_cg_gives_independent_cgs_solutions_in_fewer_products(warm_start):
+    ks, params = _darcy_sequence()
+    order = np.asarray(iterjax_linear.similarity_order(params))
+    ks = ks[order]
+    bs = jnp.asarray(np.random.default_rng(1).normal(size=ks.shape))
+    solver = iterjax_linear.RecycledCG(6, 12, rtol=1e-11, warm_start=warm_start)
+    xs, stats = jax.jit(
+        lambda ks, bs: iterjax_linear.solve_sequence(solver, _poisson_mv, ks, bs)
+    )(ks, bs)
+    assert bool(jnp.all(stats.converged))
+    plain = jax.vmap(
+        lambda k, b: ij.CG(rtol=1e-11).solve_with_stats(lambda v: _poisson_mv(k, v), b)
+    )(ks, bs)
+    scale = float(jnp.max(jnp.abs(plain[0])))
+    np.testing.assert_allclose(xs, plain[0], atol=1e-8 * scale)
+    # the first system is plain CG (+ the products of the empty subspace's
+    # bookkeeping); later ones need fewer
+    assert int(stats.num_matvecs[1:].sum()) < int(plain[1].num_matvecs[1:].sum())
+
+
+def test_recycled_cg_with_the_exact_eigenvectors_deflates_them():
+    # With U = the k lowest eigenvectors, CG runs on the rest of the spectrum:
+    # its steps drop as the condition number λ_max / λ_{k+1} says.
+    n = 10
+    k = jnp.ones((n, n))
+    a = jax.vmap(lambda v: _poisson_mv(k, v.reshape(n, n)).ravel())(jnp.eye(n * n)).T
+    w, v = np.linalg.eigh(np.asarray(a))
+    b = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)))
+    solver = iterjax_linear.RecycledCG(8, 8, rtol=1e-10, warm_start=False)
+    state = iterjax_linear.RecycleState(
+        jnp.asarray(v[:, :8]), jnp.bool_(True), jnp.zeros(n * n)
+    )
+    x, stats, _ = solver.solve(lambda u: _poisson_mv(k, u), b, state)
+    np.testing.assert_allclose(x.ravel(), np.linalg.solve(a, b.ravel()), atol=1e-9)
+    steps = int(stats.num_matvecs) - 8 - 1
+    q = lambda kappa: (np.sqrt(kappa) - 1) / (np.sqrt(kappa) + 1)
+    bound = np.log(2 / 1e-10 * np.sqrt(w[-1] / w[8])) / np.log(1 / q(w[-1] / w[8]))
+    plain = int(
+        ij.CG(rtol=1e-10)
+        .solve_with_stats(lambda u: _poisson_mv(k, u), b)[1]
+        .num_matvecs
+    )
+    assert steps <= bound < plain
+
+
+def test_similarity_order_walks_to_nearest_neighbours():
+    points = jnp.array([[0.0], [5.0], [1.0], [3.0], [2.0], [4.0]])
+    np.testing.assert_array_equal(
+        iterjax_linear.similarity_order(points), [0, 2, 4, 3, 5, 1]
+    )
+
+
+def test_recycled_cg_bad_hyperparameters():
+    with pytest.raises(ValueError, match="stored"):
+        iterjax_linear.RecycledCG(subspace=10, stored=5)
+    with pytest.raises(ValueError, match="subspace"):
+        iterjax_linear.RecycledCG(subspace=0)

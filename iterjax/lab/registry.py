@@ -43,6 +43,7 @@ EXPERIMENTS = {
     "sinkhorn_newton": "iterjax.experiments.sinkhorn_newton",
     "bradley_terry": "iterjax.experiments.bradley_terry",
     "sor_bandit": "iterjax.experiments.sor_bandit",
+    "krylov_recycle": "iterjax.experiments.krylov_recycle",
 }
 
 SOLVERS = {

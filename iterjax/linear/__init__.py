@@ -14,6 +14,10 @@ from .preconditioners import AbstractPreconditioner as AbstractPreconditioner
 from .preconditioners import ChebyshevPreconditioner as ChebyshevPreconditioner
 from .preconditioners import FunctionPreconditioner as FunctionPreconditioner
 from .preconditioners import JacobiPreconditioner as JacobiPreconditioner
+from .recycle import RecycledCG as RecycledCG
+from .recycle import RecycleState as RecycleState
+from .recycle import similarity_order as similarity_order
+from .recycle import solve_sequence as solve_sequence
 from .stationary import SOR as SOR
 from .stationary import MatrixOperator as MatrixOperator
 from .stationary import Poisson2D as Poisson2D

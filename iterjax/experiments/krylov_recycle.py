@@ -1,0 +1,156 @@
+"""Recycled CG over a sequence of Darcy-flow systems, sorted and unsorted.
+
+`systems` Darcy problems -∇·(k∇u) = 1 on an n x n grid, k = exp(a g₁ + b g₂)
+with g₁, g₂ two fixed smooth random fields and (a, b) drawn uniformly from
+[-`contrast`, `contrast`]² per system (the PDE parameters of a data-generation
+run). Each sequence is solved to ‖b - Ax‖ <= `rtol` ‖b‖ by independent CG and by
+`RecycledCG` with recycled subspaces of the `subspaces` dimensions (stored
+directions: twice that), in the drawn order and in SKR's order (a greedy
+nearest-neighbour tour of (a, b)). Reported: operator products in all
+(recycling counts its k products for A U and the warm start's), the ratio to
+independent CG, and the largest difference of the solutions. The seed's claim
+(SKR, Krylov subspace recycling for neural-operator data): up to 13.9x fewer
+products on sorted sequences.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from iterjax.lab.tables import markdown_table  # noqa: E402
+from iterjax.linear import (  # noqa: E402
+    CG,
+    Poisson2D,
+    RecycledCG,
+    similarity_order,
+    solve_sequence,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    grid: int = 64
+    systems: int = 100
+    contrast: float = 1.0
+    smoothing: int = 4  # the fields' box-filter width
+    subspaces: tuple[int, ...] = (20, 40)
+    rtol: float = 1e-8
+    seed: int = 0
+    x64: bool = True
+
+    def __post_init__(self):  # checked before a run directory exists
+        for name in ("grid", "systems", "smoothing"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if not self.subspaces or min(self.subspaces) < 1:
+            raise ValueError(f"`subspaces` must be >= 1, got {self.subspaces}")
+        if self.contrast < 0 or self.rtol <= 0:
+            raise ValueError("`contrast` must be >= 0 and `rtol` > 0")
+
+
+def smooth_field(n, width, rng):
+    """White noise smoothed by a width x width box filter, mean 0, variance 1."""
+    g = rng.normal(size=(n + width, n + width))
+    c = np.pad(np.cumsum(np.cumsum(g, 0), 1), ((1, 0), (1, 0)))
+    w = width
+    box = (c[w:, w:] - c[:-w, w:] - c[w:, :-w] + c[:-w, :-w])[:n, :n]
+    return (box - box.mean()) / box.std()
+
+
+def darcy_sequence(cfg):
+    """(coefficients (N, n, n), parameters (N, 2))."""
+    rng = np.random.default_rng(cfg.seed)
+    g = np.stack([smooth_field(cfg.grid, cfg.smoothing, rng) for _ in range(2)])
+    params = rng.uniform(-cfg.contrast, cfg.contrast, (cfg.systems, 2))
+    return jnp.asarray(np.exp(np.einsum("sc,cij->sij", params, g))), params
+
+
+def _matvec(k, x):
+    return Poisson2D(k)(x)
+
+
+def run(cfg: Config, workdir) -> dict:
+    jax.config.update("jax_enable_x64", cfg.x64)
+    ks, params = darcy_sequence(cfg)
+    bs = jnp.ones_like(ks)
+    orders = {
+        "drawn": np.arange(cfg.systems),
+        "sorted": np.asarray(similarity_order(params)),
+    }
+    independent = jax.jit(
+        jax.vmap(
+            lambda k, b: CG(rtol=cfg.rtol).solve_with_stats(lambda v: _matvec(k, v), b)
+        )
+    )
+    rows, per_system = [], {}
+    total = len(orders) * (1 + len(cfg.subspaces))
+    with workdir.progress(total, "solving") as advance:
+        for order_name, order in orders.items():
+            K = ks[order]
+            ref, ref_stats = independent(K, bs)
+            plain = int(ref_stats.num_matvecs.sum())
+            per_system[(order_name, "CG")] = np.asarray(ref_stats.num_matvecs)
+            advance()
+            for k in cfg.subspaces:
+                solver = RecycledCG(k, 2 * k, rtol=cfg.rtol)
+                xs, stats = jax.jit(
+                    lambda K, b, s=solver: solve_sequence(s, _matvec, K, b)
+                )(K, bs)
+                products = int(stats.num_matvecs.sum())
+                per_system[(order_name, f"recycled k={k}")] = np.asarray(
+                    stats.num_matvecs
+                )
+                scale = float(jnp.max(jnp.abs(ref)))
+                row = dict(
+                    order=order_name,
+                    subspace=k,
+                    products=products,
+                    independent_cg=plain,
+                    saving=plain / products,
+                    converged=bool(jnp.all(stats.converged)),
+                    max_difference=float(jnp.max(jnp.abs(xs - ref))) / scale,
+                )
+                workdir.log(**row)
+                rows.append(row)
+                advance()
+    _plot(cfg, per_system, workdir)
+    head = ["order", "k", "products", "independent CG", "saving", "converged"]
+    body = [
+        [
+            r["order"],
+            r["subspace"],
+            r["products"],
+            r["independent_cg"],
+            f"{r['saving']:.2f}x",
+            r["converged"],
+        ]
+        for r in rows
+    ]
+    diff = max(r["max_difference"] for r in rows)
+    text = (
+        markdown_table(head, body)
+        + f"\n\nlargest relative difference from independent CG's solutions: {diff:.1e}"
+    )
+    return {"rows": rows, "table": text}
+
+
+def _plot(cfg, per_system, workdir):
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
+    for ax, order in zip(axes, ("drawn", "sorted"), strict=True):
+        for (o, name), counts in per_system.items():
+            if o == order:
+                ax.plot(np.arange(1, len(counts) + 1), counts, label=name, lw=1)
+        ax.set(
+            xlabel="system in the sequence",
+            title=f"{order} order ({cfg.grid} x {cfg.grid} Darcy, rtol {cfg.rtol:g})",
+        )
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("operator products")
+    fig.tight_layout()
+    workdir.savefig(fig, "krylov_recycle.png")
