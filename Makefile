@@ -48,6 +48,7 @@ bench: $(PEERS) $(TORCH)
 	$(PY) benchmarks/deq.py
 	$(PY) benchmarks/bilevel.py
 	$(PY) benchmarks/sweep.py
+	$(PY) benchmarks/linear.py
 
 clean:
 	rm -rf .venv .venv-torch runs build *.egg-info

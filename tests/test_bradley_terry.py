@@ -65,9 +65,20 @@ def test_scores_are_the_maximum_likelihood(name):
     np.testing.assert_allclose(s, _scipy_mle(w), atol=1e-6)
 
 
+def test_two_players_cycle_under_picard_and_converge_by_default():
+    # Newman's simultaneous update reflects log(π_0/π_1) about the answer log 2
+    w = jnp.array([[0.0, 2.0], [1.0, 0.0]])
+    plain = bradley_terry(w, solver=ij.Picard(), atol=1e-12, max_steps=100)
+    assert not bool(plain.converged)
+    for solver in (ij.Anderson(), ij.Relaxed(ij.Picard(), 0.5)):
+        sol = bradley_terry(w, solver=solver, atol=1e-12)
+        assert bool(sol.converged)
+        np.testing.assert_allclose(sol.value, [np.log(2) / 2, -np.log(2) / 2])
+
+
 def test_newman_takes_fewer_steps_than_zermelo():
     w = _wins(30, p=0.2, spread=2.0, seed=1)
-    kw = dict(atol=1e-10, max_steps=100000)
+    kw = dict(atol=1e-10, max_steps=100000, solver=ij.Picard())
     newman = bradley_terry(w, iteration="newman", **kw)
     zermelo = bradley_terry(w, iteration="zermelo", **kw)
     assert 3 * int(newman.num_steps) < int(zermelo.num_steps)
@@ -81,6 +92,7 @@ def test_same_scores_as_choix(iteration):
     data = [(i, j) for i in range(n) for j in range(n) for _ in range(int(w[i, j]))]
     reference = choix.ilsr_pairwise(n, data, tol=1e-14)
     sol = bradley_terry(w, iteration=iteration, atol=1e-12, max_steps=10000)
+    assert bool(sol.converged)
     np.testing.assert_allclose(sol.value, reference - reference.mean(), atol=1e-8)
 
 

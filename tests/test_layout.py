@@ -129,3 +129,34 @@ def test_pyproject_states_ranges_and_constraints_pin_them():
     # the library's core needs none of the platform's packages
     core = {d.split(">=")[0] for d in project["dependencies"]}
     assert not core & {"matplotlib", "scikit-learn", "rich", "pyyaml"}
+
+
+def test_the_core_runs_without_the_platforms_dependencies():
+    # A solver-only install (no `lab` extra) has no matplotlib or scikit-learn:
+    # importing iterjax and solving must not need them, nor the platform. (rich,
+    # pyyaml and orbax come with flax, scipy with jax, chex with optax: the
+    # core's own dependencies pull them in.)
+    import subprocess
+    import sys
+
+    script = """
+import importlib.abc, sys
+BLOCKED = ("matplotlib", "sklearn")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+import jax.numpy as jnp
+import iterjax
+sol = iterjax.fixed_point(lambda y, a: jnp.cos(y), jnp.array(1.0), atol=1e-6)
+_, ys = iterjax.scan(lambda h, x: (0.5 * h + x, h), jnp.zeros(()), jnp.ones(8))
+s = iterjax.classical.bradley_terry(jnp.array([[0.0, 2.0], [1.0, 0.0]]))
+assert bool(sol.converged) and bool(s.converged), (sol, s)
+assert not any(m.startswith(("iterjax.lab", "iterjax.experiments")) for m in sys.modules)
+print("ok")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
