@@ -6,7 +6,7 @@ TORCH   := .venv-torch/.installed-torch-2.13.0-torchdeq-0.1.0
 CONFIG  ?= fixed_point_study
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test lint format bench smoke clean
+.PHONY: run test lint format bench smoke docs clean
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv .venv
@@ -51,4 +51,8 @@ bench: $(PEERS) $(TORCH)
 	$(PY) benchmarks/linear.py
 
 clean:
-	rm -rf .venv .venv-torch runs build *.egg-info
+	rm -rf .venv .venv-torch runs build site *.egg-info
+
+# The API reference site, offline: site/index.html.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict

@@ -15,7 +15,7 @@ class EvalCounter:
     `jit`, inside `while_loop`s and Krylov solvers, and per element under `vmap`
     (each batch element counts). Only for measurement: the callbacks cost time.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> counter = iterjax.diagnostics.EvalCounter(lambda y, a: jnp.cos(y))
       >>> sol = iterjax.fixed_point(counter.fn, jnp.array(1.0), solver=iterjax.Picard())

@@ -153,7 +153,8 @@ sol = iterjax.fixed_point(lambda y, a: jnp.cos(y), jnp.array(1.0), atol=1e-6)
 _, ys = iterjax.scan(lambda h, x: (0.5 * h + x, h), jnp.zeros(()), jnp.ones(8))
 s = iterjax.classical.bradley_terry(jnp.array([[0.0, 2.0], [1.0, 0.0]]))
 assert bool(sol.converged) and bool(s.converged), (sol, s)
-assert not any(m.startswith(("iterjax.lab", "iterjax.experiments")) for m in sys.modules)
+platform = ("iterjax.lab", "iterjax.experiments")
+assert not any(m.startswith(platform) for m in sys.modules)
 print("ok")
 """
     out = subprocess.run(

@@ -94,7 +94,7 @@ def argmin(
     Returns:
       A `Solution`; `value` is w*, `residual` the norm of ∇_w g(w*).
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, iterjax
       >>> X = jnp.array([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
       >>> y = jnp.array([1.0, 2.0, 3.0])

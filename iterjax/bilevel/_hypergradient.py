@@ -330,7 +330,7 @@ def hypergradient(
       `value`, `w`, `cost`, `converged`, `result`. Works under `jit` and `vmap`
       (over theta or w0).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> inner = lambda w, t: jnp.sum((w - 1.0) ** 2) + jnp.exp(t) * jnp.sum(w**2)
       >>> outer = lambda w, t: jnp.sum((w - 0.8) ** 2)

@@ -30,7 +30,7 @@ class ContractiveDense(nnx.Module):
       param_dtype: dtype of the parameters.
       rngs: `nnx.Rngs`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> from flax import nnx
       >>> cell = iterjax.deq.ContractiveDense(3, 5, gamma=0.5, rngs=nnx.Rngs(0))

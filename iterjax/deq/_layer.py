@@ -32,7 +32,7 @@ class DEQ(nnx.Module):
     `deq.jacobian_penalty(x, z, key)` and `deq.fixed_point_correction(x, z)` apply
     the stabilisers of the same names to the cell at input x.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, iterjax
       >>> from flax import nnx
       >>> class Cell(nnx.Module):

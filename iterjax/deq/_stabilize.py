@@ -43,7 +43,7 @@ def jacobian_penalty(fn, z, key, *, num_samples: int = 1):
     Returns:
       A scalar of z's dtype.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, iterjax
       >>> W = jnp.array([[0.5, 0.0], [0.0, 0.5]])
       >>> p = iterjax.deq.jacobian_penalty(lambda z: W @ z, jnp.zeros(2),
@@ -92,7 +92,7 @@ def fixed_point_correction(fn, z, *, steps: int = 3, damping: float = 1.0):
     Returns:
       A pytree like z whose leaves have a new leading axis of length k.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> zs = iterjax.deq.fixed_point_correction(lambda z: 0.5 * z + 1.0,
       ...                                         jnp.array([2.0]), steps=2)

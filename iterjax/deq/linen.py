@@ -28,7 +28,7 @@ class DEQ(nn.Module):
 
     Call `deq(x, z0)`; `return_solution=True` also returns the `Solution`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, flax.linen as nn, iterjax
       >>> class Cell(nn.Module):
       ...     @nn.compact

@@ -58,7 +58,7 @@ def fixed_point(
       A `Solution`: `value`, `converged`, `num_steps`, `residual` (the norm of
       fn(value) - value), `result`, `trace`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> sol = iterjax.fixed_point(lambda y, a: a * jnp.tanh(y) + 1.0,
       ...                           jnp.zeros(3), jnp.array(0.5))
@@ -103,7 +103,7 @@ def root(
     the default, and `Broyden` are invariant to the sign). `Solution.residual` is
     the norm of F(value). Arguments as in `fixed_point`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> sol = iterjax.root(lambda y, a: y**2 - a, jnp.array(1.0), jnp.array(2.0))
       >>> round(float(sol.value), 6)
@@ -153,7 +153,7 @@ def finite_sum_fixed_point(
     with a full pass); `stats["component_calls"]` counts every component
     evaluation. Other arguments as in `fixed_point`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> c = jnp.arange(100.0)
       >>> fn = lambda y, c, i: 0.5 * y + c[i]   # T(y) = y/2 + mean(c)

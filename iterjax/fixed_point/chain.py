@@ -53,7 +53,7 @@ def fixed_point_chain(
       A `Solution` whose fields have a leading axis T: `value[t]` solves problem
       t, `num_steps[t]` its steps (`num_steps.sum()` the chain's total).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> fn = lambda y, a, x: 0.5 * jnp.cos(y) + x      # y_t = 0.5 cos(y_t) + x_t
       >>> xs = jnp.linspace(0.0, 1.0, 50)

@@ -55,7 +55,7 @@ class Halpern(AbstractFixedPointSolver):
       restart: a `RestartRule`, or None for one epoch anchored at y_0 (with
         `contraction=1.0`, the textbook iteration).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> sol = iterjax.fixed_point(lambda y, a: jnp.cos(y), jnp.array(1.0),
       ...                           solver=iterjax.Halpern(), atol=1e-10)

@@ -39,7 +39,7 @@ class LazyNewton(AbstractFixedPointSolver):
     Attributes:
       jacobian_every: d >= 1.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> sol = iterjax.root(lambda y, a: y**3 - a, jnp.array([1.0]), 8.0,
       ...                    solver=iterjax.LazyNewton(3), atol=1e-12)

@@ -41,7 +41,7 @@ class OptaxSolver(AbstractFixedPointSolver):
     Attributes:
       optimizer: an `optax.GradientTransformation` (e.g. `optax.adam(1e-2)`).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, optax, iterjax
       >>> sol = iterjax.argmin(lambda w, t: jnp.sum((w - t) ** 2), jnp.zeros(2),
       ...                      jnp.array([1.0, 2.0]),

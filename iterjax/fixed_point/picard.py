@@ -22,7 +22,7 @@ class Picard(AbstractFixedPointSolver):
     Attributes:
       damping: β in (0, 1].
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> sol = iterjax.fixed_point(lambda y, a: jnp.cos(y), jnp.array(1.0),
       ...                           solver=iterjax.Picard(), atol=1e-8)

@@ -27,7 +27,7 @@ class Relaxed(AbstractFixedPointSolver):
       solver: the wrapped solver.
       relaxation: ω in (0, 2).
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> rotation = lambda y, a: jnp.stack([-y[1], y[0]])  # Picard cycles
       >>> solver = iterjax.Relaxed(iterjax.Picard(), 0.5)

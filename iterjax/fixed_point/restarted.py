@@ -76,7 +76,7 @@ class Restarted(AbstractFixedPointSolver):
       solver: the wrapped solver.
       rule: a `RestartRule`.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> solver = iterjax.Restarted(iterjax.Anderson(5))
       >>> sol = iterjax.fixed_point(lambda y, a: jnp.cos(y), jnp.array(1.0),

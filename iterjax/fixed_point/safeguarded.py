@@ -35,7 +35,7 @@ class Safeguarded(AbstractFixedPointSolver):
       solver: the wrapped solver.
       growth: the largest accepted ratio |r'| / |r|, >= 1.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> solver = iterjax.Safeguarded(iterjax.Anderson(5))
       >>> sol = iterjax.fixed_point(lambda y, a: jnp.cos(y), jnp.array(1.0),

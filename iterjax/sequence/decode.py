@@ -111,7 +111,7 @@ def jacobi_decode(
       `(tokens, stats)`: the generated tokens [num_tokens] (dtype of `prompt`) and
       a `DecodeStats`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, iterjax
       >>> logits_fn = lambda t: jax.nn.one_hot((3 * t + 1) % 7, 7)  # next = 3t+1 mod 7
       >>> tokens, stats = iterjax.jacobi_decode(logits_fn, jnp.array([2]), 6)

@@ -27,7 +27,7 @@ class DEER(AbstractSequenceMethod):
       damping: k in [0, 1): use A_t = (1 - k) J_t. k > 0 trades the quadratic rate
         for stability on chaotic or very long sequences.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> f = lambda h, x: (jnp.tanh(0.9 * h + x), h)
       >>> h, _ = iterjax.scan(f, jnp.zeros(3), jnp.ones((1000, 3)),

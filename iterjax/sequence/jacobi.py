@@ -12,7 +12,7 @@ class Jacobi(AbstractSequenceMethod):
     first k positions are exact (causality); contractive cells converge in a number
     of sweeps set by the contraction rate, not by T.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> f = lambda h, x: (0.5 * jnp.tanh(h) + x, h)
       >>> h, _ = iterjax.scan(f, jnp.zeros(2), jnp.ones((100, 2)),

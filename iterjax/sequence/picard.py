@@ -24,7 +24,7 @@ class Picard(AbstractSequenceMethod):
     Attributes:
       window: steps evaluated per sweep (>= 1), or None for the whole sequence.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, iterjax
       >>> euler = lambda h, dt: (h + dt * jnp.cos(h), h)   # dh/dt = cos(h)
       >>> h, _ = iterjax.scan(euler, jnp.zeros(1), jnp.full(64, 1 / 64),
