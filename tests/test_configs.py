@@ -254,6 +254,21 @@ def _write(tmp_path, text):
         ("experiment: nope\n", [], "unknown experiment 'nope'"),
         ("experiment: fixed_point_study\ndimm: 3\n", [], "`dimm`: unknown key"),
         ("experiment: fixed_point_study\ndim: three\n", [], "`dim`: expected an int"),
+        (
+            "experiment: jacobi_rnn\nlengths: [64, 0]\n",
+            [],
+            r"`lengths\[1\]`: must be >= 1",
+        ),
+        (
+            "experiment: deq_digits\ntrain: {lr: -1.0}\n",
+            [],
+            r"`train.lr`: must be > 0.0",
+        ),
+        (
+            "experiment: hpo_logreg\nval_fraction: 1.5\n",
+            [],
+            "`val_fraction`: must be <= 1.0",
+        ),
         ("experiment: fixed_point_study\ndim: 3.5\n", [], "`dim`: expected an int"),
         ("experiment: fixed_point_study\natol: yes\n", [], "`atol`: expected a number"),
         (
@@ -450,11 +465,11 @@ def test_dry_run_validates_and_prints_the_plan_without_running(tmp_path, capsys)
 def test_config_help_lists_fields_types_defaults(capsys):
     assert main(["run", "fixed_point_study", "--help", "dim=12"]) == 0
     out = capsys.readouterr().out
-    assert "| dim | an int | 64 | 12 |" in out
+    assert "| dim | an int >= 1 | 64 | 12 |" in out
     assert "| solvers | a list, each a solver" in out
 
 
 def test_out_of_range_values_fail_before_a_run_directory(tmp_path, capsys):
     code = main(["run", "fixed_point_study", "dim=-5", "--out", str(tmp_path)])
     assert code == 2 and not any(tmp_path.iterdir())
-    assert "`dim` must be >= 1, got -5" in capsys.readouterr().err
+    assert "`dim`: must be >= 1, got -5" in capsys.readouterr().err

@@ -25,20 +25,21 @@ import optax
 import iterjax as ij
 from iterjax import bilevel as bl
 from iterjax.fixed_point.optax_solver import optax_init, optax_step
+from iterjax.lab.spec import Count, NonNegative, Positive
 
 
 @dataclasses.dataclass(frozen=True)
 class Solver:
     name: Literal["implicit", "soba", "saba", "amigo", "stocbio", "f2sa"]
-    outer_lr: float = 1.0  # sgd on θ (implicit: Adam at a tenth of it)
-    inner_lr: float = 0.5
-    inner_steps: int = 5  # amigo, stocbio, f2sa
-    lam: float = 10.0  # f2sa: λ_0, grown by lam_growth per step to lam_max
-    lam_growth: float = 0.01
-    lam_max: float = 1000.0
+    outer_lr: Positive = 1.0  # sgd on θ (implicit: Adam at a tenth of it)
+    inner_lr: Positive = 0.5
+    inner_steps: Count = 5  # amigo, stocbio, f2sa
+    lam: Positive = 10.0  # f2sa: λ_0, grown by lam_growth per step to lam_max
+    lam_growth: NonNegative = 0.01
+    lam_max: Positive = 1000.0
     # implicit: the inner Newton-CG's forcing and the adjoint CG's tolerance
     forcing: Literal["fixed", "superlinear", "eisenstat-walker"] = "fixed"
-    cg_rtol: float = 1e-6
+    cg_rtol: Positive = 1e-6
 
 
 class Problem(NamedTuple):

@@ -13,6 +13,7 @@ faster in some cases.
 """
 
 import dataclasses
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,10 @@ import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.classical import bradley_terry, strongly_connected  # noqa: E402
+from iterjax.lab.spec import Count, NonNegative, Positive, Range  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
+
+Density = Annotated[float, Range(lo=0.0, hi=1.0, lo_open=True)]
 
 METHODS = {
     "zermelo": ("zermelo", ij.Picard()),
@@ -36,24 +40,19 @@ METHODS = {
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    players: int = 300
-    densities: tuple[float, ...] = (1.0, 0.3, 0.1, 0.05)
-    games: int = 4
-    spread: float = 1.0
-    atol: float = 1e-10
-    max_steps: int = 100000
-    repeats: int = 5  # timed calls per solve (the median is reported)
+    players: Count = 300
+    densities: tuple[Density, ...] = (1.0, 0.3, 0.1, 0.05)
+    games: Count = 4
+    spread: NonNegative = 1.0
+    atol: Positive = 1e-10
+    max_steps: Count = 100000
+    repeats: Count = 5  # timed calls per solve (the median is reported)
     seed: int = 0
     x64: bool = True
 
     def __post_init__(self):  # checked before a run directory exists
-        for name in ("players", "games", "max_steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if not self.densities or not all(0 < d <= 1 for d in self.densities):
-            raise ValueError(f"`densities` must be in (0, 1], got {self.densities}")
-        if self.spread < 0 or self.atol <= 0:
-            raise ValueError("`spread` must be >= 0 and `atol` > 0")
+        if not self.densities:
+            raise ValueError("`densities` must not be empty")
 
 
 def comparisons(players, density, games, spread, seed, tries=100):

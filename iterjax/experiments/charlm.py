@@ -18,24 +18,26 @@ import numpy as np
 import optax
 from flax import nnx
 
+from iterjax.lab.spec import Count, NonNegative, Positive
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    context: int = 128
-    dim: int = 96
-    layers: int = 3
-    heads: int = 4
+    context: Count = 128
+    dim: Count = 96
+    layers: Count = 3
+    heads: Count = 4
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 2000
-    batch: int = 32
-    lr: float = 3e-3
+    steps: Count = 2000
+    batch: Count = 32
+    lr: Positive = 3e-3
     warmup: int = 100
-    weight_decay: float = 0.01
-    eval_every: int = 250
-    eval_batches: int = 8
+    weight_decay: NonNegative = 0.01
+    eval_every: Count = 250
+    eval_batches: Count = 8
     max_chars: int = 0  # 0: every play; else the first max_chars characters
     seed: int = 0
 

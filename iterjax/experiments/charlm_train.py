@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments import charlm  # noqa: E402
+from iterjax.lab.spec import Count  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Config:
     model: charlm.ModelConfig = charlm.ModelConfig()
     train: charlm.TrainConfig = charlm.TrainConfig()
     prompt: str = "ROMEO:\nBut soft, what light"
-    sample_tokens: int = 64
+    sample_tokens: Count = 64
 
 
 def train(cfg_model, cfg_train, workdir, progress_label="training"):

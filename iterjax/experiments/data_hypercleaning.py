@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits
 
 from iterjax.experiments import bilevel_runs as runs  # noqa: E402
+from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 CLASSES = 10
@@ -39,13 +40,13 @@ CLASSES = 10
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    train_size: int = 1000
-    val_size: int = 300
-    corruption: float = 0.5
+    train_size: Count = 1000
+    val_size: Count = 300
+    corruption: Fraction = 0.5
     l2: float = 1e-3
-    batch: int = 64
-    budget: float = 2e6  # per-sample oracle calls per solver
-    evals: int = 40  # evaluation points along the budget
+    batch: Count = 64
+    budget: Positive = 2e6  # per-sample oracle calls per solver
+    evals: Count = 40  # evaluation points along the budget
     # Step sizes tuned by hpo_sweep (configs/data_hypercleaning.yaml says how).
     solvers: tuple[runs.Solver, ...] = (
         runs.Solver("implicit", outer_lr=10.0),

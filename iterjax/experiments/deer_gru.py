@@ -35,28 +35,29 @@ import iterjax as ij  # noqa: E402
 from iterjax.experiments import cells  # noqa: E402
 from iterjax.lab.config import Spec, spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
+from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     # 1. long sequences
-    dims: tuple[int, ...] = (16, 64)
-    lengths: tuple[int, ...] = (1024, 4096, 16384)
-    input_dim: int = 4
-    atol: float = 1e-6
-    lazy: tuple[int, ...] = (1, 2, 3, 4)  # jacobian_every of the lazy rows
+    dims: tuple[Count, ...] = (16, 64)
+    lengths: tuple[Count, ...] = (1024, 4096, 16384)
+    input_dim: Count = 4
+    atol: Positive = 1e-6
+    lazy: tuple[Count, ...] = (1, 2, 3, 4)  # jacobian_every of the lazy rows
     lazy_methods: tuple[spec("sequence_method"), ...] = (
         Spec("deer"),
         Spec("quasi_deer"),
     )
-    lazy_rounds: int = 3
+    lazy_rounds: Count = 3
     # 2. chaotic dynamics
-    chaotic_scale: float = 3.0
-    chaotic_length: int = 2048
-    chaotic_dim: int = 8
+    chaotic_scale: Positive = 3.0
+    chaotic_length: Count = 2048
+    chaotic_dim: Count = 8
     chaotic_dtype: Literal["float32", "float64"] = "float32"
-    chaotic_atol: float = 1e-4
+    chaotic_atol: Positive = 1e-4
     chaotic_methods: tuple[spec("sequence_method"), ...] = (
         Spec("deer"),
         Spec("deer", (("damping", 0.5),)),
@@ -66,15 +67,15 @@ class Config:
         Spec("jacobi"),
     )
     # 3. training
-    classes: int = 4
-    train_length: int = 1024
-    train_samples: int = 256
-    test_samples: int = 256
-    hidden: int = 16
-    batch: int = 32
-    train_steps: int = 100
-    learning_rate: float = 1e-2
-    train_atol: float = 1e-8
+    classes: Count = 4
+    train_length: Count = 1024
+    train_samples: Count = 256
+    test_samples: Count = 256
+    hidden: Count = 16
+    batch: Count = 32
+    train_steps: Count = 100
+    learning_rate: Positive = 1e-2
+    train_atol: Positive = 1e-8
     seed: int = 0
     x64: bool = True
 

@@ -29,6 +29,7 @@ from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
 from iterjax.experiments import deq_models as dm  # noqa: E402
 from iterjax.fixed_point.optax_solver import optax_init, optax_step  # noqa: E402
 from iterjax.lab.config import Spec, spec  # noqa: E402
+from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 MIB = 2**20
@@ -36,9 +37,9 @@ MIB = 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    hidden: int = 256
-    batch: int = 128
-    iterations: tuple[int, ...] = (8, 16, 32, 64, 128, 256, 512)
+    hidden: Count = 256
+    batch: Count = 128
+    iterations: tuple[Count, ...] = (8, 16, 32, 64, 128, 256, 512)
     cell: Literal["contractive", "dense"] = "contractive"
     solver: spec("solver") = Spec("picard")
     adjoints: tuple[spec("adjoint"), ...] = (
@@ -47,9 +48,9 @@ class Config:
         Spec("unrolled", (("checkpoint", True),)),
         Spec("phantom", (("steps", 5),)),
     )
-    repeats: int = 5
-    grad_batch: int = 32
-    grad_atol: float = 1e-11
+    repeats: Count = 5
+    grad_batch: Count = 32
+    grad_atol: Positive = 1e-11
     seed: int = 0
 
 

@@ -28,6 +28,7 @@ from sklearn.model_selection import train_test_split
 import iterjax as ij
 from iterjax.lab.config import Spec, spec
 from iterjax.lab.registry import build
+from iterjax.lab.spec import Count, Fraction, NonNegative, Positive
 
 CLASSES = 10
 
@@ -40,20 +41,20 @@ class Variant:
     gamma: float = 0.9  # the contraction factor of the contractive cell
     solver: spec("solver") = Spec("anderson")
     adjoint: spec("adjoint") = Spec("implicit")
-    jac_reg: float = 0.0  # weight of the Jacobian penalty / dim(z)
+    jac_reg: NonNegative = 0.0  # weight of the Jacobian penalty / dim(z)
     correction: int = 0  # fixed-point correction states (0: off)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    hidden: int = 64
-    epochs: int = 30
-    batch: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    atol: float = 1e-4
-    max_steps: int = 30
-    test_fraction: float = 0.2
+    hidden: Count = 64
+    epochs: Count = 30
+    batch: Count = 64
+    lr: Positive = 3e-3
+    weight_decay: NonNegative = 1e-4
+    atol: Positive = 1e-4
+    max_steps: Count = 30
+    test_fraction: Fraction = 0.2
     seed: int = 0
 
 

@@ -22,6 +22,7 @@ from iterjax.experiments import deq_digits  # noqa: E402
 from iterjax.experiments import deq_models as dm  # noqa: E402
 from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
+from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 _SOLVERS = (Spec("picard"), Spec("anderson"), Spec("broyden"))
@@ -33,8 +34,8 @@ class Config:
     models: tuple[dm.Variant, ...] = tuple(
         dm.Variant(s.name, cell="dense", solver=s) for s in _SOLVERS
     )
-    eval_atol: float = 1e-5
-    eval_max_steps: int = 100
+    eval_atol: Positive = 1e-5
+    eval_max_steps: Count = 100
 
 
 def run(cfg: Config, workdir) -> dict:

@@ -23,6 +23,7 @@ import iterjax as ij  # noqa: E402
 from iterjax.experiments.problems import PROBLEMS  # noqa: E402
 from iterjax.lab.config import Spec, spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
+from iterjax.lab.spec import Count, NonNegative  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 Problem = Literal["tanh_deq", "slow_system", "pytree"]
@@ -46,19 +47,12 @@ class Config:
         Spec("phantom", (("steps", 1),)),
     )
     norm: Literal["max", "two", "rms"] = "max"
-    dim: int = 64
-    atol: float = 1e-8
-    max_steps: int = 1000
-    repeats: int = 5
+    dim: Count = 64
+    atol: NonNegative = 1e-8
+    max_steps: Count = 1000
+    repeats: Count = 5
     seed: int = 0
     x64: bool = True
-
-    def __post_init__(self):  # checked before a run directory exists
-        for name in ("dim", "max_steps", "repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if self.atol < 0:
-            raise ValueError(f"`atol` must be >= 0, got {self.atol}")
 
 
 def _time(f, x, repeats):

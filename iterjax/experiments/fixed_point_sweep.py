@@ -23,16 +23,17 @@ import iterjax as ij  # noqa: E402
 from iterjax.experiments.problems import PROBLEMS  # noqa: E402
 from iterjax.lab.config import Spec, spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
+from iterjax.lab.spec import Count, Positive  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     problem: Literal["tanh_deq", "slow_system"] = "tanh_deq"
-    dim: int = 64
-    radius: float = 0.9  # the contraction's largest singular value / eigenvalue
+    dim: Count = 64
+    radius: Positive = 0.9  # the contraction's largest singular value / eigenvalue
     solver: spec("solver") = Spec("anderson")
-    atol: float = 1e-8
-    max_steps: int = 2000
+    atol: Positive = 1e-8
+    max_steps: Count = 2000
     seed: int = 0
     x64: bool = True
 

@@ -29,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
+from iterjax.lab.spec import Count, NonNegative, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 SOLVERS = {
@@ -43,13 +44,13 @@ SOLVERS = {
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    terms: tuple[int, ...] = (10, 100, 1000)
-    dim: int = 10  # the game's B is dim x dim; z has 2 dim entries
-    sigma_min: float = 0.02
-    noise: float = 0.05
-    atol: float = 1e-6
-    max_steps: int = 20000
-    infeasible_steps: tuple[int, ...] = (10, 30, 100, 300, 1000, 3000, 10000)
+    terms: tuple[Count, ...] = (10, 100, 1000)
+    dim: Count = 10  # the game's B is dim x dim; z has 2 dim entries
+    sigma_min: Positive = 0.02
+    noise: NonNegative = 0.05
+    atol: Positive = 1e-6
+    max_steps: Count = 20000
+    infeasible_steps: tuple[Count, ...] = (10, 30, 100, 300, 1000, 3000, 10000)
     seed: int = 0
     x64: bool = True
 

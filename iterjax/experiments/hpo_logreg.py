@@ -28,6 +28,7 @@ from sklearn import datasets
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments import bilevel_runs as runs  # noqa: E402
+from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 
@@ -37,12 +38,12 @@ class Config:
         "breast_cancer",
         "digits",
     )
-    val_fraction: float = 0.25
-    test_fraction: float = 0.25
+    val_fraction: Fraction = 0.25
+    test_fraction: Fraction = 0.25
     theta0: float = -2.0  # initial log penalty of every feature
-    batch: int = 32
-    budget: float = 1e6
-    evals: int = 30
+    batch: Count = 32
+    budget: Positive = 1e6
+    evals: Count = 30
     solvers: tuple[runs.Solver, ...] = (
         runs.Solver("implicit", outer_lr=1.0),
         runs.Solver("soba", outer_lr=1.0, inner_lr=0.5),

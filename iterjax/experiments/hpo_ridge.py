@@ -31,6 +31,7 @@ import iterjax as ij  # noqa: E402
 from iterjax import bilevel as bl  # noqa: E402
 from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
 from iterjax.fixed_point.optax_solver import optax_init, optax_step  # noqa: E402
+from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 
@@ -40,12 +41,12 @@ class Family:
         "implicit_cg", "implicit_neumann", "unrolled", "truncated", "forward", "penalty"
     ]
     budgets: tuple[float, ...]
-    steps: int = 1000  # inner steps of truncated and penalty
+    steps: Count = 1000  # inner steps of truncated and penalty
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    train_size: int = 300
+    train_size: Count = 300
     theta0: float = 0.0  # log penalty of every feature
     methods: tuple[Family, ...] = (
         Family("implicit_cg", (1, 2, 4, 8, 16)),
@@ -55,9 +56,9 @@ class Config:
         Family("forward", (10, 30, 100, 300, 1000)),
         Family("penalty", (1, 10, 100, 1000, 10000), steps=2000),
     )
-    repeats: int = 5
-    tune_steps: int = 100
-    tune_lr: float = 0.1
+    repeats: Count = 5
+    tune_steps: Count = 100
+    tune_lr: Positive = 0.1
     seed: int = 0
 
 

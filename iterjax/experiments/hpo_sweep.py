@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 from iterjax.experiments import bilevel_runs as runs  # noqa: E402
 from iterjax.experiments import data_hypercleaning, hpo_logreg  # noqa: E402
 from iterjax.lab.config import ConfigError  # noqa: E402
+from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +36,11 @@ class Config:
     dataset: Literal["breast_cancer", "digits"] = "digits"  # hpo_logreg's
     solver: runs.Solver = runs.Solver("soba", outer_lr=1.0, inner_lr=0.5)
     theta0: float | None = None  # None: the problem's own (log penalty -2 / logit 0)
-    batch: int = 32
-    budget: float = 1e6
-    evals: int = 20
-    val_fraction: float = 0.25
-    test_fraction: float = 0.25
+    batch: Count = 32
+    budget: Positive = 1e6
+    evals: Count = 20
+    val_fraction: Fraction = 0.25
+    test_fraction: Fraction = 0.25
     split_seed: int = 0
     seed: int = 0  # the minibatch stream
     x64: bool = True

@@ -35,18 +35,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments import charlm, charlm_train  # noqa: E402
+from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Finetune:
-    prompts: int = 256  # training prompts whose Jacobi trajectories are collected
-    block_size: int = 16  # window of the collected trajectories
-    steps: int = 3000
-    batch: int = 16
-    lr: float = 2e-3
+    prompts: Count = 256  # training prompts whose Jacobi trajectories are collected
+    block_size: Count = 16  # window of the collected trajectories
+    steps: Count = 3000
+    batch: Count = 16
+    lr: Positive = 2e-3
     ar_weight: float = 0.5  # weight of the autoregressive loss on real text
-    rounds: int = 3  # trajectories re-collected with the current model this often
+    rounds: Count = 3  # trajectories re-collected with the current model this often
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +57,13 @@ class Config:
     checkpoint: str = "latest"
     model: charlm.ModelConfig = charlm.ModelConfig()
     train: charlm.TrainConfig = charlm.TrainConfig()
-    prompts: int = 16  # validation prompts
-    prompt_length: int = 32
-    num_tokens: int = 64
-    block_sizes: tuple[int, ...] = (4, 8, 16, 32, 64)
+    prompts: Count = 16  # validation prompts
+    prompt_length: Count = 32
+    num_tokens: Count = 64
+    block_sizes: tuple[Count, ...] = (4, 8, 16, 32, 64)
     finetune: Finetune = Finetune()
-    temperature: float = 0.8
-    chain_samples: int = 20_000
+    temperature: Positive = 0.8
+    chain_samples: Count = 20_000
     seed: int = 0
 
 

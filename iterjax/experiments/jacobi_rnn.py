@@ -21,6 +21,7 @@ import iterjax as ij  # noqa: E402
 from iterjax.experiments import cells  # noqa: E402
 from iterjax.lab.config import Spec, spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
+from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 Cell = Literal["tanh_rnn", "gru"]
@@ -29,7 +30,7 @@ Cell = Literal["tanh_rnn", "gru"]
 @dataclasses.dataclass(frozen=True)
 class Config:
     cells: tuple[Cell, ...] = ("tanh_rnn", "gru")
-    lengths: tuple[int, ...] = (64, 256, 1024, 4096, 16384)
+    lengths: tuple[Count, ...] = (64, 256, 1024, 4096, 16384)
     methods: tuple[spec("sequence_method"), ...] = (
         Spec("jacobi"),
         Spec("gauss_seidel", (("block", 8),)),
@@ -38,14 +39,14 @@ class Config:
         Spec("elk"),
         Spec("quasi_elk"),
     )
-    dim: int = 16
-    input_dim: int = 4
-    tanh_scale: float = 0.9  # spectral norm of the tanh RNN's recurrent weights
-    gru_scale: float = 1.0  # scale of the GRU's recurrent weights
-    atol: float = 1e-8
-    error_length: int = 1024
-    error_sweeps: int = 100  # sweeps recorded for the error-vs-sweeps curves
-    repeats: int = 3
+    dim: Count = 16
+    input_dim: Count = 4
+    tanh_scale: Positive = 0.9  # spectral norm of the tanh RNN's recurrent weights
+    gru_scale: Positive = 1.0  # scale of the GRU's recurrent weights
+    atol: Positive = 1e-8
+    error_length: Count = 1024
+    error_sweeps: Count = 100  # sweeps recorded for the error-vs-sweeps curves
+    repeats: Count = 3
     seed: int = 0
     x64: bool = True
 

@@ -23,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iterjax.lab.spec import Count, NonNegative, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 from iterjax.linear import (  # noqa: E402
     CG,
@@ -35,23 +36,18 @@ from iterjax.linear import (  # noqa: E402
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    grid: int = 64
-    systems: int = 100
-    contrast: float = 1.0
-    smoothing: int = 4  # the fields' box-filter width
-    subspaces: tuple[int, ...] = (20, 40)
-    rtol: float = 1e-8
+    grid: Count = 64
+    systems: Count = 100
+    contrast: NonNegative = 1.0
+    smoothing: Count = 4  # the fields' box-filter width
+    subspaces: tuple[Count, ...] = (20, 40)
+    rtol: Positive = 1e-8
     seed: int = 0
     x64: bool = True
 
     def __post_init__(self):  # checked before a run directory exists
-        for name in ("grid", "systems", "smoothing"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if not self.subspaces or min(self.subspaces) < 1:
-            raise ValueError(f"`subspaces` must be >= 1, got {self.subspaces}")
-        if self.contrast < 0 or self.rtol <= 0:
-            raise ValueError("`contrast` must be >= 0 and `rtol` > 0")
+        if not self.subspaces:
+            raise ValueError("`subspaces` must not be empty")
 
 
 def smooth_field(n, width, rng):

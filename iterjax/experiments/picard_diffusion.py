@@ -33,29 +33,30 @@ import iterjax as ij  # noqa: E402
 from iterjax.experiments import cells, diffusion  # noqa: E402
 from iterjax.lab.config import Spec, spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
+from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    num_points: int = 256  # points of the two-moons set
-    bandwidth: float = 0.05  # Gaussian blur of each point
-    samples: int = 128  # samples drawn together (one carry [samples, 2])
-    steps: tuple[int, ...] = (100, 250, 500, 1000)  # DDIM steps N
+    num_points: Count = 256  # points of the two-moons set
+    bandwidth: Positive = 0.05  # Gaussian blur of each point
+    samples: Count = 128  # samples drawn together (one carry [samples, 2])
+    steps: tuple[Count, ...] = (100, 250, 500, 1000)  # DDIM steps N
     methods: tuple[spec("sequence_method"), ...] = (
         Spec("picard"),
         Spec("picard", (("window", 128),)),
         Spec("picard", (("window", 32),)),
     )
-    error_target: float = 1e-3  # per-step atol = error_target / N
-    curve_steps: int = 1000  # N of the error-vs-sweeps curves
-    curve_sweeps: int = 60
-    guide_steps: int = 100  # N of the chain whose initial noise is optimised
+    error_target: Positive = 1e-3  # per-step atol = error_target / N
+    curve_steps: Count = 1000  # N of the error-vs-sweeps curves
+    curve_sweeps: Count = 60
+    guide_steps: Count = 100  # N of the chain whose initial noise is optimised
     guide_method: spec("sequence_method") = Spec("picard", (("window", 32),))
-    guide_iters: int = 50  # Adam steps on the initial noise
-    guide_lr: float = 0.05
-    grad_atol: float = 1e-10  # atol of the gradient check against lax.scan
-    repeats: int = 1
+    guide_iters: Count = 50  # Adam steps on the initial noise
+    guide_lr: Positive = 0.05
+    grad_atol: Positive = 1e-10  # atol of the gradient check against lax.scan
+    repeats: Count = 1
     seed: int = 0
     x64: bool = True
 

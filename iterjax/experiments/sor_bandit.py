@@ -18,6 +18,7 @@ fixed ω's, and the contextual one the per-instance optimum's.
 """
 
 import dataclasses
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
@@ -27,34 +28,32 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iterjax.lab.spec import Count, NonNegative, Positive, Range  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 from iterjax.linear import SOR, Exp3, Poisson2D, SquareCB, optimal_omega  # noqa: E402
 from iterjax.linear import bandit as bandits  # noqa: E402
 
+Omega = Annotated[float, Range(0.0, 2.0, lo_open=True, hi_open=True)]
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    grid: int = 16
-    systems: int = 500
-    max_shift: float = 0.5  # c's upper end, in units of the diagonal 4/h²
-    arms: tuple[float, ...] = (1.1, 1.3, 1.5, 1.7, 1.9)
-    atol: float = 1e-8
-    max_steps: int = 2000
-    learning_rate: float = 30.0  # Exp3's
+    grid: Count = 16
+    systems: Count = 500
+    max_shift: NonNegative = 0.5  # c's upper end, in units of the diagonal 4/h²
+    arms: tuple[Omega, ...] = (1.1, 1.3, 1.5, 1.7, 1.9)
+    atol: Positive = 1e-8
+    max_steps: Count = 2000
+    learning_rate: Positive = 30.0  # Exp3's
     exploration: float = 10.0  # SquareCB's
-    degree: int = 4  # SquareCB's Chebyshev features
-    seeds: int = 5
+    degree: Count = 4  # SquareCB's Chebyshev features
+    seeds: Count = 5
     seed: int = 0
     x64: bool = True
 
     def __post_init__(self):  # checked before a run directory exists
-        for name in ("grid", "systems", "max_steps", "seeds", "degree"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if len(self.arms) < 2 or not all(0 < w < 2 for w in self.arms):
-            raise ValueError(f"`arms` must be >= 2 values in (0, 2), got {self.arms}")
-        if self.max_shift < 0 or self.atol <= 0:
-            raise ValueError("`max_shift` must be >= 0 and `atol` > 0")
+        if len(self.arms) < 2:
+            raise ValueError(f"`arms` needs at least two values, got {self.arms}")
 
 
 def sor_iterations(cfg):

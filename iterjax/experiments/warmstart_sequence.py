@@ -26,22 +26,23 @@ import iterjax as ij  # noqa: E402
 from iterjax.experiments import diffusion  # noqa: E402
 from iterjax.lab.config import Spec, spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
+from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    steps: int = 500  # DDIM steps: problems in the chain
-    samples: int = 64
-    hidden: int = 32
-    radius: float = 0.9
-    points: int = 256
-    bandwidth: float = 0.1
+    steps: Count = 500  # DDIM steps: problems in the chain
+    samples: Count = 64
+    hidden: Count = 32
+    radius: Positive = 0.9
+    points: Count = 256
+    bandwidth: Positive = 0.1
     solvers: tuple[spec("solver"), ...] = (Spec("picard"), Spec("anderson"))
-    atol: float = 1e-4
-    max_steps: int = 500
-    rti_steps: tuple[int, ...] = (1, 2, 4)
-    repeats: int = 3
+    atol: Positive = 1e-4
+    max_steps: Count = 500
+    rti_steps: tuple[Count, ...] = (1, 2, 4)
+    repeats: Count = 3
     seed: int = 0
     x64: bool = True
 

@@ -25,6 +25,11 @@ import yaml
 
 from . import registry
 from .spec import ConfigError as ConfigError
+from .spec import Count as Count
+from .spec import Fraction as Fraction
+from .spec import NonNegative as NonNegative
+from .spec import Positive as Positive
+from .spec import Range as Range
 from .spec import Spec as Spec
 from .spec import float_literal as float_literal
 from .spec import spec as spec
@@ -44,9 +49,14 @@ def from_dict(cls, data: Any, where: str = ""):
 def _convert(tp, value, where):
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
-        base, kind = typing.get_args(tp)
-        assert base is Spec
-        return registry.to_spec(kind, value, where)
+        base, *meta = typing.get_args(tp)
+        if base is Spec:
+            return registry.to_spec(meta[0], value, where)
+        value = _convert(base, value, where)
+        for bound in meta:
+            if isinstance(bound, Range) and (problem := bound.check(value)):
+                _fail(where, problem)
+        return value
     if dataclasses.is_dataclass(tp):
         return _to_dataclass(tp, value, where)
     if tp is Any:
@@ -111,8 +121,16 @@ def _convert(tp, value, where):
 
 
 def _describe(tp):
-    if typing.get_origin(tp) is typing.Annotated:  # spec(kind): a registry name
-        return f"a {typing.get_args(tp)[1]} (name or mapping with `name`)"
+    if typing.get_origin(tp) is typing.Annotated:
+        base, *meta = typing.get_args(tp)
+        if base is Spec:  # spec(kind): a registry name
+            return f"a {meta[0]} (name or mapping with `name`)"
+        bounds = [
+            f"{'>' if b.lo_open else '>='} {b.lo}" if b.lo is not None else ""
+            for b in meta
+            if isinstance(b, Range)
+        ]
+        return " ".join([_describe(base), *filter(None, bounds)])
     if dataclasses.is_dataclass(tp):
         return f"a mapping of {tp.__name__} fields"
     if typing.get_origin(tp) is Literal:

@@ -1,5 +1,5 @@
-"""The config's vocabulary shared by `config` and `registry`: the error type and
-`Spec`, a registry object named in a config."""
+"""The config's vocabulary shared by `config` and `registry`: the error type,
+`Spec` (a registry object named in a config) and `Range` (a bound on a number)."""
 
 import dataclasses
 import re
@@ -34,6 +34,40 @@ class Spec:
 def spec(kind: str):
     """Annotate a field as a registry `Spec` of the given kind."""
     return typing.Annotated[Spec, kind]
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A bound on a config number, as `typing.Annotated` metadata: the loader
+    checks it on every value (list items too) and names the key when it fails.
+
+    Example: `steps: Annotated[int, Range(lo=1)] = 100`, or the aliases below.
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def check(self, value) -> str | None:
+        """None when `value` is inside, else what is wrong."""
+        if self.lo is not None and (
+            value <= self.lo if self.lo_open else value < self.lo
+        ):
+            return f"must be {'>' if self.lo_open else '>='} {self.lo}, got {value!r}"
+        if self.hi is not None and (
+            value >= self.hi if self.hi_open else value > self.hi
+        ):
+            return f"must be {'<' if self.hi_open else '<='} {self.hi}, got {value!r}"
+        return None
+
+
+# The bounds that experiments' configs use most.
+Count = typing.Annotated[int, Range(lo=1)]  # sizes, steps, repeats: >= 1
+Positive = typing.Annotated[float, Range(lo=0.0, lo_open=True)]  # lrs, tolerances
+NonNegative = typing.Annotated[float, Range(lo=0.0)]
+NonNegativeInt = typing.Annotated[int, Range(lo=0)]
+Fraction = typing.Annotated[float, Range(lo=0.0, hi=1.0)]
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
