@@ -1,9 +1,18 @@
-"""Type aliases used across iterjax (documentation only: nothing is checked)."""
+"""The types of iterjax's public API (jaxtyping: shapes in the annotations, as
+optimistix writes them; nothing is checked at run time unless the caller uses
+`jaxtyping.jaxtyped`)."""
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
-PyTree = Any
-Y = PyTree  # the unknown: a pytree of inexact arrays
-Args = PyTree  # everything a function is differentiated or vmapped with respect to
-Fn = Callable[[Y, Args], Y]  # fixed-point map fn(y, args) -> y-like pytree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
+
+Y: TypeAlias = PyTree[ArrayLike]  # the unknown: a pytree of inexact arrays
+Args: TypeAlias = PyTree[Any]  # what a function is differentiated or vmapped in
+Fn: TypeAlias = Callable[[Any, Any], Any]  # fn(y, args) -> a pytree like y
+Norm: TypeAlias = Callable[[Any], Array]  # a pytree -> a scalar
+Scalar: TypeAlias = Float[Array, ""]
+Flag: TypeAlias = Bool[Array, ""]
+Count: TypeAlias = Int[Array, ""]
+
+__all__ = ["Args", "Array", "Count", "Flag", "Fn", "Norm", "Scalar", "Y"]

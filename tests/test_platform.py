@@ -3,6 +3,9 @@ robustness, reports, multi-host and cache settings, invalid configs."""
 
 import json
 import pathlib
+import signal
+import subprocess
+import sys
 import textwrap
 
 import jax
@@ -407,12 +410,21 @@ def test_distributed_initialisation_from_config_and_environment(monkeypatch):
 
 
 def test_compilation_cache_option(tmp_path):
-    before = jax.config.jax_compilation_cache_dir
-    try:
-        runlib._start(cfglib.Platform(compilation_cache=str(tmp_path / "cache")))
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "cache")
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)
+    # In a subprocess: once a process has used a persistent cache, jax keeps
+    # compiling through it, which must not leak into the rest of the suite.
+    cache = tmp_path / "cache"
+    script = f"""
+import jax, jax.numpy as jnp
+from iterjax.lab import config, runner
+runner._start(config.Platform(compilation_cache={str(cache)!r}))
+assert jax.config.jax_compilation_cache_dir == {str(cache)!r}
+jax.jit(lambda x: jnp.sin(x) * 2)(1.0).block_until_ready()
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert any(cache.iterdir()), "nothing was written to the cache"
 
 
 def test_cli_list_shows_every_config_with_its_description(capsys):
@@ -567,6 +579,50 @@ def test_resume_repairs_a_torn_row_and_retries_failed_members(
         1: "ok",
         2: "ok",
     }
+
+
+def test_a_run_killed_while_checkpointing_resumes_to_the_same_metrics(tmp_path):
+    # SIGKILL (no handler runs, nothing is flushed or cleaned up) while the 5th
+    # checkpoint is being written; --resume then ends with the uninterrupted
+    # run's metrics, rows and summary.
+    tests = pathlib.Path(__file__).resolve().parent
+    text = "experiment: toy_experiment\nsteps: 7\ncheckpoint_every: 1\n"
+    path = _config(tmp_path, text)
+    sys.path.insert(0, str(tests))
+    try:
+        full_dir, full = runlib.run_experiment(path, out=tmp_path / "a", quiet=True)
+    finally:
+        sys.path.remove(str(tests))
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(tests)!r})
+import jax
+jax.config.update("jax_enable_x64", True)  # as in this process (conftest)
+import orbax.checkpoint as ocp
+from iterjax.lab import runner
+wait = ocp.CheckpointManager.wait_until_finished
+calls = []
+def killing(self):
+    calls.append(1)
+    if len(calls) == 5:  # the 5th save is in flight
+        os.kill(os.getpid(), signal.SIGKILL)
+    return wait(self)
+ocp.CheckpointManager.wait_until_finished = killing
+runner.run_experiment({str(path)!r}, out={str(tmp_path / "b")!r}, quiet=True)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    run_dir = next((tmp_path / "b").rglob("status.json")).parent
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
+    sys.path.insert(0, str(tests))
+    try:
+        _, resumed = runlib.run_experiment(resume=run_dir)
+    finally:
+        sys.path.remove(str(tests))
+    assert resumed["metrics"] == full["metrics"]
+    assert _rows(run_dir) == _rows(full_dir)
 
 
 def _flip_bytes(data):
