@@ -37,6 +37,7 @@ smoke: $(STAMP)
 lint: $(STAMP)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 
 format: $(STAMP)
 	.venv/bin/ruff format .

@@ -24,7 +24,7 @@ before the loop: one dispatch fewer per solve.
 
 import abc
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +84,7 @@ class _Carry(NamedTuple):
     converged: jax.Array  # shape=(), bool
     residual: jax.Array  # shape=(), real dtype of y
     marks: jax.Array  # shape=(2,), real: residual norms at the last two steps 2^j
-    trace: object  # shape=(max_steps,) or None
+    trace: Any  # shape=(max_steps,) or None
 
 
 def residual_status(y, residual_tree, atol, rtol, norm):
@@ -129,14 +129,14 @@ def iterative_solve(
     if state is None:
         state = solver.init(fn, y0, args)
         converged, finite, size = residual_status(y0, state.residual, atol, rtol, norm)
-        carry = (y0, state, jnp.int32(0), ~finite | converged, converged, size)
+        start = (y0, state, jnp.int32(0), ~finite | converged, converged, size)
     else:  # iteration "-1" of the loop evaluates fn(y0)
         real = jax.eval_shape(norm, state.residual).dtype
         no = jnp.bool_(False)
-        carry = (y0, state, jnp.int32(-1), no, no, jnp.array(jnp.inf, real))
-    marks = jnp.full((2,), carry[-1])
-    trace_buf = jnp.full((max_steps,), jnp.nan, carry[-1].dtype) if trace else None
-    carry = _Carry(*carry, marks, trace_buf)
+        start = (y0, state, jnp.int32(-1), no, no, jnp.array(jnp.inf, real))
+    marks = jnp.full((2,), start[-1])
+    trace_buf = jnp.full((max_steps,), jnp.nan, start[-1].dtype) if trace else None
+    carry = _Carry(*start, marks, trace_buf)
 
     def body(c):
         y, s = solver.step(fn, c.y, args, c.state)

@@ -1,11 +1,11 @@
 """The result of every iterative solve."""
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
+
+from ._types import Array, Bool, Float, Int, Y
 
 # Result codes carried as int32 arrays so that they survive jit and vmap.
 SUCCESSFUL = 0
@@ -60,15 +60,15 @@ class Solution:
         iterates drift along `displacement` (see `message`).
     """
 
-    value: Any
-    converged: jax.Array
-    num_steps: jax.Array
-    residual: jax.Array
-    result: jax.Array
-    trace: Any = None
+    value: Y
+    converged: Bool[Array, "*batch"]
+    num_steps: Int[Array, "*batch"]
+    residual: Float[Array, "*batch"]
+    result: Int[Array, "*batch"]
+    trace: Float[Array, "*batch max_steps"] | None = None
     stats: dict = struct.field(default_factory=dict)
-    displacement: Any = None
-    drifting: Any = None
+    displacement: Y = None
+    drifting: Bool[Array, "*batch"] | None = None
 
     @property
     def message(self) -> str:

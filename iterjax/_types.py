@@ -15,4 +15,18 @@ Scalar: TypeAlias = Float[Array, ""]
 Flag: TypeAlias = Bool[Array, ""]
 Count: TypeAlias = Int[Array, ""]
 
-__all__ = ["Args", "Array", "Count", "Flag", "Fn", "Norm", "Scalar", "Y"]
+__all__ = [
+    "Args",
+    "Array",
+    "ArrayLike",
+    "Bool",
+    "Count",
+    "Flag",
+    "Float",
+    "Fn",
+    "Int",
+    "Norm",
+    "PyTree",
+    "Scalar",
+    "Y",
+]

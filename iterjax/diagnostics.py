@@ -63,7 +63,7 @@ def time_calls(calls: dict, rounds: int = 50) -> dict:
     """
     for f, args in calls.values():
         jax.block_until_ready(f(*args))
-    times = {name: [] for name in calls}
+    times: dict[str, list[float]] = {name: [] for name in calls}
     order, rng = list(calls), random.Random(0)
     for _ in range(rounds):
         rng.shuffle(order)
@@ -84,6 +84,8 @@ def compiled_memory(f, *args) -> dict:
     no run, no device allocator, the same on every call.
     """
     m = jax.jit(f).lower(*args).compile().memory_analysis()
+    if m is None:
+        raise RuntimeError("compiled_memory: this backend reports no memory analysis")
     total = (
         m.temp_size_in_bytes
         + m.argument_size_in_bytes

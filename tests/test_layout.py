@@ -161,3 +161,20 @@ print("ok")
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_package_type_checks():
+    # `make lint`'s type checker, here so that CI runs it: mypy over iterjax/
+    # with the configuration in pyproject.toml
+    import subprocess
+    import sys
+
+    root = ROOT.parent
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:]

@@ -1,5 +1,8 @@
 """`argmin`: the minimiser of an inner loss, differentiable in its parameters."""
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -7,7 +10,8 @@ import optax
 from .. import _tree as tu
 from .._checks import check_inexact
 from .._iterate import AbstractFixedPointSolver
-from .._solution import NONFINITE_LOSS, error_if_failed
+from .._solution import NONFINITE_LOSS, Solution, error_if_failed
+from .._types import Args, ArrayLike, Norm, Y
 from ..fixed_point import Newton
 from ..fixed_point._api import _solve
 from ..fixed_point.optax_solver import OptaxSolver
@@ -53,9 +57,9 @@ def as_solver(solver):
 
 
 def argmin(
-    inner_loss,
-    w0,
-    theta=None,
+    inner_loss: Callable[[Any, Any], ArrayLike],
+    w0: Y,
+    theta: Args = None,
     *,
     solver: AbstractFixedPointSolver | optax.GradientTransformation = INEXACT_NEWTON,
     adjoint: AbstractAdjoint = ImplicitAdjoint(CG()),
@@ -63,8 +67,8 @@ def argmin(
     rtol: float = 0.0,
     max_steps: int = 256,
     throw: bool = False,
-    norm=tu.max_abs,
-):
+    norm: Norm = tu.max_abs,
+) -> Solution:
     r"""Minimise `inner_loss(w, theta)` over w, differentiably in theta.
 
     The minimiser is the root of ∇_w g(w, θ), found by `solver` and stopped when

@@ -4,12 +4,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._iterate import AbstractFixedPointSolver
+from .._solution import Solution
+from .._types import ArrayLike, Float
 from ..fixed_point import Anderson, fixed_point
 
 ITERATIONS = ("newman", "zermelo")
 
 
-def bradley_terry(wins, s0=None, *, iteration="newman", solver=Anderson(), **options):
+def bradley_terry(
+    wins: Float[ArrayLike, "n n"],
+    s0: Float[ArrayLike, " n"] | None = None,
+    *,
+    iteration: str = "newman",
+    solver: AbstractFixedPointSolver = Anderson(),
+    **options,
+) -> Solution:
     """Maximum-likelihood Bradley-Terry scores.
 
     Player i beats j with probability π_i / (π_i + π_j) = σ(s_i - s_j), with

@@ -1,5 +1,6 @@
 """Entropic optimal transport: Sinkhorn's iteration as a fixed point."""
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -7,6 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._checks import check_range
+from .._iterate import AbstractFixedPointSolver
+from .._solution import Solution
+from .._types import ArrayLike, Float
 from ..fixed_point import Picard, fixed_point
 
 
@@ -17,7 +21,16 @@ class Potentials(NamedTuple):
     g: jax.Array  # shape (m,)
 
 
-def sinkhorn(cost, a, b, epsilon, h0=None, *, solver=Picard(), **options):
+def sinkhorn(
+    cost: Float[ArrayLike, "n m"],
+    a: Float[ArrayLike, " n"],
+    b: Float[ArrayLike, " m"],
+    epsilon: float | Float[ArrayLike, ""],
+    h0: Float[ArrayLike, " m"] | None = None,
+    *,
+    solver: AbstractFixedPointSolver = Picard(),
+    **options,
+) -> Solution:
     """Entropic optimal transport between histograms `a` and `b`.
 
         min_P  <P, C> - ε H(P)   subject to  P 1 = a,  Pᵀ 1 = b,
@@ -70,7 +83,7 @@ def sinkhorn(cost, a, b, epsilon, h0=None, *, solver=Picard(), **options):
     args = (cost, jnp.log(a), jnp.log(b), eps)
     sol = fixed_point(_sinkhorn_map, h0, args, solver=solver, **options)
     f = _f_potential(sol.value, *args)
-    return sol.replace(value=Potentials(f, eps * sol.value))
+    return dataclasses.replace(sol, value=Potentials(f, eps * sol.value))
 
 
 def transport_plan(cost, potentials, epsilon):

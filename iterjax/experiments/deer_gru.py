@@ -20,7 +20,7 @@ Three parts:
 """
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments import cells  # noqa: E402
-from iterjax.lab.config import Spec, spec  # noqa: E402
+from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
@@ -47,7 +47,7 @@ class Config:
     input_dim: Count = 4
     atol: Positive = 1e-6
     lazy: tuple[Count, ...] = (1, 2, 3, 4)  # jacobian_every of the lazy rows
-    lazy_methods: tuple[spec("sequence_method"), ...] = (
+    lazy_methods: tuple[Annotated[Spec, "sequence_method"], ...] = (
         Spec("deer"),
         Spec("quasi_deer"),
     )
@@ -58,7 +58,7 @@ class Config:
     chaotic_dim: Count = 8
     chaotic_dtype: Literal["float32", "float64"] = "float32"
     chaotic_atol: Positive = 1e-4
-    chaotic_methods: tuple[spec("sequence_method"), ...] = (
+    chaotic_methods: tuple[Annotated[Spec, "sequence_method"], ...] = (
         Spec("deer"),
         Spec("deer", (("damping", 0.5),)),
         Spec("quasi_deer"),

@@ -13,7 +13,7 @@ a central finite difference along a random parameter direction.
 """
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
 import jax
 import jax.flatten_util
@@ -28,7 +28,7 @@ from flax import nnx  # noqa: E402
 from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
 from iterjax.experiments import deq_models as dm  # noqa: E402
 from iterjax.fixed_point.optax_solver import optax_init, optax_step  # noqa: E402
-from iterjax.lab.config import Spec, spec  # noqa: E402
+from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
@@ -41,8 +41,8 @@ class Config:
     batch: Count = 128
     iterations: tuple[Count, ...] = (8, 16, 32, 64, 128, 256, 512)
     cell: Literal["contractive", "dense"] = "contractive"
-    solver: spec("solver") = Spec("picard")
-    adjoints: tuple[spec("adjoint"), ...] = (
+    solver: Annotated[Spec, "solver"] = Spec("picard")
+    adjoints: tuple[Annotated[Spec, "adjoint"], ...] = (
         Spec("implicit"),
         Spec("unrolled"),
         Spec("unrolled", (("checkpoint", True),)),

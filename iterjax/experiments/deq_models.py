@@ -15,7 +15,7 @@ scaled to [0, 1], a stratified train/test split. Models:
 import dataclasses
 import functools
 import time
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from sklearn.datasets import load_digits as sk_load
 from sklearn.model_selection import train_test_split
 
 import iterjax as ij
-from iterjax.lab.config import Spec, spec
+from iterjax.lab.config import Spec
 from iterjax.lab.registry import build
 from iterjax.lab.spec import Count, Fraction, NonNegative, Positive
 
@@ -39,8 +39,8 @@ class Variant:
     kind: Literal["deq", "mlp"] = "deq"
     cell: Literal["contractive", "dense"] = "contractive"
     gamma: float = 0.9  # the contraction factor of the contractive cell
-    solver: spec("solver") = Spec("anderson")
-    adjoint: spec("adjoint") = Spec("implicit")
+    solver: Annotated[Spec, "solver"] = Spec("anderson")
+    adjoint: Annotated[Spec, "adjoint"] = Spec("implicit")
     jac_reg: NonNegative = 0.0  # weight of the Jacobian penalty / dim(z)
     correction: int = 0  # fixed-point correction states (0: off)
 
@@ -135,6 +135,7 @@ def make_model(v: Variant, cfg: TrainConfig, in_features=64, dtype=jnp.float32):
     h = cfg.hidden
     if v.kind == "mlp":
         return MLP(in_features, mlp_width(deq_params(h, in_features)), **kw)
+    cell: nnx.Module
     if v.cell == "contractive":
         cell = ij.deq.ContractiveDense(in_features, h, gamma=v.gamma, **kw)
     else:
@@ -231,12 +232,16 @@ def train(
     history = []
     for epoch in range(cfg.epochs):
         order = rng.permutation(len(xtr))
-        stats, losses, start = [], [], time.perf_counter()
+        stats: list[dict] = []
+        losses, start = [], time.perf_counter()
         for b in range(per_epoch):
             idx = order[b * cfg.batch : (b + 1) * cfg.batch]
             key, sub = jax.random.split(key)
             x, y = shard((xtr[idx], ytr[idx]))
-            loss, s = train_step(model, opt, x, y, sub, v.jac_reg, v.correction)
+            out: Any = train_step(  # type: ignore[call-arg]  # nnx.jit's stub
+                model, opt, x, y, sub, v.jac_reg, v.correction
+            )
+            loss, s = out
             losses.append(loss)
             stats.append(s)
         jax.block_until_ready(losses)
@@ -256,7 +261,7 @@ def train(
         history.append(row)
         if advance:
             advance()
-        if not np.isfinite(row["train_loss"]):
+        if not np.isfinite(float(np.mean(losses))):
             log(model=v.label, epoch=epoch + 1, diverged=True)
             break  # a blown-up model is recorded as such, not trained further
     return model, history

@@ -9,7 +9,7 @@ time of `jax.grad`.
 """
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments.problems import PROBLEMS  # noqa: E402
-from iterjax.lab.config import Spec, spec  # noqa: E402
+from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
 from iterjax.lab.spec import Count, NonNegative  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
@@ -33,14 +33,14 @@ NORMS = {"max": ij.max_norm, "two": ij.two_norm, "rms": ij.rms_norm}
 @dataclasses.dataclass(frozen=True)
 class Config:
     problems: tuple[Problem, ...] = ("tanh_deq", "slow_system", "pytree")
-    solvers: tuple[spec("solver"), ...] = (
+    solvers: tuple[Annotated[Spec, "solver"], ...] = (
         Spec("picard"),
         Spec("anderson"),
         Spec("broyden"),
         Spec("newton"),
         Spec("halpern"),
     )
-    adjoints: tuple[spec("adjoint"), ...] = (
+    adjoints: tuple[Annotated[Spec, "adjoint"], ...] = (
         Spec("implicit"),
         Spec("implicit", (("linear_solver", {"name": "richardson"}),)),
         Spec("unrolled"),

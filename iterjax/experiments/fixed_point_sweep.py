@@ -9,7 +9,7 @@ config has one); a sweep over solvers runs one vectorised group per solver.
 """
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments.problems import PROBLEMS  # noqa: E402
-from iterjax.lab.config import Spec, spec  # noqa: E402
+from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402
 
@@ -31,7 +31,7 @@ class Config:
     problem: Literal["tanh_deq", "slow_system"] = "tanh_deq"
     dim: Count = 64
     radius: Positive = 0.9  # the contraction's largest singular value / eigenvalue
-    solver: spec("solver") = Spec("anderson")
+    solver: Annotated[Spec, "solver"] = Spec("anderson")
     atol: Positive = 1e-8
     max_steps: Count = 2000
     seed: int = 0

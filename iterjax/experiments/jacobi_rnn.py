@@ -8,7 +8,7 @@ depth vs T, error vs sweeps.
 """
 
 import dataclasses
-from typing import Literal
+from typing import Annotated, Literal
 
 import jax
 import matplotlib
@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments import cells  # noqa: E402
-from iterjax.lab.config import Spec, spec  # noqa: E402
+from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
@@ -31,7 +31,7 @@ Cell = Literal["tanh_rnn", "gru"]
 class Config:
     cells: tuple[Cell, ...] = ("tanh_rnn", "gru")
     lengths: tuple[Count, ...] = (64, 256, 1024, 4096, 16384)
-    methods: tuple[spec("sequence_method"), ...] = (
+    methods: tuple[Annotated[Spec, "sequence_method"], ...] = (
         Spec("jacobi"),
         Spec("gauss_seidel", (("block", 8),)),
         Spec("quasi_deer"),

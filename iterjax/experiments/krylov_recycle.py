@@ -84,7 +84,8 @@ def run(cfg: Config, workdir) -> dict:
             lambda k, b: CG(rtol=cfg.rtol).solve_with_stats(lambda v: _matvec(k, v), b)
         )
     )
-    rows, per_system = [], {}
+    rows: list[dict] = []
+    per_system: dict = {}
     total = len(orders) * (1 + len(cfg.subspaces))
     with workdir.progress(total, "solving") as advance:
         for order_name, order in orders.items():

@@ -19,6 +19,7 @@ coordinates (a 2-D "restoration" task).
 """
 
 import dataclasses
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments import cells, diffusion  # noqa: E402
-from iterjax.lab.config import Spec, spec  # noqa: E402
+from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
@@ -43,7 +44,7 @@ class Config:
     bandwidth: Positive = 0.05  # Gaussian blur of each point
     samples: Count = 128  # samples drawn together (one carry [samples, 2])
     steps: tuple[Count, ...] = (100, 250, 500, 1000)  # DDIM steps N
-    methods: tuple[spec("sequence_method"), ...] = (
+    methods: tuple[Annotated[Spec, "sequence_method"], ...] = (
         Spec("picard"),
         Spec("picard", (("window", 128),)),
         Spec("picard", (("window", 32),)),
@@ -52,7 +53,7 @@ class Config:
     curve_steps: Count = 1000  # N of the error-vs-sweeps curves
     curve_sweeps: Count = 60
     guide_steps: Count = 100  # N of the chain whose initial noise is optimised
-    guide_method: spec("sequence_method") = Spec("picard", (("window", 32),))
+    guide_method: Annotated[Spec, "sequence_method"] = Spec("picard", (("window", 32),))
     guide_iters: Count = 50  # Adam steps on the initial noise
     guide_lr: Positive = 0.05
     grad_atol: Positive = 1e-10  # atol of the gradient check against lax.scan

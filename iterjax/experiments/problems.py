@@ -3,6 +3,8 @@
 Each constructor returns `(fn, args, y0)` with `fn(y, args)` a contraction.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
@@ -61,4 +63,8 @@ def _pytree_map(y, args):
     return {"a": a, "b": (b,)}
 
 
-PROBLEMS = {"tanh_deq": tanh_deq, "slow_system": slow_system, "pytree": pytree_problem}
+PROBLEMS: dict[str, Callable[..., tuple]] = {
+    "tanh_deq": tanh_deq,
+    "slow_system": slow_system,
+    "pytree": pytree_problem,
+}

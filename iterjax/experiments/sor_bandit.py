@@ -125,7 +125,7 @@ def run(cfg: Config, workdir) -> dict:
         **{name: np.cumsum(c, axis=1).mean(0) for name, (_, c) in played.items()},
     }
     best = curves["best fixed ω (hindsight)"]
-    rows = []
+    rows: list[dict] = []
     for name, curve in curves.items():
         at = min(200, cfg.systems) - 1
         row = dict(

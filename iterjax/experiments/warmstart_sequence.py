@@ -13,6 +13,7 @@ difference from the cold chain's solutions, and the wall time of the jitted chai
 """
 
 import dataclasses
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments import diffusion  # noqa: E402
-from iterjax.lab.config import Spec, spec  # noqa: E402
+from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
@@ -38,7 +39,7 @@ class Config:
     radius: Positive = 0.9
     points: Count = 256
     bandwidth: Positive = 0.1
-    solvers: tuple[spec("solver"), ...] = (Spec("picard"), Spec("anderson"))
+    solvers: tuple[Annotated[Spec, "solver"], ...] = (Spec("picard"), Spec("anderson"))
     atol: Positive = 1e-4
     max_steps: Count = 500
     rti_steps: tuple[Count, ...] = (1, 2, 4)

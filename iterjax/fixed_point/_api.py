@@ -10,6 +10,7 @@ from .._iterate import (
     solve_with,
 )
 from .._solution import Solution, error_if_failed
+from .._types import Args, Fn, Norm, Y
 from ..implicit import AbstractAdjoint, ImplicitAdjoint
 from .anderson import Anderson
 from .newton import Newton
@@ -17,9 +18,9 @@ from .vr_halpern import FiniteSum, VRHalpern
 
 
 def fixed_point(
-    fn,
-    y0,
-    args=None,
+    fn: Fn,
+    y0: Y,
+    args: Args = None,
     *,
     solver: AbstractFixedPointSolver = Anderson(),
     atol: float = 1e-6,
@@ -28,7 +29,7 @@ def fixed_point(
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     throw: bool = False,
     trace: bool = False,
-    norm=tu.max_abs,
+    norm: Norm = tu.max_abs,
 ) -> Solution:
     """Solve y = fn(y, args) for y.
 
@@ -83,9 +84,9 @@ def fixed_point(
 
 
 def root(
-    fn,
-    y0,
-    args=None,
+    fn: Fn,
+    y0: Y,
+    args: Args = None,
     *,
     solver: AbstractFixedPointSolver = Newton(),
     atol: float = 1e-6,
@@ -94,7 +95,7 @@ def root(
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     throw: bool = False,
     trace: bool = False,
-    norm=tu.max_abs,
+    norm: Norm = tu.max_abs,
 ) -> Solution:
     """Solve F(y, args) = 0 for y.
 
@@ -128,9 +129,9 @@ def root(
 
 
 def finite_sum_fixed_point(
-    fn,
-    y0,
-    args=None,
+    fn: Fn,
+    y0: Y,
+    args: Args = None,
     *,
     num_terms: int,
     solver: AbstractFixedPointSolver = VRHalpern(),
@@ -140,7 +141,7 @@ def finite_sum_fixed_point(
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     throw: bool = False,
     trace: bool = False,
-    norm=tu.max_abs,
+    norm: Norm = tu.max_abs,
 ) -> Solution:
     """Solve y = T(y) = (1/n) Σ_{i<n} fn(y, args, i) for y, n = `num_terms`.
 

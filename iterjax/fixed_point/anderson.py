@@ -17,7 +17,7 @@ class AndersonState(NamedTuple):
     dy: jax.Array  # shape=[m, n]: last m differences of iterates
     dr: jax.Array  # shape=[m, n]: last m differences of residuals
     gram: jax.Array  # shape=[m, m]: gram[i, j] = <dr_i, dr_j>
-    count: jax.Array  # shape=(), int32: differences pushed so far
+    pushed: jax.Array  # shape=(), int32: differences pushed so far
 
 
 class Anderson(AbstractFixedPointSolver):
@@ -64,7 +64,7 @@ class Anderson(AbstractFixedPointSolver):
         y_flat, unravel = ravel(y)
         r, dy, dr, gram = state.r, state.dy, state.dr, state.gram
         beta = self.mixing
-        gamma = self._coefficients(r, dr, gram, state.count)
+        gamma = self._coefficients(r, dr, gram, state.pushed)
         y_new = y_flat + beta * r - gamma @ (dy + beta * dr)
         y_new = y_new.astype(y_flat.dtype)
 
@@ -72,12 +72,12 @@ class Anderson(AbstractFixedPointSolver):
         residual = jax.tree_util.tree_map(lambda a, b: a - b, fn(y_tree, args), y_tree)
         r_new, _ = ravel(residual)
 
-        dr = push(dr, state.count, r_new - r)
-        dy = push(dy, state.count, y_new - y_flat)
+        dr = push(dr, state.pushed, r_new - r)
+        dy = push(dy, state.pushed, y_new - y_flat)
         col = jnp.conj(dr) @ (r_new - r)  # <dr_i, dr_new>
-        idx = state.count % self.history
+        idx = state.pushed % self.history
         gram = gram.at[:, idx].set(col).at[idx, :].set(jnp.conj(col))
-        return y_tree, AndersonState(residual, r_new, dy, dr, gram, state.count + 1)
+        return y_tree, AndersonState(residual, r_new, dy, dr, gram, state.pushed + 1)
 
     def _coefficients(self, r, dr, gram, count):
         """γ of the column-scaled, regularised normal equations; 0 if non-finite."""

@@ -16,7 +16,7 @@ class BroydenState(NamedTuple):
     g: jax.Array  # shape=[n]: the residual, flattened
     us: jax.Array  # shape=[m, n]: rank-one factors u_i
     vs: jax.Array  # shape=[m, n]: rank-one factors v_i
-    count: jax.Array  # shape=(), int32
+    pushed: jax.Array  # shape=(), int32
 
 
 class Broyden(AbstractFixedPointSolver):
@@ -53,7 +53,7 @@ class Broyden(AbstractFixedPointSolver):
         # Full memory: restart from H0 = -I. Overwriting the oldest pair instead
         # (as torchdeq does) breaks the chain of Sherman-Morrison updates and can
         # diverge on indefinite Jacobians.
-        full = (state.count > 0) & (state.count % self.history == 0)
+        full = (state.pushed > 0) & (state.pushed % self.history == 0)
         us, vs = jnp.where(full, 0.0, us), jnp.where(full, 0.0, vs)
 
         def hmv(x):  # H x
@@ -68,5 +68,5 @@ class Broyden(AbstractFixedPointSolver):
         dg = g_new - g
         v = -jnp.conj(s) + (us @ jnp.conj(s)) @ vs  # sᴴ H
         u = safe_div(s - hmv(dg), v @ dg, tiny(g.dtype))
-        us, vs = push(us, state.count, u), push(vs, state.count, v)
-        return y_tree, BroydenState(residual, g_new, us, vs, state.count + 1)
+        us, vs = push(us, state.pushed, u), push(vs, state.pushed, v)
+        return y_tree, BroydenState(residual, g_new, us, vs, state.pushed + 1)

@@ -1,20 +1,24 @@
 """A chain of related fixed-point problems, each warm-started from the last."""
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 
 from .. import _tree as tu
 from .._iterate import AbstractFixedPointSolver
 from .._solution import Solution
+from .._types import Args, ArrayLike, Norm, PyTree, Y
 from ..implicit import AbstractAdjoint, ImplicitAdjoint
 from ._api import fixed_point
 from .anderson import Anderson
 
 
 def fixed_point_chain(
-    fn,
-    y0,
-    xs,
-    args=None,
+    fn: Callable[[Any, Any, Any], Any],
+    y0: Y,
+    xs: PyTree[ArrayLike],
+    args: Args = None,
     *,
     warm_start: bool = True,
     solver: AbstractFixedPointSolver = Anderson(),
@@ -23,7 +27,7 @@ def fixed_point_chain(
     max_steps: int = 256,
     adjoint: AbstractAdjoint = ImplicitAdjoint(),
     throw: bool = False,
-    norm=tu.max_abs,
+    norm: Norm = tu.max_abs,
 ) -> Solution:
     """Solve y_t = fn(y_t, args, x_t) for every x_t in `xs`, in order, in a `lax.scan`.
 

@@ -17,7 +17,7 @@ class HalpernState(NamedTuple):
     gamma: jax.Array  # shape=(), real: contraction factor in use (given or estimated)
     anchor_norm: jax.Array  # shape=(), real: |fn(y) - y| at the anchor
     last_norm: jax.Array  # shape=(), real: |fn(y) - y| one step earlier
-    count: jax.Array  # shape=(), int32: steps since the last restart
+    epoch: jax.Array  # shape=(), int32: steps since the last restart
     steps: jax.Array  # shape=(), int32: steps in total
     restarts: jax.Array  # shape=(), int32
 
@@ -128,14 +128,14 @@ def anchor_weight(gamma, k):
 def _restart(solver, y, norm, state):
     """(anchor, anchor norm, count, restarts) after the restart test at y."""
     if solver.restart is None:
-        return state.anchor, state.anchor_norm, state.count, state.restarts
+        return state.anchor, state.anchor_norm, state.epoch, state.restarts
     restart = solver.restart(
-        norm, state.anchor_norm, state.last_norm, state.count, state.steps
+        norm, state.anchor_norm, state.last_norm, state.epoch, state.steps
     )
     return (
         tu.tree_where(restart, y, state.anchor),
         jnp.where(restart, norm, state.anchor_norm),
-        jnp.where(restart, 0, state.count),
+        jnp.where(restart, 0, state.epoch),
         state.restarts + restart.astype(jnp.int32),
     )
 

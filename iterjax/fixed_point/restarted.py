@@ -59,7 +59,7 @@ class RestartedState(NamedTuple):
     inner: object  # the wrapped solver's state
     anchor_norm: jax.Array  # shape=(), real: |fn(y) - y| at the last restart
     last_norm: jax.Array  # shape=(), real: |fn(y) - y| one step ago
-    count: jax.Array  # shape=(), int32: steps since the last restart
+    epoch: jax.Array  # shape=(), int32: steps since the last restart
     steps: jax.Array  # shape=(), int32
     restarts: jax.Array  # shape=(), int32
 
@@ -100,7 +100,7 @@ class Restarted(AbstractFixedPointSolver):
     def step(self, fn, y, args, state):
         y, inner = self.solver.step(fn, y, args, state.inner)
         norm = tu.two_norm(inner.residual)
-        count, steps = state.count + 1, state.steps + 1
+        count, steps = state.epoch + 1, state.steps + 1
         restart = self.rule(norm, state.anchor_norm, state.last_norm, count, steps)
         fresh = state_at(self.solver, y, inner.residual, args)
         inner = tu.tree_where(restart, fresh, inner)

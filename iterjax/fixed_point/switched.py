@@ -16,7 +16,7 @@ class SwitchedState(NamedTuple):
     first: object  # the first solver's state
     then: object  # the second solver's state (rebuilt at y until the switch)
     switched_at: jax.Array  # shape=(), int32: the step of the switch, -1 before
-    count: jax.Array  # shape=(), int32: steps taken
+    taken: jax.Array  # shape=(), int32: steps taken
 
 
 class Switched(AbstractFixedPointSolver):
@@ -77,7 +77,7 @@ class Switched(AbstractFixedPointSolver):
         y_new, residual, first, then = jax.lax.cond(
             state.switched_at >= 0, run_then, run_first, None
         )
-        count = state.count + 1
+        count = state.taken + 1
         switch = (state.switched_at < 0) & self._switch(residual, count)
         switched_at = jnp.where(switch, count, state.switched_at).astype(jnp.int32)
         return y_new, SwitchedState(residual, first, then, switched_at, count)

@@ -112,7 +112,8 @@ def write(run_dirs, out="report.md") -> pathlib.Path:
 def to_html(md: str, base: pathlib.Path) -> str:
     """The little markdown `markdown()` writes (headings, tables, images,
     bold lines) as one self-contained HTML page with the images embedded."""
-    body, table = [], []
+    body: list[str] = []
+    table: list[str] = []
 
     def flush():
         if table:

@@ -53,16 +53,16 @@ def expand(sweep: cfglib.Sweep) -> list[dict]:
         dict(zip(sweep.grid, values))
         for values in itertools.product(*sweep.grid.values())
     ]
-    draws = [{}]
+    draws: list[dict] = [{}]
     if sweep.random is not None:
         rng = np.random.default_rng(sweep.random.seed)
         draws = [
             {k: _draw(rng, d) for k, d in sweep.random.space.items()}
             for _ in range(sweep.random.num)
         ]
-    seeds = sweep.seeds
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    seeds = [{sweep.seed_key: s} for s in seeds] or [{}]
+    n = sweep.seeds
+    values = list(range(n)) if isinstance(n, int) else list(n)
+    seeds = [{sweep.seed_key: s} for s in values] or [{}]
     return [{**g, **r, **s} for g in grid for r in draws for s in seeds]
 
 
@@ -125,7 +125,7 @@ def groups(module, members, sweep: cfglib.Sweep):
         for k in keys
         if _is_array_key(module, k) and all(_is_number(m.settings[k]) for m in members)
     ]
-    out = {}
+    out: dict = {}
     for m in members:
         fixed = json.dumps([m.settings[k] for k in keys if k not in array])
         out.setdefault(fixed, []).append(m)
@@ -156,6 +156,10 @@ def replace_dotted(cfg, key, value):
     return dataclasses.replace(cfg, **{head: new})
 
 
+def _indexer(array):
+    return lambda index: array[index]
+
+
 def run_vectorised(module, members, keys, mesh=None) -> list[dict]:
     """`jax.vmap` of `module.trial` over the members' values of `keys`."""
     base = members[0].cfg
@@ -173,13 +177,14 @@ def run_vectorised(module, members, keys, mesh=None) -> list[dict]:
             cfg = replace_dotted(cfg, k, v)
         return module.trial(cfg)
 
+    inputs: dict = values
     if mesh is not None:
         sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
-        values = {
-            k: jax.make_array_from_callback(v.shape, sharding, lambda i, v=v: v[i])
+        inputs = {
+            k: jax.make_array_from_callback(v.shape, sharding, _indexer(v))
             for k, v in values.items()
         }
-    out = jax.jit(jax.vmap(one))(values)
+    out = jax.jit(jax.vmap(one))(inputs)
     if jax.process_count() > 1:
         out = multihost_utils.process_allgather(out, tiled=True)
     out = jax.tree.map(np.asarray, out)
@@ -200,7 +205,7 @@ def aggregate(rows, seed_key) -> list[dict]:
     """Per setting (all keys but the seed): n, then mean/std/min/max of each
     numeric metric over the seeds that finished, ignoring non-finite values
     (counted in `nonfinite`)."""
-    out = {}
+    out: dict = {}
     for r in rows:
         if r["status"] != "ok":
             continue

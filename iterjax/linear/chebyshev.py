@@ -73,7 +73,7 @@ class Chebyshev(AbstractLinearSolver):
             lo, hi = lanczos_bounds(matvec, b, self.lanczos_steps)
             lo, hi, cost = lo / self.margin, hi * self.margin, self.lanczos_steps
         else:
-            lo, hi, cost = *self.bounds, 0
+            (lo, hi), cost = self.bounds, 0
         theta, delta = (hi + lo) / 2, (hi - lo) / 2
         rtol = (
             (default_rtol(b) if self.rtol is None else self.rtol)

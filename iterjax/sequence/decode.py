@@ -174,6 +174,7 @@ def jacobi_decode(
     tokens = state.gen[:N]
     trajectory = None
     if return_trajectory:
+        assert state.trajectory is not None  # allocated when return_trajectory
         done = jnp.arange(max_sweeps, dtype=jnp.int32) >= state.num_calls
         trajectory = jnp.where(done[:, None], tokens, state.trajectory)
     converged = (state.start >= N) & ~state.nonfinite
