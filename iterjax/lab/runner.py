@@ -230,8 +230,8 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
 
     pid, nproc = jax.process_index(), jax.process_count()
     primary = pid == 0
-    sweep, members = p.platform.sweep, p.members
-    assert sweep is not None and members is not None  # a sweep's Prepared
+    sweep, everyone = p.platform.sweep, p.members
+    assert sweep is not None and everyone is not None  # a sweep's Prepared
     # A resume keeps the members that finished, and retries the failed ones.
     rows = _read_rows(run_dir, repair=primary) if resume else []
     done = {r["member"]: r for r in rows if r["status"] == "ok"}
@@ -243,11 +243,11 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
         with open(rows_file, "a") as f:
             f.write(json.dumps(jsonable(row)) + "\n")
 
-    plan = sweeplib.groups(p.module, members, sweep)
+    plan = sweeplib.groups(p.module, everyone, sweep)
     with (
         _recorded(run_dir, primary),
         contextlib.closing(workdir),
-        workdir.progress(len(members), "sweep") as advance,
+        workdir.progress(len(everyone), "sweep") as advance,
     ):
         advance(len(done))
         for keys, members in plan:
@@ -293,7 +293,7 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
         "experiment": p.name,
         "seconds": round(time.perf_counter() - start, 3),
         "environment": environment(p.cfg),
-        "members": len(members),
+        "members": len(everyone),
         "vectorised_groups": sum(1 for keys, _ in plan if keys),
         "mesh": dict(mesh.shape) if mesh is not None else None,
         "failed": {r["member"]: r["error"] for r in rows if r["status"] != "ok"},
