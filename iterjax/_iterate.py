@@ -23,7 +23,6 @@ before the loop: one dispatch fewer per solve.
 """
 
 import abc
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -187,13 +186,6 @@ def _drifting(c, v_norm):
     explained = v_norm >= 0.9 * c.residual
     finite = jnp.isfinite(c.residual)
     return ~c.converged & finite & (c.num_steps >= 8) & stalled & explained
-
-
-def solve_with(adjoint, solver, fn, y0, args, **kwargs) -> Solution:
-    """`iterative_solve` differentiated as `adjoint` says."""
-    return adjoint.apply(
-        functools.partial(iterative_solve, **kwargs), solver, fn, y0, args
-    )
 
 
 def state_at(solver, y, residual, args):

@@ -11,9 +11,9 @@ from .. import _tree as tu
 from .._checks import check_inexact
 from .._iterate import AbstractFixedPointSolver
 from .._solution import NONFINITE_LOSS, Solution, error_if_failed
+from .._solve import solve
 from .._types import Args, ArrayLike, Norm, Y
 from ..fixed_point import Newton
-from ..fixed_point._api import _solve
 from ..fixed_point.optax_solver import OptaxSolver
 from ..implicit import AbstractAdjoint, ImplicitAdjoint
 from ..linear import CG
@@ -114,7 +114,7 @@ def argmin(
     check_scalar_loss("argmin", "inner_loss", inner_loss, w0, theta)
     grad = jax.grad(inner_loss)
     fp = lambda w, t: tu.tree_sub(w, grad(w, t))
-    sol = _solve(
+    sol = solve(
         "argmin",
         grad,
         fp,

@@ -34,8 +34,8 @@ from flax import struct
 
 from .. import _tree as tu
 from .._checks import check_inexact, check_int, check_range, check_same_structure
+from .._optax import optax_init, optax_step
 from .._solution import error_if_failed, result_code
-from ..fixed_point.optax_solver import optax_init, optax_step
 from ..linear import CG, AbstractLinearSolver
 from ._argmin import INEXACT_NEWTON, argmin, check_scalar_loss
 

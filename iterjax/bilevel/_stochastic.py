@@ -39,7 +39,7 @@ from flax import struct
 
 from .. import _tree as tu
 from .._checks import check_int, check_range
-from ..fixed_point.optax_solver import optax_init, optax_step
+from .._optax import optax_init, optax_step
 
 
 class BilevelState(NamedTuple):

@@ -3,13 +3,10 @@
 import jax
 
 from .. import _tree as tu
-from .._checks import check_inexact, check_int, check_range, check_same_structure
-from .._iterate import (
-    AbstractFixedPointSolver,
-    iterative_solve,
-    solve_with,
-)
+from .._checks import check_int
+from .._iterate import AbstractFixedPointSolver, iterative_solve
 from .._solution import Solution, error_if_failed
+from .._solve import check_call, solve
 from .._types import Args, Fn, Norm, Y
 from ..implicit import AbstractAdjoint, ImplicitAdjoint
 from .anderson import Anderson
@@ -66,7 +63,7 @@ def fixed_point(
       >>> bool(sol.converged)
       True
     """
-    return _solve(
+    return solve(
         "fixed_point",
         fn,
         fn,
@@ -111,7 +108,7 @@ def root(
       1.414214
     """
     fp = lambda y, a: tu.tree_sub(y, fn(y, a))
-    return _solve(
+    return solve(
         "root",
         fn,
         fp,
@@ -169,60 +166,20 @@ def finite_sum_fixed_point(
     T = FiniteSum(fn, num_terms)
     options = dict(atol=atol, rtol=rtol, max_steps=max_steps, trace=trace, norm=norm)
     if not isinstance(solver, VRHalpern):
-        return _solve(what, T, T, y0, args, solver, adjoint, throw, **options)
-    _check_call(what, T, y0, args, solver, atol, rtol, max_steps, adjoint)
+        return solve(what, T, T, y0, args, solver, adjoint, throw, **options)
+    check_call(what, T, y0, args, solver, atol, rtol, max_steps, adjoint)
 
-    def solve(solver, _fn, y0, _args, *, unrolled):
+    def on_components(solver, _fn, y0, _args, *, unrolled):
         # The adjoint hands over its own wrapping of T; the sampling needs T's
         # components, so the solve runs on T, with `args` as the adjoint treats it.
         a = args if unrolled else jax.lax.stop_gradient(args)
         return iterative_solve(solver, T, y0, a, unrolled=unrolled, **options)
 
     solver = solver.replace(atol=atol, rtol=rtol, norm=norm)
-    sol = adjoint.apply(solve, solver, T, y0, args)
+    sol = adjoint.apply(on_components, solver, T, y0, args)
     if throw:
         error_if_failed(sol.result, what)
     return sol
-
-
-def _solve(what, user_fn, fn, y0, args, solver, adjoint, throw, **options):
-    """Validate the user's call, then solve y = fn(y, args) as `adjoint` says."""
-    _check_call(
-        what,
-        user_fn,
-        y0,
-        args,
-        solver,
-        options["atol"],
-        options["rtol"],
-        options["max_steps"],
-        adjoint,
-    )
-    sol = solve_with(adjoint, solver, fn, y0, args, **options)
-    if throw:
-        error_if_failed(sol.result, what)
-    return sol
-
-
-def _check_call(what, fn, y0, args, solver, atol, rtol, max_steps, adjoint):
-    if not callable(fn):
-        raise TypeError(f"{what}: `fn` must be callable, got {type(fn).__name__}")
-    if not isinstance(solver, AbstractFixedPointSolver):
-        raise TypeError(
-            f"{what}: `solver` must be an iterjax solver (Picard, Anderson, Broyden, "
-            f"Newton, Halpern), got {solver!r}"
-        )
-    if not isinstance(adjoint, AbstractAdjoint):
-        raise TypeError(
-            f"{what}: `adjoint` must be ImplicitAdjoint, UnrolledAdjoint or "
-            f"PhantomAdjoint, got {adjoint!r}"
-        )
-    check_int(what, "max_steps", max_steps, 1)
-    check_range(what, "atol", atol, lo=0.0)
-    check_range(what, "rtol", rtol, lo=0.0)
-    check_inexact(what, "y0", y0)
-    out = jax.eval_shape(fn, y0, args)
-    check_same_structure(what, "fn(y0, args)", out, tu.tree_structs(y0))
 
 
 __all__ = ["finite_sum_fixed_point", "fixed_point", "root"]

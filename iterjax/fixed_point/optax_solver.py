@@ -2,26 +2,12 @@
 
 from typing import Any, NamedTuple
 
-import jax
 import optax
 from flax import struct
 
 from .. import _tree as tu
 from .._iterate import AbstractFixedPointSolver
-
-
-def optax_init(optimizer, params):
-    """`optimizer.init(params)`; optax mixes int and float (its step counts), so
-    under strict dtype promotion it needs standard promotion."""
-    with jax.numpy_dtype_promotion("standard"):
-        return optimizer.init(params)
-
-
-def optax_step(optimizer, grads, state, params):
-    """One optax step: `(params + update(grads), new state)`, as `optax_init`."""
-    with jax.numpy_dtype_promotion("standard"):
-        updates, state = optimizer.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+from .._optax import optax_init, optax_step
 
 
 class OptaxState(NamedTuple):

@@ -1,0 +1,54 @@
+"""The one path through a fixed-point solve: the call is validated once, at the
+public boundary, then `iterative_solve` runs under the adjoint. `fixed_point`,
+`root`, `finite_sum_fixed_point` and `argmin` all go through `solve`."""
+
+import functools
+
+import jax
+
+from . import _tree as tu
+from ._checks import check_inexact, check_int, check_range, check_same_structure
+from ._iterate import AbstractFixedPointSolver, iterative_solve
+from ._solution import error_if_failed
+from .implicit import AbstractAdjoint
+
+
+def solve(what, user_fn, fn, y0, args, solver, adjoint, throw, **options):
+    """Validate the user's call, then solve y = fn(y, args) as `adjoint` says."""
+    check_call(
+        what,
+        user_fn,
+        y0,
+        args,
+        solver,
+        options["atol"],
+        options["rtol"],
+        options["max_steps"],
+        adjoint,
+    )
+    run = functools.partial(iterative_solve, **options)
+    sol = adjoint.apply(run, solver, fn, y0, args)
+    if throw:
+        error_if_failed(sol.result, what)
+    return sol
+
+
+def check_call(what, fn, y0, args, solver, atol, rtol, max_steps, adjoint):
+    if not callable(fn):
+        raise TypeError(f"{what}: `fn` must be callable, got {type(fn).__name__}")
+    if not isinstance(solver, AbstractFixedPointSolver):
+        raise TypeError(
+            f"{what}: `solver` must be an iterjax solver (Picard, Anderson, Broyden, "
+            f"Newton, Halpern), got {solver!r}"
+        )
+    if not isinstance(adjoint, AbstractAdjoint):
+        raise TypeError(
+            f"{what}: `adjoint` must be ImplicitAdjoint, UnrolledAdjoint or "
+            f"PhantomAdjoint, got {adjoint!r}"
+        )
+    check_int(what, "max_steps", max_steps, 1)
+    check_range(what, "atol", atol, lo=0.0)
+    check_range(what, "rtol", rtol, lo=0.0)
+    check_inexact(what, "y0", y0)
+    out = jax.eval_shape(fn, y0, args)
+    check_same_structure(what, "fn(y0, args)", out, tu.tree_structs(y0))
