@@ -4,6 +4,7 @@ robustness, reports, multi-host and cache settings, invalid configs."""
 import json
 import pathlib
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -623,6 +624,41 @@ runner.run_experiment({str(path)!r}, out={str(tmp_path / "b")!r}, quiet=True)
         sys.path.remove(str(tests))
     assert resumed["metrics"] == full["metrics"]
     assert _rows(run_dir) == _rows(full_dir)
+
+
+def _scalars(event_dir):
+    """{tag: [(step, value)]} from tensorboard event files (TFRecord framing:
+    length, its CRC, the serialised Event, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    out = {}
+    for path in sorted(event_dir.glob("events.out.tfevents.*")):
+        data, i = path.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i : i + 8])
+            event = Event.FromString(data[i + 12 : i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):
+    text = "experiment: toy\nsteps: 5\ntensorboard: true\n"
+    run_dir, _ = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)
+    scalars = _scalars(run_dir / "tensorboard")
+    rows = _rows(run_dir)
+    assert set(scalars) == {"loss"}
+    expected = [(r["step"], r["loss"]) for r in rows]
+    assert [s for s, _ in scalars["loss"]] == [s for s, _ in expected]
+    np.testing.assert_allclose(
+        [v for _, v in scalars["loss"]], [v for _, v in expected], rtol=1e-6
+    )
+    # off by default
+    plain, _ = runlib.run_experiment(
+        _config(tmp_path, "experiment: toy\nsteps: 2\n", "d.yaml"), out=tmp_path / "p"
+    )
+    assert not (plain / "tensorboard").exists()
 
 
 def _flip_bytes(data):

@@ -379,6 +379,7 @@ class Platform:
     distributed: Literal["auto"] | DistributedSpec | None = None
     compilation_cache: str | None = None
     checkpoint_every: int = 0
+    tensorboard: bool = False  # also write logged rows as TensorBoard scalars
 
     def __post_init__(self):
         if self.checkpoint_every < 0:

@@ -11,7 +11,8 @@ writes one directory for the whole sweep (see `iterjax.lab.sweep`).
 The reserved top-level config keys (`iterjax.lab.config.Platform`) say how to run:
 `sweep`, `mesh` (a device mesh; sweeps shard over its first axis),
 `distributed` (`jax.distributed.initialize`, or `auto`), `compilation_cache`
-(a directory for JAX's persistent compilation cache) and `checkpoint_every`.
+(a directory for JAX's persistent compilation cache), `checkpoint_every` and
+`tensorboard` (every logged row also as TensorBoard scalars, in `tensorboard/`).
 """
 
 import contextlib
@@ -207,6 +208,7 @@ def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume, primary=None):
         mesh=mesh,
         resume=resume,
         primary=primary,
+        tensorboard=p.platform.tensorboard,
     )
     start = time.perf_counter()
     with _recorded(run_dir, primary), contextlib.closing(workdir):

@@ -9,9 +9,13 @@ import sys
 
 import jax
 import matplotlib.pyplot as plt
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 from rich.progress import BarColumn, Progress, TimeElapsedColumn
+from tensorboardX import SummaryWriter
+
+from .tables import flatten
 
 
 class Workdir:
@@ -33,6 +37,12 @@ class Workdir:
     `state` must hold everything the loop depends on (parameters, optimiser
     state, PRNG keys as `jax.random.key_data`).
 
+    With `tensorboard=True` every logged row is also written as TensorBoard
+    scalars (tensorboardX event files in `tensorboard/`): one tag per numeric
+    entry (nested keys dotted), at the row's `step` when it has one, else at its
+    row number. `metrics.jsonl` stays the record; the event files are for
+    viewing (`tensorboard --logdir runs/`), and a resumed run appends to them.
+
     On a multi-process run every process calls the same methods; only process 0
     writes metrics and plots.
     """
@@ -46,6 +56,7 @@ class Workdir:
         mesh=None,
         resume=False,
         primary=True,
+        tensorboard=False,
     ):
         self.path = pathlib.Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -56,6 +67,9 @@ class Workdir:
         self.nonfinite = {}  # metric name -> rows in which it was NaN or inf
         self._manager = None
         self._metrics = None
+        self._events = None
+        if tensorboard and primary:
+            self._events = SummaryWriter(str(self.path / "tensorboard"))
         self._rows = 0
         self._restored = None
         if resume:
@@ -76,6 +90,13 @@ class Workdir:
             self._metrics = open(self.path / "metrics.jsonl", "a")
         self._metrics.write(json.dumps(jsonable(row)) + "\n")
         self._metrics.flush()
+        if self._events is not None:
+            step = row.get("step", self._rows - 1)
+            step = step if isinstance(step, int) else self._rows - 1
+            for key, value in flatten(row).items():
+                if key != "step" and _is_number(value):
+                    self._events.add_scalar(key, float(value), step)
+            self._events.flush()
 
     def logged(self) -> list[dict]:
         """The rows in metrics.jsonl (after a resume: those before the checkpoint)."""
@@ -215,6 +236,9 @@ class Workdir:
         self._rows = rows
 
     def close(self):
+        if self._events is not None:
+            self._events.close()
+            self._events = None
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -255,6 +279,12 @@ def verify_manifest(directory):
         if found[name] != digest:
             return f"{name} does not match its SHA-256 in {MANIFEST}"
     return None
+
+
+def _is_number(x):
+    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) or (
+        hasattr(x, "shape") and getattr(x, "shape", None) == ()
+    )
 
 
 def jsonable(x):
