@@ -46,6 +46,22 @@ def _hoist_closure(fn, y0, args):
     return (lambda y, a: closed(y, a[0], *a[1])), (args, consts)
 
 
+@jax.custom_jvp
+def _first_order_only(tree):
+    """The identity, whose derivative raises (see `PhantomAdjoint`)."""
+    return tree
+
+
+@_first_order_only.defjvp
+def _first_order_only_jvp(primals, tangents):
+    raise ValueError(
+        "PhantomAdjoint gives first derivatives only: its gradient is that of a few "
+        "steps from the solution held fixed, whose own derivative is not the "
+        "solution's second derivative. Use ImplicitAdjoint or UnrolledAdjoint "
+        "for hessian, jacfwd(jacrev), grad of grad."
+    )
+
+
 def _stop(tree):
     return jax.lax.stop_gradient(tree)
 
@@ -134,9 +150,23 @@ class PhantomAdjoint(AbstractAdjoint):
     def apply(self, solve, solver, fn, y0, args):
         fn2, args2 = _hoist_closure(fn, y0, args)
         sol = solve(_stop(solver), fn2, _stop(y0), _stop(args2), unrolled=False)
-        y = sol.value
-        step = lambda _, z: tu.tree_lerp(self.damping, z, fn2(z, args2))
-        z = jax.lax.fori_loop(0, self.steps, step, y)
-        # Forward value stays exactly y*; only the gradient is the phantom one.
-        value = tu.tree_map(lambda a, b: a + (b - _stop(b)), y, z)
-        return sol.replace(value=value)
+
+        def phantom(a, y):  # k damped steps from the (held) solution
+            step = lambda _, z: tu.tree_lerp(self.damping, z, fn2(z, a))
+            return jax.lax.fori_loop(0, self.steps, step, y)
+
+        # The value is exactly y*; its tangent is the phantom steps'. Their
+        # primal inputs pass `_first_order_only`, whose own derivative raises:
+        # a second derivative would differentiate the phantom steps' Jacobian
+        # with y* held fixed, which is not y*'s second derivative.
+        @jax.custom_jvp
+        def value(a, y):
+            return y
+
+        @value.defjvp
+        def _(primals, tangents):
+            (a, y), (da, _) = primals, tangents
+            _, dz = jax.jvp(lambda a: phantom(a, y), (_first_order_only(a),), (da,))
+            return y, dz
+
+        return sol.replace(value=value(args2, _stop(sol.value)))

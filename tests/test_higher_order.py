@@ -92,3 +92,22 @@ def test_scan_hessian_against_lax_scan(method):
     ref = jax.hessian(lambda w: loss(jax.lax.scan, w))(w)
     mine = jax.hessian(lambda w: loss(ij.scan, w, method=method, atol=1e-12))(w)
     np.testing.assert_allclose(mine, ref, atol=1e-9)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+def test_phantom_adjoint_refuses_second_derivatives(order):
+    # Its second derivative would be that of the phantom steps with y* held
+    # fixed (0 here, where the true one is 16): an error, never that number.
+    adjoint = ij.PhantomAdjoint(steps=200)
+
+    def f(a):
+        fn = lambda y, a: a * y + 1.0
+        return ij.fixed_point(
+            fn, jnp.array(0.0), a, solver=ij.Picard(), atol=1e-12, adjoint=adjoint
+        ).value
+
+    with pytest.raises(ValueError, match="first derivatives only"):
+        ORDERS[order](f)(jnp.array(0.5))
+    # first derivatives are unchanged: 1 / (1 - a)^2 at a = 0.5 (to the steps)
+    np.testing.assert_allclose(jax.grad(f)(0.5), 4.0, rtol=1e-10)
+    np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(f)))(jnp.array([0.5])), 4.0)
