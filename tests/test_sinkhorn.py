@@ -8,12 +8,15 @@ import pytest
 from jax.test_util import check_grads
 
 import iterjax as ij
-from iterjax.classical import marginal_error, sinkhorn, transport_plan
+from iterjax.classical import SparseNewton, marginal_error, sinkhorn, transport_plan
 
 SOLVERS = {
     "sinkhorn": ij.Picard(),
     "anderson": ij.Anderson(),
     "sinkhorn-newton": ij.Switched(ij.Picard(), ij.Backtracking(ij.Newton()), after=10),
+    "sinkhorn-newton-sparse": ij.Switched(
+        ij.Picard(), ij.Backtracking(SparseNewton(0.3)), after=10
+    ),
 }
 
 
@@ -116,6 +119,13 @@ def test_gradients_match_finite_differences(name):
 def test_bad_input_raises(args, match):
     with pytest.raises(ValueError, match=match):
         sinkhorn(*args)
+
+
+def test_sparse_newton_solves_sinkhorn_only():
+    with pytest.raises(TypeError, match="sinkhorn"):
+        ij.fixed_point(lambda y, a: 0.5 * y, jnp.ones(3), solver=SparseNewton())
+    with pytest.raises(ValueError, match="density"):
+        SparseNewton(density=0.0)
 
 
 def test_integer_costs_raise():

@@ -282,8 +282,10 @@ def verify_manifest(directory):
 
 
 def _is_number(x):
-    return isinstance(x, (int, float, np.number)) and not isinstance(x, bool) or (
-        hasattr(x, "shape") and getattr(x, "shape", None) == ()
+    return (
+        isinstance(x, (int, float, np.number))
+        and not isinstance(x, bool)
+        or (hasattr(x, "shape") and getattr(x, "shape", None) == ())
     )
 
 
