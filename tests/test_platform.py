@@ -644,7 +644,7 @@ def _scalars(event_dir):
 
 
 def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):
-    text = "experiment: toy\nsteps: 5\ntensorboard: true\n"
+    text = "experiment: toy\nsteps: 5\nwriters: [jsonl, tensorboard]\n"
     run_dir, _ = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)
     scalars = _scalars(run_dir / "tensorboard")
     rows = _rows(run_dir)
@@ -659,6 +659,10 @@ def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):
         _config(tmp_path, "experiment: toy\nsteps: 2\n", "d.yaml"), out=tmp_path / "p"
     )
     assert not (plain / "tensorboard").exists()
+    with pytest.raises(cfglib.ConfigError, match="must include jsonl"):
+        runlib.run_experiment(
+            _config(tmp_path, "experiment: toy\nwriters: [tensorboard]\n", "e.yaml")
+        )
 
 
 def _flip_bytes(data):

@@ -379,9 +379,13 @@ class Platform:
     distributed: Literal["auto"] | DistributedSpec | None = None
     compilation_cache: str | None = None
     checkpoint_every: int = 0
-    tensorboard: bool = False  # also write logged rows as TensorBoard scalars
+    # where logged rows go: metrics.jsonl (always: the run's record, which
+    # resume cuts back) and, optionally, TensorBoard event files
+    writers: tuple[Literal["jsonl", "tensorboard"], ...] = ("jsonl",)
 
     def __post_init__(self):
+        if "jsonl" not in self.writers:
+            _fail("writers", "must include jsonl: metrics.jsonl is the run's record")
         if self.checkpoint_every < 0:
             _fail("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         if self.mesh is not None:

@@ -12,7 +12,7 @@ The reserved top-level config keys (`iterjax.lab.config.Platform`) say how to ru
 `sweep`, `mesh` (a device mesh; sweeps shard over its first axis),
 `distributed` (`jax.distributed.initialize`, or `auto`), `compilation_cache`
 (a directory for JAX's persistent compilation cache), `checkpoint_every` and
-`tensorboard` (every logged row also as TensorBoard scalars, in `tensorboard/`).
+`writers` (`[jsonl, tensorboard]`: logged rows also as TensorBoard scalars).
 """
 
 import contextlib
@@ -208,7 +208,7 @@ def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume, primary=None):
         mesh=mesh,
         resume=resume,
         primary=primary,
-        tensorboard=p.platform.tensorboard,
+        writers=p.platform.writers,
     )
     start = time.perf_counter()
     with _recorded(run_dir, primary), contextlib.closing(workdir):

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
-from rich.progress import BarColumn, Progress, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
 
 from .tables import flatten
@@ -37,11 +37,13 @@ class Workdir:
     `state` must hold everything the loop depends on (parameters, optimiser
     state, PRNG keys as `jax.random.key_data`).
 
-    With `tensorboard=True` every logged row is also written as TensorBoard
-    scalars (tensorboardX event files in `tensorboard/`): one tag per numeric
-    entry (nested keys dotted), at the row's `step` when it has one, else at its
-    row number. `metrics.jsonl` stays the record; the event files are for
-    viewing (`tensorboard --logdir runs/`), and a resumed run appends to them.
+    `writers` names where rows go besides `metrics.jsonl` (always written: the
+    record that a resume cuts back): "tensorboard" writes each row's numbers as
+    TensorBoard scalars (tensorboardX event files in `tensorboard/`), one tag per
+    numeric entry (nested keys dotted) at the row's `step` when it has one, else
+    at its row number (`tensorboard --logdir runs/`); a resumed run appends.
+    More writers plug in through `WRITERS` (a name -> a class taking the run
+    directory, with `write(row, step)` and `close()`).
 
     On a multi-process run every process calls the same methods; only process 0
     writes metrics and plots.
@@ -56,7 +58,7 @@ class Workdir:
         mesh=None,
         resume=False,
         primary=True,
-        tensorboard=False,
+        writers=("jsonl",),
     ):
         self.path = pathlib.Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,14 @@ class Workdir:
         self.nonfinite = {}  # metric name -> rows in which it was NaN or inf
         self._manager = None
         self._metrics = None
-        self._events = None
-        if tensorboard and primary:
-            self._events = SummaryWriter(str(self.path / "tensorboard"))
+        unknown = sorted(set(writers) - {"jsonl", *WRITERS})
+        if unknown:
+            raise ValueError(
+                f"unknown writers {unknown}; known: jsonl, {sorted(WRITERS)}"
+            )
+        self._writers = [
+            WRITERS[w](self.path) for w in writers if w != "jsonl" and primary
+        ]
         self._rows = 0
         self._restored = None
         if resume:
@@ -90,13 +97,10 @@ class Workdir:
             self._metrics = open(self.path / "metrics.jsonl", "a")
         self._metrics.write(json.dumps(jsonable(row)) + "\n")
         self._metrics.flush()
-        if self._events is not None:
-            step = row.get("step", self._rows - 1)
-            step = step if isinstance(step, int) else self._rows - 1
-            for key, value in flatten(row).items():
-                if key != "step" and _is_number(value):
-                    self._events.add_scalar(key, float(value), step)
-            self._events.flush()
+        step = row.get("step", self._rows - 1)
+        step = step if isinstance(step, int) else self._rows - 1
+        for writer in self._writers:
+            writer.write(row, step)
 
     def logged(self) -> list[dict]:
         """The rows in metrics.jsonl (after a resume: those before the checkpoint)."""
@@ -116,7 +120,8 @@ class Workdir:
 
     @contextlib.contextmanager
     def progress(self, total: int, description: str):
-        """A rich progress bar; yields `advance()` (silent when quiet)."""
+        """A rich progress bar with elapsed time and ETA; yields `advance()`
+        (silent when quiet)."""
         if self.quiet:
             yield lambda n=1: None
             return
@@ -125,6 +130,8 @@ class Workdir:
             BarColumn(),
             "{task.completed}/{task.total}",
             TimeElapsedColumn(),
+            "eta",
+            TimeRemainingColumn(),
         ) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)
@@ -236,9 +243,9 @@ class Workdir:
         self._rows = rows
 
     def close(self):
-        if self._events is not None:
-            self._events.close()
-            self._events = None
+        for writer in self._writers:
+            writer.close()
+        self._writers = []
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
@@ -279,6 +286,25 @@ def verify_manifest(directory):
         if found[name] != digest:
             return f"{name} does not match its SHA-256 in {MANIFEST}"
     return None
+
+
+class TensorBoardWriter:
+    """Rows as TensorBoard scalars, in `<run>/tensorboard/` (tensorboardX)."""
+
+    def __init__(self, path):
+        self._events = SummaryWriter(str(pathlib.Path(path) / "tensorboard"))
+
+    def write(self, row, step):
+        for key, value in flatten(row).items():
+            if key != "step" and _is_number(value):
+                self._events.add_scalar(key, float(value), step)
+        self._events.flush()
+
+    def close(self):
+        self._events.close()
+
+
+WRITERS = {"tensorboard": TensorBoardWriter}
 
 
 def _is_number(x):
