@@ -20,6 +20,7 @@ from iterjax.lab import cli, registry
 from iterjax.lab import config as cfglib
 from iterjax.lab import runner as runlib
 from iterjax.lab import sweep as sweeplib
+from iterjax.lab import workdir as workdirlib
 from iterjax.lab.workdir import Workdir
 
 
@@ -170,6 +171,7 @@ for k, m in out["plain"].items():
 # batches: Workdir.shard splits the leading axis over the mesh; parameters that
 # were never placed follow, replicated (data parallelism without code changes)
 import jax.numpy as jnp, numpy as np
+from iterjax.lab import workdir as workdirlib
 from iterjax.lab.workdir import Workdir
 mesh = runlib.make_mesh(runlib.cfglib.MeshSpec((-1,), ("batch",)))
 x = np.arange(48.0).reshape(16, 3)
@@ -695,3 +697,20 @@ def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(
     assert "checkpoint 6" in err and says in err
     assert resumed["metrics"] == full["metrics"]
     assert _rows(run_dir) == _rows(full_dir)
+
+
+def test_a_run_logs_to_stdout_log_with_plain_progress_off_a_terminal(
+    tmp_path, toy, capsys, monkeypatch
+):
+    monkeypatch.setattr(workdirlib, "PLAIN_EVERY", 0.0)  # a line per advance
+    path = _config(tmp_path, "experiment: toy\nsteps: 3\n")
+    run_dir, _ = runlib.run_experiment(path, out=tmp_path, quiet=False)
+    log = (run_dir / "stdout.log").read_text()
+    for line in ("toy: lr 0.1, from step 0", "training: 1/3", "training: 3/3"):
+        assert line in log
+    assert "training: 3/3" in capsys.readouterr().out  # the terminal's copy
+    assert sys.stdout is not None and not hasattr(sys.stdout, "log")  # restored
+    monkeypatch.setattr(workdirlib, "PLAIN_EVERY", 3600.0)  # only the last line
+    run_dir, _ = runlib.run_experiment(path, out=tmp_path, quiet=False)
+    log = (run_dir / "stdout.log").read_text()
+    assert "training: 3/3" in log and "training: 1/3" not in log

@@ -58,10 +58,13 @@ def run(cfg, workdir):
     if cfg.seed == cfg.fail_seed:
         raise RuntimeError(f"toy failure for seed {cfg.seed}")
     start, state = workdir.restore(_init(cfg))
-    for step in range(start + 1, cfg.steps + 1):
-        state = _update(state, cfg.lr)
-        workdir.log(step=step, loss=float(0.5 * jnp.sum(state["w"] ** 2)))
-        workdir.checkpoint(step, state)
+    print(f"toy: lr {cfg.lr}, from step {start}")
+    with workdir.progress(cfg.steps - start, "training") as advance:
+        for step in range(start + 1, cfg.steps + 1):
+            state = _update(state, cfg.lr)
+            workdir.log(step=step, loss=float(0.5 * jnp.sum(state["w"] ** 2)))
+            workdir.checkpoint(step, state)
+            advance()
     fig, ax = plt.subplots()
     ax.plot([r["loss"] for r in workdir.logged()])
     workdir.savefig(fig, "loss.png")

@@ -40,7 +40,7 @@ from . import config as cfglib
 from . import registry
 from . import sweep as sweeplib
 from .tables import flatten
-from .workdir import Workdir, jsonable, nonfinite_paths
+from .workdir import Workdir, jsonable, nonfinite_paths, teed
 
 __all__ = ["Workdir", "prepare", "run_experiment", "make_mesh", "environment"]
 
@@ -155,7 +155,7 @@ def _run_experiment(
         with open(run_dir / "config.yaml", "w") as f:
             yaml.safe_dump(resolved(p), f, sort_keys=False)
     try:
-        with _locked(run_dir):
+        with _locked(run_dir), _logged(run_dir):
             if p.members is None:
                 summary = _run_one(p, p.cfg, run_dir, quiet, mesh, resume is not None)
             else:
@@ -165,6 +165,13 @@ def _run_experiment(
     except KeyboardInterrupt:
         raise Interrupted(run_dir) from None
     return run_dir, summary
+
+
+def _logged(run_dir):
+    """The run's stdout and stderr also land in `stdout.log` (process 0's)."""
+    if jax.process_index() != 0:
+        return contextlib.nullcontext()
+    return teed(pathlib.Path(run_dir) / "stdout.log")
 
 
 @contextlib.contextmanager

@@ -2,16 +2,19 @@
 
 import contextlib
 import hashlib
+import io
 import json
 import math
 import pathlib
 import sys
+import time
 
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
 
@@ -120,21 +123,38 @@ class Workdir:
 
     @contextlib.contextmanager
     def progress(self, total: int, description: str):
-        """A rich progress bar with elapsed time and ETA; yields `advance()`
-        (silent when quiet)."""
+        """Progress of one phase; yields `advance(n=1)`. On a terminal: a rich bar
+        with elapsed time and ETA. Otherwise (a batch job's redirected output):
+        a plain line at most every `PLAIN_EVERY` seconds and at the end, flushed.
+        Silent when quiet. `stdout.log` gets the plain lines either way."""
         if self.quiet:
             yield lambda n=1: None
             return
-        with Progress(
-            "[progress.description]{task.description}",
-            BarColumn(),
-            "{task.completed}/{task.total}",
-            TimeElapsedColumn(),
-            "eta",
-            TimeRemainingColumn(),
-        ) as bar:
+        terminal = getattr(sys.stdout, "terminal", sys.stdout)
+        if not terminal.isatty():
+            with _plain_progress(total, description, sys.stdout) as advance:
+                yield advance
+            return
+        log = getattr(sys.stdout, "log", None)  # stdout.log, without the bar
+        with (
+            Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                "{task.completed}/{task.total}",
+                TimeElapsedColumn(),
+                "eta",
+                TimeRemainingColumn(),
+                console=Console(file=terminal),
+            ) as bar,
+            _plain_progress(total, description, log, every=math.inf) as logged,
+        ):
             task = bar.add_task(description, total=total)
-            yield lambda n=1: bar.advance(task, n)
+
+            def advance(n=1):
+                bar.advance(task, n)
+                logged(n)
+
+            yield advance
 
     def shard(self, tree):
         """Place the leading axis of every leaf over the mesh's first axis (the
@@ -255,6 +275,76 @@ class Workdir:
 
 
 MANIFEST = "iterjax-manifest.json"
+
+
+PLAIN_EVERY = 10.0  # seconds between plain progress lines
+
+
+@contextlib.contextmanager
+def _plain_progress(total, description, stream, every=None):
+    """`advance(n=1)` that writes "description: done/total (elapsed, eta)" to
+    `stream` (None: nowhere) at most every `every` seconds and at the end."""
+    every = PLAIN_EVERY if every is None else every
+    start = last = time.monotonic()
+    done = 0
+
+    def line():
+        elapsed = time.monotonic() - start
+        eta = elapsed / done * (total - done) if done else math.nan
+        stream.write(
+            f"{description}: {done}/{total} ({elapsed:.0f} s, eta {eta:.0f} s)\n"
+        )
+        stream.flush()
+
+    def advance(n=1):
+        nonlocal done, last
+        done += n
+        if stream is not None and time.monotonic() - last >= every:
+            last = time.monotonic()
+            line()
+
+    yield advance
+    if stream is not None:
+        line()
+
+
+class Tee(io.TextIOBase):
+    """A text stream that writes to `terminal` and to `log` (a file), flushing
+    both at every line, so that a redirected run's output is never held back
+    in a buffer. `isatty` is the terminal's."""
+
+    def __init__(self, terminal, log):
+        self.terminal, self.log = terminal, log
+
+    def write(self, text):
+        self.terminal.write(text)
+        self.log.write(text)
+        if "\n" in text:
+            self.flush()
+        return len(text)
+
+    def flush(self):
+        self.terminal.flush()
+        self.log.flush()
+
+    def isatty(self):
+        return self.terminal.isatty()
+
+    @property
+    def encoding(self):
+        return getattr(self.terminal, "encoding", "utf-8")
+
+
+@contextlib.contextmanager
+def teed(path):
+    """stdout and stderr also go to the file `path` (appended) while inside."""
+    with open(path, "a", buffering=1) as log:
+        out, err = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(out, log), Tee(err, log)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
 
 
 def _digests(directory):
