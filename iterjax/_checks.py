@@ -1,5 +1,7 @@
 """Validation shared by every public entry point: clear errors at trace time."""
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -19,6 +21,52 @@ def concrete_number(value):
     ):
         return float(value)
     return None
+
+
+def describe(tree):
+    """The shapes and dtypes of a pytree's leaves, compactly: `{'a': f64[3]}`."""
+    short = lambda a: f"{jnp.result_type(a).name}{list(jnp.shape(a))}"
+    return str(jtu.tree_map(short, tree)).replace("'", "")
+
+
+@contextlib.contextmanager
+def user_call(owner, call, arguments, errors=()):
+    """Run a user's function: a TypeError or ValueError it raises (a shape mismatch
+    deep in `dot_general`, say), or one of `errors`, is raised again naming
+    `owner`, the `call` and the shapes of the `arguments` (a dict name -> pytree)."""
+    try:
+        yield
+    except (TypeError, ValueError, *errors) as e:
+        shapes = ", ".join(f"{n} {describe(a)}" for n, a in arguments.items())
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        raise kind(
+            f"{owner}: calling {call} failed with {shapes}; check that they have "
+            f"the shapes it expects. {type(e).__name__}: {e}"
+        ) from e
+
+
+def eval_shape(owner, call, fn, *args, names=(), errors=()):
+    """`jax.eval_shape(fn, *args)` of a user's function, under `user_call`."""
+    with user_call(owner, call, dict(zip(names, args)), errors):
+        return jax.eval_shape(fn, *args)
+
+
+def check_scalar_loss(owner, name, loss, w, theta):
+    """`loss(w, theta)` must return a real scalar; raise naming `name` otherwise."""
+    if not callable(loss):
+        raise TypeError(f"{owner}: `{name}` must be callable, got {type(loss)}")
+    out = eval_shape(owner, f"{name}(w, theta)", loss, w, theta, names=("w", "theta"))
+    leaves = jtu.tree_leaves(out)
+    if len(leaves) != 1 or leaves[0].shape != ():
+        shapes = [x.shape for x in leaves]
+        raise ValueError(
+            f"{owner}: `{name}` must return a scalar, got shapes {shapes} (sum or "
+            "average the per-example losses)"
+        )
+    if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
+        raise TypeError(
+            f"{owner}: `{name}` must return a real float, got {leaves[0].dtype}"
+        )
 
 
 def check_range(owner, name, value, lo=None, hi=None, lo_open=False, hi_open=False):

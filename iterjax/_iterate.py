@@ -27,13 +27,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from . import _tree as tu
-from ._solution import Solution, result_code
+from ._module import Module
+from ._solution import INVALID_TOLERANCE, Solution, result_code
 
 
-class AbstractFixedPointSolver(struct.PyTreeNode):
+class AbstractFixedPointSolver(Module):
     """Base class of the solvers of `fixed_point` and `root`.
 
     Concrete solvers hold hyperparameters as fields (floats are pytree leaves, so
@@ -124,15 +124,19 @@ def iterative_solve(
       unrolled: run a fixed-length masked `lax.scan` instead of a `while_loop`, so
         that reverse-mode AD can differentiate through the iterations.
     """
+    # Concrete tolerances are checked at the public boundary; traced ones here: a
+    # negative or NaN one stops the solve before its first step, with its own code.
+    invalid = _invalid_tolerance(atol, rtol)
     state = None if unrolled else solver.lazy_init(y0)
     if state is None:
         state = solver.init(fn, y0, args)
         converged, finite, size = residual_status(y0, state.residual, atol, rtol, norm)
-        start = (y0, state, jnp.int32(0), ~finite | converged, converged, size)
+        done = ~finite | converged | invalid
+        start = (y0, state, jnp.int32(0), done, converged & ~invalid, size)
     else:  # iteration "-1" of the loop evaluates fn(y0)
         real = jax.eval_shape(norm, state.residual).dtype
         no = jnp.bool_(False)
-        start = (y0, state, jnp.int32(-1), no, no, jnp.array(jnp.inf, real))
+        start = (y0, state, jnp.int32(-1), invalid, no, jnp.array(jnp.inf, real))
     marks = jnp.full((2,), start[-1])
     trace_buf = jnp.full((max_steps,), jnp.nan, start[-1].dtype) if trace else None
     carry = _Carry(*start, marks, trace_buf)
@@ -160,20 +164,44 @@ def iterative_solve(
         carry, _ = jax.lax.scan(masked, carry, None, length=max_steps)
     else:
         cond = lambda c: ~c.done & (c.num_steps < max_steps)
-        carry = jax.lax.while_loop(cond, body, carry)
+        try:
+            carry = jax.lax.while_loop(cond, body, carry)
+        except ValueError as e:
+            if "not found in mesh" not in str(e):
+                raise
+            raise ValueError(_EXPLICIT_MODE) from e
 
-    v = solver.displacement(carry.y, y0, carry.num_steps, carry.state)
+    num_steps = jnp.maximum(carry.num_steps, 0)  # -1: a lazy init never run
+    v = solver.displacement(carry.y, y0, num_steps, carry.state)
+    result = result_code(carry.converged, jnp.isfinite(carry.residual))
     return Solution(
         value=carry.y,
         converged=carry.converged,
-        num_steps=carry.num_steps,
+        num_steps=num_steps,
         residual=carry.residual,
-        result=result_code(carry.converged, jnp.isfinite(carry.residual)),
+        result=jnp.where(invalid, jnp.int32(INVALID_TOLERANCE), result),
         trace=carry.trace,
         stats=solver.summary(carry.state),
         displacement=v,
         drifting=_drifting(carry, norm(v)),
     )
+
+
+_EXPLICIT_MODE = (
+    "iterjax: this solve is vmapped over a batch sharded in JAX's Explicit mode "
+    "(jax.make_mesh's default axis type), and jax cannot batch a while_loop with a "
+    "per-element stopping test there (plain JAX fails the same way). Give the "
+    "batch's mesh Auto axes: jax.make_mesh(shape, names, "
+    "axis_types=(jax.sharding.AxisType.Auto,) * len(names)), as configs' `mesh:` "
+    "does"
+)
+
+
+def _invalid_tolerance(atol, rtol):
+    """True where a traced atol or rtol is negative or NaN (False when concrete)."""
+    if not any(isinstance(t, jax.core.Tracer) for t in (atol, rtol)):
+        return jnp.bool_(False)
+    return ~((jnp.asarray(atol) >= 0) & (jnp.asarray(rtol) >= 0))
 
 
 def _drifting(c, v_norm):

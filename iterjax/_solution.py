@@ -12,6 +12,8 @@ SUCCESSFUL = 0
 MAX_STEPS_REACHED = 1
 NONFINITE = 2
 NONFINITE_LOSS = 3
+INVALID_TOLERANCE = 4
+NOT_A_MINIMUM = 5
 
 MESSAGES = {
     SUCCESSFUL: "converged",
@@ -27,6 +29,17 @@ MESSAGES = {
     NONFINITE_LOSS: (
         "did not converge: the gradient vanished at a point where the loss itself "
         "is not finite (NaN or inf); the minimiser there is not valid"
+    ),
+    INVALID_TOLERANCE: (
+        "was not run: atol or rtol is negative or NaN (a traced value, so it could "
+        "not be refused at trace time); pass tolerances >= 0"
+    ),
+    NOT_A_MINIMUM: (
+        "found a stationary point that is not a minimum: the loss curves downward "
+        "along some direction there (a saddle point or a maximum; "
+        "`Solution.stats['curvature']` is the lowest curvature seen). The implicit "
+        "gradient assumes a minimum and is not valid there; start elsewhere, or "
+        "make the inner loss convex near its minimiser (e.g. a ridge term)"
     ),
 }
 
@@ -47,7 +60,9 @@ class Solution:
       residual: the norm (default: infinity norm) of `fn(value) - value` (fixed
         points) or of `F(value)` (roots).
       result: int32 code: 0 converged, 1 max_steps reached, 2 non-finite, 3 a
-        non-finite loss at a stationary point (`argmin`).
+        non-finite loss at a stationary point (`argmin`), 4 a traced
+        tolerance that is negative or NaN (nothing was solved), 5 a stationary
+        point that is not a minimum (`argmin`).
       trace: residual norms after each step, shape `[max_steps]`, NaN after the solve
         stopped; `None` unless `trace=True` was passed.
       stats: solver-specific extras (e.g. `max_steps`).

@@ -4,10 +4,14 @@ public boundary, then `iterative_solve` runs under the adjoint. `fixed_point`,
 
 import functools
 
-import jax
-
 from . import _tree as tu
-from ._checks import check_inexact, check_int, check_range, check_same_structure
+from ._checks import (
+    check_inexact,
+    check_int,
+    check_range,
+    check_same_structure,
+    eval_shape,
+)
 from ._iterate import AbstractFixedPointSolver, iterative_solve
 from ._solution import error_if_failed
 from .implicit import AbstractAdjoint
@@ -50,5 +54,5 @@ def check_call(what, fn, y0, args, solver, atol, rtol, max_steps, adjoint):
     check_range(what, "atol", atol, lo=0.0)
     check_range(what, "rtol", rtol, lo=0.0)
     check_inexact(what, "y0", y0)
-    out = jax.eval_shape(fn, y0, args)
+    out = eval_shape(what, "fn(y0, args)", fn, y0, args, names=("y0", "args"))
     check_same_structure(what, "fn(y0, args)", out, tu.tree_structs(y0))

@@ -29,10 +29,11 @@ from flax import struct
 
 from . import _tree as tu
 from ._checks import check_int, check_range
+from ._module import Module
 from .linear import AbstractLinearSolver, BiCGStab
 
 
-class AbstractAdjoint(struct.PyTreeNode):
+class AbstractAdjoint(Module):
     """How `fixed_point`/`root` are differentiated."""
 
     @abc.abstractmethod
@@ -141,7 +142,7 @@ class PhantomAdjoint(AbstractAdjoint):
     """
 
     steps: int = struct.field(pytree_node=False, default=1)
-    damping: float = struct.field(pytree_node=False, default=1.0)
+    damping: float = 1.0
 
     def __post_init__(self):
         check_int("PhantomAdjoint", "steps", self.steps, 1)

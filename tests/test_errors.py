@@ -163,3 +163,142 @@ def test_throw_true_converged_does_not_raise_under_vmap_and_grad():
     )
     out = jax.jit(jax.vmap(jax.grad(f)))(jnp.array([0.1, 0.5]))
     np.testing.assert_allclose(out, 1 / (1 - jnp.array([0.1, 0.5])) ** 2, rtol=1e-8)
+
+
+# --- the failures that used to surface deep inside JAX, or not at all ------------
+
+
+def _cells():
+    from flax import linen as nn
+    from flax import nnx
+
+    class Cell(nnx.Module):
+        def __init__(self, rngs):
+            self.w = nnx.Linear(4, 4, rngs=rngs)
+            self.u = nnx.Linear(3, 4, rngs=rngs)
+
+        def __call__(self, z, x):
+            return jnp.tanh(0.5 * self.w(z) + self.u(x))
+
+    class LinenCell(nn.Module):
+        @nn.compact
+        def __call__(self, z, x):
+            return jnp.tanh(0.5 * nn.Dense(4)(z) + nn.Dense(4)(x))
+
+    return Cell, LinenCell
+
+
+@pytest.mark.parametrize(
+    "x_size, z_size, named", [(5, 4, r"z0 float32\[4\], x float32\[5\]"), (3, 5, "z0")]
+)
+def test_deq_with_wrong_sizes_names_the_layer_and_arguments(x_size, z_size, named):
+    from flax import nnx
+
+    Cell, LinenCell = _cells()
+    f32 = lambda n, value: jnp.full(n, value, jnp.float32)  # the cells' dtype
+    x, z0 = f32(x_size, 1.0), f32(z_size, 0.0)
+    deq = ij.deq.DEQ(Cell(nnx.Rngs(0)))
+    with pytest.raises(TypeError, match=rf"DEQ\(Cell\): calling the cell .*{named}"):
+        deq(x, z0)
+    deq(f32(3, 1.0), f32(4, 0.0))  # the right sizes solve
+    layer = ij.deq.linen.DEQ(LinenCell())
+    params = layer.init(jax.random.key(0), f32(3, 1.0), f32(4, 0.0))
+    with pytest.raises((TypeError, ValueError), match=r"DEQ\(LinenCell\): calling"):
+        layer.apply(params, x, z0)  # a wrong size at apply (flax's error, named)
+    if z_size != 4:  # (linen infers input sizes at init; a wrong state size fails)
+        with pytest.raises((TypeError, ValueError), match=r"DEQ\(LinenCell\)"):
+            layer.init(jax.random.key(0), x, z0)
+
+
+def test_fn_failing_on_y0_names_the_call_and_shapes():
+    W = jnp.ones((3, 3))
+    with pytest.raises(TypeError, match=r"fixed_point: calling fn\(y0, args\) .*y0"):
+        ij.fixed_point(lambda y, a: W @ y + a, jnp.zeros(4), 1.0)
+    with pytest.raises(TypeError, match=r"scan: calling f\(init, xs\[0\]\) .*init"):
+        ij.scan(lambda h, x: (W @ h + x, h), jnp.zeros(4), jnp.ones((5, 3)))
+
+
+@pytest.mark.parametrize("method", [ij.DEER(), ij.Jacobi(), ij.QuasiDEER(), ij.ELK()])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_scan_over_an_empty_sequence_is_lax_scan(method, reverse):
+    f = lambda h, x: (jnp.tanh(0.5 * h + x), 2 * h)
+    init, xs = jnp.ones(3), jnp.zeros((0, 3))
+    carry, ys, stats = ij.scan(
+        f, init, xs, method=method, reverse=reverse, return_stats=True
+    )
+    ref = jax.lax.scan(f, init, xs, reverse=reverse)
+    np.testing.assert_array_equal(carry, ref[0])
+    assert ys.shape == (0, 3) and bool(stats.converged)
+    grad = jax.grad(lambda i: ij.scan(f, i, xs, method=method)[0].sum())(init)
+    np.testing.assert_array_equal(grad, jnp.ones(3))
+
+
+def test_traced_invalid_tolerance_is_reported_not_run_to_max_steps():
+    solve = lambda atol, rtol=0.0: ij.fixed_point(
+        fn, Y0, 1.0, atol=atol, rtol=rtol, max_steps=50
+    )
+    sol = jax.jit(solve)(-1.0)
+    assert int(sol.result) == 4 and int(sol.num_steps) == 0
+    assert not bool(sol.converged) and "negative or NaN" in sol.message
+    batch = jax.jit(jax.vmap(solve))(jnp.array([1e-8, -1.0, jnp.nan, 1e-8]))
+    np.testing.assert_array_equal(batch.result, [0, 4, 4, 0])
+    np.testing.assert_allclose(batch.value[0], 2.0, atol=1e-7)  # lanes keep solving
+    assert int(jax.jit(solve)(1e-8, -0.5).result) == 4  # rtol too
+    picard = jax.jit(lambda t: ij.fixed_point(fn, Y0, 1.0, atol=t, solver=ij.Picard()))
+    assert int(picard(-1.0).result) == 4  # the lazy initial evaluation too
+    thrown = jax.jit(lambda t: ij.fixed_point(fn, Y0, 1.0, atol=t, throw=True).value)
+    with pytest.raises(Exception, match="atol or rtol is negative or NaN"):
+        jax.block_until_ready(thrown(-1.0))
+    stats = jax.jit(
+        lambda t: ij.scan(
+            lambda h, x: (h + x, h), 0.0, jnp.ones(4), atol=t, return_stats=True
+        )[2]
+    )(-1.0)
+    assert int(stats.result) == 4 and int(stats.num_sweeps) == 0
+
+
+def test_argmin_at_a_saddle_or_maximum_says_so():
+    saddle = lambda w, t: w[0] ** 2 - w[1] ** 2 + t * jnp.sum(w**2)
+    peak = lambda w, t: -jnp.sum((w - t) ** 2)
+    convex = lambda w, t: jnp.sum((w - t) ** 2) + jnp.sum(w**4)
+    w0 = jnp.array([0.3, 0.2])
+    for solver in [ij.Newton(ij.GMRES()), ij.Anderson()]:  # both find any root
+        for loss in (saddle, peak):
+            sol = ij.argmin(loss, w0, 0.0, solver=solver, atol=1e-8)
+            assert float(sol.residual) <= 1e-8  # the gradient does vanish there
+            assert int(sol.result) == 5 and not bool(sol.converged)
+            assert float(sol.stats["curvature"]) < -1.0  # -2 along some direction
+            assert "not a minimum" in sol.message and "saddle" in sol.message
+            with pytest.raises(ij.NonConvergenceError, match="not a minimum"):
+                ij.argmin(loss, w0, 0.0, solver=solver, throw=True)
+        sol = ij.argmin(convex, w0, 1.0, solver=solver)
+        assert int(sol.result) == 0 and float(sol.stats["curvature"]) > 0
+    # a flat direction is not negative curvature: a minimum of a singular loss
+    flat = lambda w, t: (w[0] + w[1] - t) ** 2
+    assert int(ij.argmin(flat, w0, 1.0).result) == 0
+    # vmapped: each element keeps its own verdict
+    batch = jax.vmap(lambda t: ij.argmin(saddle, w0, t, solver=ij.Anderson()))(
+        jnp.array([0.0, 2.0])  # t = 2 makes the loss convex
+    )
+    np.testing.assert_array_equal(batch.result, [5, 0])
+    # the probe off
+    off = ij.argmin(saddle, w0, 0.0, solver=ij.Anderson(), curvature_steps=0)
+    assert int(off.result) == 0 and "curvature" not in off.stats
+    with pytest.raises(ValueError, match="curvature_steps"):
+        ij.argmin(convex, w0, 1.0, curvature_steps=-1)
+
+
+def test_vmap_over_an_explicit_mode_batch_points_to_auto_axes():
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((1,), ("b",), axis_types=(AxisType.Explicit,))
+    a = jax.device_put(jnp.linspace(0.1, 0.5, 4), NamedSharding(mesh, P("b")))
+    f = lambda a: ij.fixed_point(lambda y, a: a * jnp.tanh(y) + 1.0, Y0, a).value
+    with jax.set_mesh(mesh):
+        with pytest.raises(ValueError, match=r"Explicit mode.*AxisType.Auto"):
+            jax.jit(jax.vmap(f))(a)
+    auto = jax.make_mesh((1,), ("b",), axis_types=(AxisType.Auto,))
+    a = jax.device_put(a, NamedSharding(auto, P("b")))
+    with jax.set_mesh(auto):
+        assert jax.jit(jax.vmap(f))(a).shape == (4, 3)

@@ -5,6 +5,7 @@ two modules of `iterjax` import each other (directly or through others)."""
 import ast
 import pathlib
 
+import optax
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "iterjax"
@@ -178,3 +179,71 @@ def test_the_package_type_checks():
         timeout=600,
     )
     assert out.returncode == 0, out.stdout[-3000:]
+
+
+def _pytree_classes():
+    """Every class of the core built on `flax.struct.PyTreeNode`, recursively."""
+    from flax import struct
+
+    import iterjax.classical  # noqa: F401  (import every wing's classes)
+
+    found, todo = set(), [struct.PyTreeNode]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            where = sub.__module__
+            if where.startswith("iterjax") and sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    core = [c for c in found if not c.__module__.startswith(PLATFORM)]
+    return sorted(core, key=lambda c: c.__qualname__)
+
+
+PLATFORM = ("iterjax.lab", "iterjax.experiments")
+
+
+# A float that fixes a shape cannot be traced: SparseNewton keeps ceil(density n)
+# entries per column.
+STATIC_FLOATS = {("SparseNewton", "density")}
+
+
+def test_hyperparameters_follow_one_rule_floats_are_leaves_ints_static():
+    import dataclasses
+
+    classes = _pytree_classes()
+    names = {c.__name__ for c in classes}
+    assert {"SOBA", "PhantomAdjoint", "Neumann", "Implicit", "CG", "Exp3"} <= names
+    wrong = []
+    for cls in classes:
+        for field in dataclasses.fields(cls):
+            leaf = field.metadata.get("pytree_node", True)
+            kind = getattr(field.type, "__name__", str(field.type))
+            if kind in ("float", "float | None") and not leaf:
+                if (cls.__name__, field.name) not in STATIC_FLOATS:
+                    wrong.append(f"{cls.__name__}.{field.name}: a static float")
+            if kind == "int" and leaf:
+                wrong.append(f"{cls.__name__}.{field.name}: an int leaf")
+    assert not wrong, wrong
+
+
+def test_abstract_bases_cannot_be_instantiated():
+    from iterjax._iterate import AbstractFixedPointSolver
+    from iterjax.bilevel._hypergradient import AbstractMethod
+    from iterjax.bilevel._stochastic import _Stochastic
+    from iterjax.implicit import AbstractAdjoint
+    from iterjax.linear._base import AbstractLinearSolver
+    from iterjax.linear.preconditioners import AbstractPreconditioner
+
+    bases = [AbstractFixedPointSolver, AbstractMethod, AbstractAdjoint]
+    bases += [AbstractLinearSolver, AbstractPreconditioner]
+    for base in bases:
+        with pytest.raises(TypeError, match="abstract"):
+            base()
+    with pytest.raises(TypeError, match="abstract"):
+        _Stochastic(lambda *a: 0.0, lambda *a: 0.0, optax.sgd(0.1))
+
+    class Incomplete(AbstractFixedPointSolver):  # no step
+        def init(self, fn, y0, args):
+            return None
+
+    with pytest.raises(TypeError, match="step"):
+        Incomplete()

@@ -8,15 +8,16 @@ import jax.numpy as jnp
 import optax
 
 from .. import _tree as tu
-from .._checks import check_inexact
+from .._checks import check_inexact, check_int, check_scalar_loss
 from .._iterate import AbstractFixedPointSolver
-from .._solution import NONFINITE_LOSS, Solution, error_if_failed
+from .._solution import NONFINITE_LOSS, NOT_A_MINIMUM, Solution, error_if_failed
 from .._solve import solve
 from .._types import Args, ArrayLike, Norm, Y
 from ..fixed_point import Newton
 from ..fixed_point.optax_solver import OptaxSolver
 from ..implicit import AbstractAdjoint, ImplicitAdjoint
 from ..linear import CG
+from ..linear.preconditioners import lanczos_bounds
 
 # Each Newton system to η_k = min(0.5, √|∇g|) relative residual (scipy's Newton-CG):
 # the fewest Hessian-vector products in benchmarks/bilevel.py. A fixed 1e-1 takes
@@ -25,28 +26,22 @@ from ..linear import CG
 INEXACT_NEWTON = Newton(CG(), forcing="superlinear")
 
 
-def check_scalar_loss(owner, name, loss, w, theta):
-    """`loss(w, theta)` must return a real scalar; raise naming `name` otherwise."""
-    if not callable(loss):
-        raise TypeError(f"{owner}: `{name}` must be callable, got {type(loss)}")
-    try:
-        out = jax.eval_shape(loss, w, theta)
-    except Exception as e:  # the user's function, any error: say where it came from
-        raise ValueError(
-            f"{owner}: calling {name}(w0, theta) failed; check that w0 and theta "
-            f"have the structure and shapes {name} expects: {type(e).__name__}: {e}"
-        ) from e
-    leaves = jax.tree.leaves(out)
-    if len(leaves) != 1 or leaves[0].shape != ():
-        shapes = [x.shape for x in leaves]
-        raise ValueError(
-            f"{owner}: `{name}` must return a scalar, got shapes {shapes} (sum or "
-            "average the per-example losses)"
-        )
-    if not jnp.issubdtype(leaves[0].dtype, jnp.floating):
-        raise TypeError(
-            f"{owner}: `{name}` must return a real float, got {leaves[0].dtype}"
-        )
+def lowest_curvature(grad, w, theta, steps):
+    """The lowest Ritz value of `steps` Lanczos steps on the Hessian at w, from a
+    fixed random start, and the tolerance below which it is negative curvature.
+
+    Ritz values are Rayleigh quotients v'Hv of unit vectors, so a negative one
+    proves negative curvature (a saddle point or a maximum); a positive one does
+    not prove a minimum (a few steps may miss a direction). The tolerance is
+    √eps times the largest |Ritz value|: flat directions are not negative ones.
+    """
+    hvp = lambda v: jax.jvp(lambda u: grad(u, theta), (w,), (v,))[1]
+    flat, unravel = tu.ravel(w)
+    start = unravel(jax.random.normal(jax.random.key(0), flat.shape, flat.dtype))
+    lo, hi = lanczos_bounds(hvp, start, steps)
+    eps = jnp.finfo(lo.dtype).eps
+    scale = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    return lo, jnp.sqrt(eps) * scale
 
 
 def as_solver(solver):
@@ -68,6 +63,7 @@ def argmin(
     max_steps: int = 256,
     throw: bool = False,
     norm: Norm = tu.max_abs,
+    curvature_steps: int = 3,
 ) -> Solution:
     r"""Minimise `inner_loss(w, theta)` over w, differentiably in theta.
 
@@ -94,6 +90,12 @@ def argmin(
       adjoint: `ImplicitAdjoint(CG())` (default), `ImplicitAdjoint(Neumann(k))`,
         `UnrolledAdjoint()` (backprop through the solver's steps) ...
       atol, rtol, max_steps, throw, norm: as in `iterjax.fixed_point`.
+      curvature_steps: Lanczos steps (Hessian-vector products) of a probe for
+        negative curvature at the answer (0: none). A stationary point where it
+        finds some is reported as `result` 5, not converged: a saddle point or
+        a maximum, where the implicit gradient is not valid. The probe can miss
+        a direction; it never flags a minimum. `stats["curvature"]` is the
+        lowest curvature it saw.
 
     Returns:
       A `Solution`; `value` is w*, `residual` the norm of ∇_w g(w*).
@@ -110,6 +112,7 @@ def argmin(
       >>> dw(0.1).shape
       (2,)
     """
+    check_int("argmin", "curvature_steps", curvature_steps, 0)
     check_inexact("argmin", "w0", w0)
     check_scalar_loss("argmin", "inner_loss", inner_loss, w0, theta)
     grad = jax.grad(inner_loss)
@@ -129,12 +132,20 @@ def argmin(
         trace=False,
         norm=norm,
     )
-    # A vanishing gradient where the loss is NaN or inf is no minimiser.
-    stop = jax.lax.stop_gradient
-    finite = jnp.isfinite(inner_loss(stop(sol.value), stop(theta)))
+    # A vanishing gradient where the loss is NaN or inf, or where it curves down,
+    # is no minimiser.
+    w, t = jax.lax.stop_gradient((sol.value, theta))
+    finite = jnp.isfinite(inner_loss(w, t))
+    saddle, stats = jnp.bool_(False), sol.stats
+    if curvature_steps:
+        lowest, tolerance = lowest_curvature(grad, w, t, curvature_steps)
+        saddle = sol.converged & (lowest < -tolerance)
+        stats = stats | {"curvature": lowest}
+    result = jnp.where(saddle, jnp.int32(NOT_A_MINIMUM), sol.result)
     sol = sol.replace(
-        converged=sol.converged & finite,
-        result=jnp.where(finite, sol.result, jnp.int32(NONFINITE_LOSS)),
+        converged=sol.converged & finite & ~saddle,
+        result=jnp.where(finite, result, jnp.int32(NONFINITE_LOSS)),
+        stats=stats,
     )
     if throw:
         error_if_failed(sol.result, "argmin")

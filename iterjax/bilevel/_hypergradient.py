@@ -25,6 +25,7 @@ Costs are counted per method: `inner_grads` (∇_w g), `outer_grads` (∇ f),
 reverse pass through an optimiser step).
 """
 
+import abc
 from typing import Any, NamedTuple
 
 import jax
@@ -33,11 +34,18 @@ import optax
 from flax import struct
 
 from .. import _tree as tu
-from .._checks import check_inexact, check_int, check_range, check_same_structure
+from .._checks import (
+    check_inexact,
+    check_int,
+    check_range,
+    check_same_structure,
+    check_scalar_loss,
+)
+from .._module import Module
 from .._optax import optax_init, optax_step
 from .._solution import error_if_failed, result_code
 from ..linear import CG, AbstractLinearSolver
-from ._argmin import INEXACT_NEWTON, argmin, check_scalar_loss
+from ._argmin import INEXACT_NEWTON, argmin
 
 
 class HyperGrad(NamedTuple):
@@ -60,11 +68,12 @@ def _cost(inner_grads, outer_grads, hvps):
     )
 
 
-class AbstractMethod(struct.PyTreeNode):
-    """How `hypergradient` computes ∇F; hyperparameters are static."""
+class AbstractMethod(Module):
+    """How `hypergradient` computes ∇F (floats are leaves, ints static)."""
 
+    @abc.abstractmethod
     def __call__(self, outer_loss, inner_loss, theta, w0) -> HyperGrad:
-        raise NotImplementedError
+        """The hypergradient at θ, from the inner start w0."""
 
 
 class Implicit(AbstractMethod):
@@ -82,7 +91,7 @@ class Implicit(AbstractMethod):
 
     linear_solver: AbstractLinearSolver = struct.field(pytree_node=False, default=CG())
     solver: Any = struct.field(pytree_node=False, default=INEXACT_NEWTON)
-    atol: float = struct.field(pytree_node=False, default=1e-10)
+    atol: float = 1e-10
     max_steps: int = struct.field(pytree_node=False, default=256)
     norm: Any = struct.field(pytree_node=False, default=tu.max_abs)
 
@@ -107,6 +116,7 @@ class Implicit(AbstractMethod):
             atol=self.atol,
             max_steps=self.max_steps,
             norm=self.norm,
+            curvature_steps=0,  # CG below meets any negative curvature in its space
         )
         w = sol.value
         value, (f_w, f_theta) = jax.value_and_grad(outer_loss, (0, 1))(w, theta)
@@ -149,8 +159,9 @@ class _Unrolling(AbstractMethod):
 
     optimizer: optax.GradientTransformation = struct.field(pytree_node=False)
     steps: int = struct.field(pytree_node=False, default=100)
+    atol: float = struct.field(default=1e-6, kw_only=True)
 
-    def _check(self):
+    def __post_init__(self):
         name = type(self).__name__
         if not isinstance(self.optimizer, optax.GradientTransformation):
             raise TypeError(
@@ -186,11 +197,6 @@ class Unrolled(_Unrolling):
       atol: `converged` reports |∇_w g(w_K)| <= atol (the steps sufficed).
     """
 
-    atol: float = struct.field(pytree_node=False, default=1e-6)
-
-    def __post_init__(self):
-        self._check()
-
     def __call__(self, outer_loss, inner_loss, theta, w0):
         objective = self._objective(outer_loss, inner_loss, w0, self.steps)
         (value, w), grad = jax.value_and_grad(objective, has_aux=True)(theta)
@@ -207,10 +213,9 @@ class Truncated(_Unrolling):
     """
 
     truncate: int = struct.field(pytree_node=False, default=10)
-    atol: float = struct.field(pytree_node=False, default=1e-6)
 
     def __post_init__(self):
-        self._check()
+        super().__post_init__()
         check_int("Truncated", "truncate", self.truncate, 1)
         if self.truncate > self.steps:
             raise ValueError(
@@ -237,11 +242,6 @@ class Forward(_Unrolling):
       optimizer, steps, atol: as for `Unrolled`.
     """
 
-    atol: float = struct.field(pytree_node=False, default=1e-6)
-
-    def __post_init__(self):
-        self._check()
-
     def __call__(self, outer_loss, inner_loss, theta, w0):
         objective = self._objective(outer_loss, inner_loss, w0, self.steps)
         grad, w = jax.jacfwd(objective, has_aux=True)(theta)
@@ -264,11 +264,10 @@ class Penalty(_Unrolling):
       lam: λ > 0, the penalty.
     """
 
-    lam: float = struct.field(pytree_node=False, default=100.0)
-    atol: float = struct.field(pytree_node=False, default=1e-6)
+    lam: float = 100.0
 
     def __post_init__(self):
-        self._check()
+        super().__post_init__()
         check_range("Penalty", "lam", self.lam, lo=0.0, lo_open=True)
 
     def __call__(self, outer_loss, inner_loss, theta, w0):

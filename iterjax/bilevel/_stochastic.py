@@ -30,6 +30,7 @@ Methods (H = ∂²g/∂w², all products matrix-free):
 `grads` (gradients of f or g) and `hvps` (Hessian- or mixed-vector products).
 """
 
+import abc
 from typing import Any, NamedTuple
 
 import jax
@@ -39,6 +40,7 @@ from flax import struct
 
 from .. import _tree as tu
 from .._checks import check_int, check_range
+from .._module import Module
 from .._optax import optax_init, optax_step
 
 
@@ -54,12 +56,19 @@ def _info(grads, hvps):
     return {"grads": jnp.int32(grads), "hvps": jnp.int32(hvps)}
 
 
-class _Stochastic(struct.PyTreeNode):
+class _Stochastic(Module):
+    """The losses, θ's optimiser and the inner step size every solver shares.
+
+    `inner_lr` is keyword-only and, like every float hyperparameter here, a
+    pytree leaf: a `jax.vmap` over solvers sweeps step sizes in one program.
+    """
+
     inner_loss: Any = struct.field(pytree_node=False)
     outer_loss: Any = struct.field(pytree_node=False)
     outer_optimizer: optax.GradientTransformation = struct.field(pytree_node=False)
+    inner_lr: float = struct.field(default=0.1, kw_only=True)
 
-    def _check(self):
+    def __post_init__(self):
         name = type(self).__name__
         if not (callable(self.inner_loss) and callable(self.outer_loss)):
             raise TypeError(f"{name}: `inner_loss` and `outer_loss` must be callable")
@@ -67,6 +76,20 @@ class _Stochastic(struct.PyTreeNode):
             raise TypeError(
                 f"{name}: `outer_optimizer` must be an optax.GradientTransformation"
             )
+        check_range(name, "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
+
+    @property
+    @abc.abstractmethod
+    def oracles(self) -> tuple[int, int]:
+        """(gradients, HVPs) per step, each on a minibatch of each loss."""
+
+    @abc.abstractmethod
+    def init(self, theta, w0) -> BilevelState:
+        """The state at θ = theta, w = w0."""
+
+    @abc.abstractmethod
+    def step(self, state, inner_batch, outer_batch):
+        """One outer step on a minibatch of each loss: `(state, info)`."""
 
     def _check_batches(self, inner_batch, outer_batch):
         """An empty minibatch (a leaf with a leading axis of size 0) would move
@@ -99,6 +122,12 @@ def _hvp(loss, w, theta, batch, v):
     return jax.jvp(lambda w: _grad_w(loss, w, theta, batch), (w,), (v,))[1]
 
 
+def _sgd(loss, w, theta, batch, lr, steps):
+    """`steps` SGD steps w <- w - lr ∇_w loss(w, θ, batch) (a fori_loop)."""
+    step = lambda _, w: tu.tree_axpy(-lr, _grad_w(loss, w, theta, batch), w)
+    return jax.lax.fori_loop(0, steps, step, w)
+
+
 def _cross(loss, w, theta, batch, v):
     """∂²_θw g · v = ∂_θ <∇_w g(w, θ), v>."""
     return jax.vjp(lambda t: _grad_w(loss, w, t, batch), theta)[1](v)[0]
@@ -112,12 +141,6 @@ class SOBA(_Stochastic):
       outer_optimizer: optax optimiser for θ (its learning rate is γ).
       inner_lr: ρ, the step size of w and v.
     """
-
-    inner_lr: float = struct.field(pytree_node=False, default=0.1)
-
-    def __post_init__(self):
-        self._check()
-        check_range("SOBA", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
 
     @property
     def oracles(self) -> tuple[int, int]:
@@ -150,13 +173,11 @@ class StocBiO(_Stochastic):
       neumann_terms: Q, the number of terms of the Neumann series.
     """
 
-    inner_lr: float = struct.field(pytree_node=False, default=0.1)
     inner_steps: int = struct.field(pytree_node=False, default=10)
     neumann_terms: int = struct.field(pytree_node=False, default=10)
 
     def __post_init__(self):
-        self._check()
-        check_range("StocBiO", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
+        super().__post_init__()
         check_int("StocBiO", "inner_steps", self.inner_steps, 1)
         check_int("StocBiO", "neumann_terms", self.neumann_terms, 1)
 
@@ -173,10 +194,7 @@ class StocBiO(_Stochastic):
         g, f, eta = self.inner_loss, self.outer_loss, self.inner_lr
         theta = state.theta
 
-        def sgd(_, w):
-            return tu.tree_axpy(-eta, _grad_w(g, w, theta, inner_batch), w)
-
-        w = jax.lax.fori_loop(0, self.inner_steps, sgd, state.w)
+        w = _sgd(g, state.w, theta, inner_batch, eta, self.inner_steps)
         f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
 
         def neumann(_, carry):  # term <- (I - ηH) term, total += term
@@ -203,15 +221,13 @@ class F2SA(_Stochastic):
       lam_max: the cap on λ.
     """
 
-    inner_lr: float = struct.field(pytree_node=False, default=0.1)
     inner_steps: int = struct.field(pytree_node=False, default=10)
-    lam: float = struct.field(pytree_node=False, default=1.0)
-    lam_growth: float = struct.field(pytree_node=False, default=0.1)
-    lam_max: float = struct.field(pytree_node=False, default=100.0)
+    lam: float = 1.0
+    lam_growth: float = 0.1
+    lam_max: float = 100.0
 
     def __post_init__(self):
-        self._check()
-        check_range("F2SA", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
+        super().__post_init__()
         check_int("F2SA", "inner_steps", self.inner_steps, 1)
         check_range("F2SA", "lam", self.lam, lo=0.0, lo_open=True)
         check_range("F2SA", "lam_growth", self.lam_growth, lo=0.0)
@@ -231,9 +247,6 @@ class F2SA(_Stochastic):
         g, f, eta = self.inner_loss, self.outer_loss, self.inner_lr
         theta, z, (y, lam) = state.theta, state.w, state.aux
 
-        def z_step(_, z):
-            return tu.tree_axpy(-eta, _grad_w(g, z, theta, inner_batch), z)
-
         def y_step(_, y):
             d = tu.tree_axpy(
                 1.0 / lam,
@@ -242,7 +255,7 @@ class F2SA(_Stochastic):
             )
             return tu.tree_axpy(-eta, d, y)
 
-        z = jax.lax.fori_loop(0, self.inner_steps, z_step, z)
+        z = _sgd(g, z, theta, inner_batch, eta, self.inner_steps)
         y = jax.lax.fori_loop(0, self.inner_steps, y_step, y)
         g_t = lambda w: jax.grad(g, 1)(w, theta, inner_batch)
         d_t = tu.tree_add(
@@ -264,13 +277,11 @@ class AmIGO(_Stochastic):
       v_steps: SGD steps on v (the linear system H v = -∇_w f) per outer step.
     """
 
-    inner_lr: float = struct.field(pytree_node=False, default=0.1)
     inner_steps: int = struct.field(pytree_node=False, default=5)
     v_steps: int = struct.field(pytree_node=False, default=5)
 
     def __post_init__(self):
-        self._check()
-        check_range("AmIGO", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
+        super().__post_init__()
         check_int("AmIGO", "inner_steps", self.inner_steps, 1)
         check_int("AmIGO", "v_steps", self.v_steps, 1)
 
@@ -287,10 +298,7 @@ class AmIGO(_Stochastic):
         g, f, eta = self.inner_loss, self.outer_loss, self.inner_lr
         theta = state.theta
 
-        def w_step(_, w):
-            return tu.tree_axpy(-eta, _grad_w(g, w, theta, inner_batch), w)
-
-        w = jax.lax.fori_loop(0, self.inner_steps, w_step, state.w)
+        w = _sgd(g, state.w, theta, inner_batch, eta, self.inner_steps)
         f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
 
         def v_step(_, v):
@@ -349,13 +357,11 @@ class SABA(_Stochastic):
 
     num_inner: int = struct.field(pytree_node=False, default=1)
     num_outer: int = struct.field(pytree_node=False, default=1)
-    inner_lr: float = struct.field(pytree_node=False, default=0.1)
 
     def __post_init__(self):
-        self._check()
+        super().__post_init__()
         check_int("SABA", "num_inner", self.num_inner, 1)
         check_int("SABA", "num_outer", self.num_outer, 1)
-        check_range("SABA", "inner_lr", self.inner_lr, lo=0.0, lo_open=True)
 
     def _inner_rows(self, w, theta, v, idx):
         g = self.inner_loss

@@ -141,8 +141,9 @@ class SparseNewton(AbstractFixedPointSolver):
       cg_max_steps: CG's cap per step.
     """
 
+    # density fixes how many entries are kept (a shape): static, not a leaf
     density: float = struct.field(pytree_node=False, default=0.1)
-    cg_rtol: float = struct.field(pytree_node=False, default=1e-10)
+    cg_rtol: float = 1e-10
     cg_max_steps: int = struct.field(pytree_node=False, default=200)
 
     def __post_init__(self):

@@ -9,11 +9,14 @@ same layer. The cell's parameters are read from the module's scope and passed to
 from typing import Any
 
 import flax.linen as nn
+from flax.errors import FlaxError
 
+from .._checks import user_call
 from .._tree import max_norm
 from ..fixed_point import Anderson
 from ..fixed_point import fixed_point as _fixed_point
 from ..implicit import ImplicitAdjoint
+from ._layer import check_cell
 
 
 class DEQ(nn.Module):
@@ -54,8 +57,10 @@ class DEQ(nn.Module):
 
     @nn.compact
     def __call__(self, x, z0, *, return_solution: bool = False):
-        if self.is_initializing():
-            self.cell(z0, x)  # creates the cell's parameters
+        if self.is_initializing():  # creates the cell's parameters
+            owner = f"DEQ({type(self.cell).__name__})"
+            with user_call(owner, "the cell", dict(z0=z0, x=x), (FlaxError,)):
+                self.cell(z0, x)
         variables = self.cell.variables
         cell = self.cell.clone(parent=None)
 
@@ -63,6 +68,7 @@ class DEQ(nn.Module):
             variables, x = args
             return cell.apply(variables, z, x)
 
+        check_cell(type(self.cell).__name__, fn, z0, (variables, x), x)
         sol = _fixed_point(
             fn,
             z0,

@@ -10,9 +10,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
 from .. import _tree as tu
+from .._module import Module
 
 
 class LinearStats(NamedTuple):
@@ -23,8 +23,8 @@ class LinearStats(NamedTuple):
     breakdown: jax.Array  # bool: the method failed (CG: A not positive definite)
 
 
-class AbstractLinearSolver(struct.PyTreeNode):
-    """Base class: hyperparameters are static fields (hashable, never traced)."""
+class AbstractLinearSolver(Module):
+    """Base class of the linear solvers (floats are leaves, ints static)."""
 
     @abc.abstractmethod
     def solve(self, matvec, b):

@@ -54,8 +54,8 @@ class Exp3(struct.PyTreeNode):
     """
 
     arms: tuple[float, ...] = struct.field(pytree_node=False)
-    max_cost: float = struct.field(pytree_node=False, default=1.0)
-    learning_rate: float = struct.field(pytree_node=False, default=1.0)
+    max_cost: float = 1.0
+    learning_rate: float = 1.0
 
     def __post_init__(self):
         _check("Exp3", self.arms, self.max_cost)
@@ -114,9 +114,9 @@ class SquareCB(struct.PyTreeNode):
     arms: tuple[float, ...] = struct.field(pytree_node=False)
     context_range: tuple[float, float] = struct.field(pytree_node=False)
     degree: int = struct.field(pytree_node=False, default=4)
-    max_cost: float = struct.field(pytree_node=False, default=1.0)
-    ridge: float = struct.field(pytree_node=False, default=1e-2)
-    exploration: float = struct.field(pytree_node=False, default=1.0)
+    max_cost: float = 1.0
+    ridge: float = 1e-2
+    exploration: float = 1.0
 
     def __post_init__(self):
         _check("SquareCB", self.arms, self.max_cost)

@@ -42,9 +42,9 @@ class Chebyshev(AbstractLinearSolver):
 
     bounds: tuple[float, float] | None = struct.field(pytree_node=False, default=None)
     lanczos_steps: int = struct.field(pytree_node=False, default=20)
-    margin: float = struct.field(pytree_node=False, default=1.1)
-    rtol: float | None = struct.field(pytree_node=False, default=None)
-    atol: float = struct.field(pytree_node=False, default=0.0)
+    margin: float = 1.1
+    rtol: float | None = None
+    atol: float = 0.0
     max_steps: int | None = struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):

@@ -31,8 +31,8 @@ def default_rtol(b):
 
 
 class _Krylov(AbstractLinearSolver):
-    rtol: float | None = struct.field(pytree_node=False, default=None)
-    atol: float = struct.field(pytree_node=False, default=0.0)
+    rtol: float | None = None
+    atol: float = 0.0
     max_steps: int | None = struct.field(pytree_node=False, default=None)
     preconditioner: object = struct.field(pytree_node=False, default=None)
 

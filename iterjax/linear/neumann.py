@@ -38,7 +38,7 @@ class Neumann(AbstractLinearSolver):
     """
 
     terms: int = struct.field(pytree_node=False, default=10)
-    damping: float = struct.field(pytree_node=False, default=1.0)
+    damping: float = 1.0
 
     def __post_init__(self):
         check_int("Neumann", "terms", self.terms, 0)
@@ -73,9 +73,9 @@ class Richardson(AbstractLinearSolver):
       atol, rtol, max_steps: as in `fixed_point`.
     """
 
-    damping: float = struct.field(pytree_node=False, default=1.0)
-    atol: float = struct.field(pytree_node=False, default=1e-10)
-    rtol: float = struct.field(pytree_node=False, default=0.0)
+    damping: float = 1.0
+    atol: float = 1e-10
+    rtol: float = 0.0
     max_steps: int = struct.field(pytree_node=False, default=1000)
 
     def __post_init__(self):

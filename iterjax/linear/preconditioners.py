@@ -17,9 +17,10 @@ from flax import struct
 
 from .. import _tree as tu
 from .._checks import check_int, check_range
+from .._module import Module
 
 
-class AbstractPreconditioner(struct.PyTreeNode):
+class AbstractPreconditioner(Module):
     """Base class: `build(matvec, b) -> (apply, cost, per_apply)`."""
 
     @abc.abstractmethod
@@ -103,7 +104,7 @@ class ChebyshevPreconditioner(AbstractPreconditioner):
 
     degree: int = struct.field(pytree_node=False, default=4)
     lanczos_steps: int = struct.field(pytree_node=False, default=12)
-    margin: float = struct.field(pytree_node=False, default=1.1)
+    margin: float = 1.1
 
     def __post_init__(self):
         check_int("ChebyshevPreconditioner", "degree", self.degree, 1)

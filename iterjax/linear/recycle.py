@@ -54,8 +54,8 @@ class RecycledCG(struct.PyTreeNode):
 
     subspace: int = struct.field(pytree_node=False, default=20)
     stored: int = struct.field(pytree_node=False, default=40)
-    rtol: float = struct.field(pytree_node=False, default=1e-8)
-    atol: float = struct.field(pytree_node=False, default=0.0)
+    rtol: float = 1e-8
+    atol: float = 0.0
     max_steps: int | None = struct.field(pytree_node=False, default=None)
     warm_start: bool = struct.field(pytree_node=False, default=True)
 

@@ -137,8 +137,8 @@ class SOR(struct.PyTreeNode):
 
     omega: float = 1.0
     symmetric: bool = struct.field(pytree_node=False, default=False)
-    atol: float = struct.field(pytree_node=False, default=1e-10)
-    rtol: float = struct.field(pytree_node=False, default=0.0)
+    atol: float = 1e-10
+    rtol: float = 0.0
     max_steps: int = struct.field(pytree_node=False, default=10_000)
 
     def __post_init__(self):

@@ -53,9 +53,10 @@ from jax.sharding import PartitionSpec as P
 
 from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver
+from .._module import Module
 
 
-class AbstractSequenceMethod(struct.PyTreeNode):
+class AbstractSequenceMethod(Module):
     """How `iterjax.scan` solves a recurrence: the choice of A_t in the core update.
 
     Subclasses override `linearize` to choose A_t, or `sweep` for updates that are

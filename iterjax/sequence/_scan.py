@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from flax import struct
 
-from .._checks import check_int, check_range, check_same_structure
+from .._checks import check_int, check_range, check_same_structure, eval_shape
 from .._iterate import iterative_solve
 from .._solution import error_if_failed
 from .._tree import ravel
@@ -34,7 +34,8 @@ class ScanStats:
         sequence); 0 for `Sequential`.
       converged: every position met |f(s_{t-1}, x_t) - s_t| <= atol + rtol |s_t|.
       residual: the largest |f(s_{t-1}, x_t) - s_t| over the sequence.
-      result: 0 converged, 1 max_sweeps reached, 2 non-finite.
+      result: 0 converged, 1 max_sweeps reached, 2 non-finite, 4 a traced
+        tolerance that is negative or NaN (nothing was solved).
       fallbacks: sweeps in which some position's update was not finite and fell back
         to the Jacobi update.
       trace: the residual after every sweep (`trace=True`), else None.
@@ -108,7 +109,7 @@ def scan(
       (True, True)
     """
     T = _check_call(f, init, xs, length, method, atol, rtol, max_sweeps)
-    if isinstance(method, Sequential):
+    if isinstance(method, Sequential) or T == 0:  # nothing to solve for when T = 0
         carry, ys = jax.lax.scan(f, init, xs, length=length, reverse=reverse)
         zero = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(init)))
         none = jnp.int32(0)
@@ -335,7 +336,7 @@ def _check_call(f, init, xs, length, method, atol, rtol, max_sweeps):
             "devices of `method.mesh` (pad the sequence, or use another mesh)"
         )
     x0 = jtu.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
-    out = jax.eval_shape(f, init, x0)
+    out = eval_shape("scan", "f(init, xs[0])", f, init, x0, names=("init", "xs[0]"))
     if not (isinstance(out, tuple) and len(out) == 2):
         raise ValueError(
             "scan: `f(carry, x)` must return a pair (new_carry, y), got "
