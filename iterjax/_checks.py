@@ -97,15 +97,25 @@ def check_int(owner, name, value, minimum):
 
 
 def check_inexact(owner, name, tree):
+    """Every leaf of `tree` is a float or complex array (TypeError naming it)."""
+    _check_dtypes(owner, name, tree, jnp.inexact, "a float or complex array")
+
+
+def check_floating(owner, name, tree, hint=""):
+    """Every leaf of `tree` is a real float array (TypeError naming it, + hint)."""
+    _check_dtypes(owner, name, tree, jnp.floating, "a float array", hint)
+
+
+def _check_dtypes(owner, name, tree, kind, what, hint=""):
     leaves = jtu.tree_leaves_with_path(tree)
     if not leaves:
         raise ValueError(f"{owner}: `{name}` has no array leaves")
     for path, leaf in leaves:
         dtype = jnp.result_type(leaf)
-        if not jnp.issubdtype(dtype, jnp.inexact):
+        if not jnp.issubdtype(dtype, kind):
             raise TypeError(
-                f"{owner}: every leaf of `{name}` must be a float or complex array; "
-                f"leaf {name}{jtu.keystr(path)} has dtype {dtype}"
+                f"{owner}: every leaf of `{name}` must be {what}; leaf "
+                f"{name}{jtu.keystr(path)} has dtype {dtype}{hint}"
             )
 
 

@@ -111,3 +111,25 @@ def test_phantom_adjoint_refuses_second_derivatives(order):
     # first derivatives are unchanged: 1 / (1 - a)^2 at a = 0.5 (to the steps)
     np.testing.assert_allclose(jax.grad(f)(0.5), 4.0, rtol=1e-10)
     np.testing.assert_allclose(jax.jit(jax.vmap(jax.grad(f)))(jnp.array([0.5])), 4.0)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize(
+    "adjoint",
+    [ij.ImplicitAdjoint(), ij.UnrolledAdjoint()],
+    ids=["implicit", "unrolled"],
+)
+def test_root_and_argmin_every_order_and_adjoint(order, adjoint):
+    # root: y* = sqrt(a), y*'' = -a^{-3/2} / 4; argmin of 0.5 t w^2 - w: w* = 1/t,
+    # w*'' = 2 t^-3. Unrolled: a solver without inner loops (Newton's Krylov
+    # solves are while_loops, which reverse mode cannot unroll).
+    unrolled = isinstance(adjoint, ij.UnrolledAdjoint)
+    kw = dict(adjoint=adjoint, solver=ij.LazyNewton(1)) if unrolled else {}
+    root = lambda a: (
+        ij.root(lambda y, a: y**2 - a, jnp.array(1.0), a, atol=1e-14, **kw).value
+    )
+    np.testing.assert_allclose(ORDERS[order](root)(2.0), -(2.0**-1.5) / 4, rtol=1e-9)
+    inner = lambda w, t: 0.5 * t * w**2 - w
+    argmin = lambda t: ij.argmin(inner, jnp.array(0.0), t, atol=1e-13, **kw)
+    w_star = lambda t: argmin(t).value
+    np.testing.assert_allclose(ORDERS[order](w_star)(2.0), 2 / 8, rtol=1e-9)

@@ -7,7 +7,13 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from flax import struct
 
-from .._checks import check_int, check_range, check_same_structure, eval_shape
+from .._checks import (
+    check_floating,
+    check_int,
+    check_range,
+    check_same_structure,
+    eval_shape,
+)
 from .._iterate import iterative_solve
 from .._solution import error_if_failed
 from .._tree import ravel
@@ -346,12 +352,9 @@ def _check_call(f, init, xs, length, method, atol, rtol, max_sweeps):
         "scan", "f(carry, x)[0] (the new carry)", out[0], init, expected_name="init"
     )
     if not isinstance(method, Sequential):
-        for path, leaf in jtu.tree_leaves_with_path(init):
-            dtype = jnp.result_type(leaf)
-            if not jnp.issubdtype(dtype, jnp.floating):
-                raise TypeError(
-                    f"scan: method {type(method).__name__} needs a float carry, but "
-                    f"init{jtu.keystr(path)} has dtype {dtype}; use "
-                    "iterjax.Sequential() for integer or complex carries"
-                )
+        hint = (
+            f" ({type(method).__name__} needs a float carry; use "
+            "iterjax.Sequential() for integer or complex carries)"
+        )
+        check_floating("scan", "init", init, hint)
     return T
