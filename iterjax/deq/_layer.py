@@ -50,7 +50,6 @@ class DEQ(nnx.Module):
         Examples:
           >>> import jax, jax.numpy as jnp, iterjax
           >>> from flax import nnx
-    from flax.errors import FlaxError
           >>> class Cell(nnx.Module):
           ...     def __init__(self, rngs):
           ...         self.w = nnx.Linear(4, 4, rngs=rngs)
