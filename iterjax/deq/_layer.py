@@ -29,37 +29,37 @@ def check_cell(name, fn, z0, args, x):
 class DEQ(nnx.Module):
     """Deep equilibrium layer (Bai et al. 2019): z* = cell(z*, x).
 
-        The cell's parameters and `x` are the arguments of `iterjax.fixed_point`, so
-        the adjoint decides how gradients reach them: `ImplicitAdjoint` (default;
-        memory independent of the number of solver steps), `UnrolledAdjoint`, or
-        `PhantomAdjoint` (steps=1: Jacobian-free backprop). Works under `nnx.jit`,
-        `nnx.vmap`, `nnx.grad` and inside `lax.scan`.
+    The cell's parameters and `x` are the arguments of `iterjax.fixed_point`, so
+    the adjoint decides how gradients reach them: `ImplicitAdjoint` (default;
+    memory independent of the number of solver steps), `UnrolledAdjoint`, or
+    `PhantomAdjoint` (steps=1: Jacobian-free backprop). Works under `nnx.jit`,
+    `nnx.vmap`, `nnx.grad` and inside `lax.scan`.
 
-        Args:
-          cell: a callable NNX module, `cell(z, x) -> z`, z a pytree whose structure,
-            shapes and dtypes the cell keeps.
-          solver, adjoint, atol, rtol, max_steps, throw, norm: as for
-            `iterjax.fixed_point`.
+    Args:
+      cell: a callable NNX module, `cell(z, x) -> z`, z a pytree whose structure,
+        shapes and dtypes the cell keeps.
+      solver, adjoint, atol, rtol, max_steps, throw, norm: as for
+        `iterjax.fixed_point`.
 
-        Call `deq(x, z0)` with the initial guess z0 (zeros, or the previous solution
-        for a warm start, as in FPDM and real-time iteration); `return_solution=True`
-        also returns the `Solution` (steps, residual, converged) of that call.
-        `deq.jacobian_penalty(x, z, key)` and `deq.fixed_point_correction(x, z)` apply
-        the stabilisers of the same names to the cell at input x.
+    Call `deq(x, z0)` with the initial guess z0 (zeros, or the previous solution
+    for a warm start, as in FPDM and real-time iteration); `return_solution=True`
+    also returns the `Solution` (steps, residual, converged) of that call.
+    `deq.jacobian_penalty(x, z, key)` and `deq.fixed_point_correction(x, z)` apply
+    the stabilisers of the same names to the cell at input x.
 
-        Examples:
-          >>> import jax, jax.numpy as jnp, iterjax
-          >>> from flax import nnx
-          >>> class Cell(nnx.Module):
-          ...     def __init__(self, rngs):
-          ...         self.w = nnx.Linear(4, 4, rngs=rngs)
-          ...     def __call__(self, z, x):
-          ...         return jnp.tanh(0.5 * self.w(z) + x)
-          >>> deq = iterjax.deq.DEQ(Cell(nnx.Rngs(0)), atol=1e-5)
-          >>> x, z0 = jnp.ones(4, jnp.float32), jnp.zeros(4, jnp.float32)
-          >>> z, sol = deq(x, z0, return_solution=True)
-          >>> bool(sol.converged), z.shape
-          (True, (4,))
+    Examples:
+      >>> import jax, jax.numpy as jnp, iterjax
+      >>> from flax import nnx
+      >>> class Cell(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.w = nnx.Linear(4, 4, rngs=rngs)
+      ...     def __call__(self, z, x):
+      ...         return jnp.tanh(0.5 * self.w(z) + x)
+      >>> deq = iterjax.deq.DEQ(Cell(nnx.Rngs(0)), atol=1e-5)
+      >>> x, z0 = jnp.ones(4, jnp.float32), jnp.zeros(4, jnp.float32)
+      >>> z, sol = deq(x, z0, return_solution=True)
+      >>> bool(sol.converged), z.shape
+      (True, (4,))
     """
 
     def __init__(
