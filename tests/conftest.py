@@ -1,3 +1,4 @@
+import gc
 import os
 
 # The suite is dominated by XLA compile time, not run time: skip the expensive
@@ -20,3 +21,15 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 def getkey():
     keys = iter(jax.random.split(jax.random.PRNGKey(0), 1000))
     return lambda: next(keys)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_code():
+    """Drop JAX's compiled executables after each test module.
+
+    A worker that keeps every executable of ~400 tests holds ~65k memory
+    mappings, the kernel's default `vm.max_map_count`, and XLA segfaults on the
+    next compile. Nothing a later module needs is lost but compile time."""
+    yield
+    jax.clear_caches()
+    gc.collect()
