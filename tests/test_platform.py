@@ -3,6 +3,7 @@ robustness, reports, multi-host and cache settings, invalid configs."""
 
 import json
 import pathlib
+import re
 import signal
 import struct
 import subprocess
@@ -396,6 +397,27 @@ def test_report_puts_runs_side_by_side(toy, tmp_path):
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
 
 
+def test_report_shows_a_failed_runs_error_and_rejects_bad_paths(toy, tmp_path, capsys):
+    text = "experiment: toy\nseed: 2\nfail_seed: 2\n"
+    with pytest.raises(RuntimeError, match="toy failure"):
+        runlib.run_experiment(_config(tmp_path, text), out=tmp_path, quiet=True)
+    (failed,) = [d for d in (tmp_path / "toy").iterdir() if d.is_dir()]
+    out = tmp_path / "r.md"
+    assert cli.main(["report", str(failed), "--out", str(out)]) == 0
+    md = out.read_text()
+    assert "| failed |" in md and "**Error:** `RuntimeError: toy failure" in md
+    capsys.readouterr()
+    bad = [
+        ([str(tmp_path)], str(out), "has no config.yaml"),
+        ([str(tmp_path / "nope")], str(out), "does not exist"),
+        ([str(failed)], str(tmp_path / "no" / "r.md"), "folder .* does not exist"),
+        ([str(failed)], str(tmp_path / "r.txt"), "a .md or an .html file"),
+    ]
+    for dirs, dest, match in bad:
+        assert cli.main(["report", *dirs, "--out", dest]) == 2
+        assert re.search(match, capsys.readouterr().err)
+
+
 def test_distributed_initialisation_from_config_and_environment(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
@@ -650,11 +672,11 @@ def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):
     run_dir, _ = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)
     scalars = _scalars(run_dir / "tensorboard")
     rows = _rows(run_dir)
-    assert set(scalars) == {"loss"}
+    assert set(scalars) == {"train/loss"}
     expected = [(r["step"], r["loss"]) for r in rows]
-    assert [s for s, _ in scalars["loss"]] == [s for s, _ in expected]
+    assert [s for s, _ in scalars["train/loss"]] == [s for s, _ in expected]
     np.testing.assert_allclose(
-        [v for _, v in scalars["loss"]], [v for _, v in expected], rtol=1e-6
+        [v for _, v in scalars["train/loss"]], [v for _, v in expected], rtol=1e-6
     )
     # off by default
     plain, _ = runlib.run_experiment(
@@ -665,6 +687,28 @@ def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):
         runlib.run_experiment(
             _config(tmp_path, "experiment: toy\nwriters: [tensorboard]\n", "e.yaml")
         )
+
+
+def test_every_metrics_row_has_a_namespace_and_a_step(tmp_path):
+    wd = Workdir(tmp_path, quiet=True)
+    wd.log("train", step=np.int64(3), loss=0.5)
+    wd.log(loss=0.25)  # no namespace, no step: "metrics" and the row number
+    wd.log("eval", acc=1.0)
+    assert wd.logged() == [
+        {"namespace": "train", "step": 3, "loss": 0.5},
+        {"namespace": "metrics", "step": 1, "loss": 0.25},
+        {"namespace": "eval", "step": 2, "acc": 1.0},
+    ]
+    for bad, match in [
+        (lambda: wd.log("", x=1), "namespace must be a name"),
+        (lambda: wd.log(namespace="a", x=1), "first argument"),
+        (lambda: wd.log("a", step=1.5), "step must be an int"),
+        (lambda: wd.log("a", step=True), "step must be an int"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            bad()
+    assert len(wd.logged()) == 3
+    wd.close()
 
 
 def _flip_bytes(data):

@@ -62,7 +62,7 @@ def run(cfg, workdir):
     with workdir.progress(cfg.steps - start, "training") as advance:
         for step in range(start + 1, cfg.steps + 1):
             state = _update(state, cfg.lr)
-            workdir.log(step=step, loss=float(0.5 * jnp.sum(state["w"] ** 2)))
+            workdir.log("train", step=step, loss=float(0.5 * jnp.sum(state["w"] ** 2)))
             workdir.checkpoint(step, state)
             advance()
     fig, ax = plt.subplots()

@@ -57,7 +57,7 @@ def train(cfg_model, cfg_train, workdir, progress_label="training"):
                 row["val_loss"] = charlm.validation_loss(
                     model, val_data, cfg_train, cfg_model.context
                 )
-            workdir.log(**row)
+            workdir.log("train", **row)
             history.append(row)
             workdir.checkpoint(step, nnx.to_pure_dict(nnx.state((model, optimizer))))
             advance()

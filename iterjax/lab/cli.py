@@ -90,7 +90,11 @@ def main(argv=None):
         _list_configs()
         return 0
     if args.command == "report":
-        path = report.write(args.dirs, args.out)
+        try:
+            path = report.write(args.dirs, args.out)
+        except report.ReportError as e:
+            print(f"iterjax: {e}", file=sys.stderr)
+            return 2
         print(f"report in {path}")
         return 0
     if args.help:

@@ -4,6 +4,7 @@ One document for one or several run (or sweep) directories: what ran (status,
 time, commit, devices), the config keys whose values differ between the runs,
 their scalar metrics in one table, flagged failures and non-finite metrics,
 each run's own table and its plots. Markdown links the PNGs; HTML embeds them.
+A failed run shows the error its `status.json` recorded.
 """
 
 import base64
@@ -18,18 +19,25 @@ from .sweep import scalar_metrics
 from .tables import flatten, markdown_table
 
 
+class ReportError(ValueError):
+    """A report that cannot be written: not a run directory, or a bad --out."""
+
+
 def load(run_dir) -> dict:
     d = pathlib.Path(run_dir)
     if not (d / "config.yaml").exists():
-        raise FileNotFoundError(f"{d} is not a run directory (no config.yaml)")
+        why = "does not exist" if not d.exists() else "has no config.yaml"
+        raise ReportError(f"{d} is not a run directory: it {why}")
     read = lambda name: (
         json.loads((d / name).read_text()) if (d / name).exists() else {}
     )
+    status = read("status.json")
     return {
         "dir": d,
         "config": yaml.safe_load((d / "config.yaml").read_text()),
         "summary": read("summary.json"),
-        "status": read("status.json").get("status", "unknown"),
+        "status": status.get("status", "unknown"),
+        "error": status.get("error"),
         "plots": sorted(d.glob("*.png")),
     }
 
@@ -86,6 +94,8 @@ def markdown(run_dirs, relative_to=None) -> str:
     for r, name in zip(runs, names):
         s = r["summary"]
         lines += [f"## {name} ({r['config'].get('experiment')})", ""]
+        if r["error"]:
+            lines += [f"**Error:** `{r['error'][:1000]}`", ""]
         for label, key in [
             ("Failed members", "failed"),
             ("Non-finite", "nonfinite_metrics"),
@@ -102,6 +112,10 @@ def markdown(run_dirs, relative_to=None) -> str:
 
 def write(run_dirs, out="report.md") -> pathlib.Path:
     out = pathlib.Path(out)
+    if out.suffix not in (".md", ".html"):
+        raise ReportError(f"--out {out}: the report is a .md or an .html file")
+    if not out.parent.is_dir():
+        raise ReportError(f"--out {out}: the folder {out.parent} does not exist")
     text = markdown(run_dirs, relative_to=out.parent.resolve())
     if out.suffix == ".html":
         text = to_html(text, out.parent.resolve())

@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import math
+import numbers
 import pathlib
 import sys
 import time
@@ -24,13 +25,19 @@ from .tables import flatten
 class Workdir:
     """What an experiment's `run(cfg, workdir)` writes to.
 
-    `log(**row)` appends to `metrics.jsonl`, `savefig` writes a PNG, `progress`
-    shows a bar. A training loop makes itself resumable with two calls::
+    `log(namespace, **row)` appends to `metrics.jsonl`, `savefig` writes a PNG,
+    `progress` shows a bar.
+
+    Every row has one schema: `{"namespace": ..., "step": ..., **row}`. The
+    namespace names the series ("train", "eval", "sweep"; "metrics" when not
+    given) and `step` is the row's own `step=` when it gives one, else its row
+    number in the run. Writers key on both: TensorBoard tags are
+    `namespace/metric`. A training loop makes itself resumable with two calls::
 
         step, state = workdir.restore(state)      # (0, state) on a fresh run
         for step in range(step + 1, steps + 1):
             state = update(state)
-            workdir.log(step=step, ...)
+            workdir.log("train", step=step, ...)
             workdir.checkpoint(step, state)       # every `checkpoint_every` steps
 
     `checkpoint` saves the pytree `state` with orbax together with the number of
@@ -42,11 +49,11 @@ class Workdir:
 
     `writers` names where rows go besides `metrics.jsonl` (always written: the
     record that a resume cuts back): "tensorboard" writes each row's numbers as
-    TensorBoard scalars (tensorboardX event files in `tensorboard/`), one tag per
-    numeric entry (nested keys dotted) at the row's `step` when it has one, else
-    at its row number (`tensorboard --logdir runs/`); a resumed run appends.
-    More writers plug in through `WRITERS` (a name -> a class taking the run
-    directory, with `write(row, step)` and `close()`).
+    TensorBoard scalars (tensorboardX event files in `tensorboard/`), one tag
+    `namespace/key` per numeric entry (nested keys dotted) at the row's `step`
+    (`tensorboard --logdir runs/`); a resumed run appends. More writers plug in
+    through `WRITERS` (a name -> a class taking the run directory, with
+    `write(row)` for a stamped row and `close()`).
 
     On a multi-process run every process calls the same methods; only process 0
     writes metrics and plots.
@@ -89,8 +96,18 @@ class Workdir:
 
     # --- metrics and plots
 
-    def log(self, **row) -> None:
-        """Append one row of metrics (numbers, strings, lists) to metrics.jsonl."""
+    def log(self, namespace: str = "metrics", /, **row) -> None:
+        """Append one row of metrics (numbers, strings, lists) to metrics.jsonl,
+        stamped with its `namespace` and `step` (see the class docstring)."""
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError(f"log: the namespace must be a name, got {namespace!r}")
+        if "namespace" in row:
+            raise ValueError("log: `namespace` is the first argument, not a metric")
+        step = row.pop("step", self._rows)
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+            raise ValueError(f"log: step must be an int, got {step!r}")
+        step = int(step)
+        row = {"namespace": namespace, "step": step, **row}
         for k in nonfinite_paths(row):
             self.nonfinite[k] = self.nonfinite.get(k, 0) + 1
         self._rows += 1
@@ -100,10 +117,8 @@ class Workdir:
             self._metrics = open(self.path / "metrics.jsonl", "a")
         self._metrics.write(json.dumps(jsonable(row)) + "\n")
         self._metrics.flush()
-        step = row.get("step", self._rows - 1)
-        step = step if isinstance(step, int) else self._rows - 1
         for writer in self._writers:
-            writer.write(row, step)
+            writer.write(row)
 
     def logged(self) -> list[dict]:
         """The rows in metrics.jsonl (after a resume: those before the checkpoint)."""
@@ -384,10 +399,11 @@ class TensorBoardWriter:
     def __init__(self, path):
         self._events = SummaryWriter(str(pathlib.Path(path) / "tensorboard"))
 
-    def write(self, row, step):
+    def write(self, row):
+        ns, step = row["namespace"], row["step"]
         for key, value in flatten(row).items():
-            if key != "step" and _is_number(value):
-                self._events.add_scalar(key, float(value), step)
+            if key not in ("namespace", "step") and _is_number(value):
+                self._events.add_scalar(f"{ns}/{key}", float(value), step)
         self._events.flush()
 
     def close(self):
