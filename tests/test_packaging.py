@@ -1,0 +1,73 @@
+"""The wheel as a user gets it: built from the repository, installed in a fresh
+venv, it lists the built-in configs and runs one smoke config, away from the
+checkout (so nothing is imported from the source tree)."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import sysconfig
+import venv
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _run(cmd, cwd, env=None, timeout=600):
+    out = subprocess.run(
+        cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    assert out.returncode == 0, f"{cmd}:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}"
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def fresh_venv(tmp_path_factory):
+    """A venv with only the wheel installed (`--no-deps`); its dependencies come
+    from the test's own environment through a `.pth` line, which adds that
+    site-packages folder but not its `.pth` files (so not the editable install
+    of the checkout)."""
+    tmp = tmp_path_factory.mktemp("wheel")
+    _run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp, REPO],
+        cwd=tmp,
+    )
+    (wheel,) = tmp.glob("iterjax-*.whl")
+    env_dir = tmp / "venv"
+    venv.create(env_dir, with_pip=False)
+    py = env_dir / "bin" / "python"
+    _run([sys.executable, "-m", "pip", "--python", py, "install", "-q",
+          "--no-deps", wheel], cwd=tmp)  # fmt: skip
+    fresh_site = _run(
+        [py, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], tmp
+    ).strip()
+    deps = sysconfig.get_path("purelib")
+    (pathlib.Path(fresh_site) / "deps.pth").write_text(deps + "\n")
+    return env_dir, tmp
+
+
+def test_the_installed_wheel_lists_and_runs_its_configs(fresh_venv):
+    env_dir, cwd = fresh_venv
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    where = _run(
+        [env_dir / "bin" / "python", "-c", "import iterjax; print(iterjax.__file__)"],
+        cwd,
+        env,
+    )
+    assert str(env_dir) in where and str(REPO) not in where
+    # the package installs `iterjax` and nothing else at the top level
+    site = pathlib.Path(where.strip()).parent.parent
+    assert not (site / "experiments").exists() and not (site / "configs").exists()
+    listed = _run([env_dir / "bin" / "iterjax", "list"], cwd, env)
+    names = [line.split()[0] for line in listed.splitlines() if line.strip()]
+    assert len(names) >= 14 and "fixed_point_study" in names, listed
+    out = _run(
+        [env_dir / "bin" / "iterjax", "run", "fixed_point_study", "--smoke",
+         "--out", cwd / "runs", "--quiet"],
+        cwd,
+        env,
+    )  # fmt: skip
+    run_dirs = list((cwd / "runs" / "fixed_point_study").iterdir())
+    assert len(run_dirs) == 1 and "results in" in out
+    assert (run_dirs[0] / "summary.json").exists()
