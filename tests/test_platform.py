@@ -1,6 +1,7 @@
 """The experiment platform: sweeps (vectorised and not), sharding, resume,
 robustness, reports, multi-host and cache settings, invalid configs."""
 
+import io
 import json
 import pathlib
 import re
@@ -689,6 +690,23 @@ def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):
         )
 
 
+def test_progress_names_the_current_item_and_the_latest_metric(tmp_path):
+    lines = io.StringIO()
+    wd = Workdir(tmp_path, quiet=True)
+    status = lambda item: workdirlib._status_text(item, wd._last_row)
+    with workdirlib._plain_progress(3, "solve", lines, status, every=0.0) as advance:
+        advance(item="warm-up")
+        wd.log(solver="anderson", problem="tanh", residual=3.14159e-11, steps=12)
+        advance()
+        advance(item="broyden/tanh")
+    wd.close()
+    got = lines.getvalue().splitlines()
+    assert got[0].startswith("solve: 1/3 [warm-up] (")
+    assert got[1].startswith("solve: 2/3 [anderson/tanh residual=3.142e-11 steps=12] (")
+    assert got[2].startswith("solve: 3/3 [broyden/tanh residual=3.142e-11 steps=12] (")
+    assert got[3].startswith("solve: 3/3 [broyden/tanh")  # the closing line
+
+
 def test_every_metrics_row_has_a_namespace_and_a_step(tmp_path):
     wd = Workdir(tmp_path, quiet=True)
     wd.log("train", step=np.int64(3), loss=0.5)
@@ -752,6 +770,9 @@ def test_a_run_logs_to_stdout_log_with_plain_progress_off_a_terminal(
     log = (run_dir / "stdout.log").read_text()
     for line in ("toy: lr 0.1, from step 0", "training: 1/3", "training: 3/3"):
         assert line in log
+    # the current item and the latest metric: here the row logged last
+    last = _rows(run_dir)[-1]
+    assert f"training: 3/3 [train loss={last['loss']:.4g}] (" in log
     assert "training: 3/3" in capsys.readouterr().out  # the terminal's copy
     assert sys.stdout is not None and not hasattr(sys.stdout, "log")  # restored
     monkeypatch.setattr(workdirlib, "PLAIN_EVERY", 3600.0)  # only the last line

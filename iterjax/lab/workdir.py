@@ -88,6 +88,7 @@ class Workdir:
             WRITERS[w](self.path) for w in writers if w != "jsonl" and primary
         ]
         self._rows = 0
+        self._last_row = None  # what progress shows as the latest metric
         self._restored = None
         if resume:
             self._restored = self._latest()
@@ -108,6 +109,7 @@ class Workdir:
             raise ValueError(f"log: step must be an int, got {step!r}")
         step = int(step)
         row = {"namespace": namespace, "step": step, **row}
+        self._last_row = row
         for k in nonfinite_paths(row):
             self.nonfinite[k] = self.nonfinite.get(k, 0) + 1
         self._rows += 1
@@ -138,16 +140,23 @@ class Workdir:
 
     @contextlib.contextmanager
     def progress(self, total: int, description: str):
-        """Progress of one phase; yields `advance(n=1)`. On a terminal: a rich bar
-        with elapsed time and ETA. Otherwise (a batch job's redirected output):
-        a plain line at most every `PLAIN_EVERY` seconds and at the end, flushed.
-        Silent when quiet. `stdout.log` gets the plain lines either way."""
+        """Progress of one phase; yields `advance(n=1, item=None)`. On a
+        terminal: a rich bar with elapsed time and ETA. Otherwise (a batch job's
+        redirected output): a plain line at most every `PLAIN_EVERY` seconds and
+        at the end, flushed. Silent when quiet. `stdout.log` gets the plain lines
+        either way.
+
+        Both show the current item and the latest metric: `item` names what was
+        just done (else the text fields of the row logged last, "anderson/tanh"),
+        and the first numbers of the row logged last follow it
+        ("residual=3.1e-11")."""
         if self.quiet:
-            yield lambda n=1: None
+            yield lambda n=1, item=None: None
             return
         terminal = getattr(sys.stdout, "terminal", sys.stdout)
+        status = lambda item: _status_text(item, self._last_row)
         if not terminal.isatty():
-            with _plain_progress(total, description, sys.stdout) as advance:
+            with _plain_progress(total, description, sys.stdout, status) as advance:
                 yield advance
             return
         log = getattr(sys.stdout, "log", None)  # stdout.log, without the bar
@@ -161,13 +170,15 @@ class Workdir:
                 TimeRemainingColumn(),
                 console=Console(file=terminal),
             ) as bar,
-            _plain_progress(total, description, log, every=math.inf) as logged,
+            _plain_progress(total, description, log, status, every=math.inf) as logged,
         ):
             task = bar.add_task(description, total=total)
 
-            def advance(n=1):
-                bar.advance(task, n)
-                logged(n)
+            def advance(n=1, item=None):
+                now = status(item)
+                text = f"{description} {now}" if now else description
+                bar.update(task, advance=n, description=text)
+                logged(n, item)
 
             yield advance
 
@@ -295,25 +306,45 @@ MANIFEST = "iterjax-manifest.json"
 PLAIN_EVERY = 10.0  # seconds between plain progress lines
 
 
+def _status_text(item, row, numbers_shown=2) -> str:
+    """ "item metric=value ...": `item`, else the text fields of `row` joined by
+    "/", then the first numbers of `row` (its `step` aside)."""
+    row = {} if row is None else flatten(row)
+    if row.get("namespace") == "metrics":  # the default says nothing
+        row.pop("namespace")
+    if item is None:
+        item = "/".join(v for k, v in row.items() if isinstance(v, str))
+    values = [
+        f"{k}={float(v):.4g}"
+        for k, v in row.items()
+        if k != "step" and _is_number(v) and not isinstance(v, bool)
+    ][:numbers_shown]
+    return " ".join([str(item), *values] if item else values)
+
+
 @contextlib.contextmanager
-def _plain_progress(total, description, stream, every=None):
-    """`advance(n=1)` that writes "description: done/total (elapsed, eta)" to
-    `stream` (None: nowhere) at most every `every` seconds and at the end."""
+def _plain_progress(total, description, stream, status, every=None):
+    """`advance(n=1, item=None)` that writes "description: done/total [status]
+    (elapsed, eta)" to `stream` (None: nowhere) at most every `every` seconds
+    and at the end. `status(item)` gives the text in brackets."""
     every = PLAIN_EVERY if every is None else every
     start = last = time.monotonic()
-    done = 0
+    done, current = 0, None
 
     def line():
         elapsed = time.monotonic() - start
         eta = elapsed / done * (total - done) if done else math.nan
+        now = status(current)
+        now = f" [{now}]" if now else ""
         stream.write(
-            f"{description}: {done}/{total} ({elapsed:.0f} s, eta {eta:.0f} s)\n"
+            f"{description}: {done}/{total}{now} ({elapsed:.0f} s, eta {eta:.0f} s)\n"
         )
         stream.flush()
 
-    def advance(n=1):
-        nonlocal done, last
+    def advance(n=1, item=None):
+        nonlocal done, last, current
         done += n
+        current = item  # None: the row logged last names the item
         if stream is not None and time.monotonic() - last >= every:
             last = time.monotonic()
             line()
