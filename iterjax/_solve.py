@@ -1,6 +1,26 @@
 """The one path through a fixed-point solve: the call is validated once, at the
 public boundary, then `iterative_solve` runs under the adjoint. `fixed_point`,
-`root`, `finite_sum_fixed_point` and `argmin` all go through `solve`."""
+`root`, `finite_sum_fixed_point` and `argmin` all go through `solve`.
+
+DESIGN: who owns an option. The *call* owns the options of the stopping rule
+and of the record (atol, rtol, max_steps, norm, trace, throw); the *solver*
+owns its algorithm's hyperparameters (history, damping, the linear solver).
+The public functions take the former as keywords, as DESIGN.md's contract
+states, and hand them, untouched, to `solve` as one `options` mapping; from
+there only `check_call` reads them (once) and only `iterative_solve` uses them
+(the stopping test is the driver's, never a solver's). We did not take the
+optimistix route (the solver carries rtol/atol/norm) for three reasons: one
+solver object is reused across problems of different scale, so the tolerance
+belongs to the problem; `Switched`, `Restarted` and the other wrappers would
+have to reconcile two inner solvers' tolerances, which is a second owner; and
+a traced tolerance (vmapped over, or a config sweep) stays an argument of the
+call rather than a leaf that must be threaded through every solver's pytree.
+A frozen options object was rejected as a public type: it would be a fourth
+spelling of the same keywords. `iterjax.scan`'s `Sweeps` is the one solver
+that sees atol/rtol, because accepting a prefix of positions is part of its
+step; it applies the driver's own elementwise test (the infinity norm), so the
+two agree on when a solve has converged.
+"""
 
 import functools
 
