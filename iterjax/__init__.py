@@ -1,10 +1,10 @@
 """iterjax: iterative computation as composable, pure JAX transformations."""
 
+import importlib as _importlib
 import importlib.metadata as _metadata
 
 from . import bilevel as bilevel
 from . import classical as classical
-from . import deq as deq
 from . import diagnostics as diagnostics
 from . import linear as linear
 from . import sequence as sequence
@@ -62,3 +62,18 @@ try:
     __version__ = _metadata.version("iterjax")
 except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
+
+
+def __getattr__(name):
+    """`iterjax.deq`, the flax layers, is imported on first use: the rest of
+    iterjax needs jax and optax only, and flax is the `flax` extra."""
+    if name != "deq":
+        raise AttributeError(f"module 'iterjax' has no attribute {name!r}")
+    try:
+        return _importlib.import_module(".deq", __name__)
+    except ModuleNotFoundError as e:
+        if e.name is None or e.name.split(".")[0] != "flax":
+            raise
+        raise ModuleNotFoundError(
+            "iterjax.deq needs flax: pip install 'iterjax[flax]'", name=e.name
+        ) from e

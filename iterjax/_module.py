@@ -2,11 +2,11 @@
 
 import abc
 
-from flax import struct
+from . import _struct as struct
 
 
 class Module(struct.PyTreeNode, metaclass=abc.ABCMeta):
-    """A frozen dataclass that is a pytree (`flax.struct`), with its abstract
+    """A frozen dataclass that is a pytree (`_struct`), with its abstract
     methods enforced: a subclass that leaves one unimplemented cannot be
     instantiated (TypeError naming it).
 

@@ -3,8 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from . import _struct as struct
 from ._types import Array, Bool, Float, Int, Y
 
 # Result codes carried as int32 arrays so that they survive jit and vmap.

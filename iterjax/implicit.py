@@ -25,8 +25,8 @@ import abc
 import functools
 
 import jax
-from flax import struct
 
+from . import _struct as struct
 from . import _tree as tu
 from ._checks import check_int, check_range
 from ._module import Module

@@ -120,48 +120,66 @@ def test_pyproject_states_ranges_and_constraints_pin_them():
     root = ROOT.parent
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     assert all(">=" in d and "==" not in d for d in project["dependencies"])
+    name = lambda d: d.split(">=")[0].lower().replace("_", "-")  # PEP 503
     pins = {
-        line.split("==")[0].lower(): line.split("==")[1]
+        name(line.split("==")[0]): line.split("==")[1]
         for line in (root / "constraints.txt").read_text().splitlines()
         if "==" in line and not line.startswith("#")
     }
     for dep in project["dependencies"]:
-        assert dep.split(">=")[0].lower() in pins, dep
-    # the library's core needs none of the platform's packages
-    core = {d.split(">=")[0] for d in project["dependencies"]}
-    assert not core & {"matplotlib", "scikit-learn", "rich", "pyyaml"}
+        assert name(dep) in pins, dep
+    # the library's core needs none of the platform's packages, nor flax
+    core = {name(d) for d in project["dependencies"]}
+    platform = {"matplotlib", "scikit-learn", "rich", "pyyaml", "orbax-checkpoint"}
+    assert not core & {"flax", *platform}
 
 
 def test_the_core_runs_without_the_platforms_dependencies():
-    # A solver-only install (no `lab` extra) has no matplotlib or scikit-learn:
-    # importing iterjax and solving must not need them, nor the platform. (rich,
-    # pyyaml and orbax come with flax, scipy with jax, chex with optax: the
-    # core's own dependencies pull them in.)
+    # A solver-only install (`pip install iterjax`, no extras) has jax, optax
+    # (and what they pull in: chex, scipy) but no flax, matplotlib, scikit-learn,
+    # rich, pyyaml or orbax: importing iterjax and solving must not need them,
+    # nor the platform; `iterjax.deq` says which extra it needs.
     import subprocess
     import sys
 
     script = """
 import importlib.abc, sys
-BLOCKED = ("matplotlib", "sklearn")
+BLOCKED = ("flax", "matplotlib", "sklearn", "rich", "yaml", "orbax")
 class Block(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"blocked: {name}")
+            raise ModuleNotFoundError(f"blocked: {name}", name=name)
 sys.meta_path.insert(0, Block())
 import jax.numpy as jnp
 import iterjax
 sol = iterjax.fixed_point(lambda y, a: jnp.cos(y), jnp.array(1.0), atol=1e-6)
 _, ys = iterjax.scan(lambda h, x: (0.5 * h + x, h), jnp.zeros(()), jnp.ones(8))
 s = iterjax.classical.bradley_terry(jnp.array([[0.0, 2.0], [1.0, 0.0]]))
-assert bool(sol.converged) and bool(s.converged), (sol, s)
-platform = ("iterjax.lab", "iterjax.experiments")
+w = iterjax.argmin(lambda w, t: jnp.sum((w - t) ** 2), jnp.zeros(2), jnp.ones(2))
+assert bool(sol.converged) and bool(s.converged) and bool(w.converged), (sol, s)
+platform = ("iterjax.lab", "iterjax.experiments", "iterjax.deq")
 assert not any(m.startswith(platform) for m in sys.modules)
+assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
+try:
+    iterjax.deq
+except ModuleNotFoundError as e:
+    assert "pip install 'iterjax[flax]'" in str(e), e
+else:
+    raise AssertionError("iterjax.deq imported without flax")
 print("ok")
 """
     out = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_deq_is_there_on_first_use():
+    import iterjax
+
+    assert iterjax.deq.DEQ.__module__.startswith("iterjax.deq")
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        iterjax.nope  # noqa: B018
 
 
 def test_the_package_type_checks():
@@ -182,12 +200,11 @@ def test_the_package_type_checks():
 
 
 def _pytree_classes():
-    """Every class of the core built on `flax.struct.PyTreeNode`, recursively."""
-    from flax import struct
-
+    """Every class of the core built on `iterjax._struct.PyTreeNode`, recursively."""
     import iterjax.classical  # noqa: F401  (import every wing's classes)
+    from iterjax._struct import PyTreeNode
 
-    found, todo = set(), [struct.PyTreeNode]
+    found, todo = set(), [PyTreeNode]
     while todo:
         for sub in todo.pop().__subclasses__():
             where = sub.__module__

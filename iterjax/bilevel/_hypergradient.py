@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
 
+from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import (
     check_inexact,

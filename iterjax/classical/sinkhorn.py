@@ -7,8 +7,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import struct
 
+from .. import _struct as struct
 from .._checks import check_range
 from .._iterate import AbstractFixedPointSolver
 from .._solution import Solution

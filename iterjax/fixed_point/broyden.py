@@ -4,8 +4,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from .. import _struct as struct
 from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver
 from ._flat import push, ravel, safe_div, tiny

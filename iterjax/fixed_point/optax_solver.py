@@ -3,8 +3,8 @@
 from typing import Any, NamedTuple
 
 import optax
-from flax import struct
 
+from .. import _struct as struct
 from .. import _tree as tu
 from .._iterate import AbstractFixedPointSolver
 from .._optax import optax_init, optax_step

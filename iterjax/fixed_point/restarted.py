@@ -4,8 +4,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_range
 from .._iterate import AbstractFixedPointSolver, check_solver, state_at

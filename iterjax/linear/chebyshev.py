@@ -2,8 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
 from ._base import AbstractLinearSolver, LinearStats

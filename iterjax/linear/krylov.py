@@ -12,8 +12,8 @@ about 1e-6 in float32, where 1e-8 is out of reach and would run to `max_steps`.
 import jax
 import jax.numpy as jnp
 import jax.scipy.sparse.linalg as jsl
-from flax import struct
 
+from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
 from ._base import AbstractLinearSolver, LinearStats

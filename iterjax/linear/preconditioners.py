@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
 from .._module import Module

@@ -25,8 +25,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import jax.scipy.linalg as jsla
-from flax import struct
 
+from .. import _struct as struct
 from .._checks import check_int, check_range
 from .._iterate import AbstractFixedPointSolver, iterative_solve
 

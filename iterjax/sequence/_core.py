@@ -47,10 +47,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from .. import _struct as struct
 from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver
 from .._module import Module

@@ -5,8 +5,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from flax import struct
 
+from .. import _struct as struct
 from .._checks import (
     check_floating,
     check_int,

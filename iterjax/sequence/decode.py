@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from .. import _struct as struct
 from .._checks import check_int, check_range, concrete_number
 
 

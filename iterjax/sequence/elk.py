@@ -2,8 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from .. import _struct as struct
 from .._checks import check_int, check_range
 from ._core import AbstractSequenceMethod, linear_recurrence, prefix_scan, shift
 from .deer import DEER, QuasiDEER

@@ -2,8 +2,8 @@
 
 import jax
 import jax.numpy as jnp
-from flax import struct
 
+from .. import _struct as struct
 from ._core import AbstractSequenceMethod
 
 
