@@ -30,14 +30,11 @@ def _replace(self, **changes):
 @dataclass_transform(field_specifiers=(field,), frozen_default=True)
 def dataclass(cls: type[T], **kwargs) -> type[T]:
     """Make `cls` a frozen dataclass registered as a pytree."""
-    if "_iterjax_struct" in cls.__dict__:
-        return cls
     cls = dataclasses.dataclass(frozen=True, **kwargs)(cls)
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     leaves = [f.name for f in fields if f.metadata.get("pytree_node", True)]
     static = [f.name for f in fields if not f.metadata.get("pytree_node", True)]
     cls.replace = _replace  # type: ignore[attr-defined]
-    cls._iterjax_struct = True  # type: ignore[attr-defined]
     return jax.tree_util.register_dataclass(cls, leaves, static)
 
 

@@ -281,6 +281,9 @@ def test_a_crashing_member_is_recorded_and_the_rest_run(toy, tmp_path):
     status = {r["member"]: r["status"] for r in _rows(run_dir)}
     assert status == {0: "ok", 1: "failed", 2: "ok"}
     assert summary["aggregates"][0]["n"] == 2
+    # the sweep's table rows follow the metrics schema: namespace and step
+    assert all(r["namespace"] == "sweep" and r["step"] == r["member"]
+               for r in _rows(run_dir))  # fmt: skip
 
 
 def test_a_failing_vectorised_group_falls_back_to_separate_runs(

@@ -234,9 +234,11 @@ def aggregate(rows, seed_key) -> list[dict]:
 
 
 def write_tables(path, rows):
+    """metrics.jsonl (one row per member, in the metrics schema: namespace
+    "sweep", the member as its step) and metrics.csv."""
     with open(path / "metrics.jsonl", "w") as f:
         for r in rows:
-            f.write(json.dumps(r) + "\n")
+            f.write(json.dumps({"namespace": "sweep", "step": r["member"], **r}) + "\n")
     keys = list(dict.fromkeys(k for r in rows for k in r["settings"]))
     names = list(dict.fromkeys(k for r in rows for k in r["metrics"]))
     with open(path / "metrics.csv", "w", newline="") as f:

@@ -315,9 +315,7 @@ def _status_text(item, row, numbers_shown=2) -> str:
     if item is None:
         item = "/".join(v for k, v in row.items() if isinstance(v, str))
     values = [
-        f"{k}={float(v):.4g}"
-        for k, v in row.items()
-        if k != "step" and _is_number(v) and not isinstance(v, bool)
+        f"{k}={float(v):.4g}" for k, v in row.items() if k != "step" and _is_number(v)
     ][:numbers_shown]
     return " ".join([str(item), *values] if item else values)
 
