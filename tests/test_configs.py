@@ -48,7 +48,7 @@ def _check_jacobi_rnn(summary):
     assert rows and all(r["converged"] and r["error"] < 1e-6 for r in rows), rows
     sweeps = {(r["cell"], r["length"], r["method"]): r["sweeps"] for r in rows}
     for (cell, T, m), n in sweeps.items():
-        assert n <= T + 1
+        assert n <= T
         if m == "deer":
             assert n < sweeps[(cell, T, "jacobi")]
 

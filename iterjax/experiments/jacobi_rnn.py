@@ -126,7 +126,7 @@ def _plot(cfg, rows, curves, workdir):
             axes[0, j].loglog(T, sweeps, "o-", label=m)
             axes[1, j].loglog(T, depth, "o-", label=m)
         T = np.asarray(cfg.lengths)
-        axes[0, j].loglog(T, T + 1, "k--", lw=0.7, label="T + 1 (worst case)")
+        axes[0, j].loglog(T, T, "k--", lw=0.7, label="T (worst case)")
         axes[1, j].loglog(T, T, "k--", lw=0.7, label="lax.scan")
         axes[0, j].set(
             title=f"{cname}: sweeps to atol {cfg.atol:g}", xlabel="T", ylabel="sweeps"

@@ -18,12 +18,21 @@ I (Picard), diag J_t (quasi-Newton), J_t = ∂f/∂s at X^k_{t-1} (Newton, DEER)
 
 Guarantees of the core, whatever A_t is:
 
-* Frozen prefix. Positions whose residual meets the tolerance, and all before them,
-  are kept as they are (their r is set to 0, so δ is exactly 0 there). The first
-  unconverged position p then gets δ_p = r_p, i.e. X_p = f(X_{p-1}, x_p) from an
-  accepted predecessor (enforced for methods that are not a linear recurrence):
-  every sweep accepts at least one more position, so every method is exact after
-  T sweeps and confirms it with one more: at most T + 1 sweeps.
+* Acceptance (the stopping rule). Position t is accepted when it and every
+  position before it pass both tests |r_t| <= atol + rtol |X_t| and
+  |δ_t| <= atol + rtol |X_t|, δ the correction of this sweep. The residual alone
+  does not bound the error where the recurrence amplifies: the error
+  e_t = Σ_s J_t...J_{s+1} r_s grows along t while every r_s is small. δ is the
+  method's estimate of that error; for DEER (A_t = J_t) it is the error to first
+  order, amplification included: the papers' own test |X^{k+1} - X^k| <= tol
+  (DEER, ELK and ParaDiGMS's loops). Accepted positions take their correction,
+  as those loops return X^{k+1}.
+* Frozen prefix. Positions accepted by earlier sweeps never change again (their
+  r is set to 0, so δ is exactly 0 there). The first position after them, p,
+  gets δ_p = r_p, i.e. X_p = f(X_{p-1}, x_p) from its frozen predecessor
+  (enforced for methods that are not a linear recurrence), so it is exact and
+  accepted whatever its residual: every sweep accepts at least one more
+  position, and every method is exact after at most T sweeps.
 * Sliding window (`window=W`, ParaDiGMS). A sweep evaluates and updates only the
   W positions from the first unaccepted one; later positions take the window's
   last value (a better guess than s_0). Work and memory per sweep are O(W), and
@@ -31,8 +40,8 @@ Guarantees of the core, whatever A_t is:
 * No garbage. A position whose update is not finite (a diverging Newton step, an
   overflowing Jacobian) falls back to the Jacobi update f(X^k_{t-1}, x_t), or keeps
   its value when that is not finite either; the number of sweeps with a fallback is
-  reported. Non-finite residuals past the frontier are reported as the largest
-  float, so that only a non-finite residual at an accepted predecessor (a genuine
+  reported. Non-finite residuals past p are reported as the largest
+  float, so that only a non-finite residual at a frozen predecessor (a genuine
   NaN or inf of f) stops the solve as diverged; that position then holds f's
   non-finite value and every later one NaN (`non_finite_tail`), as lax.scan's
   would be non-finite from there on, never a finite guess.
@@ -240,12 +249,13 @@ def count_upto(flags, mesh=None):
 
 
 class SweepState(NamedTuple):
-    residual: jax.Array  # (T, D): f(X_{t-1}, x_t) - X_t where known, else the max
+    residual: jax.Array  # (T, D): max(|r_t|, |δ_t|) where known, else the largest float
     accepted: jax.Array  # int32: length of the accepted prefix
     fallbacks: jax.Array  # int32: sweeps in which some position fell back
     jacobians: jax.Array  # int32: sweeps that computed A_t
     A: object  # the A_t of the last linearisation (lazy Jacobians), else None
     sweeps: jax.Array  # int32: sweeps taken
+    sizes: jax.Array  # (2, 2): max |r_t|, max |δ_t| over accepted positions; all
 
 
 class Sweeps(AbstractFixedPointSolver):
@@ -253,10 +263,10 @@ class Sweeps(AbstractFixedPointSolver):
 
     The driver's `fn` is the flat cell `cell(h, x, consts) -> h` and its `args` are
     `(s0, xs, consts)`. One step is one sweep: evaluate f (and A_t) on the window
-    at the current iterate, accept the converged prefix, update the rest. The
-    residual is therefore that of the iterate the sweep started from, and the
-    last sweep is the one that finds every position accepted (and changes
-    nothing). Positions never evaluated at their current value report the
+    at the current iterate, solve for the correction, accept (module docstring),
+    update. The driver sees, per position, max(|r_t|, |δ_t|) of the sweep that
+    accepted it (0 where exact), or of the last sweep if none did, so its test
+    is acceptance; positions never evaluated at their current value report the
     largest float.
     """
 
@@ -265,10 +275,15 @@ class Sweeps(AbstractFixedPointSolver):
     rtol: float
 
     def summary(self, state):
-        return {"fallbacks": state.fallbacks, "jacobians": state.jacobians}
+        return {
+            "fallbacks": state.fallbacks,
+            "jacobians": state.jacobians,
+            "residual": state.sizes[1, 0],
+            "update": state.sizes[1, 1],
+        }
 
     def init(self, fn, y0, args):
-        unknown = jnp.full(y0.shape, jnp.finfo(y0.dtype).max)
+        big = jnp.finfo(y0.dtype).max
         A = None
         if self.method.jacobian_every > 1:
             s0, xs, consts = args
@@ -276,7 +291,8 @@ class Sweeps(AbstractFixedPointSolver):
             shape = jax.eval_shape(lambda: self.method.linearize(cell, y0, xs)[1])
             A = None if shape is None else jnp.zeros(shape.shape, shape.dtype)
         zero = jnp.int32(0)
-        return SweepState(unknown, zero, zero, zero, A, zero)
+        sizes = jnp.stack([jnp.zeros(2, y0.dtype), jnp.full(2, big, y0.dtype)])
+        return SweepState(jnp.full(y0.shape, big), zero, zero, zero, A, zero, sizes)
 
     def _linearize(self, cell, prev, xw, state):
         """`(f, A, computed)`: fresh A_t on every `jacobian_every`-th sweep, else the
@@ -295,6 +311,7 @@ class Sweeps(AbstractFixedPointSolver):
     def step(self, fn, y, args, state):
         s0, xs, consts = args
         cell = lambda h, x: fn(h, x, consts)
+        mesh = self.method.mesh
         T = y.shape[0]
         W = T if self.method.window is None else min(self.method.window, T)
         start = jnp.minimum(state.accepted, T - W)
@@ -302,49 +319,72 @@ class Sweeps(AbstractFixedPointSolver):
             window = lambda a: a
         else:
             window = lambda a: jax.lax.dynamic_slice_in_dim(a, start, W)
-        X, prev = window(y), window(shift(y, s0, self.method.mesh))
+        X, prev = window(y), window(shift(y, s0, mesh))
         xw = jax.tree_util.tree_map(window, xs)
+        index = start + jnp.arange(W, dtype=jnp.int32)
         if W < T:  # the devices of the mesh share the window
-            X, prev, xw = shard_time((X, prev, xw), self.method.mesh)
+            X, prev, xw, index = shard_time((X, prev, xw, index), mesh)
+        kept = index < state.accepted  # accepted by earlier sweeps: never change
+        first = index == state.accepted  # its predecessor is kept
 
         fx, A, computed = self._linearize(cell, prev, xw, state)
         r = fx - X
-        ok = position_ok(r, X, self.atol, self.rtol)
-        # Past the first unaccepted position a non-finite residual is an artefact
-        # of a bad iterate, not of f: report it as large but finite.
+        # Past the first position with a large residual, a non-finite one is an
+        # artefact of a bad iterate, not of f: make it large but finite.
         big = jnp.finfo(r.dtype).max
-        unaccepted = count_upto(~ok, self.method.mesh)
-        r = jnp.where((unaccepted > 1)[:, None] & ~jnp.isfinite(r), big, r)
-        # The accepted prefix: every position up to t is ok.
-        frozen = unaccepted == 0
-
+        r_ok = position_ok(r, X, self.atol, self.rtol)
+        r = jnp.where((count_upto(~r_ok, mesh) > 1)[:, None] & ~jnp.isfinite(r), big, r)
         delta = self.method.sweep(
-            cell, prev[0], X, xw, jnp.where(frozen[:, None], 0, r), A, frozen
+            cell, prev[0], X, xw, jnp.where(kept[:, None], 0, r), A, kept
         )
+        # `first` becomes exact, f of its kept predecessor (automatic for the
+        # linear-recurrence methods, enforced for ELK and Gauss-Seidel), so it is
+        # accepted whatever its residual: every sweep accepts one more position.
+        # Its residual is f's own value there, so a non-finite one (a NaN in xs,
+        # an overflow) is kept, as lax.scan would, and stops the solve.
+        exact = first & jnp.all(jnp.isfinite(r), axis=-1)
+        d_ok = position_ok(delta, X, self.atol, self.rtol)
+        ok = kept | exact | (r_ok & d_ok)
+        accepted = start + jnp.sum(count_upto(~ok, mesh) == 0, dtype=jnp.int32)
+
         new = X + delta
         fine = jnp.all(jnp.isfinite(new), axis=-1)
         jacobi = jnp.where(jnp.abs(r) < big, X + r, X)
         new = jnp.where(fine[:, None], new, jacobi)
-        # The first unaccepted position takes the exact step from its accepted
-        # predecessor (automatic for linear-recurrence methods, enforced for ELK).
-        # Its residual is f's own value there, so a non-finite one (a NaN in xs,
-        # an overflow) is kept, as lax.scan would, and stops the solve.
-        frontier = (unaccepted == 1) & ~ok
-        new = jnp.where(frontier[:, None], X + r, new)
-        new = jnp.where(frozen[:, None], X, new)
+        new = jnp.where(first[:, None], X + r, new)
+        new = jnp.where(kept[:, None], X, new)
 
+        # Per position, what the stopping test reads: max(|r_t|, |δ_t|) of this
+        # sweep; 0 where exact; as recorded when accepted, for kept positions.
+        res = jnp.where(jnp.isfinite(r), jnp.abs(r), big)
+        res = jnp.where(first[:, None], jnp.where(exact[:, None], 0, jnp.abs(r)), res)
+        upd = jnp.where(jnp.isfinite(delta) & ~first[:, None], jnp.abs(delta), 0)
+        upd = jnp.where(jnp.isfinite(delta) | first[:, None], upd, big)
+        measure = jnp.maximum(res, upd)
+        # Largest residual and update over the accepted positions (as they were
+        # when accepted: a running maximum) and this sweep's others.
+        newly = ((index < accepted) & ~kept)[:, None]
+
+        def top(mask):
+            return jnp.stack([jnp.max(jnp.where(mask, x, 0)) for x in (res, upd)])
+
+        settled = jnp.maximum(state.sizes[0], top(newly))
+        others = top(~newly & ~kept[:, None])
+        sizes = jnp.stack([settled, jnp.maximum(settled, others)])
         if W == T:
-            y_new, residual = new, r
+            y_new = new
+            residual = jnp.where(kept[:, None], state.residual, measure)
         else:
             put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0)
             past = (jnp.arange(T, dtype=jnp.int32) >= start + W)[:, None]
             y_new = jnp.where(past, new[-1], put(y, new))
-            residual = jnp.where(past, big, put(state.residual, r))
-        accepted = start + jnp.sum(frozen, dtype=jnp.int32)
+            old = window(state.residual)
+            measure = jnp.where(kept[:, None], old, measure)
+            residual = jnp.where(past, big, put(state.residual, measure))
         fallbacks = state.fallbacks + jnp.any(~fine).astype(jnp.int32)
         jacobians = state.jacobians + computed.astype(jnp.int32)
-        y_new, residual = shard_time((y_new, residual), self.method.mesh)
+        y_new, residual = shard_time((y_new, residual), mesh)
         A = None if state.A is None else A
         return y_new, SweepState(
-            residual, accepted, fallbacks, jacobians, A, state.sweeps + 1
+            residual, accepted, fallbacks, jacobians, A, state.sweeps + 1, sizes
         )

@@ -38,15 +38,22 @@ class ScanStats:
     Attributes:
       num_sweeps: sweeps taken (each one parallel evaluation of f over the
         sequence); 0 for `Sequential`.
-      converged: every position met |f(s_{t-1}, x_t) - s_t| <= atol + rtol |s_t|.
-      residual: the largest |f(s_{t-1}, x_t) - s_t| over the sequence.
+      converged: every position was accepted: its residual |f(s_{t-1}, x_t) - s_t|
+        and its update |δ_t| (the last sweep's correction) are both <= atol +
+        rtol |s_t|.
+      residual: the largest |f(s_{t-1}, x_t) - s_t| at the iterate the last sweep
+        started from (over its window).
       result: 0 converged, 1 max_sweeps reached, 2 non-finite, 4 a traced
         tolerance that is negative or NaN (nothing was solved).
       fallbacks: sweeps in which some position's update was not finite and fell back
         to the Jacobi update.
-      trace: the residual after every sweep (`trace=True`), else None.
+      trace: after every sweep, the largest of its residuals and updates (the
+        quantity of the stopping test; `trace=True`), else None.
       jacobians: sweeps that computed the A_t (every sweep of DEER, ELK and the
         quasi methods, unless `jacobian_every` > 1; 0 for Jacobi and Picard).
+      update: the largest correction |δ_t| of the last sweep, the method's
+        estimate of the remaining error (to first order for DEER); the returned
+        carries include that correction.
     """
 
     num_sweeps: jax.Array
@@ -56,6 +63,7 @@ class ScanStats:
     fallbacks: jax.Array
     trace: object = None
     jacobians: object = None
+    update: object = None
 
 
 def scan(
@@ -77,11 +85,17 @@ def scan(
 
     The carries s_1..s_T of s_t = f(s_{t-1}, x_t)[0] are found together by sweeps of
     `method` (see `iterjax.sequence`), then the outputs y_t = f(s_{t-1}, x_t)[1] are
-    evaluated in one parallel pass. Stops when |f(s_{t-1}, x_t) - s_t| <= atol +
-    rtol |s_t| for every t and component. A sweep is one parallel evaluation of f
-    (over the method's window); every method is exact after T sweeps (converged
-    prefixes freeze) and confirms it in one more, so `max_sweeps` defaults to
-    T + 1.
+    evaluated in one parallel pass. Stops when, for every t and component, both
+    the residual |f(s_{t-1}, x_t) - s_t| and the last sweep's update |δ_t| are
+    <= atol + rtol |s_t|; the carries returned include that update. With `DEER`
+    the update is the remaining error to first order, so a converged solve is
+    within about atol of `lax.scan`'s (plus its rounding), however much the
+    recurrence amplifies errors. The other methods' updates are their own error
+    estimates, exact only as far as their A_t match the Jacobian: on a recurrence
+    that amplifies, prefer `DEER` or tighten atol. A sweep is one parallel
+    evaluation of f (over the method's window); every method is exact after T
+    sweeps (accepted prefixes freeze, and every sweep accepts one more position),
+    so `max_sweeps` defaults to T.
 
     Gradients (`grad`, `jvp`, `vjp`) are those of the recurrence at the solution,
     computed by one more parallel solve of the linear (reverse, for `grad`)
@@ -94,11 +108,11 @@ def scan(
       init, xs, length, reverse: as for `lax.scan`.
       method: `DEER()` (default), `QuasiDEER()`, `ELK()`, `Jacobi()`,
         `GaussSeidel(block)`, `iterjax.sequence.Picard()` or `Sequential()`.
-      atol, rtol: tolerances on the per-step residual.
-      max_sweeps: the largest number of sweeps (default and at most useful: T + 1).
+      atol, rtol: tolerances on the per-step residual and update.
+      max_sweeps: the largest number of sweeps (default and at most useful: T).
       return_stats: also return a `ScanStats`.
       throw: raise `NonConvergenceError` when the solve did not converge.
-      trace: record the residual after each sweep in `ScanStats.trace`.
+      trace: record max(residual, update) after each sweep in `ScanStats.trace`.
 
     Returns:
       `(carry, ys)`, or `(carry, ys, stats)` with `return_stats=True`.
@@ -119,7 +133,9 @@ def scan(
         carry, ys = jax.lax.scan(f, init, xs, length=length, reverse=reverse)
         zero = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(init)))
         none = jnp.int32(0)
-        stats = ScanStats(none, jnp.bool_(True), zero, none, none, jacobians=none)
+        stats = ScanStats(
+            none, jnp.bool_(True), zero, none, none, jacobians=none, update=zero
+        )
         return (carry, ys, stats) if return_stats else (carry, ys)
 
     if reverse:
@@ -160,7 +176,7 @@ def _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace=False)
     The initial guess repeats s_0 over the sequence.
     """
     args = jax.lax.stop_gradient((s0, xs, consts))
-    max_sweeps = T + 1 if max_sweeps is None else max_sweeps
+    max_sweeps = T if max_sweeps is None else max_sweeps
     X0 = jnp.broadcast_to(args[0], (T,) + s0.shape)
     X0 = shard_time(X0, method.mesh)
     args = (args[0], shard_time(args[1], method.mesh), args[2])
@@ -177,11 +193,12 @@ def _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace=False)
     stats = ScanStats(
         num_sweeps=sol.num_steps,
         converged=sol.converged,
-        residual=sol.residual,
+        residual=sol.stats["residual"],
         result=sol.result,
         fallbacks=sol.stats["fallbacks"],
         trace=sol.trace,
         jacobians=sol.stats["jacobians"],
+        update=sol.stats["update"],
     )
     options = (method, atol, rtol)
     X = non_finite_tail(sol.value, method.mesh)
@@ -228,7 +245,7 @@ def _sweep_linear(options, cell, inputs, s0):
     """Solve a linear recurrence h_t = cell(h_{t-1}, inputs_t) from h_0 = 0 (the
     `Solution` of its sweeps).
 
-    Exact after at most T + 1 sweeps (frozen prefix), two for DEER. The method's
+    Exact after at most T sweeps (frozen prefix), two for DEER. The method's
     A_t do not depend on the iterate here, so they are computed once (not every
     sweep) where that costs no more memory than the sweeps themselves: when they
     are diagonal, or dense without a `window`.
@@ -249,7 +266,7 @@ def _sweep_linear(options, cell, inputs, s0):
         (zero, inputs, ()),
         atol=atol,
         rtol=rtol,
-        max_steps=T + 1,
+        max_steps=T,
     )
 
 
