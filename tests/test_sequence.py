@@ -242,6 +242,33 @@ def test_elk_step_solves_the_levenberg_marquardt_system():
     np.testing.assert_allclose(np.ravel(delta[1:]), expected, atol=1e-10)
 
 
+@pytest.mark.parametrize("quasi", [False, True], ids=["elk", "quasi-elk"])
+def test_elk_paper_step_is_the_kalman_filter_mean_with_fixed_lambda(quasi):
+    """sigmasq fixes λ = 1/σ²; smooth=False steps with the filtered means: δ_t is
+    the last block of the Levenberg-Marquardt solve over positions up to t."""
+    T, D = 6, 2
+    f, init, xs = cells.tanh_rnn(dim=D, length=T, scale=1.5)
+    cell = lambda h, x: f(h, x)[0]
+    X = jax.random.normal(jax.random.PRNGKey(0), (T, D))
+    prev = jnp.concatenate([init[None], X[:-1]])
+    frozen = jnp.arange(T) < 1
+    cls = ij.QuasiELK if quasi else ij.ELK
+    method = cls(sigmasq=4.0, smooth=False)
+    fx, jac = method.linearize(cell, prev, xs)
+    r = jnp.where(frozen[:, None], 0, fx - X)
+    delta = jax.jit(method.sweep, static_argnums=0)(cell, init, X, xs, r, jac, frozen)
+    blocks = jax.vmap(jnp.diag)(jac) if quasi else jac
+    np.testing.assert_allclose(delta[0], 0, atol=0)
+    for t in range(2, T + 1):  # positions 1..t-1 are free
+        n = t - 1
+        M = np.eye(n * D)
+        for s in range(1, n):
+            M[s * D : (s + 1) * D, (s - 1) * D : s * D] = -blocks[s + 1]
+        rhs = M.T @ np.ravel(r[1:t])
+        full = np.linalg.solve(M.T @ M + 0.25 * np.eye(n * D), rhs)
+        np.testing.assert_allclose(delta[t - 1], full[-D:], rtol=1e-10, atol=1e-12)
+
+
 def test_gauss_jordan_solves_batches_with_pivoting():
     """ELK's CPU solve: random batches, and a permutation (zero diagonal: no step
     succeeds without pivoting)."""
@@ -603,3 +630,7 @@ def test_bad_arguments_are_rejected():
         ij.GaussSeidel(block=0)
     with pytest.raises(ValueError, match="damping"):
         ij.ELK(damping=0.0)
+    with pytest.raises(ValueError, match="sigmasq"):
+        ij.QuasiELK(sigmasq=-1.0)
+    with pytest.raises(TypeError, match="smooth"):
+        ij.ELK(smooth="no")

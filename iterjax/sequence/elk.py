@@ -29,22 +29,42 @@ class ELK(AbstractSequenceMethod):
     0 = δ_t + N(0, I / λ), which `kalman_smoother` computes exactly with two
     associative scans: O(T D^2) memory (as DEER), O(log T) depth.
 
+    The ELK paper's own parameterisation: a fixed λ = 1 / σ² (`sigmasq`, the
+    emission variance of the model; large σ² is close to DEER) and a step with
+    the Kalman filter means (`smooth=False`), which skips the smoother's scan:
+    `ELK(sigmasq=1e2, smooth=False)` is the paper's ELK, and `QuasiELK(...)` with
+    the same arguments its quasi-ELK.
+
     Attributes:
-      damping: scale of λ (> 0).
+      damping: scale of the residual-tied λ (> 0); unused with `sigmasq`.
+      sigmasq: σ² > 0 for a fixed λ = 1 / σ², or None (default) for the
+        residual-tied λ.
+      smooth: step with the smoothed means (True, default: the exact
+        Levenberg-Marquardt step) or the filtered means (False, as the paper).
     """
 
     damping: float = 0.1
+    sigmasq: float | None = None
+    smooth: bool = struct.field(pytree_node=False, default=True)
 
     def __post_init__(self):
         super().__post_init__()
-        check_range(type(self).__name__, "damping", self.damping, lo=0.0, lo_open=True)
+        name = type(self).__name__
+        check_range(name, "damping", self.damping, lo=0.0, lo_open=True)
+        if self.sigmasq is not None:
+            check_range(name, "sigmasq", self.sigmasq, lo=0.0, lo_open=True)
+        if not isinstance(self.smooth, bool):
+            raise TypeError(f"{name}: `smooth` must be a bool, got {self.smooth!r}")
 
     def linearize(self, cell, prev, xs):
         return DEER().linearize(cell, prev, xs)
 
     def sweep(self, cell, s0, X, xs, r, A, frozen):
-        lam = self.damping * jnp.max(jnp.sum(r**2, axis=-1))
-        return kalman_smoother(A, r, lam, frozen, self.mesh)
+        if self.sigmasq is None:
+            lam = self.damping * jnp.max(jnp.sum(r**2, axis=-1))
+        else:
+            lam = 1 / jnp.asarray(self.sigmasq, r.dtype)
+        return kalman_smoother(A, r, lam, frozen, self.mesh, self.smooth)
 
 
 class QuasiELK(ELK):
@@ -53,7 +73,7 @@ class QuasiELK(ELK):
     λ -> 0 is `QuasiDEER`.
 
     Attributes:
-      damping: scale of λ (> 0).
+      damping, sigmasq, smooth: as for `ELK`.
       jvp_batch: basis JVPs evaluated at once for the diagonal (see `QuasiDEER`).
     """
 
@@ -145,7 +165,7 @@ def _filter_combine(ops):
     return combine
 
 
-def kalman_smoother(A, r, lam, frozen, mesh=None):
+def kalman_smoother(A, r, lam, frozen, mesh=None, smooth=True):
     """argmin_δ Σ_t |δ_t - A_t δ_{t-1} - r_t|^2 + λ |δ_t|^2 with δ_0 = 0 and δ_t = 0
     on the `frozen` positions, by a parallel Kalman filter and Rauch-Tung-Striebel
     smoother (Särkkä & García-Fernández 2021).
@@ -163,6 +183,8 @@ def kalman_smoother(A, r, lam, frozen, mesh=None):
     E_t = P_t A_{t+1}^T (A_{t+1} P_t A_{t+1}^T + I)^{-1}.
 
     `A` is (T, D, D) (dense) or (T, D) (diagonal: every component independently).
+    With `smooth=False` the filtered means m_t are returned instead (ELK paper's
+    step): each position then sees only the residuals up to its own.
     """
     ops = _Ops(dense=A.ndim == r.ndim + 1)
     lam = jnp.asarray(lam, r.dtype)
@@ -178,6 +200,8 @@ def kalman_smoother(A, r, lam, frozen, mesh=None):
         per(kappa, ops.mm(At, A)),
     )
     _, m, P, _, _ = prefix_scan(_filter_combine(ops), elems, mesh)
+    if not smooth:
+        return m
 
     def successor(a):  # (a_2, ..., a_T, 0)
         return jnp.flip(shift(jnp.flip(a, 0), jnp.zeros_like(a[0]), mesh), 0)
