@@ -1,0 +1,321 @@
+"""iterjax.scan against the papers' own code, same cells and inputs, one process.
+
+* DEER repository (machine-discovery/deer, `--deer PATH`): its demo GRU
+  (equinox's GRUCell, 2 units, T = 10000, float32, 16 seeds): Newton iterations
+  and error vs `lax.scan`; a GRU with 16 units in float64; forward and `grad` wall
+  time at matched accuracy (atol 1e-12, both reach ~1e-14), medians of
+  interleaved runs, and compiled memory.
+* ELK repository (lindermanlab/elk, `--elk PATH`, needs dynamax 1.0.3 from the
+  index): the time of one sweep of dense ELK and quasi-ELK (a fixed number of
+  sweeps, so both do the same work) against one DEER sweep, hidden 16, T 4096.
+* ParaDiGMS's sliding window, restated from the paper (its repository is
+  PyTorch + diffusers): the 2-D diffusion chain of `picard_diffusion` (N = 200
+  DDIM steps), windows 20 and 80: passes, model evaluations and error vs
+  sequential DDIM, against `iterjax.sequence.Picard(window=W)` at the same
+  tolerance on the largest update of a step.
+
+Neither repository is on the package index, and none of their code is copied
+here: pass local git checkouts (README: "Benchmarks against the papers' code").
+Rows whose repository is missing are skipped, and the script says which.
+
+Run: python benchmarks/sequence_peers.py --deer ../deer --elk ../elk [--quick]
+"""
+
+import argparse
+import importlib
+import pathlib
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+warnings.filterwarnings("ignore")
+
+import iterjax as ij  # noqa: E402
+from benchmarks._common import compiled_bytes, markdown  # noqa: E402
+from iterjax.diagnostics import time_calls  # noqa: E402
+from iterjax.experiments import cells, diffusion  # noqa: E402
+
+
+def load(path, module):
+    """`module` from the checkout at `path`, or None (and why) without it."""
+    if path is None:
+        return None, "no path given"
+    root = pathlib.Path(path).resolve()
+    if not (root / module.split(".")[0]).is_dir():
+        return None, f"{root} holds no `{module.split('.')[0]}` package"
+    sys.path.insert(0, str(root))
+    try:
+        return importlib.import_module(module), None
+    except ImportError as e:  # a dependency of the peer is missing
+        return None, f"importing {module}: {e}"
+
+
+def gru(hidden, T, seed, dtype):
+    """(cell(h, x), h0, xs) of a random GRU with `hidden` units and inputs."""
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    p = jax.tree.map(lambda a: a.astype(dtype), cells.gru_params(k1, hidden, hidden))
+    xs = jax.random.normal(k2, (T, hidden), dtype)
+    return (lambda h, x: cells.gru_cell(p, h, x)), jnp.zeros(hidden, dtype), xs
+
+
+def demo_gru(seed, T=10000, dim=2):
+    """The DEER repository's demo cell: equinox's GRUCell(2, 2) in float32."""
+    import equinox as eqx
+
+    key, k1, k2 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    cell = eqx.nn.GRUCell(dim, dim, key=k1)
+    params, static = eqx.partition(cell, eqx.is_array)
+    cell = eqx.combine(jax.tree.map(lambda a: a.astype(jnp.float32), params), static)
+    xs = jax.random.normal(k2, (T, dim), jnp.float32)
+    return (lambda h, x: cell(x, h)), jnp.zeros(dim, jnp.float32), xs
+
+
+def reference(cell, h0, xs):
+    return jax.jit(lambda: jax.lax.scan(lambda h, x: (cell(h, x),) * 2, h0, xs)[1])()
+
+
+def deer_repo(peer, cell, h0, xs, **options):
+    """The DEER repository's `seq1d` on `cell` (its default tolerances unless
+    given: atol 1e-4, rtol 1e-3 in float32; 1e-6, 1e-4 in float64)."""
+    method = peer.DEER(**options)
+    return peer.seq1d(lambda h, x, _: cell(h, x), h0, xs, None, method=method)
+
+
+def deer_repo_iterations(peer, cell, h0, xs):
+    """The DEER repository's output and its number of Newton iterations n. It
+    reports success when n < max_iter, so n is the smallest such max_iter - 1."""
+    for k in range(2, 102):
+        out = deer_repo(peer, cell, h0, xs, max_iter=k)
+        if bool(jnp.all(out.success)):
+            return out.value, k - 1
+    return out.value, None
+
+
+def iterjax_deer(cell, h0, xs, atol):
+    f = lambda h, x: (cell(h, x),) * 2
+    _, ys, stats = jax.jit(
+        lambda xs: ij.scan(f, h0, xs, atol=atol, return_stats=True)
+    )(xs)
+    return ys, int(stats.num_sweeps)
+
+
+def accuracy(peer, seeds):
+    """float32 demo GRU: iterations and error of both, per seed; float64 hidden 16."""
+    rows = []
+    for seed in range(seeds):
+        cell, h0, xs = demo_gru(seed)
+        ref = reference(cell, h0, xs)
+        out, k = deer_repo_iterations(peer, cell, h0, xs)
+        ys, n = iterjax_deer(cell, h0, xs, atol=1e-6)
+        e_peer = float(jnp.max(jnp.abs(out - ref)))
+        e_ij = float(jnp.max(jnp.abs(ys - ref)))
+        rows.append(("float32 demo GRU (2)", seed, k, e_peer, n, e_ij))
+    cell, h0, xs = gru(16, 4096, 0, jnp.float64)
+    ref = reference(cell, h0, xs)
+    out, k = deer_repo_iterations(peer, cell, h0, xs)
+    ys, n = iterjax_deer(cell, h0, xs, atol=1e-6)
+    rows.append(
+        (
+            "float64 GRU (16), T 4096",
+            0,
+            k,
+            float(jnp.max(jnp.abs(out - ref))),
+            n,
+            float(jnp.max(jnp.abs(ys - ref))),
+        )
+    )
+    return rows
+
+
+def speed(peer, lengths, rounds):
+    """Forward and grad wall time at matched accuracy (float64, atol 1e-12)."""
+    rows = []
+    for T in lengths:
+        cell, h0, xs = gru(16, T, 1, jnp.float64)
+        theirs = lambda xs: deer_repo(peer, cell, h0, xs, atol=1e-12, rtol=0.0).value
+        mine = lambda xs: ij.scan(lambda h, x: (cell(h, x),) * 2, h0, xs, atol=1e-12)[1]
+        loss = lambda run: jax.jit(jax.grad(lambda xs: jnp.sum(jnp.sin(run(xs)))))
+        ref = reference(cell, h0, xs)
+        calls = {
+            "peer": (jax.jit(theirs), (xs,)),
+            "mine": (jax.jit(mine), (xs,)),
+            "peer_grad": (loss(theirs), (xs,)),
+            "mine_grad": (loss(mine), (xs,)),
+        }
+        ms = time_calls(calls, rounds)
+        err = lambda f: float(jnp.max(jnp.abs(f(xs) - ref)))
+        mem = lambda f: compiled_bytes(f, xs)[0] / 2**20
+        rows.append(
+            dict(
+                T=T,
+                peer_error=err(calls["peer"][0]),
+                iterjax_error=err(calls["mine"][0]),
+                forward_ratio=ms["mine"] / ms["peer"],
+                grad_ratio=ms["mine_grad"] / ms["peer_grad"],
+                peer_forward_ms=ms["peer"],
+                peer_grad_ms=ms["peer_grad"],
+                peer_temp_mb=mem(theirs),
+                iterjax_temp_mb=mem(mine),
+            )
+        )
+    return rows
+
+
+def dynamax_1_indexing(elk):
+    """The ELK repository was written for dynamax 0.1.5 (not installable with
+    this jax), whose time-varying dynamics have T - 1 entries (the transitions);
+    dynamax 1.0.3 indexes them by the step they lead into, T entries, entry 0
+    unused. Pad the parameters ELK builds with one leading entry, nothing else."""
+    make = elk.make_lgssm_params
+
+    def padded(**kw):
+        for key in ("dynamics_weights", "dynamics_bias"):
+            kw[key] = jnp.concatenate([kw[key][:1], kw[key]])
+        return make(**kw)
+
+    elk.make_lgssm_params = padded
+
+
+def elk_cost(elk_alg, T, hidden, sweeps, rounds):
+    """ms per sweep of dense ELK and quasi-ELK, both implementations, and DEER's."""
+    cell, h0, xs = gru(hidden, T, 2, jnp.float64)
+    guess = jnp.zeros((T - 1, hidden))
+
+    def peer(quasi, sigmasq):
+        return jax.jit(
+            lambda xs: elk_alg(
+                cell, h0, guess, xs, sigmasq=sigmasq, num_iters=sweeps, quasi=quasi
+            )
+        )
+
+    def mine(method):
+        f = lambda h, x: (cell(h, x),) * 2
+        run = lambda xs: ij.scan(f, h0, xs, method=method, atol=0.0, max_sweeps=sweeps)
+        return jax.jit(lambda xs: run(xs)[1])
+
+    calls = {
+        "deer": (mine(ij.DEER()), (xs,)),
+        "elk": (mine(ij.ELK(sigmasq=1e6, smooth=False)), (xs,)),
+        "elk_smoothed": (mine(ij.ELK(sigmasq=1e6)), (xs,)),
+        "quasi_elk": (mine(ij.QuasiELK(sigmasq=1e2, smooth=False)), (xs,)),
+        "peer_elk": (peer(False, 1e6), (xs[1:],)),
+        "peer_quasi_elk": (peer(True, 1e2), (xs[1:],)),
+    }
+    ms = time_calls(calls, rounds)
+    per = {k: v / sweeps for k, v in ms.items()}
+    return [
+        dict(
+            method=name,
+            ms_per_sweep=per[name],
+            vs_deer=per[name] / per["deer"],
+            vs_peer=per[name] / per[peer_name] if peer_name else float("nan"),
+        )
+        for name, peer_name in [
+            ("deer", None),
+            ("elk", "peer_elk"),
+            ("elk_smoothed", "peer_elk"),
+            ("peer_elk", None),
+            ("quasi_elk", "peer_quasi_elk"),
+            ("peer_quasi_elk", None),
+        ]
+    ]
+
+
+def paradigms(f, z, xs, window, tol):
+    """ParaDiGMS (Shih et al. 2023, Algorithm 1) for an ODE sampler: Picard updates
+    over a window of steps, the window slid past the prefix whose update is
+    within `tol` (largest component) plus one step; the window shrinks at the end
+    of the chain. Returns (states, passes, model evaluations)."""
+    T = xs.shape[0]
+    step = jax.jit(jax.vmap(lambda c, x: f(c, x)[0]))
+    buf = np.repeat(np.asarray(z)[None], T + 1, 0)  # buf[t]: the state after t steps
+    begin, end, passes, evals = 0, min(window, T), 0, 0
+    while begin < T:
+        n = end - begin
+        old = buf[begin:end]
+        drift = np.asarray(step(jnp.asarray(old), xs[begin:end])) - old
+        new = buf[begin][None] + np.cumsum(drift, 0)
+        change = np.abs(new - buf[begin + 1 : end + 1]).reshape(n, -1).max(1)
+        converged = int(np.argmax(np.append(change > tol, True)))
+        buf[begin + 1 : end + 1] = new
+        next_begin = begin + min(1 + converged, window)
+        next_end = min(next_begin + window, T)
+        buf[end : next_end + 1] = buf[end][None]
+        begin, end = next_begin, next_end
+        passes, evals = passes + 1, evals + n
+    return buf[1:], passes, evals
+
+
+def windows(N, sizes, tol):
+    points = jnp.asarray(diffusion.moons(256, seed=0))
+    f = diffusion.ddim_step(points, 0.05)
+    xs = diffusion.schedule(N)
+    z = jax.random.normal(jax.random.key(1), (128, 2))
+    g = lambda c, x: (f(c, x)[0],) * 2
+    ref = np.asarray(jax.lax.scan(g, z, xs)[1])
+    rows = []
+    for W in sizes:
+        X, passes, evals = paradigms(f, z, xs, W, tol)
+        method = ij.sequence.Picard(window=W)
+        _, ys, stats = ij.scan(g, z, xs, method=method, atol=tol, return_stats=True)
+        sweeps = int(stats.num_sweeps)
+        rows.append(
+            dict(
+                window=W,
+                paradigms_passes=passes,
+                paradigms_evaluations=evals,
+                paradigms_error=float(np.max(np.abs(X - ref))),
+                iterjax_sweeps=sweeps,
+                iterjax_evaluations=sweeps * W,
+                iterjax_error=float(np.max(np.abs(np.asarray(ys) - ref))),
+            )
+        )
+    return rows
+
+
+def fmt(rows):
+    """A markdown table of dicts with the same keys; floats to 3 digits."""
+    cell = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+    return markdown(list(rows[0]), [[cell(v) for v in r.values()] for r in rows])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--deer", help="a git checkout of machine-discovery/deer")
+    p.add_argument("--elk", help="a git checkout of lindermanlab/elk")
+    p.add_argument("--quick", action="store_true", help="fewer seeds, lengths, runs")
+    a = p.parse_args()
+    seeds, lengths, rounds = (4, [1024], 5) if a.quick else (16, [1024, 4096, 16384], 15)
+
+    print("## ParaDiGMS's window: N = 200 DDIM steps, tolerance 5e-6\n")
+    print(fmt(windows(200, [20, 80], 5e-6)))
+
+    fseq1d, why = load(a.deer, "deer.fseq1d")
+    if fseq1d is None:
+        print(f"\n(skipped the DEER repository's rows: {why})")
+    else:
+        head = ["cell", "seed", "deer iterations", "deer error", "iterjax sweeps"]
+        rows = accuracy(fseq1d, seeds)
+        print("\n## Accuracy: DEER repository vs iterjax.DEER(), same cells\n")
+        print(fmt([dict(zip(head + ["iterjax error"], r)) for r in rows]))
+        ratios = [r[5] / r[3] for r in rows[:-1]]
+        print(f"\nfloat32 error ratio iterjax / DEER repo: max {max(ratios):.2f}")
+        print("\n## Wall time at matched accuracy (GRU 16, float64, atol 1e-12)\n")
+        print(fmt(speed(fseq1d, lengths, rounds)))
+
+    elk, why = load(a.elk, "elk.algs.elk")
+    if elk is None:
+        print(f"\n(skipped the ELK repository's rows: {why})")
+    else:
+        print("\n## One sweep of ELK (GRU 16, T 4096, float64, 8 sweeps)\n")
+        dynamax_1_indexing(elk)
+        print(fmt(elk_cost(elk.elk_alg, 4096, 16, 8, rounds)))
+
+
+if __name__ == "__main__":
+    main()
