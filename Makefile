@@ -46,6 +46,7 @@ format: $(STAMP)
 bench: $(PEERS) $(TORCH)
 	$(PY) benchmarks/fixed_point.py
 	$(PY) benchmarks/sequence.py
+	$(PY) benchmarks/sequence_peers.py $(if $(DEER),--deer $(DEER)) $(if $(ELK),--elk $(ELK))
 	$(PY) benchmarks/deq.py
 	$(PY) benchmarks/bilevel.py
 	$(PY) benchmarks/sweep.py

@@ -98,9 +98,9 @@ def deer_repo_iterations(peer, cell, h0, xs):
 
 def iterjax_deer(cell, h0, xs, atol):
     f = lambda h, x: (cell(h, x),) * 2
-    _, ys, stats = jax.jit(
-        lambda xs: ij.scan(f, h0, xs, atol=atol, return_stats=True)
-    )(xs)
+    _, ys, stats = jax.jit(lambda xs: ij.scan(f, h0, xs, atol=atol, return_stats=True))(
+        xs
+    )
     return ys, int(stats.num_sweeps)
 
 
@@ -182,15 +182,21 @@ def dynamax_1_indexing(elk):
 
 
 def elk_cost(elk_alg, T, hidden, sweeps, rounds):
-    """ms per sweep of dense ELK and quasi-ELK, both implementations, and DEER's."""
+    """ms per sweep of dense ELK and quasi-ELK, both implementations, and DEER's.
+
+    The repository's dense ELK (dynamax's parallel filter: a batched LAPACK solve
+    per combine) hangs on a CPU from T = 256 on, as XLA's CPU thread pool
+    deadlocks when several batched solves run at once (iterjax's ELK solves by
+    Gauss-Jordan in XLA ops there for that reason); it is timed on GPUs only."""
     cell, h0, xs = gru(hidden, T, 2, jnp.float64)
-    guess = jnp.zeros((T - 1, hidden))
+    guess = jnp.zeros((T, hidden))
+    ref = reference(cell, h0, xs)
 
     def peer(quasi, sigmasq):
         return jax.jit(
             lambda xs: elk_alg(
                 cell, h0, guess, xs, sigmasq=sigmasq, num_iters=sweeps, quasi=quasi
-            )
+            )[-1, 1:]
         )
 
     def mine(method):
@@ -199,56 +205,30 @@ def elk_cost(elk_alg, T, hidden, sweeps, rounds):
         return jax.jit(lambda xs: run(xs)[1])
 
     calls = {
-        "deer": (mine(ij.DEER()), (xs,)),
-        "elk": (mine(ij.ELK(sigmasq=1e6, smooth=False)), (xs,)),
-        "elk_smoothed": (mine(ij.ELK(sigmasq=1e6)), (xs,)),
-        "quasi_elk": (mine(ij.QuasiELK(sigmasq=1e2, smooth=False)), (xs,)),
-        "peer_elk": (peer(False, 1e6), (xs[1:],)),
-        "peer_quasi_elk": (peer(True, 1e2), (xs[1:],)),
+        "deer": mine(ij.DEER()),
+        "elk": mine(ij.ELK(sigmasq=1e6, smooth=False)),
+        "elk_smoothed": mine(ij.ELK(sigmasq=1e6)),
+        "quasi_deer": mine(ij.QuasiDEER()),
+        "quasi_elk": mine(ij.QuasiELK(sigmasq=1e2, smooth=False)),
+        "peer_quasi_elk": peer(True, 1e2),
     }
-    ms = time_calls(calls, rounds)
+    if jax.default_backend() != "cpu":
+        calls["peer_elk"] = peer(False, 1e6)
+    ms = time_calls({k: (f, (xs,)) for k, f in calls.items()}, rounds)
     per = {k: v / sweeps for k, v in ms.items()}
+    peers = dict(elk="peer_elk", elk_smoothed="peer_elk", quasi_elk="peer_quasi_elk")
     return [
         dict(
             method=name,
             ms_per_sweep=per[name],
             vs_deer=per[name] / per["deer"],
-            vs_peer=per[name] / per[peer_name] if peer_name else float("nan"),
+            vs_repository=per[name] / per[peers[name]]
+            if peers.get(name) in per
+            else float("nan"),
+            error_after=float(jnp.max(jnp.abs(calls[name](xs) - ref))),
         )
-        for name, peer_name in [
-            ("deer", None),
-            ("elk", "peer_elk"),
-            ("elk_smoothed", "peer_elk"),
-            ("peer_elk", None),
-            ("quasi_elk", "peer_quasi_elk"),
-            ("peer_quasi_elk", None),
-        ]
+        for name in per
     ]
-
-
-def paradigms(f, z, xs, window, tol):
-    """ParaDiGMS (Shih et al. 2023, Algorithm 1) for an ODE sampler: Picard updates
-    over a window of steps, the window slid past the prefix whose update is
-    within `tol` (largest component) plus one step; the window shrinks at the end
-    of the chain. Returns (states, passes, model evaluations)."""
-    T = xs.shape[0]
-    step = jax.jit(jax.vmap(lambda c, x: f(c, x)[0]))
-    buf = np.repeat(np.asarray(z)[None], T + 1, 0)  # buf[t]: the state after t steps
-    begin, end, passes, evals = 0, min(window, T), 0, 0
-    while begin < T:
-        n = end - begin
-        old = buf[begin:end]
-        drift = np.asarray(step(jnp.asarray(old), xs[begin:end])) - old
-        new = buf[begin][None] + np.cumsum(drift, 0)
-        change = np.abs(new - buf[begin + 1 : end + 1]).reshape(n, -1).max(1)
-        converged = int(np.argmax(np.append(change > tol, True)))
-        buf[begin + 1 : end + 1] = new
-        next_begin = begin + min(1 + converged, window)
-        next_end = min(next_begin + window, T)
-        buf[end : next_end + 1] = buf[end][None]
-        begin, end = next_begin, next_end
-        passes, evals = passes + 1, evals + n
-    return buf[1:], passes, evals
 
 
 def windows(N, sizes, tol):
@@ -260,7 +240,7 @@ def windows(N, sizes, tol):
     ref = np.asarray(jax.lax.scan(g, z, xs)[1])
     rows = []
     for W in sizes:
-        X, passes, evals = paradigms(f, z, xs, W, tol)
+        X, passes, evals = diffusion.paradigms(f, z, xs, W, tol)
         method = ij.sequence.Picard(window=W)
         _, ys, stats = ij.scan(g, z, xs, method=method, atol=tol, return_stats=True)
         sweeps = int(stats.num_sweeps)
@@ -271,7 +251,8 @@ def windows(N, sizes, tol):
                 paradigms_evaluations=evals,
                 paradigms_error=float(np.max(np.abs(X - ref))),
                 iterjax_sweeps=sweeps,
-                iterjax_evaluations=sweeps * W,
+                iterjax_evaluations=int(stats.evaluations),
+                iterjax_computed=sweeps * W,
                 iterjax_error=float(np.max(np.abs(np.asarray(ys) - ref))),
             )
         )
@@ -290,7 +271,8 @@ def main():
     p.add_argument("--elk", help="a git checkout of lindermanlab/elk")
     p.add_argument("--quick", action="store_true", help="fewer seeds, lengths, runs")
     a = p.parse_args()
-    seeds, lengths, rounds = (4, [1024], 5) if a.quick else (16, [1024, 4096, 16384], 15)
+    full = (16, [1024, 4096, 16384], 15)
+    seeds, lengths, rounds = (4, [1024], 5) if a.quick else full
 
     print("## ParaDiGMS's window: N = 200 DDIM steps, tolerance 5e-6\n")
     print(fmt(windows(200, [20, 80], 5e-6)))
@@ -312,7 +294,8 @@ def main():
     if elk is None:
         print(f"\n(skipped the ELK repository's rows: {why})")
     else:
-        print("\n## One sweep of ELK (GRU 16, T 4096, float64, 8 sweeps)\n")
+        backend = jax.default_backend()
+        print(f"\n## One sweep of ELK (GRU 16, T 4096, float64, 8 sweeps, {backend})\n")
         dynamax_1_indexing(elk)
         print(fmt(elk_cost(elk.elk_alg, 4096, 16, 8, rounds)))
 

@@ -519,7 +519,7 @@ def test_linear_recurrences_linearise_once_with_the_same_sweeps(method):
     with the inputs: the same sweeps and values as linearising at every sweep."""
     from iterjax._iterate import iterative_solve
     from iterjax.sequence._core import Sweeps
-    from iterjax.sequence._scan import _sweep_linear
+    from iterjax.sequence._scan import _linear_sweeps
 
     T, D = 40, 4
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(0), 3)
@@ -529,7 +529,7 @@ def test_linear_recurrences_linearise_once_with_the_same_sweeps(method):
     b = jax.random.normal(k3, (T, D))
     cell = lambda h, inp: inp[0] @ h + inp[1]
     s0 = jnp.zeros(D)
-    once = _sweep_linear((method, 1e-12, 0.0), cell, (J, b), s0)
+    once = _linear_sweeps((method, 1e-12, 0.0), cell, (J, b), s0)
     every = iterative_solve(
         Sweeps(method, 1e-12, 0.0),
         lambda h, x, _: cell(h, x),
@@ -543,6 +543,8 @@ def test_linear_recurrences_linearise_once_with_the_same_sweeps(method):
     _close(once.value, every.value, 1e-13)
     ref = jax.lax.scan(lambda h, inp: (cell(h, inp),) * 2, s0, (J, b))[1]
     _close(once.value, ref, 1e-10)
+    # DEER is exact on a linear recurrence: its gradients solve it with one scan
+    assert method.exact_on_linear() == (type(method) is ij.DEER and not method.window)
 
 
 @pytest.mark.parametrize("method", [ij.DEER(), ij.Jacobi()], ids=["deer", "jacobi"])

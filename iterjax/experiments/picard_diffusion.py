@@ -7,7 +7,11 @@ sequential reference. For each N and method (`picard` over the whole chain, or
 with a ParaDiGMS window W): sweeps to converge (one sweep = one parallel
 evaluation of the denoiser over the window), denoiser evaluations, parallel depth
 and the error against sequential DDIM. The per-step tolerance is error_target / N,
-so the sample error stays below error_target.
+so the sample error stays below error_target. Beside each, ParaDiGMS's own loop
+(`diffusion.paradigms`) at the same window and tolerance: its passes, model
+evaluations and error. Evaluations count the steps not yet accepted that a
+sweep evaluates (ParaDiGMS's window shrinks at the end of the chain); a JAX
+sweep computes its whole window, the number in brackets.
 
 Then the DEQ view (Deep Equilibrium Diffusion Restoration): the samples are a
 differentiable function of the initial noise through `iterjax.scan`, whose
@@ -84,15 +88,21 @@ def measure(cfg, N, s):
     )
     sweeps = int(stats.num_sweeps)
     window = min(method.window or N, N)
+    # ParaDiGMS's own loop, same chain, window and tolerance
+    xp, passes, evaluations = diffusion.paradigms(f, z, xs, window, atol)
     return dict(
         steps=N,
         method=s.label,
         sweeps=sweeps,
         converged=bool(stats.converged),
-        evaluations=sweeps * window,
+        evaluations=int(stats.evaluations),
+        computed=sweeps * window,
         depth=sweeps * cells.parallel_depth(method, N),
         error=cells.max_error(x, ref(z)),
         wall_ratio=times["picard"] / times["lax"],
+        paradigms_passes=passes,
+        paradigms_evaluations=evaluations,
+        paradigms_error=float(np.max(np.abs(xp[-1] - np.asarray(ref(z))))),
     ), np.asarray(x)
 
 
@@ -217,13 +227,17 @@ def _plot(cfg, rows, curves, samples, guided, guided_samples, workdir):
 
 def _table(rows):
     headers = ["N", "method", "sweeps", "N / sweeps", "evaluations", "error"]
+    headers += ["wall / lax.scan", "ParaDiGMS passes", "evaluations", "error"]
     cells = lambda r: [
         r["steps"],
         r["method"],
         r["sweeps"],
         f"{r['steps'] / r['sweeps']:.1f}",
-        r["evaluations"],
+        f"{r['evaluations']} ({r['computed']})",
         f"{r['error']:.1e}",
         f"{r['wall_ratio']:.1f}",
+        r["paradigms_passes"],
+        r["paradigms_evaluations"],
+        f"{r['paradigms_error']:.1e}",
     ]
-    return markdown_table(headers + ["wall / lax.scan"], map(cells, rows))
+    return markdown_table(headers, map(cells, rows))

@@ -127,6 +127,12 @@ class AbstractSequenceMethod(Module):
         prefix) and the A_t of `linearize`."""
         return linear_recurrence(A, r, self.mesh)
 
+    def exact_on_linear(self) -> bool:
+        """Whether the A_t of `linearize` are a linear recurrence's own matrices
+        (Newton), so that one `linear_recurrence` solves it: the gradient's
+        adjoint recurrence then takes one scan instead of sweeps."""
+        return False
+
 
 def shift(X, s0, mesh=None):
     """The predecessors (s_0, s_1, ..., s_{T-1}) of X = (s_1, ..., s_T).
@@ -256,6 +262,7 @@ class SweepState(NamedTuple):
     A: object  # the A_t of the last linearisation (lazy Jacobians), else None
     sweeps: jax.Array  # int32: sweeps taken
     sizes: jax.Array  # (2, 2): max |r_t|, max |δ_t| over accepted positions; all
+    evaluations: jax.Array  # int32: f evaluations at positions not yet accepted
 
 
 class Sweeps(AbstractFixedPointSolver):
@@ -280,6 +287,7 @@ class Sweeps(AbstractFixedPointSolver):
             "jacobians": state.jacobians,
             "residual": state.sizes[1, 0],
             "update": state.sizes[1, 1],
+            "evaluations": state.evaluations,
         }
 
     def init(self, fn, y0, args):
@@ -292,7 +300,8 @@ class Sweeps(AbstractFixedPointSolver):
             A = None if shape is None else jnp.zeros(shape.shape, shape.dtype)
         zero = jnp.int32(0)
         sizes = jnp.stack([jnp.zeros(2, y0.dtype), jnp.full(2, big, y0.dtype)])
-        return SweepState(jnp.full(y0.shape, big), zero, zero, zero, A, zero, sizes)
+        unknown = jnp.full(y0.shape, big)
+        return SweepState(unknown, zero, zero, zero, A, zero, sizes, zero)
 
     def _linearize(self, cell, prev, xw, state):
         """`(f, A, computed)`: fresh A_t on every `jacobian_every`-th sweep, else the
@@ -385,6 +394,14 @@ class Sweeps(AbstractFixedPointSolver):
         jacobians = state.jacobians + computed.astype(jnp.int32)
         y_new, residual = shard_time((y_new, residual), mesh)
         A = None if state.A is None else A
+        evaluations = state.evaluations + jnp.sum(~kept, dtype=jnp.int32)
         return y_new, SweepState(
-            residual, accepted, fallbacks, jacobians, A, state.sweeps + 1, sizes
+            residual,
+            accepted,
+            fallbacks,
+            jacobians,
+            A,
+            state.sweeps + 1,
+            sizes,
+            evaluations,
         )

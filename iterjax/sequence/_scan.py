@@ -20,6 +20,7 @@ from .._tree import ravel
 from ._core import (
     AbstractSequenceMethod,
     Sweeps,
+    linear_recurrence,
     non_finite_tail,
     shard_time,
     shift,
@@ -54,6 +55,11 @@ class ScanStats:
       update: the largest correction |δ_t| of the last sweep, the method's
         estimate of the remaining error (to first order for DEER); the returned
         carries include that correction.
+      evaluations: evaluations of f at positions not yet accepted, summed over
+        the sweeps: the work an implementation with dynamic shapes does (as
+        ParaDiGMS's loop, whose window shrinks at the end of the sequence). A
+        sweep computes f on its whole window (T, or W), so the work done here is
+        num_sweeps x window; T for `Sequential`.
     """
 
     num_sweeps: jax.Array
@@ -64,6 +70,7 @@ class ScanStats:
     trace: object = None
     jacobians: object = None
     update: object = None
+    evaluations: object = None
 
 
 def scan(
@@ -136,7 +143,14 @@ def scan(
         zero = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(init)))
         none = jnp.int32(0)
         stats = ScanStats(
-            none, jnp.bool_(True), zero, none, none, jacobians=none, update=zero
+            none,
+            jnp.bool_(True),
+            zero,
+            none,
+            none,
+            jacobians=none,
+            update=zero,
+            evaluations=jnp.int32(T),
         )
         return (carry, ys, stats) if return_stats else (carry, ys)
 
@@ -201,6 +215,7 @@ def _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace=False)
         trace=sol.trace,
         jacobians=sol.stats["jacobians"],
         update=sol.stats["update"],
+        evaluations=sol.stats["evaluations"],
     )
     options = (method, atol, rtol)
     X = non_finite_tail(sol.value, method.mesh)
@@ -243,14 +258,25 @@ def _trajectory_jvp(cell, options, primals, tangents):
     return X, dX
 
 
-def _sweep_linear(options, cell, inputs, s0):
+def _newton_jacobians(cell, options, X, args):
+    """J_t = ∂f/∂h at (X_{t-1}, x_t), from the method's own `linearize`, when it is
+    exact on a linear recurrence (DEER): the tangent and adjoint recurrences are
+    then one `linear_recurrence` each; else None (they take sweeps)."""
+    method = options[0]
+    if not method.exact_on_linear():
+        return None
+    s0, xs, consts = args
+    return method.linearize(lambda h, x: cell(h, x, consts), shift(X, s0), xs)[1]
+
+
+def _linear_sweeps(options, cell, inputs, s0):
     """Solve a linear recurrence h_t = cell(h_{t-1}, inputs_t) from h_0 = 0 (the
     `Solution` of its sweeps).
 
-    Exact after at most T sweeps (frozen prefix), two for DEER. The method's
-    A_t do not depend on the iterate here, so they are computed once (not every
-    sweep) where that costs no more memory than the sweeps themselves: when they
-    are diagonal, or dense without a `window`.
+    Exact after at most T sweeps (frozen prefix). The method's A_t do not depend
+    on the iterate here, so they are computed once (not every sweep) where that
+    costs no more memory than the sweeps themselves: when they are diagonal, or
+    dense without a `window`.
     """
     method, atol, rtol = options
     T = inputs[0].shape[0]
@@ -292,12 +318,15 @@ class _FixedJacobians(AbstractSequenceMethod):
 def _tangent_recurrence(cell, options, X, args, b):
     """dX_t = J_t dX_{t-1} + b_t, J_t = ∂f/∂h at (X_{t-1}, x_t)."""
     s0, xs, consts = args
+    J = _newton_jacobians(cell, options, X, args)
+    if J is not None:
+        return linear_recurrence(J, b, options[0].mesh)
 
     def lin(h, inp):
         p, x, bt = inp
         return jax.jvp(lambda q: cell(q, x, consts), (p,), (h,))[1] + bt
 
-    return _sweep_linear(options, lin, (shift(X, s0), xs, b), s0).value
+    return _linear_sweeps(options, lin, (shift(X, s0), xs, b), s0).value
 
 
 def _cotangent_recurrence(cell, options, X, args, v):
@@ -305,6 +334,11 @@ def _cotangent_recurrence(cell, options, X, args, v):
     over the reversed sequence."""
     s0, xs, consts = args
     T = X.shape[0]
+    J = _newton_jacobians(cell, options, X, args)
+    if J is not None:  # J_{t+1}^T, reversed; the last position has no successor
+        Jt = jnp.swapaxes(jnp.flip(J[1:], 0), -1, -2)
+        A = jnp.concatenate([jnp.zeros_like(J[:1]), Jt])
+        return jnp.flip(linear_recurrence(A, jnp.flip(v, 0), options[0].mesh), 0)
     # Step t+1 reads X_t and x_{t+1}; the last position has no successor.
     x_next = jtu.tree_map(lambda a: jnp.concatenate([a[1:], a[-1:]]), xs)
     has_next = jnp.arange(T) < T - 1
@@ -314,7 +348,7 @@ def _cotangent_recurrence(cell, options, X, args, v):
         _, pullback = jax.vjp(lambda q: cell(q, x, consts), p)
         return jnp.where(m, pullback(u)[0], 0) + vt
 
-    u = _sweep_linear(options, lin, _flip((X, x_next, v, has_next)), s0).value
+    u = _linear_sweeps(options, lin, _flip((X, x_next, v, has_next)), s0).value
     return jnp.flip(u, 0)
 
 

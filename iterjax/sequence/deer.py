@@ -46,6 +46,10 @@ class DEER(AbstractSequenceMethod):
         fx, jac = jax.vmap(_value_and_jacobian(cell))(prev, xs)
         return fx, (1 - self.damping) * jac
 
+    def exact_on_linear(self):
+        undamped = isinstance(self.damping, (int, float)) and self.damping == 0
+        return undamped and self.window is None
+
 
 class QuasiDEER(AbstractSequenceMethod):
     """Quasi-Newton sweeps with the diagonal of the Jacobian (Gonzalez et al. 2024).
