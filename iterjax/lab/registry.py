@@ -44,6 +44,7 @@ EXPERIMENTS = {
     "bradley_terry": "iterjax.experiments.bradley_terry",
     "sor_bandit": "iterjax.experiments.sor_bandit",
     "krylov_recycle": "iterjax.experiments.krylov_recycle",
+    "elk_ar_gru": "iterjax.experiments.elk_ar_gru",
 }
 
 SOLVERS = {
