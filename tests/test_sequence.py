@@ -136,6 +136,19 @@ def test_sliding_window_jacobi_is_exact_after_length_sweeps():
     _close(out, jax.lax.scan(f, init, xs), 1e-12)
 
 
+def test_evaluations_count_positions_not_yet_accepted():
+    # atol 0 on an expanding cell: each sweep accepts exactly the next position,
+    # so sweep k evaluates T - k + 1 unaccepted ones (of T, or of a window W)
+    f, init, xs = cells.tanh_rnn(dim=3, length=12, scale=2.5, seed=1)
+    *_, stats = ij.scan(f, init, xs, method=ij.Jacobi(), atol=0.0, return_stats=True)
+    assert int(stats.num_sweeps) == 12 and int(stats.evaluations) == 12 * 13 // 2
+    method = ij.Jacobi(window=5)
+    *_, stats = ij.scan(f, init, xs, method=method, atol=0.0, return_stats=True)
+    assert int(stats.evaluations) == 8 * 5 + (4 + 3 + 2 + 1)  # then the last 4
+    *_, stats = ij.scan(f, init, xs, method=ij.Sequential(), return_stats=True)
+    assert int(stats.evaluations) == 12
+
+
 def test_picard_window_trades_sweeps_for_evaluations():
     """ParaDiGMS: a window of W steps evaluates W increments per sweep; on an Euler
     ODE solve with small steps it needs about T / W * (sweeps per window)."""

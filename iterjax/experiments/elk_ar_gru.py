@@ -65,7 +65,7 @@ def waves(cfg, key, n, L):
     """n noisy sine waves of L steps with random phases."""
     k1, k2 = jax.random.split(key)
     phase = 2 * jnp.pi * jax.random.uniform(k1, (n, 1))
-    t = jnp.arange(L)[None]
+    t = jnp.arange(L, dtype=phase.dtype)[None]
     clean = jnp.sin(2 * jnp.pi * t / cfg.period + phase)
     return clean + cfg.noise * jax.random.normal(k2, (n, L))
 
@@ -93,8 +93,9 @@ def train(cfg):
     def update(params, state, key):
         ys = waves(cfg, key, cfg.batch, cfg.train_length)
         value, g = jax.value_and_grad(loss)(params, ys)
-        updates, state = opt.update(g, state, params)
-        return optax.apply_updates(params, updates), state, value
+        with jax.numpy_dtype_promotion("standard"):  # optax mixes int and float
+            updates, state = opt.update(g, state, params)
+            return optax.apply_updates(params, updates), state, value
 
     state, key, curve = opt.init(params), jax.random.PRNGKey(cfg.seed + 1), []
     for _ in range(cfg.train_steps):
@@ -202,7 +203,7 @@ def _summary(rows):
 
 
 def _table(summary):
-    headers = ["T", "method", "sweeps (median)", "vs DEER", "all converged", "max error"]
+    headers = ["T", "method", "sweeps (median)", "vs DEER", "converged", "max error"]
     cell = lambda r: [
         r["length"],
         r["method"],
