@@ -97,6 +97,9 @@ def _check_jacobi_decoding(summary):
     for r in summary["before"] + summary["after"]:
         assert r["exact_match"] == 1.0 and 1 <= r["tokens_per_call"], r
     assert set(summary["chain"]) == {"sequential", "sjd"}
+    for q in [summary["greedy_quality_before"], summary["greedy_quality_after"]]:
+        assert 0 < q["distinct_4"] <= 1 and 0 < q["top_token_share"] <= 1
+    assert all(0 < r["distinct_4"] <= 1 for r in summary["sampling"])
 
 
 def _check_deq_digits(summary):

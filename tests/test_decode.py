@@ -247,3 +247,17 @@ def test_nan_logits_are_reported_not_accepted(temperature):
     good = lambda tokens: jax.nn.one_hot((tokens + 1) % V, V) * 3.0
     _, ok = ij.jacobi_decode(good, prompt, 8, block_size=4)
     assert bool(ok.converged) and not bool(ok.nonfinite)
+
+
+def test_text_quality_flags_degenerate_outputs():
+    from iterjax.experiments.jacobi_decoding import text_quality
+
+    varied = np.array([[1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]])
+    q = text_quality(varied)
+    assert q["distinct_4"] == 1.0 and q["top_token_share"] == 1 / 8
+    stuck = np.array([[1, 2, 3, 4, 5, 6, 7, 8], [3, 3, 3, 3, 3, 3, 3, 9]])
+    q = text_quality(stuck)  # "the the the ...": one 4-gram repeated
+    assert q["worst_top_token_share"] == 7 / 8
+    assert q["distinct_4"] == (1.0 + 2 / 5) / 2
+    with pytest.raises(ValueError, match="tokens"):
+        text_quality(np.array([1, 2, 3]))

@@ -129,6 +129,28 @@ def measure(model, prompts, cfg):
     return rows, np.asarray(reference)
 
 
+def text_quality(tokens, n=4):
+    """Measures that tokens per call cannot game, for outputs [prompts, N]: the
+    share of distinct n-grams (distinct-n, 1 for text without repeats), and the
+    largest share one token takes of an output (1 for "the the the ..." collapsed
+    to one character; in English text the space, the most frequent character,
+    is about a sixth), each averaged over the outputs, with the worst output's
+    share."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or tokens.shape[1] < n:
+        raise ValueError(
+            f"text_quality: need [outputs, >= {n} tokens], got {tokens.shape}"
+        )
+    grams = np.stack([tokens[:, i : tokens.shape[1] - n + 1 + i] for i in range(n)], -1)
+    distinct = [len({tuple(g) for g in out}) / len(out) for out in grams]
+    top = [np.bincount(out).max() / len(out) for out in tokens]
+    return {
+        f"distinct_{n}": float(np.mean(distinct)),
+        "top_token_share": float(np.mean(top)),
+        "worst_top_token_share": float(np.max(top)),
+    }
+
+
 def collect(model, prompts, cfg):
     """Jacobi trajectories: (prompt, state, fixed point, positions seen)."""
     ft = cfg.finetune
@@ -270,12 +292,16 @@ def run(cfg: Config, workdir) -> dict:
 
     sampling = []
     for B in cfg.block_sizes:
-        _, stats = decode_all(
+        sampled, stats = decode_all(
             model, val_prompts, cfg.num_tokens, B, temperature=cfg.temperature
         )
         calls = np.asarray(stats.num_calls)
         sampling.append(
-            dict(block_size=B, tokens_per_call=float(np.mean(cfg.num_tokens / calls)))
+            dict(
+                block_size=B,
+                tokens_per_call=float(np.mean(cfg.num_tokens / calls)),
+                **text_quality(sampled),
+            )
         )
     chain = chain_tv(cfg)
     workdir.log(kind="sampling", rows=sampling, chain=chain)
@@ -286,6 +312,9 @@ def run(cfg: Config, workdir) -> dict:
         val_loss_before=loss_before,
         val_loss_after=loss_after,
         greedy_unchanged=float(np.mean(greedy_before == greedy_after)),
+        # greedy Jacobi decoding is exact: its text is sequential greedy's
+        greedy_quality_before=text_quality(greedy_before),
+        greedy_quality_after=text_quality(greedy_after),
         finetune_examples=num_examples,
         best_speedup_after=max(r["tokens_per_call"] for r in after),
         sampling=sampling,
