@@ -231,6 +231,18 @@ def test_float32():
 # ----------------------------------------------------------- robustness
 
 
+def _dense_lm_step(blocks, r, lam):
+    """(M^T M + λ I)^{-1} M^T r over free positions 0..n-1 of r [n, D], with
+    M = I - subdiag(blocks[1:]): blocks[s] [D, D] links position s to s - 1
+    (blocks[0], the link to a frozen predecessor, is unused)."""
+    n, D = r.shape
+    M = np.eye(n * D)
+    for s in range(1, n):
+        M[s * D : (s + 1) * D, (s - 1) * D : s * D] = -blocks[s]
+    rhs = M.T @ np.ravel(r)
+    return np.linalg.solve(M.T @ M + lam * np.eye(n * D), rhs).reshape(n, D)
+
+
 def test_elk_step_solves_the_levenberg_marquardt_system():
     """One ELK sweep equals the dense solve of (M^T M + λ I) δ = M^T r."""
     f, init, xs = cells.tanh_rnn(dim=2, length=6, scale=1.5)
@@ -246,13 +258,9 @@ def test_elk_step_solves_the_levenberg_marquardt_system():
     lam = 0.3 * jnp.max(jnp.sum(r**2, axis=-1))
     # Dense M = I - subdiag(J_t) over the free positions 2..6.
     np.testing.assert_allclose(jac, jax.vmap(jax.jacfwd(cell))(prev, xs), atol=1e-13)
-    M = np.eye(12)
-    for t in range(1, 6):
-        M[2 * t : 2 * t + 2, 2 * t - 2 : 2 * t] = -jac[t]
-    M = M[2:, 2:]
-    expected = np.linalg.solve(M.T @ M + lam * np.eye(10), M.T @ np.ravel(r[1:]))
+    expected = _dense_lm_step(jac[1:], r[1:], lam)
     np.testing.assert_allclose(delta[0], 0, atol=0)
-    np.testing.assert_allclose(np.ravel(delta[1:]), expected, atol=1e-10)
+    np.testing.assert_allclose(delta[1:], expected, atol=1e-10)
 
 
 @pytest.mark.parametrize("quasi", [False, True], ids=["elk", "quasi-elk"])
@@ -273,13 +281,8 @@ def test_elk_paper_step_is_the_kalman_filter_mean_with_fixed_lambda(quasi):
     blocks = jax.vmap(jnp.diag)(jac) if quasi else jac
     np.testing.assert_allclose(delta[0], 0, atol=0)
     for t in range(2, T + 1):  # positions 1..t-1 are free
-        n = t - 1
-        M = np.eye(n * D)
-        for s in range(1, n):
-            M[s * D : (s + 1) * D, (s - 1) * D : s * D] = -blocks[s + 1]
-        rhs = M.T @ np.ravel(r[1:t])
-        full = np.linalg.solve(M.T @ M + 0.25 * np.eye(n * D), rhs)
-        np.testing.assert_allclose(delta[t - 1], full[-D:], rtol=1e-10, atol=1e-12)
+        full = _dense_lm_step(blocks[1:t], r[1:t], 0.25)
+        np.testing.assert_allclose(delta[t - 1], full[-1], rtol=1e-10, atol=1e-12)
 
 
 def test_gauss_jordan_solves_batches_with_pivoting():
@@ -320,14 +323,9 @@ def test_quasi_elk_step_is_the_exact_levenberg_marquardt_step():
     jac = jax.vmap(jax.jacfwd(cell))(prev, xs)
     np.testing.assert_allclose(a, jnp.diagonal(jac, axis1=1, axis2=2), atol=1e-12)
     lam = 0.3 * jnp.max(jnp.sum(r**2, axis=-1))
-    M = np.eye(T * D)
-    for t in range(1, T):
-        M[t * D : (t + 1) * D, (t - 1) * D : t * D] = -np.diag(a[t])
-    M = M[2 * D :, 2 * D :]
-    rhs = M.T @ np.ravel(r[2:])
-    expected = np.linalg.solve(M.T @ M + lam * np.eye(len(rhs)), rhs)
+    expected = _dense_lm_step(jax.vmap(jnp.diag)(a[2:]), r[2:], lam)
     np.testing.assert_allclose(delta[:2], 0, atol=0)
-    np.testing.assert_allclose(np.ravel(delta[2:]), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(delta[2:], expected, rtol=1e-10, atol=1e-12)
 
 
 def test_diverging_newton_falls_back_and_stays_finite():
