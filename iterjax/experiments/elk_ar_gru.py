@@ -128,20 +128,22 @@ def methods(cfg):
     }
 
 
-def evaluate(cfg, f, s0, T, seed, name, method):
+def solver(cfg, f, s0, method):
+    """`scan` with `method`, jitted once: every length and noise draw reuses it."""
+    run = lambda e: ij.scan(f, s0, e, method=method, atol=cfg.atol, return_stats=True)
+    return jax.jit(run)
+
+
+def evaluate(solve, reference, T, seed, name):
     eps = jax.random.normal(jax.random.PRNGKey(1000 + seed), (T,), jnp.float32)
-    solve = jax.jit(
-        lambda e: ij.scan(f, s0, e, method=method, atol=cfg.atol, return_stats=True)
-    )
     _, ys, stats = solve(eps)
-    ref = jax.jit(lambda e: jax.lax.scan(f, s0, e)[1])(eps)
     return dict(
         length=T,
         seed=seed,
         method=name,
         sweeps=int(stats.num_sweeps),
         converged=bool(stats.converged),
-        error=float(jnp.max(jnp.abs(ys - ref))),
+        error=float(jnp.max(jnp.abs(ys - reference(eps)))),
     )
 
 
@@ -150,22 +152,24 @@ def run(cfg: Config, workdir) -> dict:
     for step, value in enumerate(curve[:: max(1, len(curve) // 50)]):
         workdir.log("train", step=step, loss=value)
     f, s0 = sampler(cfg, params)
+    reference = jax.jit(lambda e: jax.lax.scan(f, s0, e)[1])
+    solves = {name: solver(cfg, f, s0, m) for name, m in methods(cfg).items()}
     rows = []
     sweep_rows = []
     todo = len(cfg.lengths) * cfg.seeds * 4 + cfg.seeds * len(cfg.sigmasq_sweep)
     with workdir.progress(todo, "sweeps") as advance:
         for T in cfg.lengths:
             for seed in range(cfg.seeds):
-                for name, method in methods(cfg).items():
-                    row = evaluate(cfg, f, s0, T, seed, name, method)
+                for name, solve in solves.items():
+                    row = evaluate(solve, reference, T, seed, name)
                     workdir.log("runs", **row)
                     rows.append(row)
                     advance(item=f"T={T} seed={seed} {name}")
         T = cfg.lengths[0]
         for sigmasq in cfg.sigmasq_sweep:
-            method = ij.QuasiELK(sigmasq=sigmasq, smooth=False)
+            solve = solver(cfg, f, s0, ij.QuasiELK(sigmasq=sigmasq, smooth=False))
             for seed in range(cfg.seeds):
-                row = evaluate(cfg, f, s0, T, seed, f"quasi_elk({sigmasq:g})", method)
+                row = evaluate(solve, reference, T, seed, f"quasi_elk({sigmasq:g})")
                 row["sigmasq"] = sigmasq
                 workdir.log("sigmasq", **row)
                 sweep_rows.append(row)

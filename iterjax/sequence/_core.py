@@ -261,7 +261,8 @@ class SweepState(NamedTuple):
     jacobians: jax.Array  # int32: sweeps that computed A_t
     A: object  # the A_t of the last linearisation (lazy Jacobians), else None
     sweeps: jax.Array  # int32: sweeps taken
-    sizes: jax.Array  # (2, 2): max |r_t|, max |δ_t| over accepted positions; all
+    sizes: jax.Array  # (2, 2): [max |r_t|, max |δ_t|] over the accepted
+    # positions (as accepted), then over those and the last sweep's others
     evaluations: jax.Array  # int32: f evaluations at positions not yet accepted
 
 
@@ -367,8 +368,8 @@ class Sweeps(AbstractFixedPointSolver):
         # sweep; 0 where exact; as recorded when accepted, for kept positions.
         res = jnp.where(jnp.isfinite(r), jnp.abs(r), big)
         res = jnp.where(first[:, None], jnp.where(exact[:, None], 0, jnp.abs(r)), res)
-        upd = jnp.where(jnp.isfinite(delta) & ~first[:, None], jnp.abs(delta), 0)
-        upd = jnp.where(jnp.isfinite(delta) | first[:, None], upd, big)
+        upd = jnp.where(jnp.isfinite(delta), jnp.abs(delta), big)
+        upd = jnp.where(first[:, None], 0, upd)
         measure = jnp.maximum(res, upd)
         # Largest residual and update over the accepted positions (as they were
         # when accepted: a running maximum) and this sweep's others.

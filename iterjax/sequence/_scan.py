@@ -42,8 +42,9 @@ class ScanStats:
       converged: every position was accepted: its residual |f(s_{t-1}, x_t) - s_t|
         and its update |δ_t| (the last sweep's correction) are both <= atol +
         rtol |s_t|.
-      residual: the largest |f(s_{t-1}, x_t) - s_t| at the iterate the last sweep
-        started from (over its window).
+      residual: the largest |f(s_{t-1}, x_t) - s_t|: of each accepted position
+        at the sweep that accepted it (0 where it was made exact), and of the
+        others at the last sweep.
       result: 0 converged, 1 max_sweeps reached, 2 non-finite, 4 a traced
         tolerance that is negative or NaN (nothing was solved).
       fallbacks: sweeps in which some position's update was not finite and fell back
@@ -52,9 +53,9 @@ class ScanStats:
         quantity of the stopping test; `trace=True`), else None.
       jacobians: sweeps that computed the A_t (every sweep of DEER, ELK and the
         quasi methods, unless `jacobian_every` > 1; 0 for Jacobi and Picard).
-      update: the largest correction |δ_t| of the last sweep, the method's
-        estimate of the remaining error (to first order for DEER); the returned
-        carries include that correction.
+      update: the largest correction |δ_t|, taken as `residual` is: the
+        method's estimate of the remaining error (to first order for DEER); the
+        returned carries include these corrections.
       evaluations: evaluations of f at positions not yet accepted, summed over
         the sweeps: the work an implementation with dynamic shapes does (as
         ParaDiGMS's loop, whose window shrinks at the end of the sequence). A
