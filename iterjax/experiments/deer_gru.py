@@ -13,13 +13,17 @@ Three parts:
    (`jacobian_every=d`, d in `lazy`) on the long GRUs at the longest T: sweeps,
    Jacobian evaluations (sweeps that linearise), error and median wall time
    against d = 1.
-3. `train`: a GRU classifier of noisy sinusoids (`classes` periods, length
-   `train_length`) trained with Adam from the same initialisation on the same
-   batches, once with `lax.scan` and once with `iterjax.scan(method=DEER())`:
-   the two loss curves agree to solver tolerance.
+3. `train`: a GRU classifier trained with Adam from the same initialisation on
+   the same batches, once with `lax.scan` and once with
+   `iterjax.scan(method=DEER())`: the two loss curves agree to solver tolerance;
+   time per epoch of each. The data (`train_data`) is a real UCR problem from the
+   sktime wheel (`ucr.py`; ACSF1: 10 appliance classes, T = 1460, as the DEER
+   paper trains on UCR/UEA series), or "sinusoids": noisy sinusoids whose period
+   is the label (`classes` periods, `train_samples` series).
 """
 
 import dataclasses
+import time
 from typing import Annotated, Literal
 
 import jax
@@ -32,7 +36,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
-from iterjax.experiments import cells  # noqa: E402
+from iterjax.experiments import cells, ucr  # noqa: E402
 from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402
@@ -67,14 +71,18 @@ class Config:
         Spec("jacobi"),
     )
     # 3. training
-    classes: Count = 4
-    train_length: Count = 1024
-    train_samples: Count = 256
-    test_samples: Count = 256
+    train_data: Literal[
+        "sinusoids", "ACSF1", "OSULeaf", "GunPoint", "ArrowHead", "ItalyPowerDemand"
+    ] = "ACSF1"
+    train_length: Count | None = None  # None: the series' own length (sinusoids: 1024)
+    classes: Count = 4  # sinusoids only
+    train_samples: Count = 256  # sinusoids only
+    test_samples: Count = 256  # sinusoids only
     hidden: Count = 16
     batch: Count = 32
-    train_steps: Count = 100
-    learning_rate: Positive = 1e-2
+    epochs: Count = 30
+    learning_rate: Positive = 3e-3
+    clip_norm: Positive = 1.0  # gradient clipping by global norm
     train_atol: Positive = 1e-8
     seed: int = 0
     x64: bool = True
@@ -203,54 +211,106 @@ def sinusoids(key, n, length, classes):
 
 
 def _classifier(scan, method, atol):
+    """(logits, loss): logits(params, x) -> (logits, sweeps); loss(params, x, y)
+    -> (loss, the batch's largest sweep count) (sweeps 0 with `lax.scan`)."""
+
     def logits(params, x):
         f = lambda h, xt: (cells.gru_cell(params["gru"], h, xt),) * 2
         init = jnp.zeros(params["gru"]["b"].shape[1])
         if scan is ij.scan:
-            _, hs = ij.scan(f, init, x, method=method, atol=atol)
+            _, hs, stats = ij.scan(
+                f, init, x, method=method, atol=atol, return_stats=True
+            )
+            sweeps = stats.num_sweeps
         else:
             _, hs = jax.lax.scan(f, init, x)
-        return params["out"] @ jnp.mean(hs, axis=0)
+            sweeps = jnp.int32(0)
+        return params["out"] @ jnp.mean(hs, axis=0), sweeps
 
     def loss(params, x, y):
-        z = jax.vmap(logits, (None, 0))(params, x)
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, y))
+        z, sweeps = jax.vmap(logits, (None, 0))(params, x)
+        ce = optax.softmax_cross_entropy_with_integer_labels(z, y)
+        return jnp.mean(ce), jnp.max(sweeps)
 
     return logits, loss
 
 
+def training_data(cfg):
+    """(x (N, T, 1), y, x_test, y_test, classes) of `cfg.train_data`."""
+    if cfg.train_data == "sinusoids":
+        kd, kt = jax.random.split(jax.random.PRNGKey(cfg.seed))
+        length = cfg.train_length or 1024
+        x, y = sinusoids(kd, cfg.train_samples, length, cfg.classes)
+        xt, yt = sinusoids(kt, cfg.test_samples, length, cfg.classes)
+        return x, y, xt, yt, cfg.classes
+    x, y, xt, yt = ucr.load(cfg.train_data)
+    crop = slice(0, cfg.train_length)
+    x, xt = (jnp.asarray(a[:, crop, None], jnp.float_) for a in (x, xt))
+    return x, jnp.asarray(y), xt, jnp.asarray(yt), int(max(y.max(), yt.max())) + 1
+
+
 def train(cfg, workdir, advance):
-    key = jax.random.PRNGKey(cfg.seed)
-    kd, kt, kp, ko, kb = jax.random.split(key, 5)
-    x, y = sinusoids(kd, cfg.train_samples, cfg.train_length, cfg.classes)
-    xt, yt = sinusoids(kt, cfg.test_samples, cfg.train_length, cfg.classes)
+    x, y, xt, yt, classes = training_data(cfg)
+    kp, ko = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params0 = {
         "gru": cells.gru_params(kp, cfg.hidden, 1),
-        "out": jax.random.normal(ko, (cfg.classes, cfg.hidden)) / cfg.hidden**0.5,
+        "out": jax.random.normal(ko, (classes, cfg.hidden)) / cfg.hidden**0.5,
     }
-    opt = optax.adam(cfg.learning_rate)
-    batches = jax.random.randint(kb, (cfg.train_steps, cfg.batch), 0, cfg.train_samples)
-    curves, accuracy = {}, {}
+    opt = optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm), optax.adam(cfg.learning_rate)
+    )
+    per_epoch = max(1, len(x) // cfg.batch)
+    rng = np.random.default_rng(cfg.seed)
+    orders = [rng.permutation(len(x)) for _ in range(cfg.epochs)]
+    curves, accuracy, epoch_s, sweeps = {}, {}, {}, {}
     for name, scan in [("lax.scan", jax.lax.scan), ("DEER", ij.scan)]:
         logits, loss = _classifier(scan, ij.DEER(), cfg.train_atol)
 
         @jax.jit
         def step(params, state, idx, loss=loss):
-            value, g = jax.value_and_grad(loss)(params, x[idx], y[idx])
+            grad = jax.value_and_grad(loss, has_aux=True)
+            (value, sweeps), g = grad(params, x[idx], y[idx])
             updates, state = opt.update(g, state)
-            return optax.apply_updates(params, updates), state, value
+            return optax.apply_updates(params, updates), state, value, sweeps
 
-        params, state, losses = params0, opt.init(params0), []
-        for idx in batches:
-            params, state, value = step(params, state, idx)
-            losses.append(float(value))
+        params, state = params0, opt.init(params0)
+        losses, seconds, epoch_sweeps = [], [], []
+        for order in orders:
+            start, most = time.perf_counter(), 0
+            for b in range(per_epoch):
+                idx = order[b * cfg.batch : (b + 1) * cfg.batch]
+                params, state, value, n = step(params, state, idx)
+                losses.append(float(value))  # also waits for the step
+                most = max(most, int(n))
+            seconds.append(time.perf_counter() - start)
+            epoch_sweeps.append(most)
             advance()
-        pred = jnp.argmax(jax.jit(jax.vmap(logits, (None, 0)))(params, xt), -1)
+        z = jax.jit(jax.vmap(logits, (None, 0)))(params, xt)[0]
+        pred = jnp.argmax(z, -1)
+        sweeps[name] = epoch_sweeps
         curves[name] = np.asarray(losses)
         accuracy[name] = float(jnp.mean(pred == yt))
-        workdir.log(part="train", method=name, losses=losses, accuracy=accuracy[name])
+        # the first epoch compiles: the mean of the others (of all, if one)
+        epoch_s[name] = float(np.mean(seconds[1:] or seconds))
+        workdir.log(
+            part="train",
+            method=name,
+            losses=losses,
+            accuracy=accuracy[name],
+            epoch_seconds=epoch_s[name],
+            epoch_sweeps=sweeps[name],
+        )
     gap = float(np.max(np.abs(curves["DEER"] - curves["lax.scan"])))
-    return dict(loss_gap=gap, accuracy=accuracy), curves
+    summary = dict(
+        data=cfg.train_data,
+        length=int(x.shape[1]),
+        loss_gap=gap,
+        accuracy=accuracy,
+        epoch_seconds=epoch_s,
+        # DEER's largest forward sweep count in the first and the last epoch
+        deer_sweeps=(sweeps["DEER"][0], sweeps["DEER"][-1]),
+    )
+    return summary, curves
 
 
 def run(cfg: Config, workdir) -> dict:
@@ -259,7 +319,7 @@ def run(cfg: Config, workdir) -> dict:
         len(cfg.dims) * len(cfg.lengths)
         + len(cfg.dims) * len(cfg.lazy) * len(cfg.lazy_methods)
         + len(cfg.chaotic_methods)
-        + 2 * cfg.train_steps
+        + 2 * cfg.epochs
     )
     with workdir.progress(total, "deer_gru") as advance:
         long_rows, long_curves = long_sequences(cfg, workdir, advance)
@@ -268,7 +328,7 @@ def run(cfg: Config, workdir) -> dict:
         with jax.numpy_dtype_promotion("standard"):  # optax mixes int/float
             training, loss_curves = train(cfg, workdir, advance)
     workdir.log(part="train_summary", **training)
-    _plot(cfg, long_rows, long_curves, chaos_curves, loss_curves, workdir)
+    _plot(cfg, long_rows, long_curves, chaos_curves, (training, loss_curves), workdir)
     table = _tables(long_rows, lazy_rows, chaos_rows, training)
     return {
         "long": long_rows,
@@ -279,7 +339,8 @@ def run(cfg: Config, workdir) -> dict:
     }
 
 
-def _plot(cfg, long_rows, long_curves, chaos_curves, loss_curves, workdir):
+def _plot(cfg, long_rows, long_curves, chaos_curves, trained, workdir):
+    training, loss_curves = trained
     fig, ax = plt.subplots(1, 4, figsize=(22, 4.5))
     for dim in cfg.dims:
         pts = np.asarray(
@@ -313,7 +374,7 @@ def _plot(cfg, long_rows, long_curves, chaos_curves, loss_curves, workdir):
     for name, losses in loss_curves.items():
         ax[3].plot(losses, label=name, ls="-" if name == "DEER" else "--")
     ax[3].set(
-        title=f"GRU classifier, T={cfg.train_length}",
+        title=f"GRU classifier on {training['data']}, T={training['length']}",
         xlabel="step",
         ylabel="training loss",
     )
@@ -375,10 +436,13 @@ def _tables(long_rows, lazy_rows, chaos_rows, training):
             for r in chaos_rows
         ],
     )
-    acc = training["accuracy"]
+    acc, sec = training["accuracy"], training["epoch_seconds"]
     note = (
-        f"training: max |loss(DEER) - loss(lax.scan)| over steps = "
-        f"{training['loss_gap']:.1e}; test accuracy lax.scan "
-        f"{acc['lax.scan']:.3f}, DEER {acc['DEER']:.3f}"
+        f"training on {training['data']} (T = {training['length']}): max "
+        f"|loss(DEER) - loss(lax.scan)| over steps = {training['loss_gap']:.1e}; "
+        f"test accuracy lax.scan {acc['lax.scan']:.3f}, DEER {acc['DEER']:.3f}; "
+        f"s per epoch lax.scan {sec['lax.scan']:.2f}, DEER {sec['DEER']:.2f}; "
+        f"DEER's most sweeps per forward, first -> last epoch: "
+        f"{training['deer_sweeps'][0]} -> {training['deer_sweeps'][1]}"
     )
     return "\n\n".join([long, lazy, chaos, note])

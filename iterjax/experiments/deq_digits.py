@@ -1,4 +1,5 @@
-"""DEQ classifiers on sklearn's digits against an explicit net of equal size.
+"""DEQ classifiers on sklearn's digits (or MNIST-1D) against an explicit net of
+equal size.
 
 Each `Variant` (a contractive DEQ, an unconstrained DEQ with the Jacobian penalty,
 one with fixed-point correction, an MLP with the DEQ's parameter count ...) is
@@ -43,7 +44,7 @@ def run(cfg: Config, workdir) -> dict:
             model, hist = dm.train(v, cfg.train, workdir.log, advance, workdir.shard)
             histories[v.label] = hist
             rows.append(summarise(v, model, hist))
-    plot(histories, workdir, "deq_digits.png")
+    plot(histories, workdir, f"deq_{cfg.train.dataset}.png", cfg.train.dataset)
     return {"rows": rows, "table": table(rows)}
 
 
@@ -65,15 +66,16 @@ def summarise(v, model, hist):
     )
 
 
-def plot(histories, workdir, name):
+def plot(histories, workdir, name, dataset="digits"):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
     for label, hist in histories.items():
         epochs = [h["epoch"] for h in hist]
         a1.plot(epochs, [100 * h["test_acc"] for h in hist], label=label)
         if "train_steps" in hist[0]:
             a2.plot(epochs, [h["train_steps"] for h in hist], label=label)
-    a1.set(xlabel="epoch", ylabel="test accuracy (%)", title="digits")
-    a1.set_ylim(90, 100)
+    a1.set(xlabel="epoch", ylabel="test accuracy (%)", title=dataset)
+    best = max(100 * h["test_acc"] for hist in histories.values() for h in hist)
+    a1.set_ylim(best - 20, min(100, best + 2))
     a2.set(xlabel="epoch", ylabel="mean forward solver steps", title="solver cost")
     for a in (a1, a2):
         a.legend(fontsize=8)

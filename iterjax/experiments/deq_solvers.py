@@ -59,7 +59,7 @@ def run(cfg: Config, workdir) -> dict:
 
 def forward_cost(cfg, model, workdir):
     """Every solver of `cfg.models` on `model`'s cell, per test example."""
-    _, _, xte, _ = dm.load_digits(cfg.train.test_fraction, cfg.train.seed)
+    _, _, xte, _ = dm.load_data(cfg.train)
     x = jnp.asarray(xte)
     cell = model.deq.cell
     z0 = jnp.zeros((model.hidden,), x.dtype)
