@@ -216,6 +216,26 @@ def _drifting(c, v_norm):
     return ~c.converged & finite & (c.num_steps >= 8) & stalled & explained
 
 
+def counts(solver, state) -> dict:
+    """The integer entries of `solver.summary(state)`: counts (JVPs, Jacobians,
+    restarts ...), which add up over the states a wrapper discards and rebuilds.
+    Float entries are estimates (a contraction factor) and do not."""
+    summary = solver.summary(state)
+    integer = lambda v: jnp.issubdtype(jnp.result_type(v), jnp.integer)
+    return {k: v for k, v in summary.items() if integer(v)}
+
+
+def spend(spent: dict, solver, state, where) -> dict:
+    """`spent` plus the counts of `state` where it is discarded (`where`)."""
+    lost = counts(solver, state)
+    return {k: spent[k] + jnp.where(where, lost[k], 0) for k in spent}
+
+
+def with_spent(summary: dict, spent: dict) -> dict:
+    """A summary whose counts include `spent` (counts of other states)."""
+    return {**spent, **{k: v + spent.get(k, 0) for k, v in summary.items()}}
+
+
 def state_at(solver, y, residual, args):
     """`solver.init` at `y` where `fn(y) - y = residual` is already known.
 

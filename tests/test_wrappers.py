@@ -214,3 +214,28 @@ def test_bad_hyperparameters_raise(make, match):
 def test_wrapping_a_non_solver_raises(wrapper, name):
     with pytest.raises(TypeError, match=f"`{name}` must be an iterjax solver"):
         wrapper("anderson")
+
+
+def test_wrappers_count_the_work_of_the_states_they_rebuild():
+    # LazyNewton(1) computes one Jacobian per step, whatever its state; the
+    # count must survive the restarts, line searches and fallbacks that rebuild
+    # the inner state (`state_at`), and Switched adds both phases' counts.
+    def excess(solver, fn, y0, **kw):
+        sol = ij.fixed_point(fn, y0, solver=solver, atol=1e-12, **kw)
+        assert bool(sol.converged)
+        return int(sol.stats["jacobians"]) - int(sol.num_steps), sol.stats
+
+    newton = ij.LazyNewton(1)
+    cos = lambda y, a: jnp.cos(y)
+    base, _ = excess(newton, cos, jnp.ones(3))
+    extra, stats = excess(ij.Restarted(newton), cos, jnp.ones(3))
+    assert int(stats["restarts"]) > 0 and extra == base
+    far = lambda y, a: y - jnp.arctan(y)  # Newton overshoots from 2
+    extra, stats = excess(ij.Backtracking(newton), far, jnp.array([2.0]))
+    assert int(stats["shrinks"]) > 0 and extra == base
+    extra, stats = excess(ij.Safeguarded(newton), far, jnp.array([2.0]), max_steps=200)
+    assert int(stats["fallbacks"]) > 0 and extra == base
+    switched = ij.Switched(newton, ij.Picard(), after=2)
+    sol = ij.fixed_point(cos, jnp.ones(3), solver=switched, atol=1e-12)
+    assert int(sol.stats["switched_at"]) == 2 and int(sol.num_steps) > 2
+    assert int(sol.stats["jacobians"]) == 2 + base

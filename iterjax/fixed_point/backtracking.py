@@ -8,13 +8,21 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
-from .._iterate import AbstractFixedPointSolver, check_solver, state_at
+from .._iterate import (
+    AbstractFixedPointSolver,
+    check_solver,
+    counts,
+    spend,
+    state_at,
+    with_spent,
+)
 
 
 class BacktrackingState(NamedTuple):
     residual: object  # like y: fn(y, args) - y
     inner: object  # the wrapped solver's state
     shrinks: jax.Array  # shape=(), int32: step shrinks so far
+    spent: dict  # the counts (`_iterate.counts`) of the inner states rebuilt
 
 
 class Backtracking(AbstractFixedPointSolver):
@@ -61,7 +69,8 @@ class Backtracking(AbstractFixedPointSolver):
 
     def init(self, fn, y0, args):
         inner = self.solver.init(fn, y0, args)
-        return BacktrackingState(inner.residual, inner, jnp.int32(0))
+        spent = jax.tree.map(jnp.zeros_like, counts(self.solver, inner))
+        return BacktrackingState(inner.residual, inner, jnp.int32(0), spent)
 
     def step(self, fn, y, args, state):
         y_full, inner = self.solver.step(fn, y, args, state.inner)
@@ -90,11 +99,14 @@ class Backtracking(AbstractFixedPointSolver):
             residual = tu.tree_sub(fn(y_new, args), y_new)
             return y_new, state_at(self.solver, y_new, residual, args)
 
+        spent = spend(state.spent, self.solver, inner, k > 0)
         y_new, inner = jax.lax.cond(k > 0, shortened, lambda _: (y_full, inner), None)
-        return y_new, BacktrackingState(inner.residual, inner, state.shrinks + k)
+        shrinks = state.shrinks + k
+        return y_new, BacktrackingState(inner.residual, inner, shrinks, spent)
 
     def summary(self, state) -> dict:
-        return {**self.solver.summary(state.inner), "shrinks": state.shrinks}
+        summary = with_spent(self.solver.summary(state.inner), state.spent)
+        return {**summary, "shrinks": state.shrinks}
 
     def displacement(self, y, y0, num_steps, state):
         return self.solver.displacement(y, y0, num_steps, state.inner)

@@ -8,7 +8,14 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_range
-from .._iterate import AbstractFixedPointSolver, check_solver, state_at
+from .._iterate import (
+    AbstractFixedPointSolver,
+    check_solver,
+    counts,
+    spend,
+    state_at,
+    with_spent,
+)
 
 
 class RestartRule(struct.PyTreeNode):
@@ -62,6 +69,7 @@ class RestartedState(NamedTuple):
     epoch: jax.Array  # shape=(), int32: steps since the last restart
     steps: jax.Array  # shape=(), int32
     restarts: jax.Array  # shape=(), int32
+    spent: dict  # the counts (`_iterate.counts`) of the inner states restarted away
 
 
 class Restarted(AbstractFixedPointSolver):
@@ -95,7 +103,10 @@ class Restarted(AbstractFixedPointSolver):
         inner = self.solver.init(fn, y0, args)
         norm = tu.two_norm(inner.residual)
         zero = jnp.int32(0)
-        return RestartedState(inner.residual, inner, norm, norm, zero, zero, zero)
+        spent = jax.tree.map(jnp.zeros_like, counts(self.solver, inner))
+        return RestartedState(
+            inner.residual, inner, norm, norm, zero, zero, zero, spent
+        )
 
     def step(self, fn, y, args, state):
         y, inner = self.solver.step(fn, y, args, state.inner)
@@ -103,6 +114,7 @@ class Restarted(AbstractFixedPointSolver):
         count, steps = state.epoch + 1, state.steps + 1
         restart = self.rule(norm, state.anchor_norm, state.last_norm, count, steps)
         fresh = state_at(self.solver, y, inner.residual, args)
+        spent = spend(state.spent, self.solver, inner, restart)
         inner = tu.tree_where(restart, fresh, inner)
         return y, RestartedState(
             inner.residual,
@@ -112,10 +124,12 @@ class Restarted(AbstractFixedPointSolver):
             jnp.where(restart, 0, count),
             steps,
             state.restarts + restart.astype(jnp.int32),
+            spent,
         )
 
     def summary(self, state) -> dict:
-        return {**self.solver.summary(state.inner), "restarts": state.restarts}
+        summary = with_spent(self.solver.summary(state.inner), state.spent)
+        return {**summary, "restarts": state.restarts}
 
     def displacement(self, y, y0, num_steps, state):
         return self.solver.displacement(y, y0, num_steps, state.inner)

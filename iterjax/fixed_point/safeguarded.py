@@ -7,13 +7,21 @@ import jax.numpy as jnp
 
 from .. import _tree as tu
 from .._checks import check_range
-from .._iterate import AbstractFixedPointSolver, check_solver, state_at
+from .._iterate import (
+    AbstractFixedPointSolver,
+    check_solver,
+    counts,
+    spend,
+    state_at,
+    with_spent,
+)
 
 
 class SafeguardedState(NamedTuple):
     residual: object  # like y: fn(y, args) - y
     inner: object  # the wrapped solver's state
     fallbacks: jax.Array  # shape=(), int32: Picard steps taken instead
+    spent: dict  # the counts (`_iterate.counts`) of the inner states rejected
 
 
 class Safeguarded(AbstractFixedPointSolver):
@@ -53,7 +61,8 @@ class Safeguarded(AbstractFixedPointSolver):
 
     def init(self, fn, y0, args):
         inner = self.solver.init(fn, y0, args)
-        return SafeguardedState(inner.residual, inner, jnp.int32(0))
+        spent = jax.tree.map(jnp.zeros_like, counts(self.solver, inner))
+        return SafeguardedState(inner.residual, inner, jnp.int32(0), spent)
 
     def step(self, fn, y, args, state):
         y_new, inner = self.solver.step(fn, y, args, state.inner)
@@ -65,12 +74,14 @@ class Safeguarded(AbstractFixedPointSolver):
             r_p = tu.tree_sub(fn(y_p, args), y_p)
             return y_p, state_at(self.solver, y_p, r_p, args)
 
+        spent = spend(state.spent, self.solver, inner, ~accept)
         y_new, inner = jax.lax.cond(accept, lambda _: (y_new, inner), picard, None)
         fallbacks = state.fallbacks + (~accept).astype(jnp.int32)
-        return y_new, SafeguardedState(inner.residual, inner, fallbacks)
+        return y_new, SafeguardedState(inner.residual, inner, fallbacks, spent)
 
     def summary(self, state) -> dict:
-        return {**self.solver.summary(state.inner), "fallbacks": state.fallbacks}
+        summary = with_spent(self.solver.summary(state.inner), state.spent)
+        return {**summary, "fallbacks": state.fallbacks}
 
     def displacement(self, y, y0, num_steps, state):
         return self.solver.displacement(y, y0, num_steps, state.inner)

@@ -8,7 +8,13 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
-from .._iterate import AbstractFixedPointSolver, check_solver, state_at
+from .._iterate import (
+    AbstractFixedPointSolver,
+    check_solver,
+    counts,
+    state_at,
+    with_spent,
+)
 
 
 class SwitchedState(NamedTuple):
@@ -39,8 +45,9 @@ class Switched(AbstractFixedPointSolver):
       below: switch as soon as the residual two-norm is at most this (>= 0;
         0 switches on `after` alone).
 
-    `Solution.stats` holds the second solver's summary and `switched_at`, the
-    step at which it took over (-1 if it never did).
+    `Solution.stats` holds the second solver's summary (its counts, such as
+    "jvps", include the first solver's) and `switched_at`, the step at which it
+    took over (-1 if it never did).
     """
 
     first: AbstractFixedPointSolver
@@ -83,4 +90,7 @@ class Switched(AbstractFixedPointSolver):
         return y_new, SwitchedState(residual, first, then, switched_at, count)
 
     def summary(self, state) -> dict:
-        return {**self.then.summary(state.then), "switched_at": state.switched_at}
+        # the counts of both phases add up
+        first = counts(self.first, state.first)
+        summary = with_spent(self.then.summary(state.then), first)
+        return {**summary, "switched_at": state.switched_at}
