@@ -261,3 +261,17 @@ def test_text_quality_flags_degenerate_outputs():
     assert q["distinct_4"] == (1.0 + 2 / 5) / 2
     with pytest.raises(ValueError, match="tokens"):
         text_quality(np.array([1, 2, 3]))
+
+
+def test_a_degenerate_fine_tuned_model_fails_the_decoding_run():
+    from iterjax.experiments.jacobi_decoding import Config, check_not_degenerate
+    from iterjax.lab.runner import CONFIG_DIR, prepare
+
+    half = np.array([[1, 2, 3, 4, 5, 6, 7, 8], [3, 3, 3, 3, 5, 6, 7, 9]])
+    check_not_degenerate(half, 0.5)  # one token for exactly half: allowed
+    stuck = np.array([[1, 2, 3, 4, 5, 6, 7, 8], [3, 3, 3, 3, 3, 6, 7, 9]])
+    with pytest.raises(RuntimeError, match="degenerate.*62%.*0.5"):
+        check_not_degenerate(stuck, 0.5)
+    # the shipped config (whose run gives README's CLLM numbers) holds the bar
+    assert Config().max_top_token_share == 0.5
+    assert prepare(CONFIG_DIR / "jacobi_decoding.yaml").cfg.max_top_token_share == 0.5

@@ -35,7 +35,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments import charlm, charlm_train  # noqa: E402
-from iterjax.lab.spec import Count, Positive  # noqa: E402
+from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 
 
@@ -65,6 +65,10 @@ class Config:
     temperature: Positive = 0.8
     chain_samples: Count = 20_000
     seed: int = 0
+    # The fine-tuned model's greedy outputs may give at most this share of their
+    # tokens to one token; beyond it the run fails: its tokens per call would
+    # measure a degenerate model ("the the the ..." decodes in few calls).
+    max_top_token_share: Fraction = 0.5
 
 
 def load_model(cfg, workdir):
@@ -149,6 +153,21 @@ def text_quality(tokens, n=4):
         "top_token_share": float(np.mean(top)),
         "worst_top_token_share": float(np.max(top)),
     }
+
+
+def check_not_degenerate(tokens, max_share, vocab=None):
+    """Raise if an output of [outputs, N] tokens gives more than `max_share` of
+    its tokens to one token."""
+    worst = text_quality(tokens)["worst_top_token_share"]
+    if worst > max_share:
+        i = int(np.argmax([np.bincount(t).max() for t in np.asarray(tokens)]))
+        sample = vocab.decode(tokens[i]) if vocab else tokens[i]
+        raise RuntimeError(
+            f"jacobi_decoding: the fine-tuned model's greedy output is degenerate "
+            f"(one token is {worst:.0%} of an output, over max_top_token_share="
+            f"{max_share:g}): {sample!r}; its tokens per call would not measure "
+            "decoding. Train the model longer, or fine-tune less."
+        )
 
 
 def collect(model, prompts, cfg):
@@ -286,6 +305,7 @@ def run(cfg: Config, workdir) -> dict:
     )
     history, num_examples = finetune(model, cfg, train_data, train_prompts, workdir)
     after, greedy_after = measure(model, val_prompts, cfg)
+    check_not_degenerate(greedy_after, cfg.max_top_token_share, vocab)
     loss_after = charlm.validation_loss(model, val_data, val_cfg, ctx)
     for r in after:
         workdir.log(stage="after", **r)
