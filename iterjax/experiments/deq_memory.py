@@ -220,7 +220,7 @@ def table(cfg, rows, growth, vs_explicit):
     body.append(growth_row + [f"{growth[a]:.2f}x" for a in labels])
     out = markdown_table(["K"] + [f"{a} MiB / ms" for a in labels], body)
     if vs_explicit:
-        saved = ", ".join(f"{1 - r:.0%} at K={K}" for K, r in vs_explicit.items())
+        saved = ", ".join(f"{1 - r:.1%} at K={K}" for K, r in vs_explicit.items())
         out += f"\n\nimplicit DEQ memory saved against the explicit network: {saved}"
     return out
 
