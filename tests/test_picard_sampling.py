@@ -1,6 +1,8 @@
 """Picard (ParaDiGMS) DDIM sampling equals sequential DDIM; gradients w.r.t. the
 initial noise through the whole chain match lax.scan's (float64)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,3 +56,40 @@ def test_gradient_wrt_the_initial_noise_matches_lax_scan(chain):
     ref = jax.grad(lambda z: loss(sequential(f, xs, z)))(z[0])
     np.testing.assert_allclose(g, ref, rtol=1e-6, atol=1e-9)
     assert float(jnp.linalg.norm(ref)) > 1e-3
+
+
+@pytest.mark.parametrize("window", [8, 24, N])
+def test_paradigms_acceptance_is_the_paradigms_loop(chain, window):
+    # acceptance="paradigms": the loop's own passes, evaluations and states
+    f, xs, z, _ = chain
+    tol = 1e-6
+    X, passes, evaluations = diffusion.paradigms(f, z[0], xs, window, tol)
+    g = lambda c, x: (f(c, x)[0], c)  # ys: the solved states s_0..s_{T-1}
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def solve(z, acceptance):
+        method = ij.sequence.Picard(window)
+        kw = dict(method=method, atol=tol, return_stats=True)
+        return ij.scan(g, z, xs, acceptance=acceptance, **kw)
+
+    last, ys, stats = solve(z[0], "paradigms")
+    assert bool(stats.converged)
+    assert int(stats.num_sweeps) == passes
+    assert int(stats.evaluations) == evaluations
+    states = jnp.concatenate([ys[1:], last[None]])
+    np.testing.assert_allclose(states, X, atol=1e-12, rtol=0)
+    # the tested rule (residual and update) takes at least as many
+    _, _, tested = solve(z[0], "tested")
+    assert int(tested.evaluations) > evaluations
+    assert int(tested.num_sweeps) >= passes
+    # per element under vmap, as the single solves
+    batched = jax.vmap(lambda z: solve(z, "paradigms")[2].num_sweeps)(z)
+    assert int(batched[0]) == passes
+    assert int(batched[1]) == int(solve(z[1], "paradigms")[2].num_sweeps)
+
+
+def test_acceptance_must_be_a_known_rule(chain):
+    f, xs, z, _ = chain
+    g = lambda c, x: (f(c, x)[0],) * 2
+    with pytest.raises(ValueError, match="acceptance.*'tested' or 'paradigms'"):
+        ij.scan(g, z[0], xs, acceptance="residual")

@@ -33,6 +33,14 @@ Guarantees of the core, whatever A_t is:
   (enforced for methods that are not a linear recurrence), so it is exact and
   accepted whatever its residual: every sweep accepts at least one more
   position, and every method is exact after at most T sweeps.
+* ParaDiGMS's rule (opt-in, `scan(..., acceptance="paradigms")`). A position
+  passes on its update alone (|δ_t| <= atol + rtol |X_t|, the loop's
+  |X^{k+1} - X^k| test), and a sweep also accepts, untested and with its
+  update, the first position after the prefix that passed: its predecessors
+  passed, so its new value is f of values within tolerance (to the method's
+  accuracy). The window slides one position further per sweep, about one
+  evaluation fewer per sweep; in exchange, "converged" bounds neither the
+  residuals nor that last position's update.
 * Sliding window (`window=W`, ParaDiGMS). A sweep evaluates and updates only the
   W positions from the first unaccepted one; later positions take the window's
   last value (a better guess than s_0). Work and memory per sweep are O(W), and
@@ -281,6 +289,7 @@ class Sweeps(AbstractFixedPointSolver):
     method: AbstractSequenceMethod
     atol: float
     rtol: float
+    paradigms: bool = struct.field(pytree_node=False, default=False)
 
     def summary(self, state):
         return {
@@ -354,7 +363,10 @@ class Sweeps(AbstractFixedPointSolver):
         # an overflow) is kept, as lax.scan would, and stops the solve.
         exact = first & jnp.all(jnp.isfinite(r), axis=-1)
         d_ok = position_ok(delta, X, self.atol, self.rtol)
-        ok = kept | exact | (r_ok & d_ok)
+        if self.paradigms:  # the update alone; `first` too (else it is "+1")
+            ok = kept | d_ok
+        else:
+            ok = kept | exact | (r_ok & d_ok)
         accepted = start + jnp.sum(count_upto(~ok, mesh) == 0, dtype=jnp.int32)
 
         new = X + delta
@@ -363,6 +375,11 @@ class Sweeps(AbstractFixedPointSolver):
         new = jnp.where(fine[:, None], new, jacobi)
         new = jnp.where(first[:, None], X + r, new)
         new = jnp.where(kept[:, None], X, new)
+        # ParaDiGMS's "+1": the position after the prefix that passed is
+        # accepted untested, with its update, and recorded as exact
+        nxt = (index == accepted) & jnp.all(jnp.isfinite(new), axis=-1)
+        nxt = nxt & self.paradigms
+        accepted = accepted + jnp.sum(nxt, dtype=jnp.int32)
 
         # Per position, what the stopping test reads: max(|r_t|, |δ_t|) of this
         # sweep; 0 where exact; as recorded when accepted, for kept positions.
@@ -370,16 +387,19 @@ class Sweeps(AbstractFixedPointSolver):
         res = jnp.where(first[:, None], jnp.where(exact[:, None], 0, jnp.abs(r)), res)
         upd = jnp.where(jnp.isfinite(delta), jnp.abs(delta), big)
         upd = jnp.where(first[:, None], 0, upd)
-        measure = jnp.maximum(res, upd)
+        # (ParaDiGMS tests the update alone: the residual does not stop it)
+        tested = upd if self.paradigms else jnp.maximum(res, upd)
+        measure = jnp.where(nxt[:, None], 0, tested)
         # Largest residual and update over the accepted positions (as they were
-        # when accepted: a running maximum) and this sweep's others.
-        newly = ((index < accepted) & ~kept)[:, None]
+        # when accepted: a running maximum) and this sweep's others (neither
+        # counts the untested next position's values before its update).
+        newly = ((index < accepted) & ~kept & ~nxt)[:, None]
 
         def top(mask):
             return jnp.stack([jnp.max(jnp.where(mask, x, 0)) for x in (res, upd)])
 
         settled = jnp.maximum(state.sizes[0], top(newly))
-        others = top(~newly & ~kept[:, None])
+        others = top(~newly & ~(kept | nxt)[:, None])
         sizes = jnp.stack([settled, jnp.maximum(settled, others)])
         if W == T:
             y_new = new

@@ -85,6 +85,7 @@ def scan(
     atol: float = 1e-6,
     rtol: float = 0.0,
     max_sweeps: int | None = None,
+    acceptance: str = "tested",
     return_stats: bool = False,
     throw: bool = False,
     trace: bool = False,
@@ -120,6 +121,13 @@ def scan(
         `GaussSeidel(block)`, `iterjax.sequence.Picard()` or `Sequential()`.
       atol, rtol: tolerances on the per-step residual and update.
       max_sweeps: the largest number of sweeps (default and at most useful: T).
+      acceptance: "tested" (default): a position is accepted when its residual
+        and its update pass. "paradigms": ParaDiGMS's rule (Shih et al. 2023):
+        the update alone, and each sweep also accepts, untested, the first
+        position after the prefix that passed; the window slides one position
+        further per sweep (about one evaluation fewer per sweep, the loop's
+        own passes and evaluations), but "converged" then bounds neither the
+        residuals nor that position's update.
       return_stats: also return a `ScanStats`.
       throw: raise `NonConvergenceError` when the solve did not converge.
       trace: record max(residual, update) after each sweep in `ScanStats.trace`.
@@ -139,6 +147,10 @@ def scan(
       (True, True)
     """
     T = _check_call(f, init, xs, length, method, atol, rtol, max_sweeps)
+    if acceptance not in ("tested", "paradigms"):
+        raise ValueError(
+            f"scan: `acceptance` must be 'tested' or 'paradigms', got {acceptance!r}"
+        )
     if isinstance(method, Sequential) or T == 0:  # nothing to solve for when T = 0
         carry, ys = jax.lax.scan(f, init, xs, length=length, reverse=reverse)
         zero = jnp.zeros((), jnp.result_type(*jtu.tree_leaves(init)))
@@ -159,7 +171,9 @@ def scan(
         xs = _flip(xs)
     s0, unravel = ravel(init)
     cell, consts = _flat_cell(f, init, s0, unravel, xs)
-    X, stats = _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace)
+    options = (method, atol, rtol)
+    paradigms = acceptance == "paradigms"
+    X, stats = _solve(cell, options, s0, xs, consts, T, max_sweeps, trace, paradigms)
     outputs = lambda h, x: f(unravel(h), x)[1]
     ys = jax.vmap(outputs)(shift(X, s0, method.mesh), xs)
     if reverse:
@@ -187,18 +201,21 @@ def _flat_cell(f, init, s0, unravel, xs):
     return (lambda h, x, c: closed(h, x, *c)), tuple(consts)
 
 
-def _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace=False):
+def _solve(cell, options, s0, xs, consts, T, max_sweeps, trace, paradigms):
     """Solve for X = (s_1..s_T) by sweeps; differentiable in (s0, xs, consts).
 
-    The initial guess repeats s_0 over the sequence.
+    The initial guess repeats s_0 over the sequence. `options` is
+    (method, atol, rtol); the tangent and adjoint sweeps use them too (with the
+    tested acceptance).
     """
+    method, atol, rtol = options
     args = jax.lax.stop_gradient((s0, xs, consts))
     max_sweeps = T if max_sweeps is None else max_sweeps
     X0 = jnp.broadcast_to(args[0], (T,) + s0.shape)
     X0 = shard_time(X0, method.mesh)
     args = (args[0], shard_time(args[1], method.mesh), args[2])
     sol = iterative_solve(
-        Sweeps(method, atol, rtol),
+        Sweeps(method, atol, rtol, paradigms),
         cell,
         X0,
         args,
@@ -218,7 +235,6 @@ def _solve(cell, method, s0, xs, consts, T, atol, rtol, max_sweeps, trace=False)
         update=sol.stats["update"],
         evaluations=sol.stats["evaluations"],
     )
-    options = (method, atol, rtol)
     X = non_finite_tail(sol.value, method.mesh)
     X = _trajectory(cell, options, X, (s0, xs, consts))
     return X, stats
