@@ -66,6 +66,35 @@ def test_check_grads_implicit_cg_on_symmetric_problem(getkey):
     )
 
 
+@pytest.mark.parametrize(
+    "linear_solver",
+    [ij.GMRES(rtol=1e-13), ij.BiCGStab(rtol=1e-13)],
+    ids=lambda s: type(s).__name__,
+)
+def test_check_grads_unrolled_through_newtons_krylov_solves(linear_solver, getkey):
+    # Unrolling Newton differentiates its linear solves: jax.scipy's GMRES and
+    # BiCGStab are custom_linear_solves. (CG's own while_loop cannot be
+    # reversed; as a custom_linear_solve with its stats as aux, JAX 0.10 cannot
+    # batch it in a hessian: not done.) f(y) = y - 0.3 ∇E(y), E convex.
+    n = 6
+    spd = lambda m: jnp.eye(n) + 0.2 * (m + m.T) / n
+    fn = lambda y, p: y - 0.3 * (spd(p[0]) @ y + jnp.tanh(y) - p[1])
+    f = jax.jit(
+        lambda m, b: (
+            ij.fixed_point(
+                fn,
+                jnp.zeros(n),
+                (m, b),
+                solver=ij.Newton(linear_solver=linear_solver),
+                adjoint=ij.UnrolledAdjoint(),
+                **TIGHT,
+            ).value
+        )
+    )
+    args = (jax.random.normal(getkey(), (n, n)), jax.random.normal(getkey(), (n,)))
+    check_grads(f, args, order=1, modes=("rev",), eps=1e-5)
+
+
 def test_check_grads_unrolled():
     _, args, _ = PROBLEMS["tanh"]()
     f = _value(ij.UnrolledAdjoint(), solver=ij.Picard())
