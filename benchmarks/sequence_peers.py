@@ -8,6 +8,13 @@
 * ELK repository (lindermanlab/elk, `--elk PATH`, needs dynamax 1.0.3 from the
   index): the time of one sweep of dense ELK and quasi-ELK (a fixed number of
   sweeps, so both do the same work) against one DEER sweep, hidden 16, T 4096.
+* The ELK paper's own model (its Fig. 4): the AR GRU flow of the checkpoint
+  `experiments/elk_exps_figs_4_7_8/argru_sine_wave_L=10000.eqx` in the ELK
+  checkout, loaded and sampled by the repository's own code (its packed one-step
+  function, noise drivers and initial state), solved by iterjax's DEER,
+  quasi-DEER, ELK (σ² = 1e6) and quasi-ELK (σ² = 1e2) with the filter step,
+  float32, atol 1e-4: sweeps, max error and the paper's error measure (mean
+  absolute deviation of the sampled coordinate) against sequential sampling.
 * ParaDiGMS's sliding window, restated from the paper (its repository is
   PyTorch + diffusers): the 2-D diffusion chain of `picard_diffusion` (N = 200
   DDIM steps), windows 20 and 80: passes, model evaluations and error vs
@@ -181,6 +188,62 @@ def dynamax_1_indexing(elk):
     elk.make_lgssm_params = padded
 
 
+def elk_paper_model(root, lengths, seeds):
+    """iterjax's methods on the ELK paper's own AR GRU (Fig. 4), through the
+    repository's code: rows of sweeps and errors per length, seed and method.
+    In float32, as the paper (the checkpoint is float32, and the repository's
+    loader builds its skeleton in the default dtype)."""
+    jax.config.update("jax_enable_x64", False)
+    try:
+        return _elk_paper_model(root, lengths, seeds)
+    finally:
+        jax.config.update("jax_enable_x64", True)
+
+
+def _elk_paper_model(root, lengths, seeds):
+    flow = importlib.import_module("elk.models.flow")
+    utils = importlib.import_module("elk.utils.elk_utils")
+    sample = importlib.import_module("elk.models.model_utils").sample_AR_many_layers
+    path = pathlib.Path(root) / "experiments/elk_exps_figs_4_7_8"
+    model = flow.load_flow(str(path / "argru_sine_wave_L=10000.eqx"))
+    unpack = utils.make_unpacking_tuple(model)
+    f = lambda s, d: (utils.packed_single_step(model, unpack, s, d),) * 2
+    methods = {
+        "DEER": ij.DEER(),
+        "quasi-DEER": ij.QuasiDEER(),
+        "ELK (σ² 1e6)": ij.ELK(sigmasq=1e6, smooth=False),
+        "quasi-ELK (σ² 1e2)": ij.QuasiELK(sigmasq=1e2, smooth=False),
+    }
+    solve = {
+        k: jax.jit(
+            lambda s0, d, m=m: ij.scan(f, s0, d, method=m, atol=1e-4, return_stats=True)
+        )
+        for k, m in methods.items()
+    }
+    sequential = jax.jit(lambda s0, d: jax.lax.scan(f, s0, d)[1])
+    rows = []
+    for L in lengths:
+        for seed in seeds:  # as the paper's script: key from seed, L - 1 steps
+            key = jax.random.split(jax.random.PRNGKey(seed), 1)[0]
+            *_, noises, init = sample(model, L, key=key, dtype=jnp.float32)
+            s0, drivers = utils.pack_state(init), noises[1:]
+            ref = sequential(s0, drivers)
+            for name, run in solve.items():
+                _, ys, stats = run(s0, drivers)
+                rows.append(
+                    dict(
+                        T=L,
+                        seed=seed,
+                        method=name,
+                        sweeps=int(stats.num_sweeps),
+                        converged=bool(stats.converged),
+                        max_error=float(jnp.max(jnp.abs(ys - ref))),
+                        mad=float(jnp.mean(jnp.abs(ys[:, 0] - ref[:, 0]))),
+                    )
+                )
+    return rows
+
+
 def elk_cost(elk_alg, T, hidden, sweeps, rounds):
     """ms per sweep of dense ELK and quasi-ELK, both implementations, and DEER's.
 
@@ -299,6 +362,23 @@ def main():
         print(f"\n## One sweep of ELK (GRU 16, T 4096, float64, 8 sweeps, {backend})\n")
         dynamax_1_indexing(elk)
         print(fmt(elk_cost(elk.elk_alg, 4096, 16, 8, rounds)))
+        lengths, seeds = (
+            ([2000], [1, 2]) if a.quick else ([2000, 10000], [1, 2, 3, 4, 5])
+        )
+        print("\n## The ELK paper's own AR GRU (Fig. 4), float32, atol 1e-4\n")
+        rows = elk_paper_model(a.elk, lengths, seeds)
+        print(fmt(rows))
+        print("\nmedian sweeps per T, and as a fraction of DEER's:")
+        for L in lengths:
+            med = {
+                m: float(
+                    np.median(
+                        [r["sweeps"] for r in rows if (r["T"], r["method"]) == (L, m)]
+                    )
+                )
+                for m in dict.fromkeys(r["method"] for r in rows)
+            }
+            print(L, {m: f"{v:.0f} ({v / med['DEER']:.2f}x)" for m, v in med.items()})
 
 
 if __name__ == "__main__":
