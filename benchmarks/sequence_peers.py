@@ -12,9 +12,10 @@
   `experiments/elk_exps_figs_4_7_8/argru_sine_wave_L=10000.eqx` in the ELK
   checkout, loaded and sampled by the repository's own code (its packed one-step
   function, noise drivers and initial state), solved by iterjax's DEER,
-  quasi-DEER, ELK (σ² = 1e6) and quasi-ELK (σ² = 1e2) with the filter step,
-  float32, atol 1e-4: sweeps, max error and the paper's error measure (mean
-  absolute deviation of the sampled coordinate) against sequential sampling.
+  quasi-DEER, ELK (σ² = 1e6) and quasi-ELK (σ² = 1e2) with the filter step, and
+  quasi-ELK polished by DEER (`polish=DEER()`), float32, atol 1e-4: sweeps, max
+  error and the paper's error measure (mean absolute deviation of the sampled
+  coordinate) against sequential sampling.
 * ParaDiGMS's sliding window, restated from the paper (its repository is
   PyTorch + diffusers): the 2-D diffusion chain of `picard_diffusion` (N = 200
   DDIM steps), windows 20 and 80: passes, model evaluations and error vs
@@ -188,19 +189,19 @@ def dynamax_1_indexing(elk):
     elk.make_lgssm_params = padded
 
 
-def elk_paper_model(root, lengths, seeds):
+def elk_paper_model(root, lengths, seeds, only=None):
     """iterjax's methods on the ELK paper's own AR GRU (Fig. 4), through the
     repository's code: rows of sweeps and errors per length, seed and method.
     In float32, as the paper (the checkpoint is float32, and the repository's
     loader builds its skeleton in the default dtype)."""
     jax.config.update("jax_enable_x64", False)
     try:
-        return _elk_paper_model(root, lengths, seeds)
+        return _elk_paper_model(root, lengths, seeds, only)
     finally:
         jax.config.update("jax_enable_x64", True)
 
 
-def _elk_paper_model(root, lengths, seeds):
+def _elk_paper_model(root, lengths, seeds, only):
     flow = importlib.import_module("elk.models.flow")
     utils = importlib.import_module("elk.utils.elk_utils")
     sample = importlib.import_module("elk.models.model_utils").sample_AR_many_layers
@@ -208,18 +209,24 @@ def _elk_paper_model(root, lengths, seeds):
     model = flow.load_flow(str(path / "argru_sine_wave_L=10000.eqx"))
     unpack = utils.make_unpacking_tuple(model)
     f = lambda s, d: (utils.packed_single_step(model, unpack, s, d),) * 2
-    methods = {
-        "DEER": ij.DEER(),
-        "quasi-DEER": ij.QuasiDEER(),
-        "ELK (σ² 1e6)": ij.ELK(sigmasq=1e6, smooth=False),
-        "quasi-ELK (σ² 1e2)": ij.QuasiELK(sigmasq=1e2, smooth=False),
+    methods = {  # name: (method, polish)
+        "DEER": (ij.DEER(), None),
+        "quasi-DEER": (ij.QuasiDEER(), None),
+        "ELK (σ² 1e6)": (ij.ELK(sigmasq=1e6, smooth=False), None),
+        "quasi-ELK (σ² 1e2)": (ij.QuasiELK(sigmasq=1e2, smooth=False), None),
+        "quasi-ELK (σ² 1e2) + DEER": (
+            ij.QuasiELK(sigmasq=1e2, smooth=False),
+            ij.DEER(),
+        ),
     }
-    solve = {
-        k: jax.jit(
-            lambda s0, d, m=m: ij.scan(f, s0, d, method=m, atol=1e-4, return_stats=True)
-        )
-        for k, m in methods.items()
-    }
+    if only is not None:
+        methods = {k: methods[k] for k in only}
+
+    def solver(method, polish):
+        kw = dict(method=method, polish=polish, atol=1e-4, return_stats=True)
+        return jax.jit(lambda s0, d: ij.scan(f, s0, d, **kw))
+
+    solve = {k: solver(*m) for k, m in methods.items()}
     sequential = jax.jit(lambda s0, d: jax.lax.scan(f, s0, d)[1])
     rows = []
     for L in lengths:

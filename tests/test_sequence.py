@@ -647,3 +647,44 @@ def test_bad_arguments_are_rejected():
         ij.QuasiELK(sigmasq=-1.0)
     with pytest.raises(TypeError, match="smooth"):
         ij.ELK(smooth="no")
+
+
+def test_polish_gives_a_cheap_method_deers_error_bound():
+    # errors grow 1.03^t: quasi-DEER's own test stops far from lax.scan; polished
+    # by DEER sweeps from its solution, the result is within atol, as DEER's own
+    c, s = np.cos(0.3), np.sin(0.3)
+    R = 1.03 * jnp.array([[c, -s], [s, c]])
+    f = lambda h, x: (R @ h - 0.02 * jnp.sin(h) ** 3 + x, h)
+    xs = 0.01 * jax.random.normal(jax.random.PRNGKey(0), (400, 2))
+    init = jnp.array([0.01, 0.0])
+    _, ref = jax.lax.scan(f, init, xs)
+    kw = dict(atol=1e-8, return_stats=True, trace=True)
+    _, ys, quasi = ij.scan(f, init, xs, method=ij.QuasiDEER(), **kw)
+    assert bool(quasi.converged) and float(jnp.max(jnp.abs(ys - ref))) > 1e-6
+    solve = jax.jit(
+        lambda xs: ij.scan(f, init, xs, method=ij.QuasiDEER(), polish=ij.DEER(), **kw)
+    )
+    _, ys, stats = solve(xs)
+    assert bool(stats.converged) and float(jnp.max(jnp.abs(ys - ref))) <= 1e-8
+    polish_sweeps = int(stats.num_sweeps) - int(quasi.num_sweeps)
+    assert 1 <= polish_sweeps <= 5
+    assert int(stats.jacobians) == int(stats.num_sweeps)  # both linearise
+    # the trace runs on: the quasi sweeps' entries, then the polishing ones
+    n = int(quasi.num_sweeps)
+    np.testing.assert_array_equal(stats.trace[:n], quasi.trace[:n])
+    last = int(stats.num_sweeps) - 1
+    assert float(stats.trace[last]) <= 1e-8 < float(stats.trace[n - 2])
+    # per element under vmap; gradients (through DEER's recurrences) as lax.scan's
+    batched = jax.vmap(solve)(jnp.stack([xs, 0.5 * xs]))[2]
+    assert int(batched.num_sweeps[0]) == int(stats.num_sweeps)
+    loss = lambda scan, xs: jnp.sum(jnp.sin(scan(xs)[1]))
+    g = jax.grad(lambda xs: loss(lambda xs: solve(xs)[:2], xs))(xs)
+    g_ref = jax.grad(lambda xs: loss(lambda xs: jax.lax.scan(f, init, xs), xs))(xs)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-8)
+
+
+def test_polish_must_be_a_parallel_method():
+    f = lambda h, x: (jnp.tanh(h + x), h)
+    for bad in (ij.Sequential(), "deer"):
+        with pytest.raises(TypeError, match="polish"):
+            ij.scan(f, jnp.zeros(2), jnp.ones((8, 2)), polish=bad)

@@ -86,6 +86,7 @@ def scan(
     rtol: float = 0.0,
     max_sweeps: int | None = None,
     acceptance: str = "tested",
+    polish: AbstractSequenceMethod | None = None,
     return_stats: bool = False,
     throw: bool = False,
     trace: bool = False,
@@ -128,6 +129,14 @@ def scan(
         further per sweep (about one evaluation fewer per sweep, the loop's
         own passes and evaluations), but "converged" then bounds neither the
         residuals nor that position's update.
+      polish: a second method, run from `method`'s solution until its own
+        sweeps converge too. With `polish=DEER()`, a cheap approximate method
+        (quasi-DEER, quasi-ELK, Jacobi, Picard) ends with DEER's error bound
+        (its update is the remaining error to first order), typically in 2-3
+        dense sweeps; the approximate methods' own test cannot see errors that
+        the recurrence amplifies. `ScanStats` counts both stages' sweeps and
+        reports the second's residual, update and convergence; gradients use
+        `polish`'s linear recurrences.
       return_stats: also return a `ScanStats`.
       throw: raise `NonConvergenceError` when the solve did not converge.
       trace: record max(residual, update) after each sweep in `ScanStats.trace`.
@@ -147,6 +156,13 @@ def scan(
       (True, True)
     """
     T = _check_call(f, init, xs, length, method, atol, rtol, max_sweeps)
+    if polish is not None and (
+        not isinstance(polish, AbstractSequenceMethod) or isinstance(polish, Sequential)
+    ):
+        raise TypeError(
+            "scan: `polish` must be a parallel sequence method (DEER(), ELK() ...) "
+            f"or None, got {polish!r}"
+        )
     if acceptance not in ("tested", "paradigms"):
         raise ValueError(
             f"scan: `acceptance` must be 'tested' or 'paradigms', got {acceptance!r}"
@@ -171,8 +187,9 @@ def scan(
         xs = _flip(xs)
     s0, unravel = ravel(init)
     cell, consts = _flat_cell(f, init, s0, unravel, xs)
-    options = (method, atol, rtol)
     paradigms = acceptance == "paradigms"
+    methods = (method,) if polish is None else (method, polish)
+    options = (methods, atol, rtol)
     X, stats = _solve(cell, options, s0, xs, consts, T, max_sweeps, trace, paradigms)
     outputs = lambda h, x: f(unravel(h), x)[1]
     ys = jax.vmap(outputs)(shift(X, s0, method.mesh), xs)
@@ -204,27 +221,36 @@ def _flat_cell(f, init, s0, unravel, xs):
 def _solve(cell, options, s0, xs, consts, T, max_sweeps, trace, paradigms):
     """Solve for X = (s_1..s_T) by sweeps; differentiable in (s0, xs, consts).
 
-    The initial guess repeats s_0 over the sequence. `options` is
-    (method, atol, rtol); the tangent and adjoint sweeps use them too (with the
-    tested acceptance).
+    `options` is (methods, atol, rtol): the sweeps of each method in turn, the
+    first from a guess that repeats s_0, each next from the last's solution
+    (`polish`). The tangent and adjoint recurrences use the last method.
     """
-    method, atol, rtol = options
+    methods, atol, rtol = options
     args = jax.lax.stop_gradient((s0, xs, consts))
     max_sweeps = T if max_sweeps is None else max_sweeps
-    X0 = jnp.broadcast_to(args[0], (T,) + s0.shape)
-    X0 = shard_time(X0, method.mesh)
-    args = (args[0], shard_time(args[1], method.mesh), args[2])
-    sol = iterative_solve(
-        Sweeps(method, atol, rtol, paradigms),
-        cell,
-        X0,
-        args,
-        atol=atol,
-        rtol=rtol,
-        max_steps=max_sweeps,
-        trace=trace,
-    )
-    stats = ScanStats(
+    X = jnp.broadcast_to(args[0], (T,) + s0.shape)
+    stats = None
+    for method in methods:
+        X = shard_time(X, method.mesh)
+        margs = (args[0], shard_time(args[1], method.mesh), args[2])
+        sol = iterative_solve(
+            Sweeps(method, atol, rtol, paradigms),
+            cell,
+            X,
+            margs,
+            atol=atol,
+            rtol=rtol,
+            max_steps=max_sweeps,
+            trace=trace,
+        )
+        X, stats = sol.value, _then(stats, _stats(sol))
+    X = non_finite_tail(X, methods[-1].mesh)
+    X = _trajectory(cell, (methods[-1], atol, rtol), X, (s0, xs, consts))
+    return X, stats
+
+
+def _stats(sol):
+    return ScanStats(
         num_sweeps=sol.num_steps,
         converged=sol.converged,
         residual=sol.stats["residual"],
@@ -235,9 +261,28 @@ def _solve(cell, options, s0, xs, consts, T, max_sweeps, trace, paradigms):
         update=sol.stats["update"],
         evaluations=sol.stats["evaluations"],
     )
-    X = non_finite_tail(sol.value, method.mesh)
-    X = _trajectory(cell, options, X, (s0, xs, consts))
-    return X, stats
+
+
+def _then(first, second):
+    """The stats of two stages run one after the other: counts add up, the
+    second stage's outcome stands, traces join (the second's after the first's
+    sweeps)."""
+    if first is None:
+        return second
+    trace = None
+    if second.trace is not None:  # the second's entries after the first's sweeps
+        n = first.trace.shape[0]
+        k = jnp.arange(2 * n, dtype=first.num_sweeps.dtype)
+        before = first.trace[jnp.minimum(k, n - 1)]
+        after = second.trace[jnp.clip(k - first.num_sweeps, 0, n - 1)]
+        trace = jnp.where(k < first.num_sweeps, before, after)
+    return second.replace(
+        num_sweeps=first.num_sweeps + second.num_sweeps,
+        fallbacks=first.fallbacks + second.fallbacks,
+        jacobians=first.jacobians + second.jacobians,
+        evaluations=first.evaluations + second.evaluations,
+        trace=trace,
+    )
 
 
 def _trajectory_map(cell, X, args):
