@@ -104,8 +104,8 @@ def scan(
     estimates, exact only as far as their A_t match the Jacobian: on a recurrence
     that amplifies errors or keeps them (an oscillator at the edge of stability),
     their error can exceed atol by that amplification; prefer `DEER` or `ELK`
-    there, or tighten atol. A sweep is one parallel
-    evaluation of f (over the method's window); every method is exact after T
+    there, polish with DEER (`polish=DEER()`), or tighten atol. A sweep is one
+    parallel evaluation of f (over the method's window); every method is exact after T
     sweeps (accepted prefixes freeze, and every sweep accepts one more position),
     so `max_sweeps` defaults to T.
 
