@@ -93,3 +93,16 @@ def test_acceptance_must_be_a_known_rule(chain):
     g = lambda c, x: (f(c, x)[0],) * 2
     with pytest.raises(ValueError, match="acceptance.*'tested' or 'paradigms'"):
         ij.scan(g, z[0], xs, acceptance="residual")
+
+
+@pytest.mark.parametrize("acceptance", ["tested", "paradigms"])
+def test_a_nan_of_f_stops_either_rule_as_non_finite(acceptance):
+    f = lambda h, x: (jnp.where(x > 5, jnp.nan, 0.5 * h + x), h)
+    xs = jnp.arange(10.0)
+    method = ij.sequence.Picard()
+    _, ys, stats = ij.scan(
+        f, 0.0, xs, method=method, acceptance=acceptance, return_stats=True
+    )
+    assert int(stats.result) == 2 and int(stats.num_sweeps) < 10
+    np.testing.assert_allclose(ys[:7], jax.lax.scan(f, 0.0, xs)[1][:7])
+    assert bool(jnp.all(jnp.isnan(ys[7:])))

@@ -387,8 +387,12 @@ class Sweeps(AbstractFixedPointSolver):
         res = jnp.where(first[:, None], jnp.where(exact[:, None], 0, jnp.abs(r)), res)
         upd = jnp.where(jnp.isfinite(delta), jnp.abs(delta), big)
         upd = jnp.where(first[:, None], 0, upd)
-        # (ParaDiGMS tests the update alone: the residual does not stop it)
-        tested = upd if self.paradigms else jnp.maximum(res, upd)
+        # (ParaDiGMS tests the update alone: the residual does not stop it,
+        # except at `first`, exact unless f is not finite there)
+        if self.paradigms:
+            tested = jnp.where(first[:, None], res, upd)
+        else:
+            tested = jnp.maximum(res, upd)
         measure = jnp.where(nxt[:, None], 0, tested)
         # Largest residual and update over the accepted positions (as they were
         # when accepted: a running maximum) and this sweep's others (neither
