@@ -225,6 +225,12 @@ def counts(solver, state) -> dict:
     return {k: v for k, v in summary.items() if integer(v)}
 
 
+def nothing_spent(solver, state) -> dict:
+    """Zero counts, of the kinds `solver.summary(state)` reports: the `spent` of
+    a wrapper that has discarded no inner state yet."""
+    return jax.tree.map(jnp.zeros_like, counts(solver, state))
+
+
 def spend(spent: dict, solver, state, where) -> dict:
     """`spent` plus the counts of `state` where it is discarded (`where`)."""
     lost = counts(solver, state)

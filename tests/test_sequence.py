@@ -418,15 +418,20 @@ def test_converged_means_close_to_lax_scan_where_errors_amplify(method):
     assert max(float(stats.residual), float(stats.update)) <= 1e-8
 
 
-def test_deer_error_is_atol_however_much_the_recurrence_amplifies():
-    # errors grow 1.03^t (1e5 over the sequence); DEER's update is the error to
-    # first order, so a converged solve is within atol of lax.scan, where the
-    # residual test alone stopped 1e5 atol away
+def _amplifying():
+    """(f, init, xs) of a rotation that grows errors 1.03^t (1e5 over T = 400)."""
     c, s = np.cos(0.3), np.sin(0.3)
     R = 1.03 * jnp.array([[c, -s], [s, c]])
     f = lambda h, x: (R @ h - 0.02 * jnp.sin(h) ** 3 + x, h)
     xs = 0.01 * jax.random.normal(jax.random.PRNGKey(0), (400, 2))
-    init = jnp.array([0.01, 0.0])
+    return f, jnp.array([0.01, 0.0]), xs
+
+
+def test_deer_error_is_atol_however_much_the_recurrence_amplifies():
+    # errors grow 1.03^t (1e5 over the sequence); DEER's update is the error to
+    # first order, so a converged solve is within atol of lax.scan, where the
+    # residual test alone stopped 1e5 atol away
+    f, init, xs = _amplifying()
     _, ys_ref = jax.lax.scan(f, init, xs)
     for method in (ij.DEER(), ij.DEER(window=64), ij.ELK(damping=0.5)):
         _, ys, stats = ij.scan(f, init, xs, method=method, atol=1e-8, return_stats=True)
@@ -652,11 +657,7 @@ def test_bad_arguments_are_rejected():
 def test_polish_gives_a_cheap_method_deers_error_bound():
     # errors grow 1.03^t: quasi-DEER's own test stops far from lax.scan; polished
     # by DEER sweeps from its solution, the result is within atol, as DEER's own
-    c, s = np.cos(0.3), np.sin(0.3)
-    R = 1.03 * jnp.array([[c, -s], [s, c]])
-    f = lambda h, x: (R @ h - 0.02 * jnp.sin(h) ** 3 + x, h)
-    xs = 0.01 * jax.random.normal(jax.random.PRNGKey(0), (400, 2))
-    init = jnp.array([0.01, 0.0])
+    f, init, xs = _amplifying()
     _, ref = jax.lax.scan(f, init, xs)
     kw = dict(atol=1e-8, return_stats=True, trace=True)
     _, ys, quasi = ij.scan(f, init, xs, method=ij.QuasiDEER(), **kw)

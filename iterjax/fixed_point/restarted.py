@@ -11,7 +11,7 @@ from .._checks import check_range
 from .._iterate import (
     AbstractFixedPointSolver,
     check_solver,
-    counts,
+    nothing_spent,
     spend,
     state_at,
     with_spent,
@@ -103,7 +103,7 @@ class Restarted(AbstractFixedPointSolver):
         inner = self.solver.init(fn, y0, args)
         norm = tu.two_norm(inner.residual)
         zero = jnp.int32(0)
-        spent = jax.tree.map(jnp.zeros_like, counts(self.solver, inner))
+        spent = nothing_spent(self.solver, inner)
         return RestartedState(
             inner.residual, inner, norm, norm, zero, zero, zero, spent
         )

@@ -10,7 +10,7 @@ from .._checks import check_range
 from .._iterate import (
     AbstractFixedPointSolver,
     check_solver,
-    counts,
+    nothing_spent,
     spend,
     state_at,
     with_spent,
@@ -61,7 +61,7 @@ class Safeguarded(AbstractFixedPointSolver):
 
     def init(self, fn, y0, args):
         inner = self.solver.init(fn, y0, args)
-        spent = jax.tree.map(jnp.zeros_like, counts(self.solver, inner))
+        spent = nothing_spent(self.solver, inner)
         return SafeguardedState(inner.residual, inner, jnp.int32(0), spent)
 
     def step(self, fn, y, args, state):
