@@ -5,6 +5,7 @@ from ._base import LinearStats as LinearStats
 from .bandit import Exp3 as Exp3
 from .bandit import SquareCB as SquareCB
 from .chebyshev import Chebyshev as Chebyshev
+from .gcrodr import GCRODR as GCRODR
 from .krylov import CG as CG
 from .krylov import GMRES as GMRES
 from .krylov import BiCGStab as BiCGStab

@@ -146,7 +146,7 @@ def solve_sequence(solver, matvec, systems, bs):
     """Solve `matvec(system, x) = b` for every system in order, recycling.
 
     Args:
-      solver: a `RecycledCG`.
+      solver: a `RecycledCG` (SPD systems) or a `GCRODR` (general ones).
       matvec: `matvec(system, x) -> A x`.
       systems: a pytree with the systems along axis 0.
       bs: the right-hand sides along axis 0.
