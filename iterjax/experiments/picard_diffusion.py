@@ -23,7 +23,7 @@ coordinates (a 2-D "restoration" task).
 """
 
 import dataclasses
-from typing import Annotated
+from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +54,9 @@ class Config:
         Spec("picard", (("window", 32),)),
     )
     error_target: Positive = 1e-3  # per-step atol = error_target / N
+    # `scan`'s acceptance rule: "tested" (residual and update of every position)
+    # or "paradigms" (ParaDiGMS's loop: update only, one more position a sweep)
+    acceptance: Literal["tested", "paradigms"] = "tested"
     curve_steps: Count = 1000  # N of the error-vs-sweeps curves
     curve_sweeps: Count = 60
     guide_steps: Count = 100  # N of the chain whose initial noise is optimised
@@ -79,7 +82,15 @@ def measure(cfg, N, s):
     f, xs, z, _ = sampler(cfg, N)
     atol = cfg.error_target / N
     run = jax.jit(
-        lambda z: ij.scan(f, z, xs, method=method, atol=atol, return_stats=True)
+        lambda z: ij.scan(
+            f,
+            z,
+            xs,
+            method=method,
+            atol=atol,
+            acceptance=cfg.acceptance,
+            return_stats=True,
+        )
     )
     ref = jax.jit(lambda z: jax.lax.scan(f, z, xs)[0])
     x, _, stats = run(z)
@@ -94,6 +105,7 @@ def measure(cfg, N, s):
     return dict(
         steps=N,
         method=s.label,
+        acceptance=cfg.acceptance,
         sweeps=sweeps,
         converged=bool(stats.converged),
         evaluations=int(stats.evaluations),
