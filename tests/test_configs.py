@@ -86,7 +86,7 @@ def _lookup(summary, term):
         assert len(match) == 1, f"{term}: {len(match)} rows match"
         node = match[0]
     for key in filter(None, path.split(".")):
-        node = node[key]
+        node = node[key] if key in node else node[int(key)]  # JSON's keys are str
     return float(node)
 
 
@@ -108,7 +108,15 @@ def test_smoke_claims_are_parsed_and_checked():
 def test_some_configs_state_smoke_claims():
     # the configs whose headers carry checked claims about their smoke runs
     stated = {p.stem for p in CONFIGS if smoke_claims(p.read_text())}
-    assert {"fixed_point_study", "krylov_recycle", "elk_ar_gru"} <= stated
+    assert {
+        "fixed_point_study",
+        "krylov_recycle",
+        "elk_ar_gru",
+        "halpern_vs_picard",
+        "sinkhorn_newton",
+        "bradley_terry",
+        "picard_diffusion",
+    } <= stated
 
 
 def _check_jacobi_rnn(summary):
