@@ -693,6 +693,42 @@ def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):
         )
 
 
+class _MemoryWriter:
+    """A user's writer: keeps the rows it is given (and where)."""
+
+    runs: list = []
+
+    def __init__(self, path):
+        self.rows, self.closed = [], False
+        _MemoryWriter.runs.append((pathlib.Path(path), self))
+
+    def write(self, row):
+        self.rows.append(dict(row))
+
+    def close(self):
+        self.closed = True
+
+
+def test_a_registered_writer_receives_every_row(toy, tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "WRITERS", dict(registry.WRITERS))
+    monkeypatch.setattr(workdirlib, "WRITERS", registry.WRITERS)
+    _MemoryWriter.runs.clear()
+    registry.register("writer", "memory", _MemoryWriter)
+    text = "experiment: toy\nsteps: 4\nwriters: [jsonl, memory]\n"
+    run_dir, _ = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)
+    [(path, writer)] = _MemoryWriter.runs
+    assert path == run_dir and writer.closed
+    assert writer.rows == _rows(run_dir)  # the same rows, schema and steps
+    with pytest.raises(cfglib.ConfigError, match=r"unknown \['wandb'\]; known"):
+        runlib.run_experiment(
+            _config(tmp_path, "experiment: toy\nwriters: [jsonl, wandb]\n", "u.yaml")
+        )
+    with pytest.raises(TypeError, match="write"):
+        registry.register("writer", "bad", object)
+    with pytest.raises(TypeError, match="jsonl"):
+        registry.register("writer", "jsonl", _MemoryWriter)
+
+
 def test_progress_names_the_current_item_and_the_latest_metric(tmp_path):
     lines = io.StringIO()
     wd = Workdir(tmp_path, quiet=True)

@@ -74,8 +74,8 @@ def plot(histories, workdir, name, dataset="digits"):
         if "train_steps" in hist[0]:
             a2.plot(epochs, [h["train_steps"] for h in hist], label=label)
     a1.set(xlabel="epoch", ylabel="test accuracy (%)", title=dataset)
-    best = max(100 * h["test_acc"] for hist in histories.values() for h in hist)
-    a1.set_ylim(best - 20, min(100, best + 2))
+    accs = [100 * h["test_acc"] for hist in histories.values() for h in hist]
+    a1.set_ylim(max(0, min(accs) - 2), min(100, max(accs) + 2))  # all the data
     a2.set(xlabel="epoch", ylabel="mean forward solver steps", title="solver cost")
     for a in (a1, a2):
         a.legend(fontsize=8)

@@ -170,7 +170,7 @@ def _plot(cfg, curves, played, shifts, table, workdir):
         xlabel="systems solved",
         ylabel="cumulative iterations / best fixed ω's",
         title=f"SOR on {cfg.systems} screened Poisson systems ({cfg.seeds} seeds)",
-        ylim=(0.5, 2.5),
+        yscale="log",
     )
     axes[0].legend(fontsize=7)
     arms = np.asarray(cfg.arms)

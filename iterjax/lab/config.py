@@ -380,12 +380,17 @@ class Platform:
     compilation_cache: str | None = None
     checkpoint_every: int = 0
     # where logged rows go: metrics.jsonl (always: the run's record, which
-    # resume cuts back) and, optionally, TensorBoard event files
-    writers: tuple[Literal["jsonl", "tensorboard"], ...] = ("jsonl",)
+    # resume cuts back) and, optionally, TensorBoard event files or a writer
+    # registered with `registry.register("writer", name, cls)`
+    writers: tuple[str, ...] = ("jsonl",)
 
     def __post_init__(self):
         if "jsonl" not in self.writers:
             _fail("writers", "must include jsonl: metrics.jsonl is the run's record")
+        unknown = sorted(set(self.writers) - {"jsonl", *registry.WRITERS})
+        if unknown:
+            known = ["jsonl", *sorted(registry.WRITERS)]
+            _fail("writers", f"unknown {unknown}; known: {known}")
         if self.checkpoint_every < 0:
             _fail("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         if self.mesh is not None:

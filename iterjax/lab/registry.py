@@ -22,6 +22,7 @@ from ..fixed_point import (
     Switched,
 )
 from .spec import ConfigError, Spec, float_literal
+from .workdir import WRITERS
 
 EXPERIMENTS = {
     "fixed_point_study": "iterjax.experiments.fixed_point_study",
@@ -245,19 +246,31 @@ def experiment(name):
 def register(kind: str, name: str, target) -> None:
     """Make `name` usable in config files.
 
-    `kind` is "experiment" (`target`: a module's import path) or one of
-    "solver", "linear_solver", "adjoint", "sequence_method" (`target`: the class,
-    built with the options the config gives, checked against its fields).
+    `kind` is "experiment" (`target`: a module's import path), "writer" (`target`:
+    a class built as `target(run_dir)`, with `write(row)` for each logged row and
+    `close()`; then `writers: [jsonl, name]`), or one of "solver",
+    "linear_solver", "adjoint", "sequence_method" (`target`: the class, built
+    with the options the config gives, checked against its fields).
     Example: `register("solver", "my_picard", MyPicard)`, then
     `solvers: [{name: my_picard, damping: 0.5}]`.
     """
-    table = EXPERIMENTS if kind == "experiment" else KINDS.get(kind)
-    if table is None:
-        raise ValueError(
-            f"register: unknown kind {kind!r}; one of {['experiment', *sorted(KINDS)]}"
-        )
-    if kind == "experiment" and not isinstance(target, str):
-        raise TypeError("register: an experiment is registered by its import path")
-    if kind != "experiment" and not dataclasses.is_dataclass(target):
-        raise TypeError(f"register: a {kind} must be a dataclass, got {target!r}")
-    table[name] = target
+    kinds = ["experiment", "writer", *sorted(KINDS)]
+    if kind not in kinds:
+        raise ValueError(f"register: unknown kind {kind!r}; one of {kinds}")
+    if kind == "experiment":
+        if not isinstance(target, str):
+            raise TypeError("register: an experiment is registered by its import path")
+        EXPERIMENTS[name] = target
+    elif kind == "writer":
+        if name == "jsonl" or not all(
+            callable(getattr(target, m, None)) for m in ("write", "close")
+        ):
+            raise TypeError(
+                f"register: a writer is a class with write(row) and close() and "
+                f"a name other than 'jsonl', got {name!r}: {target!r}"
+            )
+        WRITERS[name] = target
+    else:
+        if not dataclasses.is_dataclass(target):
+            raise TypeError(f"register: a {kind} must be a dataclass, got {target!r}")
+        KINDS[kind][name] = target
