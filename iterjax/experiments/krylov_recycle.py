@@ -99,7 +99,7 @@ def run(cfg: Config, workdir) -> dict:
             per_system[(order_name, "CG")] = np.asarray(ref_stats.num_matvecs)
             advance()
             scale = float(jnp.max(jnp.abs(ref)))
-            runs = [
+            runs: list[tuple[int, str, RecycledCG | GCRODR, int]] = [
                 (k, "recycled CG", RecycledCG(k, 2 * k, rtol=cfg.rtol), plain)
                 for k in cfg.subspaces
             ]

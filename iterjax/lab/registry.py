@@ -273,4 +273,5 @@ def register(kind: str, name: str, target) -> None:
     else:
         if not dataclasses.is_dataclass(target):
             raise TypeError(f"register: a {kind} must be a dataclass, got {target!r}")
-        KINDS[kind][name] = target
+        table: dict = KINDS[kind]
+        table[name] = target
