@@ -185,7 +185,11 @@ def _plot(cfg, curves, played, shifts, table, workdir):
         s=6,
         label="SquareCB's choice (second half, seed 0)",
     )
-    axes[1].set(xlabel="shift c (the context)", ylabel="ω", title="ω against context")
+    axes[1].set(
+        xlabel="shift c (the context)",
+        ylabel="relaxation factor ω",
+        title="ω against context",
+    )
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     workdir.savefig(fig, "sor_bandit.png")
