@@ -95,7 +95,7 @@ class GCRODR(struct.PyTreeNode):
         x, r, U, _, products, _ = jax.lax.while_loop(cond, body, start)
         norm = jnp.linalg.norm(r)
         stats = LinearStats(products, norm <= tol, ~jnp.isfinite(norm))
-        ready = jnp.any(jnp.linalg.norm(U, axis=0) > 0)
+        ready = jnp.any(_live(U))
         return unravel(x), stats, RecycleState(U, ready, x)
 
 
