@@ -28,13 +28,12 @@ import jax
 import jax.numpy as jnp
 
 from .. import _struct as struct
-from .. import _tree as tu
 from .._checks import check_int, check_range
 from ._base import LinearStats
-from .recycle import RecycleState
+from .recycle import RecycleState, Recycling
 
 
-class GCRODR(struct.PyTreeNode):
+class GCRODR(Recycling):
     """GMRES with deflated restarting and a recycled subspace (GCRO-DR(m, k)),
     for a sequence of general square systems.
 
@@ -62,20 +61,12 @@ class GCRODR(struct.PyTreeNode):
         if self.max_cycles is not None:
             check_int("GCRODR", "max_cycles", self.max_cycles, 1)
 
-    def init(self, b):
-        """The empty state for systems shaped like `b` (a pytree)."""
-        flat = tu.ravel(b)[0]
-        basis = jnp.zeros((flat.size, self.subspace), flat.dtype)
-        return RecycleState(basis, jnp.bool_(False), jnp.zeros_like(flat))
-
     def solve(self, matvec, b, state):
         """`(x, LinearStats, next state)` for `matvec(x) = b`."""
-        flat_b, unravel = tu.ravel(b)
-        op = lambda v: tu.ravel(matvec(unravel(v)))[0]
+        flat_b, unravel, op, tol = self._system(matvec, b)
         n, k = flat_b.size, self.subspace
         s = self.restart - k
         max_cycles = -(-10 * n // s) if self.max_cycles is None else self.max_cycles
-        tol = jnp.maximum(self.rtol * jnp.linalg.norm(flat_b), self.atol)
 
         x = state.previous if self.warm_start else jnp.zeros_like(flat_b)
         r = flat_b - op(x) if self.warm_start else flat_b

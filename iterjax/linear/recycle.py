@@ -39,7 +39,27 @@ class RecycleState(NamedTuple):
     previous: jax.Array  # (n,): the last solution (the next start, `warm_start`)
 
 
-class RecycledCG(struct.PyTreeNode):
+class Recycling(struct.PyTreeNode):
+    """What the recycling solvers share: the state they carry between systems
+    (`init`) and the flattened system with its stopping tolerance. Subclasses
+    declare `subspace`, `rtol`, `atol` and `warm_start`."""
+
+    def init(self, b):
+        """The empty state for systems shaped like `b` (a pytree)."""
+        flat = tu.ravel(b)[0]
+        basis = jnp.zeros((flat.size, self.subspace), flat.dtype)
+        return RecycleState(basis, jnp.bool_(False), jnp.zeros_like(flat))
+
+    def _system(self, matvec, b):
+        """(flat b, unravel, the operator on flat vectors, the residual tolerance
+        max(rtol |b|₂, atol))."""
+        flat_b, unravel = tu.ravel(b)
+        op = lambda v: tu.ravel(matvec(unravel(v)))[0]
+        tol = jnp.maximum(self.rtol * jnp.linalg.norm(flat_b), self.atol)
+        return flat_b, unravel, op, tol
+
+
+class RecycledCG(Recycling):
     """CG with a recycled subspace, for a sequence of SPD systems.
 
     Attributes:
@@ -67,16 +87,9 @@ class RecycledCG(struct.PyTreeNode):
         if self.max_steps is not None:
             check_int("RecycledCG", "max_steps", self.max_steps, 1)
 
-    def init(self, b):
-        """The empty state for systems shaped like `b` (a pytree)."""
-        flat = tu.ravel(b)[0]
-        basis = jnp.zeros((flat.size, self.subspace), flat.dtype)
-        return RecycleState(basis, jnp.bool_(False), jnp.zeros_like(flat))
-
     def solve(self, matvec, b, state):
         """`(x, LinearStats, next state)` for `matvec(x) = b`."""
-        flat_b, unravel = tu.ravel(b)
-        op = lambda v: tu.ravel(matvec(unravel(v)))[0]
+        flat_b, unravel, op, tol = self._system(matvec, b)
         n, k, m = flat_b.size, self.subspace, self.stored
         max_steps = 10 * n if self.max_steps is None else self.max_steps
         U = state.basis
@@ -93,7 +106,6 @@ class RecycledCG(struct.PyTreeNode):
             x = U @ W_inv(U.T @ flat_b)
         r = flat_b - op(x)
         p = deflate(r)
-        tol = jnp.maximum(self.rtol * jnp.linalg.norm(flat_b), self.atol)
         P = jnp.zeros((n, m), flat_b.dtype)
 
         def cond(c):
