@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from . import _tree as tu
 from ._module import Module
 from ._solution import INVALID_TOLERANCE, Solution, result_code
+from ._types import Array, Bool, Float, Int
 
 
 class AbstractFixedPointSolver(Module):
@@ -78,11 +79,11 @@ def check_solver(owner, solver, name="solver"):
 class _Carry(NamedTuple):
     y: object
     state: object
-    num_steps: jax.Array  # shape=(), int32
-    done: jax.Array  # shape=(), bool
-    converged: jax.Array  # shape=(), bool
-    residual: jax.Array  # shape=(), real dtype of y
-    marks: jax.Array  # shape=(2,), real: residual norms at the last two steps 2^j
+    num_steps: Int[Array, ""]
+    done: Bool[Array, ""]
+    converged: Bool[Array, ""]
+    residual: Float[Array, ""]
+    marks: Float[Array, "2"]  # residual norms at the last two steps 2^j
     trace: Any  # shape=(max_steps,) or None
 
 

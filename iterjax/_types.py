@@ -5,7 +5,7 @@ optimistix writes them; nothing is checked at run time unless the caller uses
 from collections.abc import Callable
 from typing import Any, TypeAlias
 
-from jaxtyping import Array, ArrayLike, Bool, Float, Int, PyTree
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
 Y: TypeAlias = PyTree[ArrayLike]  # the unknown: a pytree of inexact arrays
 Args: TypeAlias = PyTree[Any]  # what a function is differentiated or vmapped in
@@ -26,6 +26,7 @@ __all__ = [
     "Fn",
     "Int",
     "Norm",
+    "PRNGKeyArray",
     "PyTree",
     "Scalar",
     "Y",

@@ -693,6 +693,51 @@ def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):
         )
 
 
+def _wandb_history(run_dir):
+    """The history rows of the W&B offline run in `run_dir/wandb` (LevelDB log
+    framing: 7-byte header `:W&B` + version, then 32 KiB blocks of records, each
+    CRC, length, kind (1 whole, 2-4 first/middle/last fragment) and a
+    serialised `Record`)."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    [path] = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, block, chunk, rows = path.read_bytes(), 7, 32768, b"", []
+    assert data[:4] == b":W&B"
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        _, n, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if left < 7 or (n == 0 and kind == 0):  # block trailer
+            pos += left
+            continue
+        chunk, pos = chunk + data[pos + 7 : pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            record = Record.FromString(chunk)
+            chunk = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {
+                    i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                    for i in record.history.item
+                }
+                rows.append(
+                    {k: v for k, v in items.items() if k[0] != "_"}
+                    | {"_step": items["_step"]}
+                )
+    return rows
+
+
+def test_wandb_offline_run_holds_the_scalars(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    text = "experiment: toy\nsteps: 5\nwriters: [jsonl, wandb]\n"
+    run_dir, _ = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)
+    history = _wandb_history(run_dir)
+    rows = _rows(run_dir)
+    assert [h["_step"] for h in history] == [r["step"] for r in rows]
+    np.testing.assert_allclose(
+        [h["train/loss"] for h in history], [r["loss"] for r in rows], rtol=1e-12
+    )
+
+
 class _MemoryWriter:
     """A user's writer: keeps the rows it is given (and where)."""
 
@@ -719,9 +764,15 @@ def test_a_registered_writer_receives_every_row(toy, tmp_path, monkeypatch):
     [(path, writer)] = _MemoryWriter.runs
     assert path == run_dir and writer.closed
     assert writer.rows == _rows(run_dir)  # the same rows, schema and steps
-    with pytest.raises(cfglib.ConfigError, match=r"unknown \['wandb'\]; known"):
+    with pytest.raises(cfglib.ConfigError, match=r"unknown \['mlflow'\]; known"):
         runlib.run_experiment(
-            _config(tmp_path, "experiment: toy\nwriters: [jsonl, wandb]\n", "u.yaml")
+            _config(tmp_path, "experiment: toy\nwriters: [jsonl, mlflow]\n", "u.yaml")
+        )
+    # by import path: imported when selected, and a missing package is named
+    registry.register("writer", "later", "tests_nonexistent_pkg.writers:W")
+    with pytest.raises(cfglib.ConfigError, match="tests_nonexistent_pkg"):
+        runlib.run_experiment(
+            _config(tmp_path, "experiment: toy\nwriters: [jsonl, later]\n", "l.yaml")
         )
     with pytest.raises(TypeError, match="write"):
         registry.register("writer", "bad", object)

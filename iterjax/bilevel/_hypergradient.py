@@ -44,6 +44,7 @@ from .._checks import (
 from .._module import Module
 from .._optax import optax_init, optax_step
 from .._solution import error_if_failed, result_code
+from .._types import Array, Bool, Float, Int
 from ..linear import CG, AbstractLinearSolver
 from ._argmin import INEXACT_NEWTON, argmin
 
@@ -52,11 +53,11 @@ class HyperGrad(NamedTuple):
     """The result of `hypergradient`."""
 
     grad: Any  # ∇F(θ), like theta
-    value: jax.Array  # f(w, θ) at the inner solution the method used
+    value: Float[Array, ""]  # f(w, θ) at the inner solution the method used
     w: Any  # that inner solution
     cost: dict  # inner_grads, outer_grads, hvps (int32 arrays)
-    converged: jax.Array  # bool: inner (and linear) solves reached tolerance
-    result: jax.Array  # int32 code: 0 success, 1 max steps reached, 2 non-finite
+    converged: Bool[Array, ""]  # inner (and linear) solves reached tolerance
+    result: Int[Array, ""]  # code: 0 success, 1 max steps reached, 2 non-finite
 
 
 def _cost(inner_grads, outer_grads, hvps):

@@ -42,6 +42,7 @@ from .. import _tree as tu
 from .._checks import check_int, check_range
 from .._module import Module
 from .._optax import optax_init, optax_step
+from .._types import Array, Int
 
 
 class BilevelState(NamedTuple):
@@ -49,7 +50,7 @@ class BilevelState(NamedTuple):
     w: Any  # the inner variables (F2SA: z, tracking argmin g)
     aux: Any  # method-specific: SOBA/StocBiO v; F2SA (y, λ)
     opt_state: Any  # the outer optax state
-    step: jax.Array  # int32
+    step: Int[Array, ""]
 
 
 def _info(grads, hvps):

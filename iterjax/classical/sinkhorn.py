@@ -12,7 +12,7 @@ from .. import _struct as struct
 from .._checks import check_range
 from .._iterate import AbstractFixedPointSolver
 from .._solution import Solution
-from .._types import ArrayLike, Float
+from .._types import Array, ArrayLike, Float, Int
 from ..fixed_point import Picard, fixed_point
 from ..linear import CG
 
@@ -20,8 +20,8 @@ from ..linear import CG
 class Potentials(NamedTuple):
     """Dual potentials of entropic OT: the plan is exp((f_i + g_j - C_ij) / ε)."""
 
-    f: jax.Array  # shape (n,)
-    g: jax.Array  # shape (m,)
+    f: Float[Array, " n"]
+    g: Float[Array, " m"]
 
 
 def sinkhorn(
@@ -113,8 +113,8 @@ def _find_problem(args):
 
 
 class SparseNewtonState(NamedTuple):
-    residual: jax.Array  # T(h) - h
-    products: jax.Array  # int32: products with the sparsified Hessian so far
+    residual: Float[Array, " m"]  # T(h) - h
+    products: Int[Array, ""]  # products with the sparsified Hessian so far
 
 
 class SparseNewton(AbstractFixedPointSolver):

@@ -8,16 +8,17 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .._checks import check_int, check_range
 from .._iterate import AbstractFixedPointSolver
+from .._types import Array, Float, Int, Y
 from ._flat import push, ravel, safe_div, tiny
 
 
 class AndersonState(NamedTuple):
-    residual: object  # like y: fn(y, args) - y
-    r: jax.Array  # shape=[n]: the residual, flattened
-    dy: jax.Array  # shape=[m, n]: last m differences of iterates
-    dr: jax.Array  # shape=[m, n]: last m differences of residuals
-    gram: jax.Array  # shape=[m, m]: gram[i, j] = <dr_i, dr_j>
-    pushed: jax.Array  # shape=(), int32: differences pushed so far
+    residual: Y  # fn(y, args) - y
+    r: Float[Array, " n"]  # the residual, flattened
+    dy: Float[Array, "m n"]  # last m differences of iterates
+    dr: Float[Array, "m n"]  # last m differences of residuals
+    gram: Float[Array, "m m"]  # gram[i, j] = <dr_i, dr_j>
+    pushed: Int[Array, ""]  # differences pushed so far
 
 
 class Anderson(AbstractFixedPointSolver):

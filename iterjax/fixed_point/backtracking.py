@@ -16,12 +16,13 @@ from .._iterate import (
     state_at,
     with_spent,
 )
+from .._types import Array, Int, PyTree, Y
 
 
 class BacktrackingState(NamedTuple):
-    residual: object  # like y: fn(y, args) - y
-    inner: object  # the wrapped solver's state
-    shrinks: jax.Array  # shape=(), int32: step shrinks so far
+    residual: Y  # fn(y, args) - y
+    inner: PyTree  # the wrapped solver's state
+    shrinks: Int[Array, ""]  # step shrinks so far
     spent: dict  # the counts (`_iterate.counts`) of the inner states rebuilt
 
 

@@ -8,15 +8,16 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver
+from .._types import Array, Float, Int, Y
 from ._flat import push, ravel, safe_div, tiny
 
 
 class BroydenState(NamedTuple):
-    residual: object  # like y: g(y) = fn(y, args) - y
-    g: jax.Array  # shape=[n]: the residual, flattened
-    us: jax.Array  # shape=[m, n]: rank-one factors u_i
-    vs: jax.Array  # shape=[m, n]: rank-one factors v_i
-    pushed: jax.Array  # shape=(), int32
+    residual: Y  # g(y) = fn(y, args) - y
+    g: Float[Array, " n"]  # the residual, flattened
+    us: Float[Array, "m n"]  # rank-one factors u_i
+    vs: Float[Array, "m n"]  # rank-one factors v_i
+    pushed: Int[Array, ""]
 
 
 class Broyden(AbstractFixedPointSolver):

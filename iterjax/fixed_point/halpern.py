@@ -2,24 +2,24 @@
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from .. import _tree as tu
 from .._checks import check_range
 from .._iterate import AbstractFixedPointSolver
+from .._types import Array, Float, Int, Y
 from .restarted import RestartRule
 
 
 class HalpernState(NamedTuple):
-    residual: object  # like y: fn(y, args) - y
-    anchor: object  # like y: the anchor of the current epoch
-    gamma: jax.Array  # shape=(), real: contraction factor in use (given or estimated)
-    anchor_norm: jax.Array  # shape=(), real: |fn(y) - y| at the anchor
-    last_norm: jax.Array  # shape=(), real: |fn(y) - y| one step earlier
-    epoch: jax.Array  # shape=(), int32: steps since the last restart
-    steps: jax.Array  # shape=(), int32: steps in total
-    restarts: jax.Array  # shape=(), int32
+    residual: Y  # fn(y, args) - y
+    anchor: Y  # the anchor of the current epoch
+    gamma: Float[Array, ""]  # contraction factor in use (given or estimated)
+    anchor_norm: Float[Array, ""]  # |fn(y) - y| at the anchor
+    last_norm: Float[Array, ""]  # |fn(y) - y| one step earlier
+    epoch: Int[Array, ""]  # steps since the last restart
+    steps: Int[Array, ""]  # steps in total
+    restarts: Int[Array, ""]
 
 
 class Halpern(AbstractFixedPointSolver):

@@ -9,15 +9,16 @@ from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver
+from .._types import Array, Float, Int, Y
 from ._flat import ravel
 
 
 class LazyNewtonState(NamedTuple):
-    residual: object  # like y: g(y) = fn(y, args) - y
-    lu: jax.Array  # (n, n): LU factors of g' at the last linearisation point
-    pivots: jax.Array  # (n,) int32
-    steps: jax.Array  # shape=(), int32
-    jacobians: jax.Array  # shape=(), int32: Jacobians computed (n JVPs each)
+    residual: Y  # g(y) = fn(y, args) - y
+    lu: Float[Array, "n n"]  # LU factors of g' at the last linearisation point
+    pivots: Int[Array, " n"]
+    steps: Int[Array, ""]
+    jacobians: Int[Array, ""]  # Jacobians computed (n JVPs each)
 
 
 class LazyNewton(AbstractFixedPointSolver):

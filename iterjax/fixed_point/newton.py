@@ -8,16 +8,17 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .. import _tree as tu
 from .._iterate import AbstractFixedPointSolver
+from .._types import Array, Float, Int, Y
 from ..linear import GMRES, AbstractLinearSolver
 
 FORCING = ("fixed", "superlinear", "eisenstat-walker")
 
 
 class NewtonState(NamedTuple):
-    residual: object  # like y: g(y) = fn(y, args) - y
-    matvecs: jax.Array  # int32: Jacobian-vector products so far (-1: not counted)
-    norm: jax.Array  # |g(y)|_2
-    eta: jax.Array  # the forcing term of the next linear solve
+    residual: Y  # g(y) = fn(y, args) - y
+    matvecs: Int[Array, ""]  # Jacobian-vector products so far (-1: not counted)
+    norm: Float[Array, ""]  # |g(y)|_2
+    eta: Float[Array, ""]  # the forcing term of the next linear solve
 
 
 class Newton(AbstractFixedPointSolver):

@@ -8,10 +8,11 @@ from .. import _struct as struct
 from .. import _tree as tu
 from .._iterate import AbstractFixedPointSolver
 from .._optax import optax_init, optax_step
+from .._types import Y
 
 
 class OptaxState(NamedTuple):
-    residual: object  # like y: fn(y, args) - y
+    residual: Y  # fn(y, args) - y
     opt_state: Any
 
 

@@ -5,10 +5,11 @@ from typing import NamedTuple
 from .. import _tree as tu
 from .._checks import check_range
 from .._iterate import AbstractFixedPointSolver
+from .._types import Y
 
 
 class PicardState(NamedTuple):
-    residual: object  # like y: fn(y, args) - y
+    residual: Y  # fn(y, args) - y
 
 
 class Picard(AbstractFixedPointSolver):

@@ -5,11 +5,12 @@ from typing import NamedTuple
 from .. import _tree as tu
 from .._checks import check_range
 from .._iterate import AbstractFixedPointSolver, check_solver
+from .._types import PyTree, Y
 
 
 class RelaxedState(NamedTuple):
-    residual: object  # like y: fn(y, args) - y
-    inner: object  # the wrapped solver's state on the relaxed map
+    residual: Y  # fn(y, args) - y
+    inner: PyTree  # the wrapped solver's state on the relaxed map
 
 
 class Relaxed(AbstractFixedPointSolver):

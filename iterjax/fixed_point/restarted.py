@@ -2,7 +2,6 @@
 
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from .. import _struct as struct
@@ -16,6 +15,7 @@ from .._iterate import (
     state_at,
     with_spent,
 )
+from .._types import Array, Float, Int, PyTree, Y
 
 
 class RestartRule(struct.PyTreeNode):
@@ -62,13 +62,13 @@ class RestartRule(struct.PyTreeNode):
 
 
 class RestartedState(NamedTuple):
-    residual: object  # like y: fn(y, args) - y
-    inner: object  # the wrapped solver's state
-    anchor_norm: jax.Array  # shape=(), real: |fn(y) - y| at the last restart
-    last_norm: jax.Array  # shape=(), real: |fn(y) - y| one step ago
-    epoch: jax.Array  # shape=(), int32: steps since the last restart
-    steps: jax.Array  # shape=(), int32
-    restarts: jax.Array  # shape=(), int32
+    residual: Y  # fn(y, args) - y
+    inner: PyTree  # the wrapped solver's state
+    anchor_norm: Float[Array, ""]  # |fn(y) - y| at the last restart
+    last_norm: Float[Array, ""]  # |fn(y) - y| one step ago
+    epoch: Int[Array, ""]  # steps since the last restart
+    steps: Int[Array, ""]
+    restarts: Int[Array, ""]
     spent: dict  # the counts (`_iterate.counts`) of the inner states restarted away
 
 

@@ -15,12 +15,13 @@ from .._iterate import (
     state_at,
     with_spent,
 )
+from .._types import Array, Int, PyTree, Y
 
 
 class SafeguardedState(NamedTuple):
-    residual: object  # like y: fn(y, args) - y
-    inner: object  # the wrapped solver's state
-    fallbacks: jax.Array  # shape=(), int32: Picard steps taken instead
+    residual: Y  # fn(y, args) - y
+    inner: PyTree  # the wrapped solver's state
+    fallbacks: Int[Array, ""]  # Picard steps taken instead
     spent: dict  # the counts (`_iterate.counts`) of the inner states rejected
 
 

@@ -15,14 +15,15 @@ from .._iterate import (
     state_at,
     with_spent,
 )
+from .._types import Array, Int, PyTree, Y
 
 
 class SwitchedState(NamedTuple):
-    residual: object  # like y: fn(y, args) - y
-    first: object  # the first solver's state
-    then: object  # the second solver's state (rebuilt at y until the switch)
-    switched_at: jax.Array  # shape=(), int32: the step of the switch, -1 before
-    taken: jax.Array  # shape=(), int32: steps taken
+    residual: Y  # fn(y, args) - y
+    first: PyTree  # the first solver's state
+    then: PyTree  # the second solver's state (rebuilt at y until the switch)
+    switched_at: Int[Array, ""]  # the step of the switch, -1 before
+    taken: Int[Array, ""]  # steps taken
 
 
 class Switched(AbstractFixedPointSolver):

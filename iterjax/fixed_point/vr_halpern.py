@@ -11,18 +11,19 @@ from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver, residual_status
+from .._types import Array, Int, PRNGKeyArray, PyTree, Y
 from .halpern import Halpern
 
 
 class VRHalpernState(NamedTuple):
-    residual: object  # like y: T̃(y) - y (exact, T(y) - y, after a full pass)
-    halpern: object  # the Halpern iteration's state on the estimated map
-    snapshot: object  # like y: w, where T was last evaluated in full
-    t_snapshot: object  # like y: T(w)
-    snapshot_step: jax.Array  # shape=(), int32: the step of the last full pass
-    key: jax.Array  # PRNG key data for the minibatches
-    calls: jax.Array  # shape=(), int32: component evaluations so far
-    full_passes: jax.Array  # shape=(), int32
+    residual: Y  # T̃(y) - y (exact, T(y) - y, after a full pass)
+    halpern: PyTree  # the Halpern iteration's state on the estimated map
+    snapshot: Y  # w, where T was last evaluated in full
+    t_snapshot: Y  # T(w)
+    snapshot_step: Int[Array, ""]  # the step of the last full pass
+    key: PRNGKeyArray  # PRNG key data for the minibatches
+    calls: Int[Array, ""]  # component evaluations so far
+    full_passes: Int[Array, ""]
 
 
 class VRHalpern(AbstractFixedPointSolver):

@@ -380,8 +380,9 @@ class Platform:
     compilation_cache: str | None = None
     checkpoint_every: int = 0
     # where logged rows go: metrics.jsonl (always: the run's record, which
-    # resume cuts back) and, optionally, TensorBoard event files or a writer
-    # registered with `registry.register("writer", name, cls)`
+    # resume cuts back) and, optionally, TensorBoard event files (tensorboard),
+    # W&B offline runs (wandb) or a writer registered with
+    # `registry.register("writer", name, cls)`
     writers: tuple[str, ...] = ("jsonl",)
 
     def __post_init__(self):
@@ -391,6 +392,11 @@ class Platform:
         if unknown:
             known = ["jsonl", *sorted(registry.WRITERS)]
             _fail("writers", f"unknown {unknown}; known: {known}")
+        for name in set(self.writers) - {"jsonl"}:
+            try:  # a writer given by import path (wandb) is imported here
+                registry.writer_class(name)
+            except ImportError as e:
+                _fail("writers", str(e))
         if self.checkpoint_every < 0:
             _fail("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
         if self.mesh is not None:

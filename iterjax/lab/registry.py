@@ -23,6 +23,7 @@ from ..fixed_point import (
 )
 from .spec import ConfigError, Spec, float_literal
 from .workdir import WRITERS
+from .workdir import writer_class as writer_class
 
 EXPERIMENTS = {
     "fixed_point_study": "iterjax.experiments.fixed_point_study",
@@ -248,7 +249,8 @@ def register(kind: str, name: str, target) -> None:
 
     `kind` is "experiment" (`target`: a module's import path), "writer" (`target`:
     a class built as `target(run_dir)`, with `write(row)` for each logged row and
-    `close()`; then `writers: [jsonl, name]`), or one of "solver",
+    `close()`, or its import path "module:Class", imported when a config selects
+    it; then `writers: [jsonl, name]`), or one of "solver",
     "linear_solver", "adjoint", "sequence_method" (`target`: the class, built
     with the options the config gives, checked against its fields).
     Example: `register("solver", "my_picard", MyPicard)`, then
@@ -262,12 +264,15 @@ def register(kind: str, name: str, target) -> None:
             raise TypeError("register: an experiment is registered by its import path")
         EXPERIMENTS[name] = target
     elif kind == "writer":
-        if name == "jsonl" or not all(
-            callable(getattr(target, m, None)) for m in ("write", "close")
+        by_path = isinstance(target, str) and ":" in target
+        if name == "jsonl" or not (
+            by_path
+            or all(callable(getattr(target, m, None)) for m in ("write", "close"))
         ):
             raise TypeError(
-                f"register: a writer is a class with write(row) and close() and "
-                f"a name other than 'jsonl', got {name!r}: {target!r}"
+                f"register: a writer is a class with write(row) and close(), or "
+                f"the import path 'module:Class' of one, and a name other than "
+                f"'jsonl', got {name!r}: {target!r}"
             )
         WRITERS[name] = target
     else:

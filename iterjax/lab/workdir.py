@@ -2,6 +2,7 @@
 
 import contextlib
 import hashlib
+import importlib
 import io
 import json
 import math
@@ -51,9 +52,11 @@ class Workdir:
     record that a resume cuts back): "tensorboard" writes each row's numbers as
     TensorBoard scalars (tensorboardX event files in `tensorboard/`), one tag
     `namespace/key` per numeric entry (nested keys dotted) at the row's `step`
-    (`tensorboard --logdir runs/`); a resumed run appends. More writers plug in
-    through `WRITERS` (a name -> a class taking the run directory, with
-    `write(row)` for a stamped row and `close()`).
+    (`tensorboard --logdir runs/`); a resumed run appends. "wandb" writes the
+    same tags as a Weights & Biases run, offline unless `WANDB_MODE` says
+    otherwise (`lab/wandb_writer.py`). More writers plug in through `WRITERS` (a
+    name -> a class taking the run directory, with `write(row)` for a stamped
+    row and `close()`, or the class's import path "module:Class").
 
     On a multi-process run every process calls the same methods; only process 0
     writes metrics and plots.
@@ -85,7 +88,7 @@ class Workdir:
                 f"unknown writers {unknown}; known: jsonl, {sorted(WRITERS)}"
             )
         self._writers = [
-            WRITERS[w](self.path) for w in writers if w != "jsonl" and primary
+            writer_class(w)(self.path) for w in writers if w != "jsonl" and primary
         ]
         self._rows = 0
         self._last_row = None  # what progress shows as the latest metric
@@ -429,17 +432,43 @@ class TensorBoardWriter:
         self._events = SummaryWriter(str(pathlib.Path(path) / "tensorboard"))
 
     def write(self, row):
-        ns, step = row["namespace"], row["step"]
-        for key, value in flatten(row).items():
-            if key not in ("namespace", "step") and _is_number(value):
-                self._events.add_scalar(f"{ns}/{key}", float(value), step)
+        for tag, value in scalars(row).items():
+            self._events.add_scalar(tag, value, row["step"])
         self._events.flush()
 
     def close(self):
         self._events.close()
 
 
-WRITERS = {"tensorboard": TensorBoardWriter}
+def scalars(row) -> dict[str, float]:
+    """A logged row's numbers as `{"namespace/key": value}` (nested keys dotted):
+    the tags of the TensorBoard and W&B writers."""
+    return {
+        f"{row['namespace']}/{key}": float(value)
+        for key, value in flatten(row).items()
+        if key not in ("namespace", "step") and _is_number(value)
+    }
+
+
+# A writer: a class, or the import path "module:Class" of one, imported when a
+# config selects it (so that an optional package is needed only then).
+WRITERS: dict = {
+    "tensorboard": TensorBoardWriter,
+    "wandb": "iterjax.lab.wandb_writer:WandbWriter",
+}
+
+
+def writer_class(name):
+    """The class registered as writer `name` (importing it if given by path)."""
+    target = WRITERS[name]
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as e:
+        hint = "; pip install 'iterjax[wandb]'" if name == "wandb" else ""
+        raise ImportError(f"writer {name!r} ({target}): {e}{hint}") from e
 
 
 def _is_number(x):

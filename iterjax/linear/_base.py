@@ -8,19 +8,19 @@ of `jax.lax.custom_linear_solve`, which is how the implicit adjoint uses them.
 import abc
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 
 from .. import _tree as tu
 from .._module import Module
+from .._types import Array, Bool, Int
 
 
 class LinearStats(NamedTuple):
     """What a linear solve cost and whether it succeeded."""
 
-    num_matvecs: jax.Array  # int32; -1 where the solver does not report it
-    converged: jax.Array  # bool: the residual reached the tolerance
-    breakdown: jax.Array  # bool: the method failed (CG: A not positive definite)
+    num_matvecs: Int[Array, ""]  # -1 where the solver does not report it
+    converged: Bool[Array, ""]  # the residual reached the tolerance
+    breakdown: Bool[Array, ""]  # the method failed (CG: A not positive definite)
 
 
 class AbstractLinearSolver(Module):

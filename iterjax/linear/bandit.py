@@ -21,13 +21,14 @@ import jax.numpy as jnp
 
 from .. import _struct as struct
 from .._checks import check_range
+from .._types import Array, Int, PRNGKeyArray
 
 
 class BanditState(NamedTuple):
     estimates: jax.Array  # Exp3: (K,) importance-weighted cumulative losses;
     # SquareCB: (K, d, d + 1) ridge statistics [Σ φφᵀ + λI | Σ φ ℓ] per arm
-    key: jax.Array  # the PRNG key of the next draw
-    t: jax.Array  # int32: systems seen
+    key: PRNGKeyArray  # the PRNG key of the next draw
+    t: Int[Array, ""]  # systems seen
 
 
 def _check(owner, arms, max_cost):

@@ -21,6 +21,7 @@ from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
 from .._iterate import AbstractFixedPointSolver, iterative_solve
+from .._types import Y
 from ._base import AbstractLinearSolver, LinearStats
 
 
@@ -105,7 +106,7 @@ class Richardson(AbstractLinearSolver):
 
 
 class _RichardsonState(NamedTuple):
-    residual: object  # like x: b - A x
+    residual: Y  # b - A x
 
 
 class _RichardsonStep(AbstractFixedPointSolver):

@@ -30,13 +30,14 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
+from .._types import Array, Bool, Float
 from ._base import LinearStats
 
 
 class RecycleState(NamedTuple):
-    basis: jax.Array  # (n, k): the recycled subspace U (zeros before the first solve)
-    ready: jax.Array  # bool: U holds a subspace
-    previous: jax.Array  # (n,): the last solution (the next start, `warm_start`)
+    basis: Float[Array, "n k"]  # the recycled subspace U (zeros before the first solve)
+    ready: Bool[Array, ""]  # U holds a subspace
+    previous: Float[Array, " n"]  # the last solution (the next start, `warm_start`)
 
 
 class Recycling(struct.PyTreeNode):

@@ -29,6 +29,7 @@ import jax.scipy.linalg as jsla
 from .. import _struct as struct
 from .._checks import check_int, check_range
 from .._iterate import AbstractFixedPointSolver, iterative_solve
+from .._types import Y
 
 
 class MatrixOperator(struct.PyTreeNode):
@@ -109,7 +110,7 @@ class Poisson2D(struct.PyTreeNode):
 
 
 class _SweepState(NamedTuple):
-    residual: jax.Array  # like x: sweep(x) - x
+    residual: Y  # sweep(x) - x
 
 
 class _Sweep(AbstractFixedPointSolver):

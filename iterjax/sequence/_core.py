@@ -71,6 +71,7 @@ from .. import _struct as struct
 from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver
 from .._module import Module
+from .._types import Array, Float, Int, PyTree
 
 
 class AbstractSequenceMethod(Module):
@@ -263,15 +264,17 @@ def count_upto(flags, mesh=None):
 
 
 class SweepState(NamedTuple):
-    residual: jax.Array  # (T, D): max(|r_t|, |δ_t|) where known, else the largest float
-    accepted: jax.Array  # int32: length of the accepted prefix
-    fallbacks: jax.Array  # int32: sweeps in which some position fell back
-    jacobians: jax.Array  # int32: sweeps that computed A_t
-    A: object  # the A_t of the last linearisation (lazy Jacobians), else None
-    sweeps: jax.Array  # int32: sweeps taken
-    sizes: jax.Array  # (2, 2): [max |r_t|, max |δ_t|] over the accepted
+    residual: Float[
+        Array, "T D"
+    ]  # max(|r_t|, |δ_t|) where known, else the largest float
+    accepted: Int[Array, ""]  # length of the accepted prefix
+    fallbacks: Int[Array, ""]  # sweeps in which some position fell back
+    jacobians: Int[Array, ""]  # sweeps that computed A_t
+    A: PyTree  # the A_t of the last linearisation (lazy Jacobians), else None
+    sweeps: Int[Array, ""]  # sweeps taken
+    sizes: Float[Array, "2 2"]  # [max |r_t|, max |δ_t|] over the accepted
     # positions (as accepted), then over those and the last sweep's others
-    evaluations: jax.Array  # int32: f evaluations at positions not yet accepted
+    evaluations: Int[Array, ""]  # f evaluations at positions not yet accepted
 
 
 class Sweeps(AbstractFixedPointSolver):

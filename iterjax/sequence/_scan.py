@@ -1,6 +1,8 @@
 """`iterjax.scan`: `jax.lax.scan` solved over the whole sequence at once."""
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +19,7 @@ from .._checks import (
 from .._iterate import iterative_solve
 from .._solution import error_if_failed
 from .._tree import ravel
+from .._types import Array, ArrayLike, Bool, Float, Int, PyTree, Y
 from ._core import (
     AbstractSequenceMethod,
     Sweeps,
@@ -63,23 +66,23 @@ class ScanStats:
         num_sweeps x window; T for `Sequential`.
     """
 
-    num_sweeps: jax.Array
-    converged: jax.Array
-    residual: jax.Array
-    result: jax.Array
-    fallbacks: jax.Array
-    trace: object = None
-    jacobians: object = None
-    update: object = None
-    evaluations: object = None
+    num_sweeps: Int[Array, "*batch"]
+    converged: Bool[Array, "*batch"]
+    residual: Float[Array, "*batch"]
+    result: Int[Array, "*batch"]
+    fallbacks: Int[Array, "*batch"]
+    trace: Float[Array, "*batch max_sweeps"] | None = None
+    jacobians: Int[Array, "*batch"] | None = None
+    update: Float[Array, "*batch"] | None = None
+    evaluations: Int[Array, "*batch"] | None = None
 
 
 def scan(
-    f,
-    init,
-    xs=None,
-    length=None,
-    reverse=False,
+    f: Callable[[Any, Any], tuple[Any, Any]],
+    init: Y,
+    xs: PyTree[ArrayLike] | None = None,
+    length: int | None = None,
+    reverse: bool = False,
     *,
     method: AbstractSequenceMethod = DEER(),
     atol: float = 1e-6,

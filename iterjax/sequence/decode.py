@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from .. import _struct as struct
 from .._checks import check_int, check_range, concrete_number
+from .._types import Array, Bool, Float, Int
 
 
 @struct.dataclass
@@ -42,14 +43,14 @@ class DecodeStats:
 
 
 class _State(NamedTuple):
-    gen: jax.Array  # [N + 2B] accepted tokens, then guesses (padded)
-    start: jax.Array  # tokens accepted so far: the window is gen[start:start + B]
-    draft: jax.Array  # [B, V] distribution each window token was drawn from
+    gen: Int[Array, " N+2*B"]  # accepted tokens, then guesses (padded)
+    start: Int[Array, ""]  # tokens accepted so far: the window is gen[start:start + B]
+    draft: Float[Array, "B V"]  # distribution each window token was drawn from
     key: jax.Array
     num_calls: jax.Array
-    accepted: jax.Array  # [N] tokens accepted by each call
+    accepted: Int[Array, " N"]  # tokens accepted by each call
     trajectory: jax.Array | None  # [max_sweeps, N] tokens seen by each call
-    nonfinite: jax.Array  # bool: the model returned NaN or inf logits
+    nonfinite: Bool[Array, ""]  # the model returned NaN or inf logits
 
 
 def jacobi_decode(

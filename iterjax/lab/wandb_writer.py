@@ -1,0 +1,51 @@
+"""Rows as Weights & Biases history, offline by default (`writers: [jsonl, wandb]`).
+
+Imported only when a config names the `wandb` writer (it needs the `wandb`
+package: `pip install 'iterjax[wandb]'`). The run is written under
+`<run>/wandb/` in offline mode unless `WANDB_MODE` says otherwise; upload it
+later with `wandb sync <run>/wandb/offline-run-*`.
+"""
+
+import os
+import pathlib
+
+import wandb
+import yaml
+
+from .workdir import scalars
+
+
+class WandbWriter:
+    """One W&B run per iterjax run: its resolved `config.yaml` as the run's
+    config, each logged row as history at the row's `step`, keys
+    `namespace/key` (nested keys dotted), as the TensorBoard writer names them.
+
+    W&B requires a run's steps to increase; rows of another namespace at a step
+    already passed (a sweep's summary after its members) are logged without a
+    step, so that W&B appends them instead of dropping them.
+    """
+
+    def __init__(self, path):
+        path = pathlib.Path(path)
+        config = path / "config.yaml"
+        self._run = wandb.init(
+            dir=str(path),
+            mode=os.environ.get("WANDB_MODE", "offline"),
+            project=os.environ.get("WANDB_PROJECT", "iterjax"),
+            name=f"{path.parent.name}/{path.name}",
+            config=yaml.safe_load(config.read_text()) if config.exists() else None,
+            settings=wandb.Settings(console="off", silent=True),
+            reinit="create_new",
+        )
+        self._step = -1
+
+    def write(self, row):
+        values, step = scalars(row), int(row["step"])
+        if step >= self._step:
+            self._run.log(values, step=step)
+            self._step = step
+        else:
+            self._run.log(values)
+
+    def close(self):
+        self._run.finish()
