@@ -869,3 +869,35 @@ def test_a_run_logs_to_stdout_log_with_plain_progress_off_a_terminal(
     run_dir, _ = runlib.run_experiment(path, out=tmp_path, quiet=False)
     log = (run_dir / "stdout.log").read_text()
     assert "training: 3/3" in log and "training: 1/3" not in log
+
+
+def test_savefig_lays_out_figures_and_names_overlapping_labels(tmp_path):
+    import matplotlib.pyplot as plt
+    from matplotlib.layout_engine import PlaceHolderLayoutEngine
+
+    def grid():
+        fig, axes = plt.subplots(2, 2, figsize=(8, 5))
+        for ax, title in zip(axes.flat, ["a", "b", "digits", "moons"], strict=True):
+            ax.plot([1, 2])
+            ax.set_title(title)
+            ax.set_xlabel("per-sample oracle calls")
+        return fig
+
+    # matplotlib's default layout puts the top row's x labels on the bottom
+    # row's titles; the check sees it
+    fig = grid()
+    fig.canvas.draw()
+    found = workdirlib.overlapping_labels(fig)
+    assert ("per-sample oracle calls", "digits") in found
+    plt.close(fig)
+    # savefig lays the same figure out, so nothing overlaps and nothing warns
+    wd = Workdir(tmp_path, quiet=True)
+    wd.savefig(grid(), "ok.png")
+    assert (tmp_path / "ok.png").exists()
+    # a figure that chose its own layout (here: one that does nothing) keeps
+    # it, and gets a warning
+    fig = grid()
+    fig.set_layout_engine(PlaceHolderLayoutEngine(True, True))
+    with pytest.warns(UserWarning, match="'per-sample oracle calls' overlaps"):
+        wd.savefig(fig, "bad.png")
+    wd.close()

@@ -171,5 +171,4 @@ def _plot(cfg, rows, traces, workdir):
     )
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.tight_layout()
     workdir.savefig(fig, "bradley_terry.png")

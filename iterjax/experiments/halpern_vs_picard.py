@@ -254,5 +254,4 @@ def _plot(cfg, traces, rows, infeasible, workdir):
         title="infeasible: Douglas-Rachford, disjoint balls",
     )
     ax.legend(fontsize=7)
-    fig.tight_layout()
     workdir.savefig(fig, "halpern_vs_picard.png")

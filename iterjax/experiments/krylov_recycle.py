@@ -176,5 +176,4 @@ def _plot(cfg, per_system, workdir):
         )
         ax.legend(fontsize=8)
     axes[0].set_ylabel("operator products")
-    fig.tight_layout()
     workdir.savefig(fig, "krylov_recycle.png")

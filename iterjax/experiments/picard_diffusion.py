@@ -209,7 +209,11 @@ def _plot(cfg, rows, curves, samples, guided, guided_samples, workdir):
     N = np.asarray(cfg.steps)
     ax[0, 0].loglog(N, N, "k--", lw=0.7, label="N (sequential)")
     ax[0, 0].loglog(N, N / 4, "k:", lw=0.7, label="N / 4")
-    ax[0, 0].set(title=f"sweeps to error {cfg.error_target:g}", xlabel="DDIM steps N")
+    ax[0, 0].set(
+        title=f"sweeps to error {cfg.error_target:g}",
+        xlabel="DDIM steps N",
+        ylabel="sweeps (parallel passes over N)",
+    )
     for m, err in curves.items():
         ax[0, 1].semilogy(np.arange(1, len(err) + 1), np.maximum(err, 1e-17), label=m)
     ax[0, 1].axhline(cfg.error_target, color="k", lw=0.5, ls="--")
@@ -222,7 +226,7 @@ def _plot(cfg, rows, curves, samples, guided, guided_samples, workdir):
     N_max, first = max(cfg.steps), cfg.methods[0].label
     ax[1, 0].scatter(*points.T, s=4, c="0.7", label="data points")
     ax[1, 0].scatter(*samples[(N_max, first)].T, s=8, label=f"Picard, N={N_max}")
-    ax[1, 0].set(title="samples", aspect="equal")
+    ax[1, 0].set(title="samples", aspect="equal", xlabel="x₁", ylabel="x₂")
     before, after, observed = guided_samples
     ax[1, 1].scatter(*points.T, s=4, c="0.7")
     ax[1, 1].scatter(*before.T, s=8, alpha=0.5, label="from the initial noise")
@@ -232,6 +236,8 @@ def _plot(cfg, rows, curves, samples, guided, guided_samples, workdir):
         title=f"guidance to observed x-coordinates (|), loss "
         f"{guided['loss_first']:.3f} -> {guided['loss_last']:.4f}",
         aspect="equal",
+        xlabel="x₁",
+        ylabel="x₂",
     )
     for a in ax.flat:
         a.legend(fontsize=7)

@@ -165,5 +165,4 @@ def _plot(cfg, rows, traces, workdir):
         ax.legend(fontsize=8)
     axes[0].invert_xaxis()
     axes[1].invert_xaxis()
-    fig.tight_layout()
     workdir.savefig(fig, "sinkhorn_newton.png")

@@ -191,5 +191,4 @@ def _plot(cfg, curves, played, shifts, table, workdir):
         title="ω against context",
     )
     axes[1].legend(fontsize=7)
-    fig.tight_layout()
     workdir.savefig(fig, "sor_bandit.png")

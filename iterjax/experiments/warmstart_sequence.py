@@ -185,5 +185,4 @@ def _plot(cfg, per_problem, workdir):
     )
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
     workdir.savefig(fig, "warmstart_sequence.png")

@@ -10,12 +10,14 @@ import numbers
 import pathlib
 import sys
 import time
+import warnings
 
 import jax
 import matplotlib.pyplot as plt
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
@@ -135,8 +137,20 @@ class Workdir:
         return [json.loads(line) for line in path.read_text().splitlines() if line]
 
     def savefig(self, fig, name: str) -> pathlib.Path:
+        """Write `fig` as PNG `name`, laid out so that titles and labels do not
+        collide (matplotlib's constrained layout unless the figure set one);
+        warns, naming them, about any two texts of different axes that overlap."""
         out = self.path / name
+        if fig.get_layout_engine() is None:
+            fig.set_layout_engine("constrained")
         if self.primary:
+            if not hasattr(fig.canvas, "get_renderer"):  # a Figure() without pyplot
+                FigureCanvasAgg(fig)
+            fig.canvas.draw()  # lays it out
+            found = overlapping_labels(fig)
+            if found:
+                pairs = "; ".join(f"{a!r} overlaps {b!r}" for a, b in found)
+                warnings.warn(f"{name}: {pairs}", stacklevel=2)
             fig.savefig(out, dpi=120, bbox_inches="tight")
         plt.close(fig)
         return out
@@ -438,6 +452,37 @@ class TensorBoardWriter:
 
     def close(self):
         self._events.close()
+
+
+def overlapping_labels(fig) -> list[tuple[str, str]]:
+    """Pairs of texts that overlap on the drawn figure: titles, axis labels and
+    tick labels of different axes, and the figure's title against them all."""
+    renderer = fig.canvas.get_renderer()
+    groups = []
+    for ax in fig.axes:
+        texts = [ax.title, ax.xaxis.label, ax.yaxis.label]
+        for axis in (ax.xaxis, ax.yaxis):  # tick labels drawn: inside the view
+            lo, hi = sorted(axis.get_view_interval())
+            texts += [
+                tick.label1
+                for tick in axis.get_major_ticks()
+                if lo <= tick.get_loc() <= hi
+            ]
+        groups.append([t for t in texts if t.get_visible() and t.get_text()])
+    if fig._suptitle is not None:
+        groups.append([fig._suptitle])
+    boxes = [
+        [(t.get_text(), t.get_window_extent(renderer)) for t in group]
+        for group in groups
+    ]
+    found = []
+    for i, first in enumerate(boxes):
+        for second in boxes[i + 1 :]:
+            for a, box_a in first:
+                for b, box_b in second:
+                    if box_a.overlaps(box_b):
+                        found.append((a, b))
+    return found
 
 
 def scalars(row) -> dict[str, float]:

@@ -92,9 +92,10 @@ class ChebyshevPreconditioner(AbstractPreconditioner):
     Algorithm 12.1), a polynomial of degree k in A: k products. Polynomial
     preconditioning does not lower the total products of CG (CG is optimal in
     its Krylov space), it trades inner products, and so synchronisations and
-    memory traffic, for products; the
-    adaptive choice of the polynomial by a Krylov minimisation ("Polynomial
-    Preconditioning", in the seeds) is still to do.
+    memory traffic, for products. The adaptive choice of the polynomial by a
+    Krylov minimisation ("Polynomial Preconditioning", in the seeds), CG's own
+    polynomial from b, is not positive on the spectrum in general (measured:
+    README), so it cannot serve as a fixed preconditioner for CG.
 
     Attributes:
       degree: k >= 1.
