@@ -431,3 +431,41 @@ def test_gcrodr_reports_non_convergence_and_bad_hyperparameters():
         iterjax_linear.GCRODR(subspace=0)
     with pytest.raises(ValueError, match="rtol"):
         iterjax_linear.GCRODR(rtol=-1.0)
+
+
+def test_restarted_cg_is_the_adaptive_polynomial_gradient_method():
+    # Each cycle of k + 1 steps minimises the quadratic over x_t + K_{k+1}(A, r_t):
+    # the gradient step with the best polynomial preconditioner of degree k
+    # (Doikov & Rodomanov); compared with that minimiser formed densely
+    matvec, b, a = poisson_1d(n=40, decades=2.0)
+    k = 3
+
+    def krylov_step(x):
+        r = b - a @ x
+        basis = jnp.linalg.qr(
+            jnp.stack([jnp.linalg.matrix_power(a, i) @ r for i in range(k + 1)], 1)
+        )[0]
+        c = jnp.linalg.solve(basis.T @ a @ basis, basis.T @ r)
+        return x + basis @ c
+
+    x1 = krylov_step(jnp.zeros(40))
+    x2 = krylov_step(x1)
+    for cycles, expected in [(1, x1), (2, x2)]:
+        solver = ij.CG(rtol=0.0, max_steps=cycles * (k + 1), restart=k + 1)
+        x, stats = solver.solve_with_stats(matvec, b)
+        assert int(stats.num_matvecs) == cycles * (k + 1)
+        np.testing.assert_allclose(x, expected, rtol=1e-8, atol=1e-12)
+    # not the same as unrestarted CG after two cycles (its space is larger) ...
+    plain = ij.CG(rtol=0.0, max_steps=2 * (k + 1)).solve(matvec, b)
+    exact = jnp.linalg.solve(a, b)
+    energy = lambda x: (x - exact) @ a @ (x - exact)
+    assert energy(plain) < 0.9 * energy(x2)
+    # ... and it converges to the same solution, in more products
+    x, stats = ij.CG(rtol=1e-12, max_steps=10**5, restart=k + 1).solve_with_stats(
+        matvec, b
+    )
+    np.testing.assert_allclose(x, exact, rtol=1e-9)
+    _, full = ij.CG(rtol=1e-12).solve_with_stats(matvec, b)
+    assert int(full.num_matvecs) < int(stats.num_matvecs)
+    with pytest.raises(ValueError, match="restart"):
+        ij.CG(restart=0)

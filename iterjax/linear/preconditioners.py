@@ -95,7 +95,8 @@ class ChebyshevPreconditioner(AbstractPreconditioner):
     memory traffic, for products. The adaptive choice of the polynomial by a
     Krylov minimisation ("Polynomial Preconditioning", in the seeds), CG's own
     polynomial from b, is not positive on the spectrum in general (measured:
-    README), so it cannot serve as a fixed preconditioner for CG.
+    README), so it cannot serve as a fixed preconditioner for CG; re-chosen at
+    every step, as in the paper, it is `CG(restart=k + 1)`.
 
     Attributes:
       degree: k >= 1.
