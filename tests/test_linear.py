@@ -407,6 +407,42 @@ def test_gcrodr_first_cycle_is_restarted_gmres():
     assert bool(state.ready)
 
 
+def test_gmres_counts_its_products_and_its_cycles_are_scipys():
+    scipy_gmres = pytest.importorskip("scipy.sparse.linalg").gmres
+    cs, bs = _convection_sequence(count=3)
+    a = np.asarray(_dense(cs[0], 14))
+    matvec = lambda v: _convection_diffusion(cs[0], v)
+    b = bs[0]
+    # two cycles of GMRES(10) from x = 0, as scipy's; each cycle: 10 Arnoldi
+    # products and one for the true residual
+    x, stats = ij.GMRES(rtol=1e-14, restart=10, max_steps=2).solve_with_stats(matvec, b)
+    want = scipy_gmres(a, np.asarray(b).ravel(), restart=10, maxiter=2, rtol=1e-14)[0]
+    np.testing.assert_allclose(np.asarray(x).ravel(), want, rtol=1e-8, atol=1e-12)
+    assert int(stats.num_matvecs) == 22 and not bool(stats.converged)
+    # to convergence: the dense solution, counted; under vmap, per system
+    solver = ij.GMRES(rtol=1e-10, restart=30)
+    x, stats = solver.solve_with_stats(matvec, b)
+    assert bool(stats.converged) and not bool(stats.breakdown)
+    np.testing.assert_allclose(
+        np.asarray(x).ravel(), np.linalg.solve(a, np.asarray(b).ravel()), atol=1e-8
+    )
+    counts = jax.vmap(
+        lambda c, b: (
+            solver.solve_with_stats(lambda v: _convection_diffusion(c, v), b)[
+                1
+            ].num_matvecs
+        )
+    )(cs, bs)
+    for c, b, count in zip(cs, bs, counts, strict=True):
+        one = solver.solve_with_stats(lambda v: _convection_diffusion(c, v), b)[1]
+        assert int(count) == int(one.num_matvecs) > 0
+    # the implicit derivative (the transposed system, by the same GMRES)
+    grad = jax.grad(lambda b: jnp.sum(jnp.sin(solver.solve(matvec, b))))(b)
+    xs = np.linalg.solve(a, np.asarray(b).ravel())
+    want = np.linalg.solve(a.T, np.cos(xs))
+    np.testing.assert_allclose(np.asarray(grad).ravel(), want, atol=1e-8)
+
+
 def test_gcrodr_under_vmap_counts_per_sequence():
     cs, bs = _convection_sequence(count=4)
     solver = iterjax_linear.GCRODR(4, 16, rtol=1e-9)

@@ -60,9 +60,10 @@ def test_newton_needs_far_fewer_iterations_at_small_epsilon():
     assert bool(plain.converged) and bool(newton.converged)
     assert 10 * int(newton.num_steps) <= int(plain.num_steps)
     np.testing.assert_allclose(newton.value.f, plain.value.f, atol=1e-10)
-    # without the line search, full Newton steps from there diverge
+    # without the line search, full Newton steps from there do not converge at a
+    # smaller ε (at 0.005 they wander for ~1900 steps, then land)
     full = ij.Switched(ij.Picard(), ij.Newton(), after=10)
-    assert not bool(sinkhorn(cost, a, b, 0.005, solver=full, **kw).converged)
+    assert not bool(sinkhorn(cost, a, b, 0.002, solver=full, **kw).converged)
 
 
 def test_jit_and_vmap_over_epsilon_and_costs():

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .._checks import check_int, check_range
 from ._base import LinearStats
+from .krylov import arnoldi
 from .recycle import RecycleState, Recycling
 
 
@@ -114,48 +115,6 @@ def _for_this_operator(op, U):
     return _divide_upper(U, R, live), jnp.where(live[None], Q, 0.0)
 
 
-def _arnoldi(op, r, C, s, tol):
-    """Arnoldi on (I - C Cᵀ) A from r / |r| until GMRES's residual estimate is
-    within `tol`, at most s steps: (the basis as rows V (s + 1, n),
-    H̄ (s + 1, s), B = Cᵀ A Vᵀ (k, s), steps), zero beyond the steps taken.
-    Classical Gram-Schmidt, twice, against the basis so far.
-
-    The estimate: the least-squares residual of min |β e_1 - H̄ y| lies along
-    the left null vector w of H̄ (H̄ᵀ w = 0, w_1 = 1), so its norm is β / |w|;
-    each step adds one entry, w_{j+1} = -(h_j · w) / h_{j+1,j}."""
-    beta = jnp.linalg.norm(r)
-    V = jnp.zeros((s + 1, r.shape[0]), r.dtype).at[0].set(r / beta)
-    H = jnp.zeros((s + 1, s), r.dtype)
-    B = jnp.zeros((C.shape[1], s), r.dtype)
-    w = jnp.zeros(s + 1, r.dtype).at[0].set(1.0)
-
-    def cond(c):
-        *_, estimate, j = c
-        return (j < s) & (estimate > tol)
-
-    def body(c):
-        V, H, B, w, _, j = c
-        v = op(V[j])
-        bj = C.T @ v
-        v = v - C @ bj
-        h = V @ v  # V's rows beyond j are zero
-        v = v - h @ V
-        h2 = V @ v
-        v, h = v - h2 @ V, h + h2
-        norm = jnp.linalg.norm(v)
-        h = h.at[j + 1].set(norm)
-        V = V.at[j + 1].set(v / jnp.where(norm > 0, norm, 1.0))
-        # a breakdown (norm 0) means the Krylov space holds the solution
-        w = w.at[j + 1].set(-(h @ w) / jnp.where(norm > 0, norm, 1.0))
-        estimate = jnp.where(norm > 0, beta / jnp.linalg.norm(w), 0.0)
-        return V, H.at[:, j].set(h), B.at[:, j].set(bj), w, estimate, j + 1
-
-    V, H, B, _, _, steps = jax.lax.while_loop(
-        cond, body, (V, H, B, w, beta, jnp.int32(0))
-    )
-    return V, H, B, steps
-
-
 def _cycle(op, x, r, U, C, s, tol):
     """One restart cycle: minimise the residual over span[U, V], then the new
     (U, C) from the harmonic Ritz vectors. Columns of U without a direction
@@ -163,7 +122,7 @@ def _cycle(op, x, r, U, C, s, tol):
     problems. Returns (x, r, U, C, products)."""
     k = U.shape[1]
     beta = jnp.linalg.norm(r)
-    V, H, B, steps = _arnoldi(op, r, C, s, tol)
+    V, H, B, steps = arnoldi(op, r, C, s, tol)
     used = jnp.concatenate([_live(U), jnp.arange(s, dtype=jnp.int32) < steps])
     d = jnp.where(used[:k], 1 / jnp.where(used[:k], jnp.linalg.norm(U, axis=0), 1), 0)
     Ud = U * d[None]

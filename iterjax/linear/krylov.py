@@ -1,8 +1,9 @@
-"""Krylov solvers: CG (our own loop), GMRES and BiCGStab (`jax.scipy` wrappers).
+"""Krylov solvers: CG and GMRES (our own loops), BiCGStab (`jax.scipy`'s).
 
 CG is written out so that it can count its products and detect a matrix that is
 not positive definite (p·Ap <= 0), which jax.scipy's CG would silently turn into
-a wrong answer; GMRES and BiCGStab wrap `jax.scipy.sparse.linalg`. The classes fix
+a wrong answer; GMRES so that it counts its products and reports convergence;
+BiCGStab wraps `jax.scipy.sparse.linalg`. The classes fix
 hyperparameters so that a solver is a hashable value for adjoints and Newton.
 Convergence: `|b - A x| <= max(rtol * |b|, atol)` (2-norms), as in jax.scipy. The
 default `rtol=None` is max(1e-8, 10 ε) for the dtype of `b`: 1e-8 in float64 and
@@ -163,35 +164,117 @@ class BiCGStab(_Krylov):
 
 
 class GMRES(_Krylov):
-    """Restarted GMRES (general square A).
+    """Restarted GMRES(m) (general square A), right-preconditioned.
+
+    Each cycle runs Arnoldi on A M from the residual r (`arnoldi`: classical
+    Gram-Schmidt twice, stopped early by GMRES's residual estimate), then
+    x ← x + M V y with y = argmin |β e_1 - H̄ y|, and recomputes r = b - A x (one
+    product), whose norm is the convergence test. The loop is wrapped in
+    `jax.lax.custom_linear_solve`, so it is differentiated implicitly (the
+    transposed system, solved by the same GMRES), as jax.scipy's is, and it
+    counts its products.
 
     Attributes:
-      restart: Krylov subspace size between restarts.
-      max_steps: number of restarts (jax.scipy's `maxiter`).
-      solve_method: jax.scipy's 'batched' (default) or 'incremental'.
+      restart: m, the Krylov subspace size between restarts.
+      max_steps: cap on restart cycles (jax.scipy's `maxiter`, and its default
+        10 n when None).
     """
 
     restart: int = struct.field(pytree_node=False, default=20)
-    solve_method: str = struct.field(pytree_node=False, default="batched")
 
     def __post_init__(self):
         self._check()
         check_int("GMRES", "restart", self.restart, 1)
-        if self.solve_method not in ("batched", "incremental"):
-            raise ValueError(
-                f"GMRES: `solve_method` must be 'batched' or 'incremental', "
-                f"got {self.solve_method!r}"
-            )
 
     def solve(self, matvec, b):
-        apply = self._preconditioner(matvec, b)[0]
-        return jsl.gmres(
-            matvec,
-            b,
-            M=apply,
-            tol=self._rtol(b),
-            atol=self.atol,
-            restart=self.restart,
-            maxiter=self.max_steps,
-            solve_method=self.solve_method,
-        )[0]
+        return self.solve_with_stats(matvec, b)[0]
+
+    def solve_with_stats(self, matvec, b, rtol=None):
+        rtol = self._rtol(b) if rtol is None else rtol
+        solve = lambda mv, rhs: self._cycles(mv, rhs, rtol)
+        x, (matvecs, converged, breakdown) = jax.lax.custom_linear_solve(
+            matvec, b, solve, transpose_solve=solve, has_aux=True
+        )
+        return x, LinearStats(matvecs, converged, breakdown)
+
+    def _cycles(self, matvec, b, rtol):
+        flat_b, unravel = tu.ravel(b)
+        op = lambda v: tu.ravel(matvec(unravel(v)))[0]
+        apply, cost, per_apply = self._preconditioner(matvec, b)
+        pre = lambda v: tu.ravel(apply(unravel(v)))[0]
+        n = flat_b.shape[0]
+        m = min(self.restart, n)
+        max_cycles = 10 * n if self.max_steps is None else self.max_steps
+        tol = jnp.maximum(rtol * jnp.linalg.norm(flat_b), self.atol)
+        none = jnp.zeros((n, 0), flat_b.dtype)  # no recycled space (GCRO-DR's C)
+
+        def cond(c):
+            _, _, norm, j, _ = c
+            return (norm > tol) & (j < max_cycles)
+
+        def body(c):
+            x, r, _, j, products = c
+            V, H, _, steps = arnoldi(lambda v: op(pre(v)), r, none, m, tol)
+            rhs = (
+                jnp.zeros(m + 1, r.dtype).at[0].set(jnp.linalg.norm(r).astype(r.dtype))
+            )
+            y = jnp.linalg.lstsq(H, rhs)[0]  # zero on the columns not reached
+            x = x + pre(V[:m].T @ y)
+            r = flat_b - op(x)
+            spent = steps * (1 + per_apply) + per_apply + 1
+            return x, r, jnp.linalg.norm(r), j + 1, products + spent
+
+        start = (
+            jnp.zeros_like(flat_b),
+            flat_b,
+            jnp.linalg.norm(flat_b),
+            jnp.int32(0),
+            jnp.int32(cost),
+        )
+        x, _, norm, _, products = jax.lax.while_loop(cond, body, start)
+        finite = jnp.isfinite(norm)
+        return unravel(x), (products, finite & (norm <= tol), ~finite)
+
+
+def arnoldi(op, r, C, s, tol):
+    """Arnoldi on (I - C Cᴴ) A from r / |r| until GMRES's residual estimate is
+    within `tol`, at most s steps: (the basis as rows V (s + 1, n),
+    H̄ (s + 1, s), B = Cᴴ A Vᵀ (k, s), steps), zero beyond the steps taken.
+    Classical Gram-Schmidt, twice, against the basis so far. C (n, k) may have
+    k = 0 columns (GMRES).
+
+    The estimate: the least-squares residual of min |β e_1 - H̄ y| lies along
+    the left null vector w of H̄ (wᴴ H̄ = 0, w_1 = 1), so its norm is β / |w|;
+    each step adds one entry, w_{j+1} = -conj(wᴴ h_j) / h_{j+1,j}."""
+    beta = jnp.linalg.norm(r)
+    V = jnp.zeros((s + 1, r.shape[0]), r.dtype).at[0].set(r / beta.astype(r.dtype))
+    H = jnp.zeros((s + 1, s), r.dtype)
+    B = jnp.zeros((C.shape[1], s), r.dtype)
+    w = jnp.zeros(s + 1, r.dtype).at[0].set(1.0)
+
+    def cond(c):
+        *_, estimate, j = c
+        return (j < s) & (estimate > tol)
+
+    def body(c):
+        V, H, B, w, _, j = c
+        v = op(V[j])
+        bj = C.conj().T @ v
+        v = v - C @ bj
+        h = V.conj() @ v  # V's rows beyond j are zero
+        v = v - h @ V
+        h2 = V.conj() @ v
+        v, h = v - h2 @ V, h + h2
+        norm = jnp.linalg.norm(v)
+        safe = jnp.where(norm > 0, norm, 1.0).astype(v.dtype)
+        h = h.at[j + 1].set(norm.astype(h.dtype))
+        V = V.at[j + 1].set(v / safe)
+        # a breakdown (norm 0) means the Krylov space holds the solution
+        w = w.at[j + 1].set(-jnp.conj(jnp.vdot(w, h)) / safe)
+        estimate = jnp.where(norm > 0, beta / jnp.linalg.norm(w), 0.0)
+        return V, H.at[:, j].set(h), B.at[:, j].set(bj), w, estimate, j + 1
+
+    V, H, B, _, _, steps = jax.lax.while_loop(
+        cond, body, (V, H, B, w, beta, jnp.int32(0))
+    )
+    return V, H, B, steps
