@@ -20,9 +20,10 @@ class WandbWriter:
     config, each logged row as history at the row's `step`, keys
     `namespace/key` (nested keys dotted), as the TensorBoard writer names them.
 
-    W&B requires a run's steps to increase; rows of another namespace at a step
-    already passed (a sweep's summary after its members) are logged without a
-    step, so that W&B appends them instead of dropping them.
+    W&B requires a run's steps to increase; a row whose step is behind the last
+    one (another namespace, e.g. a sweep's summary after its members) is logged
+    at W&B's own step (merged into its last history row, or the next), so it is
+    kept rather than dropped.
     """
 
     def __init__(self, path):

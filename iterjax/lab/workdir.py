@@ -511,9 +511,9 @@ def writer_class(name):
     module, _, attr = target.partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
-    except ImportError as e:
-        hint = "; pip install 'iterjax[wandb]'" if name == "wandb" else ""
-        raise ImportError(f"writer {name!r} ({target}): {e}{hint}") from e
+    except ImportError as e:  # an optional package: name what to install
+        missing = f"; install the package {e.name!r}" if e.name else ""
+        raise ImportError(f"writer {name!r} ({target}): {e}{missing}") from e
 
 
 def _is_number(x):

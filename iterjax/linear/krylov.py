@@ -25,6 +25,15 @@ def _identity(r):
     return r
 
 
+def flat_system(matvec, b, rtol, atol):
+    """(flat b, unravel, the operator on flat vectors, the residual tolerance
+    max(rtol |b|₂, atol)): the form the Arnoldi-based solvers work in."""
+    flat_b, unravel = tu.ravel(b)
+    op = lambda v: tu.ravel(matvec(unravel(v)))[0]
+    tol = jnp.maximum(rtol * jnp.linalg.norm(flat_b), atol)
+    return flat_b, unravel, op, tol
+
+
 def default_rtol(b):
     leaves = jax.tree_util.tree_leaves(b)
     eps = max(float(jnp.finfo(jnp.result_type(x)).eps) for x in leaves)
@@ -198,14 +207,12 @@ class GMRES(_Krylov):
         return x, LinearStats(matvecs, converged, breakdown)
 
     def _cycles(self, matvec, b, rtol):
-        flat_b, unravel = tu.ravel(b)
-        op = lambda v: tu.ravel(matvec(unravel(v)))[0]
+        flat_b, unravel, op, tol = flat_system(matvec, b, rtol, self.atol)
         apply, cost, per_apply = self._preconditioner(matvec, b)
         pre = lambda v: tu.ravel(apply(unravel(v)))[0]
         n = flat_b.shape[0]
         m = min(self.restart, n)
         max_cycles = 10 * n if self.max_steps is None else self.max_steps
-        tol = jnp.maximum(rtol * jnp.linalg.norm(flat_b), self.atol)
         none = jnp.zeros((n, 0), flat_b.dtype)  # no recycled space (GCRO-DR's C)
 
         def cond(c):

@@ -32,6 +32,7 @@ from .. import _tree as tu
 from .._checks import check_int, check_range
 from .._types import Array, Bool, Float
 from ._base import LinearStats
+from .krylov import flat_system
 
 
 class RecycleState(NamedTuple):
@@ -52,12 +53,8 @@ class Recycling(struct.PyTreeNode):
         return RecycleState(basis, jnp.bool_(False), jnp.zeros_like(flat))
 
     def _system(self, matvec, b):
-        """(flat b, unravel, the operator on flat vectors, the residual tolerance
-        max(rtol |b|₂, atol))."""
-        flat_b, unravel = tu.ravel(b)
-        op = lambda v: tu.ravel(matvec(unravel(v)))[0]
-        tol = jnp.maximum(self.rtol * jnp.linalg.norm(flat_b), self.atol)
-        return flat_b, unravel, op, tol
+        """`krylov.flat_system` at the solver's tolerances."""
+        return flat_system(matvec, b, self.rtol, self.atol)
 
 
 class RecycledCG(Recycling):
