@@ -18,21 +18,29 @@ I (Picard), diag J_t (quasi-Newton), J_t = ∂f/∂s at X^k_{t-1} (Newton, DEER)
 
 Guarantees of the core, whatever A_t is:
 
-* Acceptance (the stopping rule). Position t is accepted when it and every
-  position before it pass both tests |r_t| <= atol + rtol |X_t| and
-  |δ_t| <= atol + rtol |X_t|, δ the correction of this sweep. The residual alone
-  does not bound the error where the recurrence amplifies: the error
-  e_t = Σ_s J_t...J_{s+1} r_s grows along t while every r_s is small. δ is the
-  method's estimate of that error; for DEER (A_t = J_t) it is the error to first
-  order, amplification included: the papers' own test |X^{k+1} - X^k| <= tol
-  (DEER, ELK and ParaDiGMS's loops). Accepted positions take their correction,
-  as those loops return X^{k+1}.
-* Frozen prefix. Positions accepted by earlier sweeps never change again (their
-  r is set to 0, so δ is exactly 0 there). The first position after them, p,
-  gets δ_p = r_p, i.e. X_p = f(X_{p-1}, x_p) from its frozen predecessor
-  (enforced for methods that are not a linear recurrence), so it is exact and
-  accepted whatever its residual: every sweep accepts at least one more
-  position, and every method is exact after at most T sweeps.
+* Acceptance (the stopping rule). A position is accepted only when its whole
+  prefix is accepted and its value was tested as it stays: its residual
+  r_t = f(X_{t-1}, x_t) - X_t against its accepted predecessor passes
+  |r_t| <= atol + rtol |X_t| (or it is f of its accepted predecessor, exact).
+  So a converged trajectory is lax.scan's trajectory of f perturbed by at most
+  the tolerance at each step, whatever the method. A position also needs the
+  method's error estimate |δ_t| <= atol + rtol |X_t|, δ the correction of the
+  sweep: the residual alone does not bound the error where the recurrence
+  amplifies (e_t = Σ_s J_t...J_{s+1} r_s grows along t while every r_s is
+  small); for DEER (A_t = J_t) δ is that error to first order, amplification
+  included, the papers' own test |X^{k+1} - X^k| <= tol. A position that passes
+  both takes its update (X^{k+1}, as those loops return) and becomes a
+  candidate: the next sweep accepts it once its residual at the new value (and
+  its predecessors) passes too. Positions that pass without moving (δ_t = 0)
+  need no second test. When only candidates are left, a sweep evaluates f alone
+  (no A_t, no scan): the papers' loops stop one evaluation of f earlier,
+  without testing what they return.
+* Frozen prefix. Accepted positions never change again (their r is set to 0,
+  so δ is exactly 0 there). The first position after them, p, gets
+  X_p = f(X_{p-1}, x_p) (f's own value, bitwise) from its accepted predecessor,
+  so it is exact and accepted whatever its residual: every sweep accepts at
+  least one more position, and every method is exact after at most T sweeps;
+  with atol = 0 the result is bitwise f's own values along the trajectory.
 * ParaDiGMS's rule (opt-in, `scan(..., acceptance="paradigms")`). A position
   passes on its update alone (|δ_t| <= atol + rtol |X_t|, the loop's
   |X^{k+1} - X^k| test), and a sweep also accepts, untested and with its
@@ -71,7 +79,7 @@ from .. import _struct as struct
 from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver
 from .._module import Module
-from .._types import Array, Float, Int, PyTree
+from .._types import Array, Bool, Float, Int, PyTree
 
 
 class AbstractSequenceMethod(Module):
@@ -275,6 +283,8 @@ class SweepState(NamedTuple):
     sizes: Float[Array, "2 2"]  # [max |r_t|, max |δ_t|] over the accepted
     # positions (as accepted), then over those and the last sweep's others
     evaluations: Int[Array, ""]  # f evaluations at positions not yet accepted
+    candidates: Bool[Array, " T"]  # passed both tests last sweep and took
+    # that sweep's update: accepted once their residual passes again
 
 
 class Sweeps(AbstractFixedPointSolver):
@@ -314,7 +324,8 @@ class Sweeps(AbstractFixedPointSolver):
         zero = jnp.int32(0)
         sizes = jnp.stack([jnp.zeros(2, y0.dtype), jnp.full(2, big, y0.dtype)])
         unknown = jnp.full(y0.shape, big)
-        return SweepState(unknown, zero, zero, zero, A, zero, sizes, zero)
+        none = jnp.zeros(y0.shape[:1], bool)
+        return SweepState(unknown, zero, zero, zero, A, zero, sizes, zero, none)
 
     def _linearize(self, cell, prev, xw, state):
         """`(f, A, computed)`: fresh A_t on every `jacobian_every`-th sweep, else the
@@ -344,81 +355,125 @@ class Sweeps(AbstractFixedPointSolver):
         X, prev = window(y), window(shift(y, s0, mesh))
         xw = jax.tree_util.tree_map(window, xs)
         index = start + jnp.arange(W, dtype=jnp.int32)
+        candidates = window(state.candidates)
         if W < T:  # the devices of the mesh share the window
             X, prev, xw, index = shard_time((X, prev, xw, index), mesh)
         kept = index < state.accepted  # accepted by earlier sweeps: never change
-        first = index == state.accepted  # its predecessor is kept
 
-        fx, A, computed = self._linearize(cell, prev, xw, state)
-        r = fx - X
-        # Past the first position with a large residual, a non-finite one is an
-        # artefact of a bad iterate, not of f: make it large but finite.
-        big = jnp.finfo(r.dtype).max
-        r_ok = position_ok(r, X, self.atol, self.rtol)
-        r = jnp.where((count_upto(~r_ok, mesh) > 1)[:, None] & ~jnp.isfinite(r), big, r)
-        delta = self.method.sweep(
-            cell, prev[0], X, xw, jnp.where(kept[:, None], 0, r), A, kept
-        )
-        # `first` becomes exact, f of its kept predecessor (automatic for the
-        # linear-recurrence methods, enforced for ELK and Gauss-Seidel), so it is
-        # accepted whatever its residual: every sweep accepts one more position.
-        # Its residual is f's own value there, so a non-finite one (a NaN in xs,
-        # an overflow) is kept, as lax.scan would, and stops the solve.
-        exact = first & jnp.all(jnp.isfinite(r), axis=-1)
-        d_ok = position_ok(delta, X, self.atol, self.rtol)
-        if self.paradigms:  # the update alone; `first` too (else it is "+1")
-            ok = kept | d_ok
-        else:
-            ok = kept | exact | (r_ok & d_ok)
-        accepted = start + jnp.sum(count_upto(~ok, mesh) == 0, dtype=jnp.int32)
+        big = jnp.finfo(X.dtype).max
 
-        new = X + delta
-        fine = jnp.all(jnp.isfinite(new), axis=-1)
-        jacobi = jnp.where(jnp.abs(r) < big, X + r, X)
-        new = jnp.where(fine[:, None], new, jacobi)
-        new = jnp.where(first[:, None], X + r, new)
-        new = jnp.where(kept[:, None], X, new)
-        # ParaDiGMS's "+1": the position after the prefix that passed is
-        # accepted untested, with its update, and recorded as exact
-        nxt = (index == accepted) & jnp.all(jnp.isfinite(new), axis=-1)
-        nxt = nxt & self.paradigms
-        accepted = accepted + jnp.sum(nxt, dtype=jnp.int32)
+        def residual(fx):
+            # Past the first position with a large residual, a non-finite one is
+            # an artefact of a bad iterate, not of f: make it large but finite.
+            r = fx - X
+            r_ok = position_ok(r, X, self.atol, self.rtol)
+            bad = (count_upto(~r_ok, mesh) > 1)[:, None] & ~jnp.isfinite(r)
+            return jnp.where(bad, big, r), r_ok
 
-        # Per position, what the stopping test reads: max(|r_t|, |δ_t|) of this
-        # sweep; 0 where exact; as recorded when accepted, for kept positions.
-        res = jnp.where(jnp.isfinite(r), jnp.abs(r), big)
-        res = jnp.where(first[:, None], jnp.where(exact[:, None], 0, jnp.abs(r)), res)
-        upd = jnp.where(jnp.isfinite(delta), jnp.abs(delta), big)
-        upd = jnp.where(first[:, None], 0, upd)
-        # (ParaDiGMS tests the update alone: the residual does not stop it,
-        # except at `first`, exact unless f is not finite there)
+        def prefix(ok):
+            return start + jnp.sum(count_upto(~ok, mesh) == 0, dtype=jnp.int32)
+
+        def verifying(candidates, r_ok):
+            return index < prefix(kept | (candidates & r_ok))
+
+        def full():
+            fx, A, computed = self._linearize(cell, prev, xw, state)
+            r, r_ok = residual(fx)
+            frozen = kept if self.paradigms else verifying(candidates, r_ok)
+            r_free = jnp.where(frozen[:, None], 0, r)
+            delta = self.method.sweep(cell, prev[0], X, xw, r_free, A, frozen)
+            return fx, delta, None if state.A is None else A, computed
+
+        def evaluate():  # every pending position took a tested update: test it
+            fx = jax.vmap(cell)(prev, xw)
+            return fx, jnp.zeros_like(fx), state.A, jnp.bool_(False)
+
         if self.paradigms:
-            tested = jnp.where(first[:, None], res, upd)
+            fx, delta, A, computed = full()
         else:
-            tested = jnp.maximum(res, upd)
-        measure = jnp.where(nxt[:, None], 0, tested)
-        # Largest residual and update over the accepted positions (as they were
-        # when accepted: a running maximum) and this sweep's others (neither
-        # counts the untested next position's values before its update).
-        newly = ((index < accepted) & ~kept & ~nxt)[:, None]
+            light = jnp.all(kept | candidates)
+            fx, delta, A, computed = jax.lax.cond(light, evaluate, full)
+        r, r_ok = residual(fx)
+
+        if self.paradigms:
+            # ParaDiGMS's loop: the prefix whose update passes takes it, and so
+            # does the position after it, untested (recorded as exact)
+            d_ok = position_ok(delta, X, self.atol, self.rtol)
+            first = index == state.accepted
+            exact = first & jnp.all(jnp.isfinite(fx), axis=-1)
+            accepted = prefix(kept | d_ok)
+            new = self._update(X, r, delta, fx, first, kept)
+            nxt = (index == accepted) & jnp.all(jnp.isfinite(new), axis=-1)
+            accepted = accepted + jnp.sum(nxt, dtype=jnp.int32)
+            at_zero, untested = first, nxt
+            candidates = jnp.zeros_like(kept)
+            measured = jnp.ones_like(kept)  # (the update alone, below)
+        else:
+            # Accepted are: the candidates of the last sweep whose residual passes
+            # now (their values, tested as they stay); then positions that pass
+            # both tests and that this sweep does not move; then the position
+            # after those, f of accepted values, so exact (unless f is not finite
+            # there: the solve then stops, as lax.scan's trajectory is not finite
+            # from there on). The others are stepped from the accepted prefix, and
+            # those that pass both tests become candidates: their update is
+            # tested (its residual) by the next sweep before it is accepted.
+            verified = verifying(candidates, r_ok)
+            passed = r_ok & position_ok(delta, X, self.atol, self.rtol)
+            still = passed & jnp.all(delta == 0, axis=-1)
+            tested = prefix(verified | still)
+            at_zero = index == tested
+            exact = at_zero & jnp.all(jnp.isfinite(fx), axis=-1)
+            accepted = tested + jnp.sum(exact, dtype=jnp.int32)
+            new = self._update(X, r, delta, fx, at_zero, index < tested)
+            candidates = passed & (index > tested)
+            untested = jnp.zeros_like(kept)
+            measured = ~verified | kept  # verified now: residual only
+
+        # Per position, what the stopping test reads: this sweep's |r_t| and
+        # |δ_t| (the update alone under ParaDiGMS's rule), 0 where exact; as
+        # recorded when accepted, for kept positions.
+        res = jnp.where(jnp.isfinite(r), jnp.abs(r), big)
+        res = jnp.where(at_zero[:, None], jnp.where(exact[:, None], 0, jnp.abs(fx)), res)
+        upd = jnp.where(jnp.isfinite(delta), jnp.abs(delta), big)
+        upd = jnp.where((at_zero | ~measured)[:, None], 0, upd)
+        if self.paradigms:
+            tested_size = jnp.where(at_zero[:, None], res, upd)
+        else:
+            tested_size = jnp.maximum(res, upd)
+        measure = jnp.where(untested[:, None], 0, tested_size)
+        # A position not accepted never passes the driver's test, whatever its
+        # own sizes (measured against a predecessor that may have moved): the
+        # driver's "converged" is "every position accepted".
+        pending = (index >= accepted)[:, None]
+        bound = self.atol + self.rtol * jnp.abs(new)
+        failing = jnp.maximum(measure, jnp.nextafter(bound, big))
+        measure = jnp.where(pending, failing, measure)
+        # Largest residual and update over the accepted positions and the
+        # candidates (as they were when they passed: a running maximum), then
+        # over those and this sweep's others.
+        newly = (((index < accepted) & ~kept & ~untested) | candidates)[:, None]
 
         def top(mask):
             return jnp.stack([jnp.max(jnp.where(mask, x, 0)) for x in (res, upd)])
 
         settled = jnp.maximum(state.sizes[0], top(newly))
-        others = top(~newly & ~(kept | nxt)[:, None])
+        others = top(~newly & ~(kept | untested)[:, None])
         sizes = jnp.stack([settled, jnp.maximum(settled, others)])
         if W == T:
             y_new = new
             residual = jnp.where(kept[:, None], state.residual, measure)
+            candidates_all = candidates
         else:
             put = lambda a, b: jax.lax.dynamic_update_slice_in_dim(a, b, start, 0)
-            past = (jnp.arange(T, dtype=jnp.int32) >= start + W)[:, None]
-            y_new = jnp.where(past, new[-1], put(y, new))
+            past = jnp.arange(T, dtype=jnp.int32) >= start + W
+            y_new = jnp.where(past[:, None], new[-1], put(y, new))
             old = window(state.residual)
             measure = jnp.where(kept[:, None], old, measure)
-            residual = jnp.where(past, big, put(state.residual, measure))
-        fallbacks = state.fallbacks + jnp.any(~fine).astype(jnp.int32)
+            residual = jnp.where(past[:, None], big, put(state.residual, measure))
+            candidates_all = put(state.candidates, candidates) & ~past
+        fallbacks = state.fallbacks + jnp.any(~jnp.isfinite(X + delta)).astype(
+            jnp.int32
+        )
         jacobians = state.jacobians + computed.astype(jnp.int32)
         y_new, residual = shard_time((y_new, residual), mesh)
         A = None if state.A is None else A
@@ -432,4 +487,18 @@ class Sweeps(AbstractFixedPointSolver):
             state.sweeps + 1,
             sizes,
             evaluations,
+            candidates_all,
         )
+
+    @staticmethod
+    def _update(X, r, delta, fx, exact, keep):
+        """X + δ, with the Jacobi update f(X_{t-1}) where that is not finite (X
+        where neither is); f's own value at `exact` (bitwise, not X + r); X at
+        `keep`."""
+        big = jnp.finfo(r.dtype).max
+        new = X + delta
+        fine = jnp.all(jnp.isfinite(new), axis=-1)
+        jacobi = jnp.where(jnp.abs(r) < big, X + r, X)
+        new = jnp.where(fine[:, None], new, jacobi)
+        new = jnp.where(exact[:, None], fx, new)
+        return jnp.where(keep[:, None], X, new)

@@ -42,23 +42,25 @@ class ScanStats:
     Attributes:
       num_sweeps: sweeps taken (each one parallel evaluation of f over the
         sequence); 0 for `Sequential`.
-      converged: every position was accepted: its residual |f(s_{t-1}, x_t) - s_t|
-        and its update |δ_t| (the last sweep's correction) are both <= atol +
-        rtol |s_t|.
-      residual: the largest |f(s_{t-1}, x_t) - s_t|: of each accepted position
-        at the sweep that accepted it (0 where it was made exact), and of the
-        others at the last sweep.
+      converged: every position was accepted: its residual |f(s_{t-1}, x_t) -
+        s_t| at the returned values is <= atol + rtol |s_t|, and so was the
+        method's error estimate |δ_t| when it passed (see `scan`).
+      residual: the largest |f(s_{t-1}, x_t) - s_t| of a position when it
+        passed or was accepted (0 where it was made exact), and of the others
+        at the last sweep.
       result: 0 converged, 1 max_sweeps reached, 2 non-finite, 4 a traced
         tolerance that is negative or NaN (nothing was solved).
       fallbacks: sweeps in which some position's update was not finite and fell back
         to the Jacobi update.
       trace: after every sweep, the largest of its residuals and updates (the
-        quantity of the stopping test; `trace=True`), else None.
+        quantity of the stopping test, above the tolerance while a position is
+        not accepted; `trace=True`), else None.
       jacobians: sweeps that computed the A_t (every sweep of DEER, ELK and the
-        quasi methods, unless `jacobian_every` > 1; 0 for Jacobi and Picard).
+        quasi methods but the last, which tests the last update, unless
+        `jacobian_every` > 1; 0 for Jacobi and Picard).
       update: the largest correction |δ_t|, taken as `residual` is: the
         method's estimate of the remaining error (to first order for DEER); the
-        returned carries include these corrections.
+        returned carries include these corrections (tested after them).
       evaluations: evaluations of f at positions not yet accepted, summed over
         the sweeps: the work an implementation with dynamic shapes does (as
         ParaDiGMS's loop, whose window shrinks at the end of the sequence). A
@@ -98,19 +100,26 @@ def scan(
 
     The carries s_1..s_T of s_t = f(s_{t-1}, x_t)[0] are found together by sweeps of
     `method` (see `iterjax.sequence`), then the outputs y_t = f(s_{t-1}, x_t)[1] are
-    evaluated in one parallel pass. Stops when, for every t and component, both
-    the residual |f(s_{t-1}, x_t) - s_t| and the last sweep's update |δ_t| are
-    <= atol + rtol |s_t|; the carries returned include that update. With `DEER`
-    the update is the remaining error to first order, so a converged solve is
-    within about atol of `lax.scan`'s (plus its rounding), however much the
-    recurrence amplifies errors. The other methods' updates are their own error
-    estimates, exact only as far as their A_t match the Jacobian: on a recurrence
-    that amplifies errors or keeps them (an oscillator at the edge of stability),
-    their error can exceed atol by that amplification; prefer `DEER` or `ELK`
-    there, polish with DEER (`polish=DEER()`), or tighten atol. A sweep is one
-    parallel evaluation of f (over the method's window); every method is exact after T
-    sweeps (accepted prefixes freeze, and every sweep accepts one more position),
-    so `max_sweeps` defaults to T.
+    evaluated in one parallel pass.
+
+    Guarantee: with `converged`, every returned carry was tested as returned,
+    against its returned predecessor: |f(s_{t-1}, x_t) - s_t| <= atol + rtol |s_t|
+    for every t and component. The result is lax.scan's trajectory of f
+    perturbed by at most that much per step, so its error is at most the
+    tolerance propagated through the recurrence, Σ_{u<=t} |∂s_t/∂s_u| (atol +
+    rtol |s_u|) (atol per step where the recurrence contracts). Each position
+    also passed the method's error estimate |δ_t| <= atol + rtol |s_t|, δ its
+    correction: with `DEER` that is the error to first order, so a converged
+    solve is within about atol of lax.scan's however much the recurrence
+    amplifies errors. The other methods' estimates are exact only as far as
+    their A_t match the Jacobian; on recurrences that amplify errors prefer
+    `DEER` or `ELK`, polish with DEER (`polish=DEER()`), or tighten atol. With
+    atol = rtol = 0 the carries are f's own values along the trajectory
+    (bitwise lax.scan's where f evaluated over a batch of t rounds as f alone).
+    At most T sweeps (accepted prefixes freeze, and every sweep accepts one more
+    position), so `max_sweeps` defaults to T. A sweep is one parallel
+    evaluation of f (over the method's window); the last one tests the last
+    update and evaluates f alone.
 
     Gradients (`grad`, `jvp`, `vjp`) are those of the recurrence at the solution,
     computed by one more parallel solve of the linear (reverse, for `grad`)
