@@ -11,10 +11,22 @@ os.environ.setdefault(
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+
+# Property-based tests (tests/test_properties.py): a bounded, reproducible number
+# of examples in the suite ("ci"); HYPOTHESIS_PROFILE=deep searches much longer.
+_slow_ok = [HealthCheck.too_slow, HealthCheck.differing_executors]
+settings.register_profile(
+    "ci", max_examples=12, deadline=None, derandomize=True, suppress_health_check=_slow_ok
+)
+settings.register_profile(
+    "deep", max_examples=400, deadline=None, suppress_health_check=_slow_ok
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture

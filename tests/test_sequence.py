@@ -692,3 +692,76 @@ def test_polish_must_be_a_parallel_method():
     for bad in (ij.Sequential(), "deer"):
         with pytest.raises(TypeError, match="polish"):
             ij.scan(f, jnp.zeros(2), jnp.ones((8, 2)), polish=bad)
+
+
+# ------------------------------------------- issue 34: the cases that broke
+
+
+def _impulse_rnn():
+    W = jnp.array([[0.5, 0.3], [-0.4, 0.6]])
+    xs = jnp.zeros((16, 2)).at[0].set(jnp.array([1.0, -1.0]))
+    return (lambda h, x: (jnp.tanh(W @ h + x), h)), jnp.zeros(2), xs
+
+
+_SWAP = jnp.array([[0.0, 1.0], [1.0, 0.0]])
+_CASES = {
+    # 0 is a fixed point of f(., 0): the impulse must travel the whole sequence
+    "impulse-jacobi": (*_impulse_rnn(), ij.Jacobi()),
+    "impulse-window": (*_impulse_rnn(), ij.Jacobi(window=4)),
+    "product": (
+        lambda h, x: (h * x, h),
+        jnp.float64(1.0),
+        jnp.array([2.0, 1, 1, 1, 1, 1, 1, 1]),
+        ij.Jacobi(),
+    ),
+    # a zero-diagonal Jacobian: the quasi methods' A_t is 0
+    "swap-quasi-deer": (
+        lambda h, x: (0.9 * _SWAP @ h + x, h),
+        jnp.zeros(2),
+        jnp.zeros((8, 2)).at[0].set(jnp.array([0.0, 1.0])),
+        ij.QuasiDEER(),
+    ),
+    "swap-quasi-elk": (
+        lambda h, x: (0.9 * _SWAP @ h + x, h),
+        jnp.zeros(2),
+        jnp.zeros((8, 2)).at[0].set(jnp.array([0.0, 1.0])),
+        ij.QuasiELK(),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", _CASES)
+def test_no_position_is_accepted_behind_a_predecessor_that_moved(case):
+    f, init, xs, method = _CASES[case]
+    kw = dict(method=method, atol=1e-10, return_stats=True)
+    carry, ys, stats = ij.scan(f, init, xs, **kw)
+    ref_carry, ref_ys = jax.lax.scan(f, init, xs)
+    assert bool(stats.converged)
+    _close((carry, ys), (ref_carry, ref_ys), 1e-8)
+    assert float(jnp.max(jnp.abs(ref_carry))) > 1e-3  # (the impulse arrives)
+
+
+def test_jacobi_gradient_through_an_impulse_cotangent():
+    # the loss reads the last carry: its cotangent is an impulse for the adjoint
+    W = 0.8 * jax.random.normal(jax.random.PRNGKey(0), (3, 3))
+    f = lambda h, x: (jnp.tanh(W @ h + x), h)
+    xs = jnp.zeros((12, 3)).at[0].set(1.0)
+
+    def loss(xs, method):
+        return jnp.sum(ij.scan(f, jnp.zeros(3), xs, method=method)[0] ** 2)
+
+    g = jax.grad(loss)(xs, ij.Jacobi())
+    ref = jax.grad(loss)(xs, ij.Sequential())
+    assert float(jnp.max(jnp.abs(ref))) > 0.1
+    np.testing.assert_allclose(g, ref, atol=1e-5)
+    # the tangent sweeps too: the second derivative in the impulse's size
+    d2 = lambda m: jax.grad(jax.grad(lambda a: loss(a * xs, m)))(1.0)
+    np.testing.assert_allclose(d2(ij.Jacobi()), d2(ij.Sequential()), rtol=1e-5)
+
+
+def test_atol_zero_is_the_sequential_computation_on_a_chaotic_map():
+    logistic = lambda h, _: (3.9 * h * (1 - h), h)
+    ref = jax.lax.scan(logistic, 0.3, None, length=50)[1]
+    for method in (ij.Jacobi(), ij.DEER(), ij.sequence.Picard()):
+        ys = ij.scan(logistic, 0.3, None, length=50, method=method, atol=0.0)[1]
+        np.testing.assert_array_equal(ys, ref)

@@ -446,7 +446,8 @@ class Sweeps(AbstractFixedPointSolver):
         # driver's "converged" is "every position accepted".
         pending = (index >= accepted)[:, None]
         bound = self.atol + self.rtol * jnp.abs(new)
-        failing = jnp.maximum(measure, jnp.nextafter(bound, big))
+        # (above the bound by a normal number: XLA flushes subnormals to zero)
+        failing = jnp.maximum(measure, 2 * bound + jnp.finfo(bound.dtype).tiny)
         measure = jnp.where(pending, failing, measure)
         # Largest residual and update over the accepted positions and the
         # candidates (as they were when they passed: a running maximum), then
