@@ -89,6 +89,12 @@ def tree_scaled(r, y, atol, rtol):
     return tree_map(lambda a, b: a / (atol + rtol * jnp.abs(b)).astype(a.dtype), r, y)
 
 
+def all_finite(x):
+    """Whether every element of every leaf is finite (a 0-d bool)."""
+    leaves = [jnp.all(jnp.isfinite(a)) for a in jtu.tree_leaves(x)]
+    return functools.reduce(jnp.logical_and, leaves, jnp.bool_(True))
+
+
 def tree_zeros_like(x):
     return tree_map(jnp.zeros_like, x)
 

@@ -21,7 +21,11 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # of examples in the suite ("ci"); HYPOTHESIS_PROFILE=deep searches much longer.
 _slow_ok = [HealthCheck.too_slow, HealthCheck.differing_executors]
 settings.register_profile(
-    "ci", max_examples=12, deadline=None, derandomize=True, suppress_health_check=_slow_ok
+    "ci",
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=_slow_ok,
 )
 settings.register_profile(
     "deep", max_examples=400, deadline=None, suppress_health_check=_slow_ok

@@ -24,17 +24,35 @@ class LinearStats(NamedTuple):
 
 
 class AbstractLinearSolver(Module):
-    """Base class of the linear solvers (floats are leaves, ints static)."""
+    """Base class of the linear solvers (floats are leaves, ints static).
 
-    @abc.abstractmethod
+    `converged` is never "finite": it means the residual |b - A x| reached the
+    solver's tolerance. A right-hand side that is not finite gives x = NaN and
+    `converged` False (`nan_in_nan_out`), never the loop's start x = 0.
+    """
+
     def solve(self, matvec, b):
         """Approximately solve `matvec(x) = b` for `x`."""
+        return self.solve_with_stats(matvec, b)[0]
 
+    @abc.abstractmethod
     def solve_with_stats(self, matvec, b, rtol=None):
         """`(x, LinearStats)`. `rtol`, when given (it may be traced), replaces the
         solver's relative tolerance where the solver supports it (CG); others
-        ignore it. This default (the `jax.scipy` wrappers, which do not say)
-        reports -1 products and `converged` = x is finite."""
-        x = self.solve(matvec, b)
-        finite = jnp.isfinite(tu.two_norm(x))
-        return x, LinearStats(jnp.int32(-1), finite, ~finite)
+        ignore it."""
+
+
+def nan_in_nan_out(b, x, stats):
+    """`(x, stats)` with x NaN and the solve not converged where `b` or `x` is not
+    finite: the Krylov loops read a NaN residual norm as "stop" and return
+    their start, x = 0, which is a finite wrong answer."""
+    finite_b = tu.all_finite(b)
+    x = tu.tree_map(lambda a: jnp.where(finite_b, a, jnp.nan), x)
+    ok = finite_b & tu.all_finite(x)
+    return x, stats._replace(converged=stats.converged & ok)
+
+
+def residual_within(matvec, b, x, tol):
+    """|b - A x|₂ <= tol, recomputed (one product): the test of a solver whose
+    loop does not report it."""
+    return tu.two_norm(tu.tree_sub(b, matvec(x))) <= tol

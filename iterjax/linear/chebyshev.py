@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
-from ._base import AbstractLinearSolver, LinearStats
+from ._base import AbstractLinearSolver, LinearStats, nan_in_nan_out
 from .krylov import default_rtol
 from .preconditioners import chebyshev_direction, lanczos_bounds
 
@@ -63,9 +63,6 @@ class Chebyshev(AbstractLinearSolver):
         if self.max_steps is not None:
             check_int("Chebyshev", "max_steps", self.max_steps, 1)
 
-    def solve(self, matvec, b):
-        return self.solve_with_stats(matvec, b)[0]
-
     def solve_with_stats(self, matvec, b, rtol=None):
         size = sum(jnp.size(a) for a in jax.tree_util.tree_leaves(b))
         max_steps = 100 * size if self.max_steps is None else self.max_steps
@@ -96,4 +93,5 @@ class Chebyshev(AbstractLinearSolver):
         x, res, _, _, k = jax.lax.while_loop(cond, body, init)
         norm = tu.two_norm(res)
         converged = norm <= tol
-        return x, LinearStats(k + 1 + cost, converged, ~jnp.isfinite(norm))
+        stats = LinearStats(k + 1 + cost, converged, ~jnp.isfinite(norm))
+        return nan_in_nan_out(b, x, stats)

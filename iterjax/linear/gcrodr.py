@@ -66,6 +66,7 @@ class GCRODR(Recycling):
         """`(x, LinearStats, next state)` for `matvec(x) = b`."""
         flat_b, unravel, op, tol = self._system(matvec, b)
         n, k = flat_b.size, self.subspace
+        self._check_state(state, n)
         s = self.restart - k
         max_cycles = -(-10 * n // s) if self.max_cycles is None else self.max_cycles
 

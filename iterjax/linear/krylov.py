@@ -17,7 +17,7 @@ import jax.scipy.sparse.linalg as jsl
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
-from ._base import AbstractLinearSolver, LinearStats
+from ._base import AbstractLinearSolver, LinearStats, nan_in_nan_out, residual_within
 from .preconditioners import as_preconditioner
 
 
@@ -28,10 +28,23 @@ def _identity(r):
 def flat_system(matvec, b, rtol, atol):
     """(flat b, unravel, the operator on flat vectors, the residual tolerance
     max(rtol |b|₂, atol)): the form the Arnoldi-based solvers work in."""
+    check_square(matvec, b)
     flat_b, unravel = tu.ravel(b)
     op = lambda v: tu.ravel(matvec(unravel(v)))[0]
     tol = jnp.maximum(rtol * jnp.linalg.norm(flat_b), atol)
     return flat_b, unravel, op, tol
+
+
+def check_square(matvec, b):
+    """ValueError unless `matvec` maps vectors shaped like `b` to the same shapes
+    (a square system)."""
+    out = jax.eval_shape(matvec, b)
+    shapes = lambda t: [(jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(t)]
+    if jax.tree.structure(out) != jax.tree.structure(b) or shapes(out) != shapes(b):
+        raise ValueError(
+            "linear solve: `matvec` must map x shaped like b to the same shapes "
+            f"(a square system); b is {shapes(b)}, matvec(b) is {shapes(out)}"
+        )
 
 
 def default_rtol(b):
@@ -151,7 +164,7 @@ class CG(_Krylov):
         # products: one per step, plus the preconditioner's (built once, applied
         # at the start and once per step)
         matvecs = k * (1 + per_apply) + cost + per_apply
-        return x, LinearStats(matvecs, ok & (rs <= tol2), ~ok)
+        return nan_in_nan_out(b, x, LinearStats(matvecs, ok & (rs <= tol2), ~ok))
 
 
 class BiCGStab(_Krylov):
@@ -160,16 +173,18 @@ class BiCGStab(_Krylov):
     def __post_init__(self):
         self._check()
 
-    def solve(self, matvec, b):
+    def solve_with_stats(self, matvec, b, rtol=None):
+        """jax.scipy's loop, which reports nothing: `converged` is the residual
+        recomputed (one product more); -1 products."""
         apply = self._preconditioner(matvec, b)[0]
-        return jsl.bicgstab(
-            matvec,
-            b,
-            tol=self._rtol(b),
-            atol=self.atol,
-            maxiter=self.max_steps,
-            M=apply,
+        rtol = self._rtol(b) if rtol is None else rtol
+        x = jsl.bicgstab(
+            matvec, b, tol=rtol, atol=self.atol, maxiter=self.max_steps, M=apply
         )[0]
+        tol = jnp.maximum(rtol * tu.two_norm(b), self.atol)
+        ok = residual_within(matvec, b, x, tol)
+        broke = ~tu.all_finite(x)
+        return nan_in_nan_out(b, x, LinearStats(jnp.int32(-1), ok, broke))
 
 
 class GMRES(_Krylov):
@@ -195,16 +210,14 @@ class GMRES(_Krylov):
         self._check()
         check_int("GMRES", "restart", self.restart, 1)
 
-    def solve(self, matvec, b):
-        return self.solve_with_stats(matvec, b)[0]
-
     def solve_with_stats(self, matvec, b, rtol=None):
+        check_square(matvec, b)
         rtol = self._rtol(b) if rtol is None else rtol
         solve = lambda mv, rhs: self._cycles(mv, rhs, rtol)
         x, (matvecs, converged, breakdown) = jax.lax.custom_linear_solve(
             matvec, b, solve, transpose_solve=solve, has_aux=True
         )
-        return x, LinearStats(matvecs, converged, breakdown)
+        return nan_in_nan_out(b, x, LinearStats(matvecs, converged, breakdown))
 
     def _cycles(self, matvec, b, rtol):
         flat_b, unravel, op, tol = flat_system(matvec, b, rtol, self.atol)

@@ -22,7 +22,8 @@ from .. import _tree as tu
 from .._checks import check_int, check_range
 from .._iterate import AbstractFixedPointSolver, iterative_solve
 from .._types import Y
-from ._base import AbstractLinearSolver, LinearStats
+from ._base import AbstractLinearSolver, LinearStats, nan_in_nan_out, residual_within
+from .krylov import default_rtol
 
 
 class Neumann(AbstractLinearSolver):
@@ -58,10 +59,15 @@ class Neumann(AbstractLinearSolver):
         return x
 
     def solve_with_stats(self, matvec, b, rtol=None):
-        """A fixed budget of `terms` products; `converged` means finite."""
+        """A fixed budget of `terms` products (a truncated series, approximate by
+        design); `converged` says whether it reached |b - A x|₂ <= rtol |b|₂
+        (rtol default: 1e-8 in float64), recomputed with one product more."""
         x = self.solve(matvec, b)
-        finite = jnp.isfinite(tu.two_norm(x))
-        return x, LinearStats(jnp.int32(self.terms), finite, ~finite)
+        rtol = default_rtol(b) if rtol is None else rtol
+        ok = residual_within(matvec, b, x, rtol * tu.two_norm(b))
+        finite = tu.all_finite(x)
+        stats = LinearStats(jnp.int32(self.terms + 1), ok, ~finite)
+        return nan_in_nan_out(b, x, stats)
 
 
 class Richardson(AbstractLinearSolver):
@@ -85,9 +91,6 @@ class Richardson(AbstractLinearSolver):
         check_range("Richardson", "rtol", self.rtol, lo=0.0)
         check_int("Richardson", "max_steps", self.max_steps, 1)
 
-    def solve(self, matvec, b):
-        return self.solve_with_stats(matvec, b)[0]
-
     def solve_with_stats(self, matvec, b, rtol=None):
         # fn(x) - x = b - A x: the driver's residual is the linear residual.
         fn = lambda x, _: tu.tree_add(x, tu.tree_sub(b, matvec(x)))
@@ -102,7 +105,7 @@ class Richardson(AbstractLinearSolver):
         )
         broke = ~jnp.isfinite(sol.residual)
         stats = LinearStats(sol.num_steps + 1, sol.converged, broke)
-        return sol.value, stats
+        return nan_in_nan_out(b, sol.value, stats)
 
 
 class _RichardsonState(NamedTuple):

@@ -52,6 +52,21 @@ class Recycling(struct.PyTreeNode):
         basis = jnp.zeros((flat.size, self.subspace), flat.dtype)
         return RecycleState(basis, jnp.bool_(False), jnp.zeros_like(flat))
 
+    def _check_state(self, state, n):
+        """ValueError unless `state` (a `RecycleState`) is for systems of size n."""
+        owner = type(self).__name__
+        if not isinstance(state, RecycleState):
+            raise TypeError(
+                f"{owner}.solve: `state` must be a RecycleState (from `init`), got "
+                f"{type(state).__name__}"
+            )
+        if state.basis.shape[0] != n:
+            raise ValueError(
+                f"{owner}.solve: `state` was made for systems of size "
+                f"{state.basis.shape[0]}, but b has {n} elements; make one with "
+                f"init(b) for these systems"
+            )
+
     def _system(self, matvec, b):
         """`krylov.flat_system` at the solver's tolerances."""
         return flat_system(matvec, b, self.rtol, self.atol)
@@ -90,9 +105,13 @@ class RecycledCG(Recycling):
         flat_b, unravel, op, tol = self._system(matvec, b)
         n, k, m = flat_b.size, self.subspace, self.stored
         max_steps = 10 * n if self.max_steps is None else self.max_steps
+        self._check_state(state, n)
         U = state.basis
         AU = jax.vmap(op, in_axes=1, out_axes=1)(U)
-        W = U.T @ AU + jnp.where(state.ready, 0.0, 1.0) * jnp.eye(k)
+        # zero columns (before the first solve, or where span[U, P] had fewer
+        # than k dimensions) are left out: W is the identity there
+        absent = jnp.all(U == 0, axis=0) | ~state.ready
+        W = U.T @ AU + jnp.diag(absent.astype(U.dtype))
         W_inv = lambda y: jnp.linalg.solve(W, y)
         deflate = lambda r: r - U @ W_inv(AU.T @ r)
 
@@ -149,6 +168,10 @@ def _ritz_basis(U, AU, P, AP, k, ready):
     G = jnp.where(jnp.isinf(G), jnp.finfo(G.dtype).max / 4, G)
     _, Y = jnp.linalg.eigh(G)
     basis = Z @ (T @ Y[:, :k])
+    # fewer than k dimensions (a small system, or CG done in fewer steps): the
+    # columns past them stay zero rather than repeat the span (W singular)
+    real = jnp.arange(basis.shape[1]) < jnp.sum(keep)
+    basis = jnp.where(real[None], basis, 0.0)
     return basis / jnp.maximum(jnp.linalg.norm(basis, axis=0), 1e-300)[None]
 
 

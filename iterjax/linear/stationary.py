@@ -17,7 +17,9 @@ solves) or `Poisson2D(k)` (the matrix-free 5-point operator -∇·(k∇u) on a g
 with zero boundary values, swept in red-black order: each colour is one parallel
 update, so a sweep has depth 2 whatever the grid). The iterations run on iterjax's
 driver: jit, vmap (per-element step counts) and the stopping rule
-|x_{k+1} - x_k| <= atol + rtol |x_k| come with it.
+|x_{k+1} - x_k| / min(ω, 1) <= atol + rtol |x_k| come with it (a small ω makes
+small updates far from the solution: over ω, the update is the residual
+preconditioned by D + ωL).
 """
 
 from typing import NamedTuple
@@ -110,18 +112,29 @@ class Poisson2D(struct.PyTreeNode):
 
 
 class _SweepState(NamedTuple):
-    residual: Y  # sweep(x) - x
+    update: Y  # sweep(x) - x
+    residual: Y  # the update, over ω where ω < 1 (the stopping test's quantity)
 
 
 class _Sweep(AbstractFixedPointSolver):
-    """The driver's step: x <- sweep(x) (fn is the sweep map itself)."""
+    """The driver's step: x <- sweep(x) (fn is the sweep map itself).
+
+    The update of a sweep is ω (D + ωL)⁻¹ (b - A x): with a small ω it is small
+    however far x is from the solution, so the stopping test reads it over ω
+    where ω < 1 (the residual preconditioned by D + ωL), and as it is else.
+    """
+
+    omega: float
+
+    def _state(self, update):
+        return _SweepState(update, update / jnp.minimum(self.omega, 1.0))
 
     def init(self, fn, y0, args):
-        return _SweepState(fn(y0, args) - y0)
+        return self._state(fn(y0, args) - y0)
 
     def step(self, fn, y, args, state):
-        y = y + state.residual
-        return y, _SweepState(fn(y, args) - y)
+        y = y + state.update
+        return y, self._state(fn(y, args) - y)
 
 
 class SOR(struct.PyTreeNode):
@@ -133,7 +146,8 @@ class SOR(struct.PyTreeNode):
     Attributes:
       omega: ω in (0, 2).
       symmetric: a forward then a backward sweep per step (SSOR).
-      atol, rtol, max_steps: the stopping rule on the update size.
+      atol, rtol, max_steps: the stopping rule on the update size (over ω
+        where ω < 1).
     """
 
     omega: float = 1.0
@@ -167,7 +181,7 @@ class SOR(struct.PyTreeNode):
             )
         x0 = jnp.zeros_like(b) if x0 is None else x0
         return iterative_solve(
-            _Sweep(),
+            _Sweep(self.omega),
             self.iteration(operator, b),
             x0,
             None,

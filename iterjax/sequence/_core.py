@@ -433,7 +433,9 @@ class Sweeps(AbstractFixedPointSolver):
         # |δ_t| (the update alone under ParaDiGMS's rule), 0 where exact; as
         # recorded when accepted, for kept positions.
         res = jnp.where(jnp.isfinite(r), jnp.abs(r), big)
-        res = jnp.where(at_zero[:, None], jnp.where(exact[:, None], 0, jnp.abs(fx)), res)
+        res = jnp.where(
+            at_zero[:, None], jnp.where(exact[:, None], 0, jnp.abs(fx)), res
+        )
         upd = jnp.where(jnp.isfinite(delta), jnp.abs(delta), big)
         upd = jnp.where((at_zero | ~measured)[:, None], 0, upd)
         if self.paradigms:

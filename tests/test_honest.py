@@ -1,0 +1,174 @@
+"""Exact or honest: "converged" implies the documented bound (the true residual,
+recomputed here), NaN in gives NaN out, and a failed backward solve is a NaN
+gradient, never a plausible finite one (float64)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import iterjax as ij
+import iterjax.bilevel as bl
+from iterjax import linear
+
+N = 6
+SOLVERS = {
+    "cg": (lambda cap: linear.CG(max_steps=cap), "spd"),
+    "gmres": (lambda cap: linear.GMRES(restart=3, max_steps=cap), "any"),
+    "bicgstab": (lambda cap: linear.BiCGStab(max_steps=cap), "any"),
+    "chebyshev": (lambda cap: linear.Chebyshev(max_steps=cap), "spd"),
+    "neumann": (lambda cap: linear.Neumann(8 if cap else 400, damping=0.1), "spd"),
+    "richardson": (lambda cap: linear.Richardson(0.1, max_steps=cap or 5000), "spd"),
+}
+
+
+@st.composite
+def systems(draw, kind):
+    """(A, b): SPD (well or badly conditioned) or general (diagonally dominant,
+    or a scaled permutation plus identity, whose diagonal is mostly zero);
+    right-hand sides dense, an impulse, zero, or not finite."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    if kind == "spd" or draw(st.booleans()):
+        Q = np.linalg.qr(rng.normal(size=(N, N)))[0]
+        top = draw(st.sampled_from([1.0, 1e3]))
+        A = Q @ np.diag(np.geomspace(1.0, top, N)) @ Q.T / top * 9.0
+    else:
+        P = np.eye(N)[rng.permutation(N)]
+        A = (
+            draw(st.sampled_from([3.0, 0.5])) * np.eye(N)
+            + P
+            + 0.3 * rng.normal(size=(N, N))
+        )
+    rhs = draw(st.sampled_from(["dense", "impulse", "zero", "nan", "inf"]))
+    b = {"dense": rng.normal(size=N), "zero": np.zeros(N)}.get(rhs, np.eye(N)[0])
+    if rhs in ("nan", "inf"):
+        b = b.copy()
+        b[draw(st.integers(0, N - 1))] = np.nan if rhs == "nan" else np.inf
+    return jnp.asarray(A), jnp.asarray(b)
+
+
+@functools.cache
+def solving(name, capped):
+    make = SOLVERS[name][0]
+    solver = make(2 if capped else None)
+    return jax.jit(lambda A, b: solver.solve_with_stats(lambda x: A @ x, b))
+
+
+@pytest.mark.parametrize("capped", [False, True], ids=["free", "capped"])
+@pytest.mark.parametrize("name", SOLVERS)
+@given(data=st.data())
+def test_linear_converged_means_the_true_residual_is_within_tolerance(
+    name, capped, data
+):
+    A, b = data.draw(systems(SOLVERS[name][1]))
+    x, stats = solving(name, capped)(A, b)
+    if not bool(jnp.all(jnp.isfinite(b))):  # NaN in, NaN out, and said
+        assert bool(jnp.all(jnp.isnan(x))) and not bool(stats.converged)
+        return
+    if bool(stats.converged):
+        residual = float(jnp.linalg.norm(b - A @ x))
+        # the solvers' own rules: 2-norm <= 1e-8 |b| (Richardson: max norm 1e-10)
+        tol = max(1e-8 * float(jnp.linalg.norm(b)), 1e-10 * np.sqrt(N))
+        assert residual <= tol * (1 + 1e-6) + 1e-300, (residual, tol)
+
+
+def test_bicgstab_capped_is_not_converged():
+    A = jnp.array([[4.0, 1, 0, 0], [1, 3, 1, 0], [0, 1, 2, 1], [0, 0, 1, 5]])
+    b = jnp.array([1.0, -50, 3, 7])
+    x, stats = linear.BiCGStab(max_steps=2).solve_with_stats(lambda v: A @ v, b)
+    assert float(jnp.linalg.norm(A @ x - b) / jnp.linalg.norm(b)) > 1e-4
+    assert not bool(stats.converged)
+
+
+def test_sor_with_a_tiny_omega_is_not_converged():
+    A = jnp.array([[4.0, 1, 0], [1, 4, 1], [0, 1, 4]])
+    sol = linear.SOR(1e-12, max_steps=50).solve(linear.MatrixOperator(A), jnp.ones(3))
+    assert not bool(sol.converged)
+    sol = linear.SOR(0.5).solve(linear.MatrixOperator(A), jnp.ones(3))
+    assert bool(sol.converged)
+    np.testing.assert_allclose(A @ sol.value, jnp.ones(3), atol=1e-8)
+
+
+def test_recycled_cg_default_subspace_on_small_systems():
+    # the default subspace (20) exceeds the size (4): the basis was singular
+    rng = np.random.default_rng(0)
+    solver = linear.RecycledCG()
+    state = solver.init(jnp.ones(4))
+    for _ in range(3):
+        Q = rng.normal(size=(4, 4))
+        A, b = jnp.asarray(Q @ Q.T + 4 * np.eye(4)), jnp.asarray(rng.normal(size=4))
+        x, stats, state = solver.solve(lambda v, A=A: A @ v, b, state)
+        assert bool(stats.converged)
+        np.testing.assert_allclose(x, jnp.linalg.solve(A, b), atol=1e-10)
+    with pytest.raises(ValueError, match="`state` was made for systems of size 4"):
+        solver.solve(lambda v: v, jnp.ones(3), state)
+
+
+def test_gmres_names_a_non_square_operator():
+    with pytest.raises(ValueError, match="`matvec` must map x shaped like b"):
+        linear.GMRES().solve(lambda v: jnp.ones(3) * v[0], jnp.ones(2))
+
+
+# --------------------------------------------------- NaN through the adjoints
+
+
+def _sqrt_of_fixed_point(linear_solver):
+    """Loss sqrt(-y*) at the fixed point y* = 0.5 y + a (y* = 2a > 0): NaN."""
+
+    def loss(a):
+        sol = ij.fixed_point(
+            lambda y, a: 0.5 * y + a,
+            jnp.zeros(2),
+            a,
+            adjoint=ij.ImplicitAdjoint(linear_solver),
+        )
+        return jnp.sum(jnp.sqrt(-sol.value))
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "linear_solver",
+    [linear.BiCGStab(), linear.GMRES(), linear.CG()],
+    ids=lambda s: type(s).__name__,
+)
+def test_a_nan_cotangent_gives_a_nan_gradient(linear_solver):
+    a = jnp.array([1.0, 2.0])
+    loss = _sqrt_of_fixed_point(linear_solver)
+    assert bool(jnp.isnan(loss(a)))
+    assert bool(jnp.all(jnp.isnan(jax.grad(loss)(a))))
+
+
+def test_a_capped_backward_solve_gives_a_nan_gradient():
+    W = 0.45 * jax.random.normal(jax.random.PRNGKey(0), (8, 8))
+    f = lambda y, a: jnp.tanh(W @ y + a)
+
+    def loss(a, linear_solver):
+        adjoint = ij.ImplicitAdjoint(linear_solver)
+        sol = ij.fixed_point(f, jnp.zeros(8), a, adjoint=adjoint, atol=1e-12)
+        return jnp.sum(sol.value**2)
+
+    a = jnp.linspace(-1.0, 1.0, 8)
+    good = jax.grad(loss)(a, linear.GMRES())
+    assert bool(jnp.all(jnp.isfinite(good)))
+    capped = jax.grad(loss)(a, linear.BiCGStab(max_steps=1))
+    assert bool(jnp.all(jnp.isnan(capped)))
+
+
+def test_hypergradient_with_a_capped_linear_solve_is_not_converged():
+    X = jax.random.normal(jax.random.PRNGKey(0), (20, 5))
+    y = X @ jnp.arange(5.0)
+    inner = lambda w, t: jnp.mean((X @ w - y) ** 2) + jnp.exp(t) * jnp.sum(w**2)
+    outer = lambda w, t: jnp.sum((w - 1.0) ** 2)
+    run = lambda m: bl.hypergradient(
+        outer, inner, jnp.float64(-1.0), jnp.zeros(5), method=m, return_info=True
+    )
+    exact = run(bl.Implicit(linear.CG()))
+    capped = run(bl.Implicit(linear.BiCGStab(max_steps=1)))
+    assert bool(exact.converged)
+    assert abs(float(capped.grad - exact.grad)) > 1e-3 * abs(float(exact.grad))
+    assert not bool(capped.converged)
