@@ -901,3 +901,61 @@ def test_savefig_lays_out_figures_and_names_overlapping_labels(tmp_path):
     with pytest.warns(UserWarning, match="'per-sample oracle calls' overlaps"):
         wd.savefig(fig, "bad.png")
     wd.close()
+
+
+# --- Run records (issue 34): a resume of an edited config, shared stamps, torn
+# records
+
+
+def test_resume_refuses_an_edited_config_naming_the_keys(toy, tmp_path, monkeypatch):
+    path = _config(tmp_path, "experiment: toy\nsteps: 7\ncheckpoint_every: 2\n")
+    _interrupt_at_step(monkeypatch, 4)
+    with pytest.raises(runlib.Interrupted) as info:
+        runlib.run_experiment(path, out=tmp_path, quiet=True)
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.EXPERIMENTS, "toy", "toy_experiment")
+    run_dir = info.value.args[0]
+    config = run_dir / "config.yaml"
+    config.write_text(config.read_text().replace("lr: 0.1", "lr: 0.3"))
+    with pytest.raises(
+        cfglib.ConfigError, match=r"changed since the run started \(lr\)"
+    ):
+        runlib.run_experiment(resume=run_dir)
+    assert cli.main(["run", "--resume", str(run_dir), "--quiet"]) == 2
+    # --force goes on, and says so in the run's records
+    assert cli.main(["run", "--resume", str(run_dir), "--quiet", "--force"]) == 0
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "done" and status["forced"][0]["changed"] == ["lr"]
+    assert status["config"]["lr"] == 0.3
+    runlib.run_experiment(resume=run_dir)  # the forced config is now the record
+
+
+def test_two_runs_with_the_same_stamp_get_their_own_directories(
+    toy, tmp_path, monkeypatch
+):
+    monkeypatch.setattr(runlib, "_stamp", lambda: "20260101-000000-000000")
+    a = _config(tmp_path, "experiment: toy\nlr: 0.1\n", "a.yaml")
+    b = _config(tmp_path, "experiment: toy\nlr: 0.2\n", "b.yaml")
+    dir_a, _ = runlib.run_experiment(a, out=tmp_path / "runs", quiet=True)
+    dir_b, _ = runlib.run_experiment(b, out=tmp_path / "runs", quiet=True)
+    assert dir_a != dir_b and dir_b.name == dir_a.name + "-1"
+    assert "lr: 0.1" in (dir_a / "config.yaml").read_text()
+    assert "lr: 0.2" in (dir_b / "config.yaml").read_text()
+
+
+def test_records_are_written_whole_and_a_bad_one_is_named(toy, tmp_path, monkeypatch):
+    from iterjax.lab import records, report
+
+    target = tmp_path / "r.json"
+    records.write_json(target, {"a": 1})
+    with pytest.raises(TypeError):
+        records.write_json(target, {"a": object()})  # fails mid-write
+    assert json.loads(target.read_text()) == {"a": 1}  # the old record stands
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temp left
+    path = _config(tmp_path, "experiment: toy\n")
+    run_dir, _ = runlib.run_experiment(path, out=tmp_path / "runs", quiet=True)
+    (run_dir / "summary.json").write_text('{"metrics": {"lo')  # torn elsewhere
+    with pytest.raises(report.ReportError, match="summary.json is not valid JSON"):
+        report.write([run_dir], tmp_path / "report.md")
+    with pytest.raises(cfglib.ConfigError, match="summary.json is not valid JSON"):
+        runlib.run_experiment(resume=run_dir)

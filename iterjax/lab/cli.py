@@ -71,6 +71,11 @@ def main(argv=None):
     )
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run")
     r.add_argument(
+        "--force",
+        action="store_true",
+        help="resume even though config.yaml changed (recorded in status.json)",
+    )
+    r.add_argument(
         "--compilation-cache", metavar="DIR", help="JAX's persistent compilation cache"
     )
     r.add_argument("--quiet", action="store_true")
@@ -115,6 +120,7 @@ def main(argv=None):
             quiet=args.quiet,
             resume=args.resume,
             compilation_cache=args.compilation_cache,
+            force=args.force,
         )
     except cfglib.ConfigError as e:
         print(f"iterjax: {e}", file=sys.stderr)

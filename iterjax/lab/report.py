@@ -15,6 +15,7 @@ import pathlib
 
 import yaml
 
+from .records import RecordError, read_json
 from .sweep import scalar_metrics
 from .tables import flatten, markdown_table
 
@@ -28,9 +29,13 @@ def load(run_dir) -> dict:
     if not (d / "config.yaml").exists():
         why = "does not exist" if not d.exists() else "has no config.yaml"
         raise ReportError(f"{d} is not a run directory: it {why}")
-    read = lambda name: (
-        json.loads((d / name).read_text()) if (d / name).exists() else {}
-    )
+
+    def read(name):
+        try:
+            return read_json(d / name, {})
+        except RecordError as e:
+            raise ReportError(str(e)) from None
+
     status = read("status.json")
     return {
         "dir": d,

@@ -39,6 +39,7 @@ from jax.sharding import AxisType
 from . import config as cfglib
 from . import registry
 from . import sweep as sweeplib
+from .records import RecordError, changed_keys, read_json, write_json
 from .tables import flatten
 from .workdir import Workdir, jsonable, nonfinite_paths, teed
 
@@ -115,24 +116,27 @@ def run_experiment(
     resume=None,
     compilation_cache=None,
     values=None,
+    force=False,
 ):
     """Validate, run and record one experiment or sweep; returns (run_dir, summary).
 
     `resume=DIR` continues the run in DIR from its last checkpoint (a sweep from
-    its last finished member) with the config recorded there. JAX's float64 mode
-    is restored afterwards (a config's `x64` sets it for the run only).
+    its last finished member) with the config recorded there; a config.yaml
+    edited since the run started is refused (naming the changed keys) unless
+    `force` (then recorded in status.json). JAX's float64 mode is restored
+    afterwards (a config's `x64` sets it for the run only).
     """
     x64 = bool(jax.config.jax_enable_x64)
     try:
         return _run_experiment(
-            path, overrides, out, smoke, quiet, resume, compilation_cache, values
+            path, overrides, out, smoke, quiet, resume, compilation_cache, values, force
         )
     finally:
         jax.config.update("jax_enable_x64", x64)
 
 
 def _run_experiment(
-    path, overrides, out, smoke, quiet, resume, compilation_cache, values
+    path, overrides, out, smoke, quiet, resume, compilation_cache, values, force
 ):
     if resume is not None:
         run_dir = pathlib.Path(resume)
@@ -141,21 +145,24 @@ def _run_experiment(
         if overrides or values:
             raise cfglib.ConfigError("--resume takes no overrides")
         path, smoke = run_dir / "config.yaml", False
-        status = run_dir / "status.json"
-        if status.exists() and json.loads(status.read_text())["status"] == "done":
-            summary = json.loads((run_dir / "summary.json").read_text())
-            if not summary.get("failed"):  # a sweep's failed members are retried
-                return run_dir, summary
+        status = _read_record(run_dir / "status.json", {})
+        _check_unchanged(run_dir, status, force)
+        if status.get("status") == "done":
+            summary = _read_record(run_dir / "summary.json", None)
+            if summary is not None and not summary.get("failed"):
+                return run_dir, summary  # (a sweep's failed members are retried)
     p = prepare(path, overrides, smoke, values)
     _start(p.platform, compilation_cache)
     mesh = make_mesh(p.platform.mesh)
     if resume is None:
-        run_dir = pathlib.Path(out) / p.name / _stamp()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with open(run_dir / "config.yaml", "w") as f:
-            yaml.safe_dump(resolved(p), f, sort_keys=False)
+        run_dir = _new_run_dir(pathlib.Path(out) / p.name)
     try:
         with _locked(run_dir), _logged(run_dir):
+            if resume is None:  # (under the lock: nothing is written before it)
+                with open(run_dir / "config.yaml", "w") as f:
+                    yaml.safe_dump(resolved(p), f, sort_keys=False)
+                if jax.process_index() == 0:
+                    write_json(run_dir / "status.json", {"config": resolved(p)})
             if p.members is None:
                 summary = _run_one(p, p.cfg, run_dir, quiet, mesh, resume is not None)
             else:
@@ -165,6 +172,54 @@ def _run_experiment(
     except KeyboardInterrupt:
         raise Interrupted(run_dir) from None
     return run_dir, summary
+
+
+def _read_record(path, default):
+    try:
+        return read_json(path, default)
+    except RecordError as e:
+        raise cfglib.ConfigError(f"--resume: {e}") from None
+
+
+def _check_unchanged(run_dir, status, force):
+    """Refuse to resume a run whose config.yaml was edited since it started (its
+    steps would mix two configs), naming the changed keys; with `force`, go on
+    and record them in status.json."""
+    if "config" not in status:  # (a run from before configs were recorded)
+        return
+    with open(run_dir / "config.yaml") as f:
+        now = yaml.safe_load(f)
+    changed = changed_keys(status["config"], now)
+    if not changed:
+        return
+    if not force:
+        raise cfglib.ConfigError(
+            f"--resume {run_dir}: config.yaml changed since the run started "
+            f"({', '.join(changed)}); the resumed steps would run another config. "
+            "Restore it, start a new run, or resume with --force (recorded in "
+            "status.json)"
+        )
+    status.setdefault("forced", []).append({"changed": changed, "config": now})
+    write_json(run_dir / "status.json", {**status, "config": now})
+
+
+def _new_run_dir(parent):
+    """A new directory `parent/<stamp>`, made by this process alone: two runs
+    started in the same microsecond get `<stamp>-1`, ... (with several
+    processes, all share process 0's stamp)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    stamp = _stamp()
+    if jax.process_count() > 1:
+        (parent / stamp).mkdir(exist_ok=True)
+        return parent / stamp
+    for i in range(1000):
+        run_dir = parent / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise cfglib.ConfigError(f"cannot make a new run directory in {parent}")
 
 
 def _logged(run_dir):
@@ -338,8 +393,7 @@ def _recorded(run_dir, primary):
 
 def _finish(run_dir, summary, primary):
     if primary:
-        with open(pathlib.Path(run_dir) / "summary.json", "w") as f:
-            json.dump(jsonable(summary), f, indent=2)
+        write_json(pathlib.Path(run_dir) / "summary.json", jsonable(summary), indent=2)
     _status(run_dir, "done", primary)
 
 
@@ -382,9 +436,16 @@ def _read_rows(run_dir, repair=False):
 
 
 def _status(run_dir, status, primary, **extra):
+    """Write status.json, keeping the config the run started with (and any
+    forced resume) from the record before."""
     if primary:
-        with open(pathlib.Path(run_dir) / "status.json", "w") as f:
-            json.dump({"status": status, **extra}, f)
+        path = pathlib.Path(run_dir) / "status.json"
+        try:
+            kept = read_json(path, {})
+        except RecordError:
+            kept = {}
+        kept = {k: kept[k] for k in ("config", "forced") if k in kept}
+        write_json(path, {"status": status, **extra, **kept})
 
 
 # --- Platform: processes, compilation cache, mesh.

@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 from tensorboardX import SummaryWriter
 
+from .records import write_json
 from .tables import flatten
 
 
@@ -420,7 +421,7 @@ def _digests(directory):
 
 def write_manifest(directory):
     """Record the SHA-256 of every file of a finished checkpoint."""
-    (directory / MANIFEST).write_text(json.dumps(_digests(directory), indent=0))
+    write_json(directory / MANIFEST, _digests(directory), indent=0)
 
 
 def verify_manifest(directory):
