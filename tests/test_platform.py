@@ -959,3 +959,48 @@ def test_records_are_written_whole_and_a_bad_one_is_named(toy, tmp_path, monkeyp
         report.write([run_dir], tmp_path / "report.md")
     with pytest.raises(cfglib.ConfigError, match="summary.json is not valid JSON"):
         runlib.run_experiment(resume=run_dir)
+
+
+@pytest.mark.parametrize(
+    "text, extra, named",
+    [
+        ("experiment: toy\nsteps: 3\nsteps: 4\n", [], "key 'steps' is given twice"),
+        ("experiment: toy\nlr:\n\t0.1\n", [], "spaces, not tabs"),
+        ("experiment: toy\nlr: [0.1\n", [], "c.yaml, line"),
+        ("experiment: toy\n", ["steps=[1,"], "override 'steps=[1,'"),
+        ("experiment: toy\nlr: .nan\n", [], "`lr`: expected a number, got nan"),
+        ("experiment: toy\nseed: 100000000000000000000\n", [], "`seed`: 1000"),
+        ("experiment: ../../escape\n", [], "`experiment`: '../../escape'"),
+        ("experiment: toy\nmesh: {shape: [3]}\n", ["--dry-run"], "`mesh.shape`"),
+    ],
+    ids=["duplicate", "tab", "malformed", "override", "nan", "seed", "path", "mesh"],
+)
+def test_bad_configs_are_one_line_naming_the_key_before_any_run_directory(
+    toy, tmp_path, capsys, text, extra, named
+):
+    path = _config(tmp_path, text)
+    out = tmp_path / "runs"
+    assert cli.main(["run", str(path), "--out", str(out), "--quiet", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_a_bound_refuses_inf_and_a_read_only_out_is_named(
+    toy, tmp_path, capsys, monkeypatch
+):
+    assert (
+        cfglib.Range(lo=0.0).check(float("inf")) == "must be a finite number, got inf"
+    )
+    path = _config(tmp_path, "experiment: toy\n")
+    mkdir = pathlib.Path.mkdir
+
+    def read_only(self, *args, **kwargs):  # (a real read-only folder: root writes)
+        if "runs" in self.parts:
+            raise PermissionError(13, "Permission denied")
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    assert cli.main(["run", str(path), "--out", str(tmp_path / "runs"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--out: cannot make" in err and "Permission denied" in err

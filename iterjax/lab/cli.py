@@ -13,7 +13,14 @@ import iterjax
 from . import config as cfglib
 from . import report
 from . import sweep as sweeplib
-from .runner import CONFIG_DIR, Interrupted, prepare, resolved, run_experiment
+from .runner import (
+    CONFIG_DIR,
+    Interrupted,
+    make_mesh,
+    prepare,
+    resolved,
+    run_experiment,
+)
 from .tables import markdown_table
 
 
@@ -165,6 +172,7 @@ def _dry_run(config, overrides, smoke):
     plan; compile and write nothing."""
     try:
         p = prepare(config, overrides, smoke)
+        make_mesh(p.platform.mesh)  # (the mesh against this host's devices)
     except cfglib.ConfigError as e:
         print(f"iterjax: {e}", file=sys.stderr)
         return 2

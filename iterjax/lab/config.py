@@ -17,11 +17,11 @@ type annotation (int, float, str, bool, tuples, nested dataclasses, `Literal`,
 
 import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from typing import Any, Literal, Union
-
-import yaml
 
 from . import registry
 from .spec import ConfigError as ConfigError
@@ -32,6 +32,7 @@ from .spec import Positive as Positive
 from .spec import Range as Range
 from .spec import Spec as Spec
 from .spec import float_literal as float_literal
+from .spec import read_yaml as read_yaml
 from .spec import spec as spec
 
 _SCALARS = {int: "an int", float: "a number", str: "a string", bool: "true or false"}
@@ -110,6 +111,10 @@ def _convert(tp, value, where):
         )
     if tp in _SCALARS:
         ok = isinstance(value, tp) and not (tp is not bool and isinstance(value, bool))
+        if tp is int and ok and not -(2**63) <= value < 2**63:
+            _fail(where, f"{value} does not fit a 64-bit int")
+        if tp is float and isinstance(value, float) and math.isnan(value):
+            _fail(where, "expected a number, got nan")
         if tp is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if tp is float and (number := float_literal(value)) is not None:
@@ -241,8 +246,13 @@ def parse_overrides(items) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
+        out.append((key.strip(), read_yaml(raw, f"override {item!r}")))
     return out
+
+
+# names and dotted import paths: no path separators or `..` (the run directory
+# is <out>/<experiment>/<stamp>)
+_EXPERIMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def load(source, overrides=(), smoke: bool = False, values=None):
@@ -258,12 +268,18 @@ def load(source, overrides=(), smoke: bool = False, values=None):
         data = copy.deepcopy(source)
     else:
         with open(source) as f:
-            data = yaml.safe_load(f) or {}
+            data = read_yaml(f, str(source)) or {}
     if not isinstance(data, dict) or "experiment" not in data:
         raise ConfigError(
             f"{source}: a config must be a mapping with an `experiment` key"
         )
     name = data.pop("experiment")
+    if not (isinstance(name, str) and _EXPERIMENT.fullmatch(name)):
+        _fail(
+            "experiment",
+            f"{name!r} is not an experiment name or a module's import path "
+            "(letters, digits, _ and dots, as in mypkg.my_experiment)",
+        )
     smoke_overrides = data.pop("smoke", {}) or {}
     if smoke:
         for k, v in smoke_overrides.items():

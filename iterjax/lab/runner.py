@@ -188,7 +188,7 @@ def _check_unchanged(run_dir, status, force):
     if "config" not in status:  # (a run from before configs were recorded)
         return
     with open(run_dir / "config.yaml") as f:
-        now = yaml.safe_load(f)
+        now = cfglib.read_yaml(f, str(run_dir / "config.yaml"))
     changed = changed_keys(status["config"], now)
     if not changed:
         return
@@ -207,7 +207,12 @@ def _new_run_dir(parent):
     """A new directory `parent/<stamp>`, made by this process alone: two runs
     started in the same microsecond get `<stamp>-1`, ... (with several
     processes, all share process 0's stamp)."""
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cfglib.ConfigError(
+            f"--out: cannot make {parent} ({e.strerror or e})"
+        ) from None
     stamp = _stamp()
     if jax.process_count() > 1:
         (parent / stamp).mkdir(exist_ok=True)
@@ -219,6 +224,10 @@ def _new_run_dir(parent):
             return run_dir
         except FileExistsError:
             continue
+        except OSError as e:
+            raise cfglib.ConfigError(
+                f"--out: cannot make {run_dir} ({e.strerror or e})"
+            ) from None
     raise cfglib.ConfigError(f"cannot make a new run directory in {parent}")
 
 

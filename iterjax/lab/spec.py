@@ -2,8 +2,11 @@
 `Spec` (a registry object named in a config) and `Range` (a bound on a number)."""
 
 import dataclasses
+import math
 import re
 import typing
+
+import yaml
 
 
 class ConfigError(ValueError):
@@ -50,7 +53,10 @@ class Range:
     hi_open: bool = False
 
     def check(self, value) -> str | None:
-        """None when `value` is inside, else what is wrong."""
+        """None when `value` is inside, else what is wrong (NaN and inf are
+        never inside: a bounded number is a finite one)."""
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"must be a finite number, got {value!r}"
         if self.lo is not None and (
             value <= self.lo if self.lo_open else value < self.lo
         ):
@@ -68,6 +74,40 @@ Positive = typing.Annotated[float, Range(lo=0.0, lo_open=True)]  # lrs, toleranc
 NonNegative = typing.Annotated[float, Range(lo=0.0)]
 NonNegativeInt = typing.Annotated[int, Range(lo=0)]
 Fraction = typing.Annotated[float, Range(lo=0.0, hi=1.0)]
+
+
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML
+    itself lets the last one win, silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"key {key!r} is given twice (lines {seen[key]} and "
+                    f"{key_node.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text, source: str):
+    """The YAML document `text` (a string or a file), or a ConfigError naming
+    `source` and the line: malformed YAML, tabs, a key given twice."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeys)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f", line {where.line + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e)
+        if "\t" in problem or "\\t" in problem:
+            problem += " (YAML indents with spaces, not tabs)"
+        raise ConfigError(f"{source}{line}: not valid YAML: {problem}") from None
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
