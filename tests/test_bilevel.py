@@ -380,3 +380,19 @@ def test_saba_index_batches_are_checked():
             table,
             mean,
         )
+
+
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_nan_sample_is_flagged_and_mismatched_batches_are_named(name):
+    solver = SOLVERS[name]()
+    state = solver.init(jnp.zeros(3), jnp.zeros(4))
+    state, info = solver.step(state, jnp.zeros(4), jnp.zeros(4))
+    assert bool(info["finite"])
+    bad = jnp.zeros(4).at[1].set(jnp.nan)
+    _, info = solver.step(state, bad, jnp.zeros(4))
+    assert not bool(info["finite"])
+    inner = lambda w, t, b: q_inner(w, t, b["x"][:4] + b["y"][:4])
+    mixed = {"x": jnp.zeros(4), "y": jnp.zeros(5)}
+    solver = solver.replace(inner_loss=inner)
+    with pytest.raises(ValueError, match=r"leaves of `inner_batch` have different"):
+        solver.step(state, mixed, jnp.zeros(4))

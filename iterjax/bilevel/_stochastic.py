@@ -27,7 +27,8 @@ Methods (H = ∂²g/∂w², all products matrix-free):
   ∇_θ g(z)), with λ growing by `lam_growth` per step up to `lam_max`.
 
 `info` reports the oracle calls of the step, each on the batch passed to `step`:
-`grads` (gradients of f or g) and `hvps` (Hessian- or mixed-vector products).
+`grads` (gradients of f or g) and `hvps` (Hessian- or mixed-vector products);
+and `finite`, False once a step made the state non-finite (a NaN sample).
 """
 
 import abc
@@ -55,6 +56,13 @@ class BilevelState(NamedTuple):
 
 def _info(grads, hvps):
     return {"grads": jnp.int32(grads), "hvps": jnp.int32(hvps)}
+
+
+def _with_finite(new, info):
+    """`(new, info)` with info["finite"]: whether the new state is finite (a NaN
+    sample makes it NaN, and a loop that reads only θ would not see it)."""
+    state = (new.theta, new.w, new.aux)
+    return new, {**info, "finite": tu.all_finite(state)}
 
 
 class _Stochastic(Module):
@@ -97,12 +105,23 @@ class _Stochastic(Module):
         the step and oracle counts but not θ: refuse it, naming the batch."""
         name = type(self).__name__
         for what, batch in (("inner_batch", inner_batch), ("outer_batch", outer_batch)):
-            for leaf in jax.tree.leaves(batch):
+            leaves = jax.tree_util.tree_leaves_with_path(batch)
+            for _, leaf in leaves:
                 if jnp.ndim(leaf) and jnp.shape(leaf)[0] == 0:
                     raise ValueError(
                         f"{name}.step: `{what}` is empty (a leaf of shape "
                         f"{jnp.shape(leaf)}); every step needs at least one sample"
                     )
+            sizes = {jnp.shape(a)[0] for _, a in leaves if jnp.ndim(a)}
+            if len(sizes) > 1:
+                shapes = ", ".join(
+                    f"{what}{jax.tree_util.keystr(k)}: {jnp.shape(a)}"
+                    for k, a in leaves
+                )
+                raise ValueError(
+                    f"{name}.step: the leaves of `{what}` have different numbers "
+                    f"of samples (leading axes: {shapes})"
+                )
 
     def _outer_update(self, state, direction, w, aux):
         theta, opt_state = optax_step(
@@ -161,7 +180,7 @@ class SOBA(_Stochastic):
         d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
         w = tu.tree_axpy(-rho, d_w, w)
         v = tu.tree_axpy(-rho, d_v, v)
-        return self._outer_update(state, d_t, w, v), _info(*self.oracles)
+        return _with_finite(self._outer_update(state, d_t, w, v), _info(*self.oracles))
 
 
 class StocBiO(_Stochastic):
@@ -207,7 +226,7 @@ class StocBiO(_Stochastic):
         v = tu.tree_scale(-eta, total)  # ≈ -H⁻¹ ∇_w f
         d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
         info = _info(*self.oracles)
-        return self._outer_update(state, d_t, w, v), info
+        return _with_finite(self._outer_update(state, d_t, w, v), info)
 
 
 class F2SA(_Stochastic):
@@ -265,7 +284,7 @@ class F2SA(_Stochastic):
         )
         lam = jnp.minimum(lam + self.lam_growth, self.lam_max)
         info = _info(*self.oracles)
-        return self._outer_update(state, d_t, z, (y, lam)), info
+        return _with_finite(self._outer_update(state, d_t, z, (y, lam)), info)
 
 
 class AmIGO(_Stochastic):
@@ -309,7 +328,7 @@ class AmIGO(_Stochastic):
         v = jax.lax.fori_loop(0, self.v_steps, v_step, state.aux)
         d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
         info = _info(*self.oracles)
-        return self._outer_update(state, d_t, w, v), info
+        return _with_finite(self._outer_update(state, d_t, w, v), info)
 
 
 def _check_indices(name, idx, n):
@@ -452,4 +471,4 @@ class SABA(_Stochastic):
         info["skipped"] = skipped(inner_idx, self.num_inner) + skipped(
             outer_idx, self.num_outer
         )
-        return self._outer_update(state, d_t, w, (v, tables)), info
+        return _with_finite(self._outer_update(state, d_t, w, (v, tables)), info)
