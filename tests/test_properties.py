@@ -213,3 +213,54 @@ def test_a_non_finite_input_is_non_finite_from_there_on(name, problem, at, value
     first = int(np.argmax(bad))
     np.testing.assert_array_equal(np.isfinite(ys[:first]), np.isfinite(ref[:first]))
     assert not np.any(np.all(np.isfinite(np.asarray(ys[first:])), axis=1))
+
+
+# ------------------------------------------------ fixed points: the same rule
+
+
+@st.composite
+def maps(draw):
+    """(W, a, kind) of y -> tanh(W y + a) or y -> W y + a, W contractive or not,
+    dense or a scaled permutation (zero diagonal); a may hold a NaN."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    n = 5
+    if draw(st.booleans()):
+        W = rng.normal(size=(n, n))
+    else:
+        W = np.eye(n)[rng.permutation(n)]
+    W = draw(st.sampled_from([0.5, 0.95, 1.5])) * W / np.abs(np.linalg.eigvals(W)).max()
+    a = draw(st.sampled_from(["dense", "impulse", "zero", "nan"]))
+    a = {"dense": rng.normal(size=n), "zero": np.zeros(n)}.get(a, np.eye(n)[0])
+    if draw(st.booleans()) and a[0] == 1 and a.sum() == 1:
+        a = np.where(np.arange(n) == 2, np.nan, a)  # a NaN parameter
+    return jnp.asarray(W), jnp.asarray(a), draw(st.integers(0, 1))
+
+
+def fixed_point_map(y, args):
+    W, a, kind = args
+    return jnp.where(kind == 0, jnp.tanh(W @ y + a), W @ y + a)
+
+
+@functools.cache
+def fixed_point_solver(name):
+    from helpers import ALL_SOLVERS, IDS
+
+    solver = dict(zip(IDS, ALL_SOLVERS, strict=True))[name]
+    run = lambda args: ij.fixed_point(
+        fixed_point_map, jnp.zeros(5), args, solver=solver, atol=1e-9, max_steps=200
+    )
+    return jax.jit(run)
+
+
+@pytest.mark.parametrize(
+    "name", ["picard", "anderson", "broyden", "newton", "safeguarded-broyden"]
+)
+@given(problem=maps())
+def test_fixed_point_converged_means_the_true_residual_is_within_atol(name, problem):
+    sol = fixed_point_solver(name)(problem)
+    if not bool(jnp.all(jnp.isfinite(problem[1]))):  # NaN in: never converged
+        assert not bool(sol.converged)
+        return
+    if bool(sol.converged):
+        residual = jnp.max(jnp.abs(fixed_point_map(sol.value, problem) - sol.value))
+        assert float(residual) <= 1e-9 * (1 + 1e-6), float(residual)
