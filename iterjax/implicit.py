@@ -72,7 +72,10 @@ class ImplicitAdjoint(AbstractAdjoint):
     """Implicit differentiation through the fixed-point condition.
 
     A backward solve that does not reach its tolerance (or breaks down) gives a
-    NaN gradient, never a finite wrong one; so does a NaN cotangent.
+    NaN gradient, never a finite wrong one; so does a NaN cotangent. A forward
+    solve that did not converge still gets the implicit gradient at the point
+    it reached (fixed-budget DEQ training relies on it): its `Solution` says so,
+    and `throw=True` raises, under `grad` too.
 
     Attributes:
       linear_solver: solves (I - ∂f/∂y) t = b matrix-free: `BiCGStab()` (default;

@@ -172,3 +172,14 @@ def test_hypergradient_with_a_capped_linear_solve_is_not_converged():
     assert bool(exact.converged)
     assert abs(float(capped.grad - exact.grad)) > 1e-3 * abs(float(exact.grad))
     assert not bool(capped.converged)
+
+
+def test_a_forward_solve_that_did_not_converge_raises_under_grad_with_throw():
+    f = lambda y, a: jnp.tanh(0.99 * y + a)
+    loss = lambda a, throw: jnp.sum(
+        ij.fixed_point(f, jnp.zeros(3), a, max_steps=2, throw=throw).value
+    )
+    a = jnp.ones(3)
+    assert bool(jnp.all(jnp.isfinite(jax.grad(loss)(a, False))))  # (a budget)
+    with pytest.raises(Exception, match="max_steps"):
+        jax.block_until_ready(jax.grad(loss)(a, True))

@@ -1004,3 +1004,11 @@ def test_a_bound_refuses_inf_and_a_read_only_out_is_named(
     assert cli.main(["run", str(path), "--out", str(tmp_path / "runs"), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--out: cannot make" in err and "Permission denied" in err
+
+
+def test_an_absurd_size_is_refused_before_any_run_directory(toy, tmp_path, capsys):
+    path = _config(tmp_path, "experiment: fixed_point_study\ndim: 10000000000000\n")
+    out = tmp_path / "runs"
+    assert cli.main(["run", str(path), "--out", str(out), "--quiet"]) == 2
+    assert "`dim`: must be <= 2147483647" in capsys.readouterr().err
+    assert not out.exists()

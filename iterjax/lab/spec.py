@@ -68,11 +68,14 @@ class Range:
         return None
 
 
-# The bounds that experiments' configs use most.
-Count = typing.Annotated[int, Range(lo=1)]  # sizes, steps, repeats: >= 1
+# The bounds that experiments' configs use most. Sizes and counts stay below
+# 2^31 (JAX's default int32 indexing): a `dim: 10000000000000` is refused naming
+# its key, not met by an out-of-memory error after the run directory exists.
+_INT32 = 2**31 - 1
+Count = typing.Annotated[int, Range(lo=1, hi=_INT32)]  # sizes, steps, repeats
 Positive = typing.Annotated[float, Range(lo=0.0, lo_open=True)]  # lrs, tolerances
 NonNegative = typing.Annotated[float, Range(lo=0.0)]
-NonNegativeInt = typing.Annotated[int, Range(lo=0)]
+NonNegativeInt = typing.Annotated[int, Range(lo=0, hi=_INT32)]
 Fraction = typing.Annotated[float, Range(lo=0.0, hi=1.0)]
 
 
