@@ -563,16 +563,22 @@ def test_registered_solver_names_reach_configs(monkeypatch):
 # --- A platform that loses nothing: locks, torn rows, failed members, corruption.
 
 
+def _interrupted(monkeypatch, path, out, at):
+    """The run directory of `path` interrupted after step `at` (the toy
+    experiment registered again, the interruption undone)."""
+    _interrupt_at_step(monkeypatch, at)
+    with pytest.raises(runlib.Interrupted) as info:
+        runlib.run_experiment(path, out=out, quiet=True)
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.EXPERIMENTS, "toy", "toy_experiment")
+    return info.value.args[0]
+
+
 def test_a_second_process_cannot_resume_a_directory_in_use(toy, tmp_path, monkeypatch):
     import fcntl
 
     path = _config(tmp_path, "experiment: toy\nsteps: 5\ncheckpoint_every: 2\n")
-    _interrupt_at_step(monkeypatch, 4)
-    with pytest.raises(runlib.Interrupted) as info:
-        runlib.run_experiment(path, out=tmp_path, quiet=True)
-    monkeypatch.undo()
-    monkeypatch.setitem(registry.EXPERIMENTS, "toy", "toy_experiment")
-    run_dir = info.value.args[0]
+    run_dir = _interrupted(monkeypatch, path, tmp_path, at=4)
     with open(run_dir / ".lock", "w") as held:  # another process holds the run
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(cfglib.ConfigError, match="in use by another"):
@@ -909,12 +915,7 @@ def test_savefig_lays_out_figures_and_names_overlapping_labels(tmp_path):
 
 def test_resume_refuses_an_edited_config_naming_the_keys(toy, tmp_path, monkeypatch):
     path = _config(tmp_path, "experiment: toy\nsteps: 7\ncheckpoint_every: 2\n")
-    _interrupt_at_step(monkeypatch, 4)
-    with pytest.raises(runlib.Interrupted) as info:
-        runlib.run_experiment(path, out=tmp_path, quiet=True)
-    monkeypatch.undo()
-    monkeypatch.setitem(registry.EXPERIMENTS, "toy", "toy_experiment")
-    run_dir = info.value.args[0]
+    run_dir = _interrupted(monkeypatch, path, tmp_path, at=4)
     config = run_dir / "config.yaml"
     config.write_text(config.read_text().replace("lr: 0.1", "lr: 0.3"))
     with pytest.raises(
