@@ -109,7 +109,8 @@ def test_recycled_cg_default_subspace_on_small_systems():
 
 
 def test_gmres_names_a_non_square_operator():
-    with pytest.raises(ValueError, match="`matvec` must map x shaped like b"):
+    shape = r"GMRES: `matvec` \(a square system.*shape \(3,\).*`b` has shape \(2,\)"
+    with pytest.raises(ValueError, match=shape):
         linear.GMRES().solve(lambda v: jnp.ones(3) * v[0], jnp.ones(2))
 
 

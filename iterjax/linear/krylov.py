@@ -16,7 +16,7 @@ import jax.scipy.sparse.linalg as jsl
 
 from .. import _struct as struct
 from .. import _tree as tu
-from .._checks import check_int, check_range
+from .._checks import check_int, check_range, check_same_structure
 from ._base import AbstractLinearSolver, LinearStats, nan_in_nan_out, residual_within
 from .preconditioners import as_preconditioner
 
@@ -28,23 +28,17 @@ def _identity(r):
 def flat_system(matvec, b, rtol, atol):
     """(flat b, unravel, the operator on flat vectors, the residual tolerance
     max(rtol |b|₂, atol)): the form the Arnoldi-based solvers work in."""
-    check_square(matvec, b)
     flat_b, unravel = tu.ravel(b)
     op = lambda v: tu.ravel(matvec(unravel(v)))[0]
     tol = jnp.maximum(rtol * jnp.linalg.norm(flat_b), atol)
     return flat_b, unravel, op, tol
 
 
-def check_square(matvec, b):
+def check_square(owner, matvec, b):
     """ValueError unless `matvec` maps vectors shaped like `b` to the same shapes
     (a square system)."""
-    out = jax.eval_shape(matvec, b)
-    shapes = lambda t: [(jnp.shape(a), jnp.result_type(a)) for a in jax.tree.leaves(t)]
-    if jax.tree.structure(out) != jax.tree.structure(b) or shapes(out) != shapes(b):
-        raise ValueError(
-            "linear solve: `matvec` must map x shaped like b to the same shapes "
-            f"(a square system); b is {shapes(b)}, matvec(b) is {shapes(out)}"
-        )
+    what = "`matvec` (a square system: A x shaped like b)"
+    check_same_structure(owner, what, jax.eval_shape(matvec, b), b, "b")
 
 
 def default_rtol(b):
@@ -211,7 +205,7 @@ class GMRES(_Krylov):
         check_int("GMRES", "restart", self.restart, 1)
 
     def solve_with_stats(self, matvec, b, rtol=None):
-        check_square(matvec, b)
+        check_square("GMRES", matvec, b)
         rtol = self._rtol(b) if rtol is None else rtol
         solve = lambda mv, rhs: self._cycles(mv, rhs, rtol)
         x, (matvecs, converged, breakdown) = jax.lax.custom_linear_solve(

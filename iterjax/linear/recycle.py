@@ -32,7 +32,7 @@ from .. import _tree as tu
 from .._checks import check_int, check_range
 from .._types import Array, Bool, Float
 from ._base import LinearStats
-from .krylov import flat_system
+from .krylov import check_square, flat_system
 
 
 class RecycleState(NamedTuple):
@@ -68,7 +68,8 @@ class Recycling(struct.PyTreeNode):
             )
 
     def _system(self, matvec, b):
-        """`krylov.flat_system` at the solver's tolerances."""
+        """`krylov.flat_system` at the solver's tolerances (a square one)."""
+        check_square(type(self).__name__, matvec, b)
         return flat_system(matvec, b, self.rtol, self.atol)
 
 

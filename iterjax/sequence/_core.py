@@ -382,18 +382,18 @@ class Sweeps(AbstractFixedPointSolver):
             frozen = kept if self.paradigms else verifying(candidates, r_ok)
             r_free = jnp.where(frozen[:, None], 0, r)
             delta = self.method.sweep(cell, prev[0], X, xw, r_free, A, frozen)
-            return fx, delta, None if state.A is None else A, computed
+            return fx, r, r_ok, delta, None if state.A is None else A, computed
 
         def evaluate():  # every pending position took a tested update: test it
             fx = jax.vmap(cell)(prev, xw)
-            return fx, jnp.zeros_like(fx), state.A, jnp.bool_(False)
+            r, r_ok = residual(fx)
+            return fx, r, r_ok, jnp.zeros_like(fx), state.A, jnp.bool_(False)
 
         if self.paradigms:
-            fx, delta, A, computed = full()
+            fx, r, r_ok, delta, A, computed = full()
         else:
             light = jnp.all(kept | candidates)
-            fx, delta, A, computed = jax.lax.cond(light, evaluate, full)
-        r, r_ok = residual(fx)
+            fx, r, r_ok, delta, A, computed = jax.lax.cond(light, evaluate, full)
 
         if self.paradigms:
             # ParaDiGMS's loop: the prefix whose update passes takes it, and so
@@ -402,7 +402,7 @@ class Sweeps(AbstractFixedPointSolver):
             first = index == state.accepted
             exact = first & jnp.all(jnp.isfinite(fx), axis=-1)
             accepted = prefix(kept | d_ok)
-            new = self._update(X, r, delta, fx, first, kept)
+            new, fine = self._update(X, r, delta, fx, first, kept)
             nxt = (index == accepted) & jnp.all(jnp.isfinite(new), axis=-1)
             accepted = accepted + jnp.sum(nxt, dtype=jnp.int32)
             at_zero, untested = first, nxt
@@ -424,7 +424,7 @@ class Sweeps(AbstractFixedPointSolver):
             at_zero = index == tested
             exact = at_zero & jnp.all(jnp.isfinite(fx), axis=-1)
             accepted = tested + jnp.sum(exact, dtype=jnp.int32)
-            new = self._update(X, r, delta, fx, at_zero, index < tested)
+            new, fine = self._update(X, r, delta, fx, at_zero, index < tested)
             candidates = passed & (index > tested)
             untested = jnp.zeros_like(kept)
             measured = ~verified | kept  # verified now: residual only
@@ -474,9 +474,7 @@ class Sweeps(AbstractFixedPointSolver):
             measure = jnp.where(kept[:, None], old, measure)
             residual = jnp.where(past[:, None], big, put(state.residual, measure))
             candidates_all = put(state.candidates, candidates) & ~past
-        fallbacks = state.fallbacks + jnp.any(~jnp.isfinite(X + delta)).astype(
-            jnp.int32
-        )
+        fallbacks = state.fallbacks + jnp.any(~fine).astype(jnp.int32)
         jacobians = state.jacobians + computed.astype(jnp.int32)
         y_new, residual = shard_time((y_new, residual), mesh)
         A = None if state.A is None else A
@@ -495,13 +493,13 @@ class Sweeps(AbstractFixedPointSolver):
 
     @staticmethod
     def _update(X, r, delta, fx, exact, keep):
-        """X + δ, with the Jacobi update f(X_{t-1}) where that is not finite (X
-        where neither is); f's own value at `exact` (bitwise, not X + r); X at
-        `keep`."""
+        """`(new, fine)`: X + δ, with the Jacobi update f(X_{t-1}) where that is
+        not finite (X where neither is; `fine` says where it is finite); f's own
+        value at `exact` (bitwise, not X + r); X at `keep`."""
         big = jnp.finfo(r.dtype).max
         new = X + delta
         fine = jnp.all(jnp.isfinite(new), axis=-1)
         jacobi = jnp.where(jnp.abs(r) < big, X + r, X)
         new = jnp.where(fine[:, None], new, jacobi)
         new = jnp.where(exact[:, None], fx, new)
-        return jnp.where(keep[:, None], X, new)
+        return jnp.where(keep[:, None], X, new), fine
