@@ -128,16 +128,17 @@ def check_same_structure(owner, what, out, expected, expected_name="y0"):
             f"`{expected_name}`; got {out_def}, expected {exp_def}"
         )
     for (path, a), b in zip(jtu.tree_leaves_with_path(out), jtu.tree_leaves(expected)):
+        where = f" at leaf {jtu.keystr(path)}" if path else ""
         sa, sb = jnp.shape(a), jnp.shape(b)
         da, db = jnp.result_type(a), jnp.result_type(b)
         if sa != sb:
             raise ValueError(
-                f"{owner}: {what} returned shape {sa} at leaf {jtu.keystr(path)!s} "
+                f"{owner}: {what} returned shape {sa}{where} "
                 f"but `{expected_name}` has shape {sb} there"
             )
         if da != db:
             raise ValueError(
-                f"{owner}: {what} returned dtype {da} at leaf {jtu.keystr(path)!s} "
+                f"{owner}: {what} returned dtype {da}{where} "
                 f"but `{expected_name}` has dtype {db} there; cast inside fn or "
                 f"change `{expected_name}`"
             )

@@ -114,6 +114,15 @@ def test_gmres_names_a_non_square_operator():
         linear.GMRES().solve(lambda v: jnp.ones(3) * v[0], jnp.ones(2))
 
 
+def test_shape_errors_name_a_leaf_only_when_there_is_one():
+    # a bare array has no leaf path: no "at leaf  but" with an empty name
+    with pytest.raises(ValueError, match=r"shape \(3,\) but") as bare:
+        ij.fixed_point(lambda y, a: jnp.ones(3), jnp.ones(2), None)
+    assert "at leaf" not in str(bare.value)
+    with pytest.raises(ValueError, match=r"shape \(3,\) at leaf \['h'\] but"):
+        ij.fixed_point(lambda y, a: {"h": jnp.ones(3)}, {"h": jnp.ones(2)}, None)
+
+
 # --------------------------------------------------- NaN through the adjoints
 
 
