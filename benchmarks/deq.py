@@ -42,7 +42,7 @@ warnings.filterwarnings("ignore")
 
 import iterjax as ij  # noqa: E402
 from benchmarks._common import markdown  # noqa: E402
-from iterjax.experiments import deq_models as dm  # noqa: E402
+from iterjax.experiments.common import deq_models as dm  # noqa: E402
 
 SETTINGS = dict(
     hidden=64,

@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore")
 import iterjax as ij  # noqa: E402
 from benchmarks._common import compiled_bytes, markdown  # noqa: E402
 from iterjax.diagnostics import time_calls  # noqa: E402
-from iterjax.experiments.problems import PROBLEMS  # noqa: E402
+from iterjax.experiments.common.problems import PROBLEMS  # noqa: E402
 
 TOL = 1e-6
 MAX_STEPS = 2000

@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore")
 import iterjax as ij  # noqa: E402
 from benchmarks._common import compiled_bytes, markdown  # noqa: E402
 from iterjax.diagnostics import time_calls  # noqa: E402
-from iterjax.experiments import cells  # noqa: E402
+from iterjax.experiments.common import cells  # noqa: E402
 
 ATOL = 1e-6
 # (hidden, T, batch)

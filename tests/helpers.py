@@ -7,7 +7,7 @@ import numpy as np
 import scipy.optimize
 
 import iterjax as ij
-from iterjax.experiments import problems
+from iterjax.experiments.common import problems
 
 # Solvers that reach 1e-10 on contractions, every wrapper among them; the
 # textbook Halpern (O(1/k), no restarts) is tested separately.

@@ -1,14 +1,13 @@
-"""Every built-in config (iterjax/configs/) runs shrunk; invalid configs are
+"""Every built-in config (configs/) runs shrunk; invalid configs are
 rejected by key."""
 
 import json
-import pathlib
 import re
 
 import pytest
 import yaml
 
-from iterjax.experiments import deq_models
+from iterjax.experiments.common import deq_models
 from iterjax.lab import config as cfglib
 from iterjax.lab import registry
 from iterjax.lab.cli import main
@@ -502,11 +501,6 @@ def test_wrapper_specs_nest():
         registry.build("solver", registry.to_spec("solver", halpern, "s")).restart
         is None
     )
-
-
-def test_config_dir_is_the_packages_configs():
-    repo = pathlib.Path(__file__).resolve().parent.parent
-    assert CONFIG_DIR == repo / "iterjax" / "configs"
 
 
 def test_hpo_sweep_vmaps_data_hypercleaning(tmp_path):

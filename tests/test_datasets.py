@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from iterjax.experiments import deq_models, ucr
+from iterjax.experiments.common import deq_models, ucr
 
 TS = """# a comment
 @problemName Toy

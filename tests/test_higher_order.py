@@ -9,7 +9,7 @@ import pytest
 from helpers import tanh_cell
 
 import iterjax as ij
-from iterjax.experiments import cells
+from iterjax.experiments.common import cells
 
 ORDERS = {
     "grad-grad": lambda f: jax.grad(jax.grad(f)),

@@ -7,13 +7,27 @@ import pathlib
 
 import optax
 import pytest
+import tomllib
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent / "iterjax"
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def _folder(package):
+    """The folder `package` installs from, by pyproject's `package-dir`."""
+    dirs = SETUPTOOLS["package-dir"]
+    base = max(
+        (b for b in dirs if package == b or package.startswith(b + ".")), key=len
+    )
+    rest = package.removeprefix(base).lstrip(".")
+    return REPO / dirs[base] / rest.replace(".", "/")
+
+
+# every module the wheel installs, by its import name
 MODULES = {
-    ".".join(p.relative_to(ROOT.parent).with_suffix("").parts).removesuffix(
-        ".__init__"
-    ): p
-    for p in sorted(ROOT.rglob("*.py"))
+    package if f.name == "__init__.py" else f"{package}.{f.stem}": f
+    for package in SETUPTOOLS["packages"]
+    for f in sorted(_folder(package).glob("*.py"))
 }
 # the platform, its experiments and the `python -m iterjax` command line
 PLATFORM = ("iterjax.lab", "iterjax.experiments", "iterjax.__main__")
@@ -54,6 +68,16 @@ GRAPH = {m: _imports(m) for m in MODULES}
 
 def _internal(names):
     return {n for n in names if n in MODULES}
+
+
+def test_the_wheel_lists_every_package_folder():
+    # pyproject names its packages one by one (experiments/ and configs/ install
+    # as subpackages of iterjax): a folder left out would be left out of the wheel
+    listed = {_folder(p) for p in SETUPTOOLS["packages"]}
+    roots = {REPO / d for d in SETUPTOOLS["package-dir"].values()}
+    folders = {f.parent for r in roots for f in r.rglob("__init__.py")}
+    assert folders == listed, sorted(map(str, folders ^ listed))
+    assert {"iterjax.experiments.common.cells", "iterjax.configs"} <= set(MODULES)
 
 
 def test_resolution_sees_known_edges():
@@ -117,7 +141,7 @@ def test_version_comes_from_the_package_metadata(capsys):
 def test_pyproject_states_ranges_and_constraints_pin_them():
     import tomllib
 
-    root = ROOT.parent
+    root = REPO
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     assert all(">=" in d and "==" not in d for d in project["dependencies"])
     name = lambda d: d.split(">=")[0].lower().replace("_", "-")  # PEP 503
@@ -188,7 +212,7 @@ def test_the_package_type_checks():
     import subprocess
     import sys
 
-    root = ROOT.parent
+    root = REPO
     out = subprocess.run(
         [sys.executable, "-m", "mypy", "--no-incremental"],
         cwd=root,

@@ -59,6 +59,9 @@ def test_the_installed_wheel_lists_and_runs_its_configs(fresh_venv):
     # the package installs `iterjax` and nothing else at the top level
     site = pathlib.Path(where.strip()).parent.parent
     assert not (site / "experiments").exists() and not (site / "configs").exists()
+    # experiments/ and configs/ install as subpackages of iterjax
+    for sub in ("experiments/common/cells.py", "configs/fixed_point_study.yaml"):
+        assert (site / "iterjax" / sub).is_file(), sub
     listed = _run([env_dir / "bin" / "iterjax", "list"], cwd, env)
     names = [line.split()[0] for line in listed.splitlines() if line.strip()]
     assert len(names) >= 14 and "fixed_point_study" in names, listed
@@ -71,3 +74,19 @@ def test_the_installed_wheel_lists_and_runs_its_configs(fresh_venv):
     run_dirs = list((cwd / "runs" / "fixed_point_study").iterdir())
     assert len(run_dirs) == 1 and "results in" in out
     assert (run_dirs[0] / "summary.json").exists()
+
+
+def test_the_editable_install_maps_experiments_and_configs(tmp_path):
+    # `make` installs the checkout in editable mode: away from the checkout,
+    # iterjax.experiments and iterjax.configs are the repository's top-level
+    # folders, and `iterjax list` finds every shipped config through them
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = (
+        "import iterjax.experiments.common.cells as c, iterjax.lab.runner as r;"
+        "print(c.__file__); print(r.CONFIG_DIR)"
+    )
+    cells, configs = _run([sys.executable, "-c", script], tmp_path, env).split()
+    assert cells == str(REPO / "experiments" / "common" / "cells.py")
+    assert configs == str(REPO / "configs")
+    listed = _run([pathlib.Path(sys.executable).parent / "iterjax", "list"], tmp_path)
+    assert len(listed.splitlines()) == len(list((REPO / "configs").glob("*.yaml")))

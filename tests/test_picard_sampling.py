@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import iterjax as ij
-from iterjax.experiments import diffusion
+from iterjax.experiments.common import diffusion
 
 N = 200
 

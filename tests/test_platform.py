@@ -18,11 +18,12 @@ from helpers import run_on_host_devices
 
 import iterjax
 import iterjax.lab
-from iterjax.lab import cli, registry
+from iterjax.lab import cli, figures, registry
 from iterjax.lab import config as cfglib
+from iterjax.lab import progress as progresslib
 from iterjax.lab import runner as runlib
 from iterjax.lab import sweep as sweeplib
-from iterjax.lab import workdir as workdirlib
+from iterjax.lab import writers as writerslib
 from iterjax.lab.workdir import Workdir
 
 
@@ -173,7 +174,6 @@ for k, m in out["plain"].items():
 # batches: Workdir.shard splits the leading axis over the mesh; parameters that
 # were never placed follow, replicated (data parallelism without code changes)
 import jax.numpy as jnp, numpy as np
-from iterjax.lab import workdir as workdirlib
 from iterjax.lab.workdir import Workdir
 mesh = runlib.make_mesh(runlib.cfglib.MeshSpec((-1,), ("batch",)))
 x = np.arange(48.0).reshape(16, 3)
@@ -762,7 +762,7 @@ class _MemoryWriter:
 
 def test_a_registered_writer_receives_every_row(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "WRITERS", dict(registry.WRITERS))
-    monkeypatch.setattr(workdirlib, "WRITERS", registry.WRITERS)
+    monkeypatch.setattr(writerslib, "WRITERS", registry.WRITERS)
     _MemoryWriter.runs.clear()
     registry.register("writer", "memory", _MemoryWriter)
     text = "experiment: toy\nsteps: 4\nwriters: [jsonl, memory]\n"
@@ -789,8 +789,8 @@ def test_a_registered_writer_receives_every_row(toy, tmp_path, monkeypatch):
 def test_progress_names_the_current_item_and_the_latest_metric(tmp_path):
     lines = io.StringIO()
     wd = Workdir(tmp_path, quiet=True)
-    status = lambda item: workdirlib._status_text(item, wd._last_row)
-    with workdirlib._plain_progress(3, "solve", lines, status, every=0.0) as advance:
+    status = lambda item: progresslib.status_text(item, wd._last_row)
+    with progresslib.plain_progress(3, "solve", lines, status, every=0.0) as advance:
         advance(item="warm-up")
         wd.log(solver="anderson", problem="tanh", residual=3.14159e-11, steps=12)
         advance()
@@ -860,7 +860,7 @@ def test_a_corrupted_checkpoint_falls_back_to_the_previous_one(
 def test_a_run_logs_to_stdout_log_with_plain_progress_off_a_terminal(
     tmp_path, toy, capsys, monkeypatch
 ):
-    monkeypatch.setattr(workdirlib, "PLAIN_EVERY", 0.0)  # a line per advance
+    monkeypatch.setattr(progresslib, "PLAIN_EVERY", 0.0)  # a line per advance
     path = _config(tmp_path, "experiment: toy\nsteps: 3\n")
     run_dir, _ = runlib.run_experiment(path, out=tmp_path, quiet=False)
     log = (run_dir / "stdout.log").read_text()
@@ -871,7 +871,7 @@ def test_a_run_logs_to_stdout_log_with_plain_progress_off_a_terminal(
     assert f"training: 3/3 [train loss={last['loss']:.4g}] (" in log
     assert "training: 3/3" in capsys.readouterr().out  # the terminal's copy
     assert sys.stdout is not None and not hasattr(sys.stdout, "log")  # restored
-    monkeypatch.setattr(workdirlib, "PLAIN_EVERY", 3600.0)  # only the last line
+    monkeypatch.setattr(progresslib, "PLAIN_EVERY", 3600.0)  # only the last line
     run_dir, _ = runlib.run_experiment(path, out=tmp_path, quiet=False)
     log = (run_dir / "stdout.log").read_text()
     assert "training: 3/3" in log and "training: 1/3" not in log
@@ -893,7 +893,7 @@ def test_savefig_lays_out_figures_and_names_overlapping_labels(tmp_path):
     # row's titles; the check sees it
     fig = grid()
     fig.canvas.draw()
-    found = workdirlib.overlapping_labels(fig)
+    found = figures.overlapping_labels(fig)
     assert ("per-sample oracle calls", "digits") in found
     plt.close(fig)
     # savefig lays the same figure out, so nothing overlaps and nothing warns

@@ -7,7 +7,7 @@ import pytest
 from jax.test_util import check_grads
 
 import iterjax as ij
-from iterjax.experiments import cells
+from iterjax.experiments.common import cells
 from iterjax.sequence.elk import gauss_jordan
 from iterjax.sequence.elk import solve as elk_solve
 

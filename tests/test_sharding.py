@@ -19,7 +19,7 @@ SCRIPT = textwrap.dedent(
     import jax, jax.numpy as jnp, numpy as np
     jax.config.update("jax_enable_x64", True)
     import iterjax as ij
-    from iterjax.experiments import cells
+    from iterjax.experiments.common import cells
     from iterjax.sequence._core import linear_recurrence
     from jax.sharding import AxisType
 

@@ -2,7 +2,7 @@
 
 A config file names its experiment and sets that experiment's `Config` fields::
 
-    # iterjax/configs/fixed_point_study.yaml
+    # configs/fixed_point_study.yaml
     experiment: fixed_point_study
     dim: 32
     solvers:

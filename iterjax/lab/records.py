@@ -1,8 +1,11 @@
-"""A run's small JSON records (`status.json`, `summary.json`, the manifest):
-written whole or not at all, read with a clear error, and the config a run
-started with, to refuse a resume of an edited one."""
+"""A run's small JSON records (`status.json`, `summary.json`, a checkpoint's
+SHA-256 manifest): written whole or not at all, read with a clear error, values
+made JSON-safe, and the config a run started with, to refuse a resume of an
+edited one."""
 
+import hashlib
 import json
+import math
 import os
 import pathlib
 import tempfile
@@ -51,3 +54,59 @@ def changed_keys(old, new, prefix="") -> list[str]:
         else:
             out += changed_keys(old[k], new[k], path)
     return out
+
+
+MANIFEST = "iterjax-manifest.json"
+
+
+def _digests(directory):
+    """{relative path: SHA-256} of every file under `directory` but the manifest."""
+    out = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            out[path.relative_to(directory).as_posix()] = digest
+    return out
+
+
+def write_manifest(directory):
+    """Record the SHA-256 of every file of a finished checkpoint."""
+    write_json(directory / MANIFEST, _digests(directory), indent=0)
+
+
+def verify_manifest(directory):
+    """None when every file recorded by `write_manifest` is present and unchanged
+    (or when there is no manifest: a checkpoint from an older iterjax), else
+    what is wrong."""
+    path = directory / MANIFEST
+    if not path.exists():
+        return None
+    recorded, found = json.loads(path.read_text()), _digests(directory)
+    for name, digest in recorded.items():
+        if name not in found:
+            return f"{name} is missing"
+        if found[name] != digest:
+            return f"{name} does not match its SHA-256 in {MANIFEST}"
+    return None
+
+
+def jsonable(x):
+    """Arrays to lists, NaN to null and +-inf to strings, recursively."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if hasattr(x, "tolist"):
+        return jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else str(x)
+    return x
+
+
+def nonfinite_paths(tree, prefix=""):
+    """The dotted keys of a nested mapping whose values are NaN or +-inf floats."""
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield from nonfinite_paths(v, f"{prefix}{k}.")
+    elif isinstance(tree, float) and not math.isfinite(tree):
+        yield prefix.rstrip(".")

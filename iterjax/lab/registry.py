@@ -22,8 +22,8 @@ from ..fixed_point import (
     Switched,
 )
 from .spec import ConfigError, Spec, float_literal
-from .workdir import WRITERS
-from .workdir import writer_class as writer_class
+from .writers import WRITERS
+from .writers import writer_class as writer_class
 
 EXPERIMENTS = {
     "fixed_point_study": "iterjax.experiments.fixed_point_study",

@@ -19,6 +19,7 @@ import contextlib
 import datetime
 import fcntl
 import importlib.metadata
+import importlib.resources
 import json
 import math
 import os
@@ -39,13 +40,23 @@ from jax.sharding import AxisType
 from . import config as cfglib
 from . import registry
 from . import sweep as sweeplib
-from .records import RecordError, changed_keys, read_json, write_json
+from .records import (
+    RecordError,
+    changed_keys,
+    jsonable,
+    nonfinite_paths,
+    read_json,
+    write_json,
+)
 from .tables import flatten
-from .workdir import Workdir, jsonable, nonfinite_paths, teed
+from .tee import teed
+from .workdir import Workdir
 
 __all__ = ["Workdir", "prepare", "run_experiment", "make_mesh", "environment"]
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+# The built-in configs: the package `iterjax.configs` (configs/ in the
+# repository), wherever it is installed; a folder, since pip never zips.
+CONFIG_DIR = pathlib.Path(str(importlib.resources.files("iterjax.configs")))
 PACKAGES = (
     "iterjax",
     "jax",

@@ -1,5 +1,7 @@
-"""Plain-text helpers shared by runs, sweeps and reports: markdown tables and
-dotted views of nested mappings."""
+"""Plain-text helpers shared by runs, sweeps and reports: markdown tables,
+dotted views of nested mappings, and what counts as a logged number."""
+
+import numpy as np
 
 
 def markdown_table(headers, rows) -> str:
@@ -18,3 +20,12 @@ def flatten(tree, prefix="") -> dict:
     else:
         out[prefix.rstrip(".")] = tree
     return out
+
+
+def is_number(x) -> bool:
+    """A logged value that is one number: not a bool, a string or an array."""
+    return (
+        isinstance(x, (int, float, np.number))
+        and not isinstance(x, bool)
+        or (hasattr(x, "shape") and getattr(x, "shape", None) == ())
+    )

@@ -12,7 +12,7 @@ import pathlib
 import wandb
 import yaml
 
-from .workdir import scalars
+from .writers import scalars
 
 
 class WandbWriter:

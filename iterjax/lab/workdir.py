@@ -1,29 +1,22 @@
 """The run directory an experiment writes to: metrics, plots, progress, checkpoints."""
 
 import contextlib
-import hashlib
-import importlib
-import io
 import json
-import math
 import numbers
 import pathlib
 import sys
-import time
 import warnings
 
 import jax
 import matplotlib.pyplot as plt
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
-from tensorboardX import SummaryWriter
 
-from .records import write_json
-from .tables import flatten
+from . import writers as writerslib
+from .figures import overlapping_labels
+from .progress import show_progress, status_text
+from .records import jsonable, nonfinite_paths, verify_manifest, write_manifest
 
 
 class Workdir:
@@ -85,13 +78,15 @@ class Workdir:
         self.nonfinite = {}  # metric name -> rows in which it was NaN or inf
         self._manager = None
         self._metrics = None
-        unknown = sorted(set(writers) - {"jsonl", *WRITERS})
+        unknown = sorted(set(writers) - {"jsonl", *writerslib.WRITERS})
         if unknown:
             raise ValueError(
-                f"unknown writers {unknown}; known: jsonl, {sorted(WRITERS)}"
+                f"unknown writers {unknown}; known: jsonl, {sorted(writerslib.WRITERS)}"
             )
         self._writers = [
-            writer_class(w)(self.path) for w in writers if w != "jsonl" and primary
+            writerslib.writer_class(w)(self.path)
+            for w in writers
+            if w != "jsonl" and primary
         ]
         self._rows = 0
         self._last_row = None  # what progress shows as the latest metric
@@ -156,7 +151,6 @@ class Workdir:
         plt.close(fig)
         return out
 
-    @contextlib.contextmanager
     def progress(self, total: int, description: str):
         """Progress of one phase; yields `advance(n=1, item=None)`. On a
         terminal: a rich bar with elapsed time and ETA. Otherwise (a batch job's
@@ -169,36 +163,10 @@ class Workdir:
         and the first numbers of the row logged last follow it
         ("residual=3.1e-11")."""
         if self.quiet:
-            yield lambda n=1, item=None: None
-            return
-        terminal = getattr(sys.stdout, "terminal", sys.stdout)
-        status = lambda item: _status_text(item, self._last_row)
-        if not terminal.isatty():
-            with _plain_progress(total, description, sys.stdout, status) as advance:
-                yield advance
-            return
-        log = getattr(sys.stdout, "log", None)  # stdout.log, without the bar
-        with (
-            Progress(
-                "[progress.description]{task.description}",
-                BarColumn(),
-                "{task.completed}/{task.total}",
-                TimeElapsedColumn(),
-                "eta",
-                TimeRemainingColumn(),
-                console=Console(file=terminal),
-            ) as bar,
-            _plain_progress(total, description, log, status, every=math.inf) as logged,
-        ):
-            task = bar.add_task(description, total=total)
-
-            def advance(n=1, item=None):
-                now = status(item)
-                text = f"{description} {now}" if now else description
-                bar.update(task, advance=n, description=text)
-                logged(n, item)
-
-            yield advance
+            return contextlib.nullcontext(lambda n=1, item=None: None)
+        return show_progress(
+            total, description, lambda item: status_text(item, self._last_row)
+        )
 
     def shard(self, tree):
         """Place the leading axis of every leaf over the mesh's first axis (the
@@ -316,232 +284,3 @@ class Workdir:
         if self._manager is not None:
             self._manager.close()
             self._manager = None
-
-
-MANIFEST = "iterjax-manifest.json"
-
-
-PLAIN_EVERY = 10.0  # seconds between plain progress lines
-
-
-def _status_text(item, row, numbers_shown=2) -> str:
-    """ "item metric=value ...": `item`, else the text fields of `row` joined by
-    "/", then the first numbers of `row` (its `step` aside)."""
-    row = {} if row is None else flatten(row)
-    if row.get("namespace") == "metrics":  # the default says nothing
-        row.pop("namespace")
-    if item is None:
-        item = "/".join(v for k, v in row.items() if isinstance(v, str))
-    values = [
-        f"{k}={float(v):.4g}" for k, v in row.items() if k != "step" and _is_number(v)
-    ][:numbers_shown]
-    return " ".join([str(item), *values] if item else values)
-
-
-@contextlib.contextmanager
-def _plain_progress(total, description, stream, status, every=None):
-    """`advance(n=1, item=None)` that writes "description: done/total [status]
-    (elapsed, eta)" to `stream` (None: nowhere) at most every `every` seconds
-    and at the end. `status(item)` gives the text in brackets."""
-    every = PLAIN_EVERY if every is None else every
-    start = last = time.monotonic()
-    done, current = 0, None
-
-    def line():
-        elapsed = time.monotonic() - start
-        eta = elapsed / done * (total - done) if done else math.nan
-        now = status(current)
-        now = f" [{now}]" if now else ""
-        stream.write(
-            f"{description}: {done}/{total}{now} ({elapsed:.0f} s, eta {eta:.0f} s)\n"
-        )
-        stream.flush()
-
-    def advance(n=1, item=None):
-        nonlocal done, last, current
-        done += n
-        current = item  # None: the row logged last names the item
-        if stream is not None and time.monotonic() - last >= every:
-            last = time.monotonic()
-            line()
-
-    yield advance
-    if stream is not None:
-        line()
-
-
-class Tee(io.TextIOBase):
-    """A text stream that writes to `terminal` and to `log` (a file), flushing
-    both at every line, so that a redirected run's output is never held back
-    in a buffer. `isatty` is the terminal's."""
-
-    def __init__(self, terminal, log):
-        self.terminal, self.log = terminal, log
-
-    def write(self, text):
-        self.terminal.write(text)
-        self.log.write(text)
-        if "\n" in text:
-            self.flush()
-        return len(text)
-
-    def flush(self):
-        self.terminal.flush()
-        self.log.flush()
-
-    def isatty(self):
-        return self.terminal.isatty()
-
-    @property
-    def encoding(self):
-        return getattr(self.terminal, "encoding", "utf-8")
-
-
-@contextlib.contextmanager
-def teed(path):
-    """stdout and stderr also go to the file `path` (appended) while inside."""
-    with open(path, "a", buffering=1) as log:
-        out, err = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = Tee(out, log), Tee(err, log)
-        try:
-            yield
-        finally:
-            sys.stdout, sys.stderr = out, err
-
-
-def _digests(directory):
-    """{relative path: SHA-256} of every file under `directory` but the manifest."""
-    out = {}
-    for path in sorted(directory.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
-            out[path.relative_to(directory).as_posix()] = digest
-    return out
-
-
-def write_manifest(directory):
-    """Record the SHA-256 of every file of a finished checkpoint."""
-    write_json(directory / MANIFEST, _digests(directory), indent=0)
-
-
-def verify_manifest(directory):
-    """None when every file recorded by `write_manifest` is present and unchanged
-    (or when there is no manifest: a checkpoint from an older iterjax), else
-    what is wrong."""
-    path = directory / MANIFEST
-    if not path.exists():
-        return None
-    recorded, found = json.loads(path.read_text()), _digests(directory)
-    for name, digest in recorded.items():
-        if name not in found:
-            return f"{name} is missing"
-        if found[name] != digest:
-            return f"{name} does not match its SHA-256 in {MANIFEST}"
-    return None
-
-
-class TensorBoardWriter:
-    """Rows as TensorBoard scalars, in `<run>/tensorboard/` (tensorboardX)."""
-
-    def __init__(self, path):
-        self._events = SummaryWriter(str(pathlib.Path(path) / "tensorboard"))
-
-    def write(self, row):
-        for tag, value in scalars(row).items():
-            self._events.add_scalar(tag, value, row["step"])
-        self._events.flush()
-
-    def close(self):
-        self._events.close()
-
-
-def overlapping_labels(fig) -> list[tuple[str, str]]:
-    """Pairs of texts that overlap on the drawn figure: titles, axis labels and
-    tick labels of different axes, and the figure's title against them all."""
-    renderer = fig.canvas.get_renderer()
-    groups = []
-    for ax in fig.axes:
-        texts = [ax.title, ax.xaxis.label, ax.yaxis.label]
-        for axis in (ax.xaxis, ax.yaxis):  # tick labels drawn: inside the view
-            lo, hi = sorted(axis.get_view_interval())
-            texts += [
-                tick.label1
-                for tick in axis.get_major_ticks()
-                if lo <= tick.get_loc() <= hi
-            ]
-        groups.append([t for t in texts if t.get_visible() and t.get_text()])
-    if fig._suptitle is not None:
-        groups.append([fig._suptitle])
-    boxes = [
-        [(t.get_text(), t.get_window_extent(renderer)) for t in group]
-        for group in groups
-    ]
-    found = []
-    for i, first in enumerate(boxes):
-        for second in boxes[i + 1 :]:
-            for a, box_a in first:
-                for b, box_b in second:
-                    if box_a.overlaps(box_b):
-                        found.append((a, b))
-    return found
-
-
-def scalars(row) -> dict[str, float]:
-    """A logged row's numbers as `{"namespace/key": value}` (nested keys dotted):
-    the tags of the TensorBoard and W&B writers."""
-    return {
-        f"{row['namespace']}/{key}": float(value)
-        for key, value in flatten(row).items()
-        if key not in ("namespace", "step") and _is_number(value)
-    }
-
-
-# A writer: a class, or the import path "module:Class" of one, imported when a
-# config selects it (so that an optional package is needed only then).
-WRITERS: dict = {
-    "tensorboard": TensorBoardWriter,
-    "wandb": "iterjax.lab.wandb_writer:WandbWriter",
-}
-
-
-def writer_class(name):
-    """The class registered as writer `name` (importing it if given by path)."""
-    target = WRITERS[name]
-    if not isinstance(target, str):
-        return target
-    module, _, attr = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except ImportError as e:  # an optional package: name what to install
-        missing = f"; install the package {e.name!r}" if e.name else ""
-        raise ImportError(f"writer {name!r} ({target}): {e}{missing}") from e
-
-
-def _is_number(x):
-    return (
-        isinstance(x, (int, float, np.number))
-        and not isinstance(x, bool)
-        or (hasattr(x, "shape") and getattr(x, "shape", None) == ())
-    )
-
-
-def jsonable(x):
-    """Arrays to lists, NaN to null and +-inf to strings, recursively."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if hasattr(x, "tolist"):
-        return jsonable(x.tolist())
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else str(x)
-    return x
-
-
-def nonfinite_paths(tree, prefix=""):
-    """The dotted keys of a nested mapping whose values are NaN or +-inf floats."""
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            yield from nonfinite_paths(v, f"{prefix}{k}.")
-    elif isinstance(tree, float) and not math.isfinite(tree):
-        yield prefix.rstrip(".")

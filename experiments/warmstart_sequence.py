@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
-from iterjax.experiments import diffusion  # noqa: E402
+from iterjax.experiments.common import diffusion  # noqa: E402
 from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402

@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from iterjax.experiments import deq_models as dm  # noqa: E402
+from iterjax.experiments.common import deq_models as dm  # noqa: E402
 from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 

@@ -24,8 +24,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from iterjax.experiments import bilevel_runs as runs  # noqa: E402
 from iterjax.experiments import data_hypercleaning, hpo_logreg  # noqa: E402
+from iterjax.experiments.common import bilevel_runs as runs  # noqa: E402
 from iterjax.lab.config import ConfigError  # noqa: E402
 from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
 

@@ -19,7 +19,7 @@ import numpy as np  # noqa: E402
 
 import iterjax as ij  # noqa: E402
 from iterjax.experiments import deq_digits  # noqa: E402
-from iterjax.experiments import deq_models as dm  # noqa: E402
+from iterjax.experiments.common import deq_models as dm  # noqa: E402
 from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.registry import build  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402

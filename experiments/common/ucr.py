@@ -16,7 +16,7 @@ import pathlib
 
 import numpy as np
 
-from iterjax.experiments.wheels import data_path
+from iterjax.experiments.common.wheels import data_path
 
 PROBLEMS = ("ACSF1", "OSULeaf", "GunPoint", "ArrowHead", "ItalyPowerDemand")
 

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import iterjax as ij  # noqa: E402
-from iterjax.experiments import charlm  # noqa: E402
+from iterjax.experiments.common import charlm  # noqa: E402
 from iterjax.lab.spec import Count  # noqa: E402
 
 

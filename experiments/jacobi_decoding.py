@@ -34,7 +34,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import iterjax as ij  # noqa: E402
-from iterjax.experiments import charlm, charlm_train  # noqa: E402
+from iterjax.experiments import charlm_train  # noqa: E402
+from iterjax.experiments.common import charlm  # noqa: E402
 from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 

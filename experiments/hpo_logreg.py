@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 from sklearn import datasets
 
 import iterjax as ij  # noqa: E402
-from iterjax.experiments import bilevel_runs as runs  # noqa: E402
+from iterjax.experiments.common import bilevel_runs as runs  # noqa: E402
 from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 

@@ -35,7 +35,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 import iterjax as ij  # noqa: E402
-from iterjax.experiments import cells  # noqa: E402
+from iterjax.experiments.common import cells  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 

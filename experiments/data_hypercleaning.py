@@ -31,7 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits
 
-from iterjax.experiments import bilevel_runs as runs  # noqa: E402
+from iterjax.experiments.common import bilevel_runs as runs  # noqa: E402
 from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 

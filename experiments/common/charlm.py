@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from iterjax.experiments.wheels import data_path
+from iterjax.experiments.common.wheels import data_path
 from iterjax.lab.spec import Count, NonNegative, Positive
 
 

@@ -1,0 +1,55 @@
+"""Where a run's rows go besides `metrics.jsonl`: TensorBoard, W&B, or a writer
+registered by name (see `Workdir`)."""
+
+import importlib
+import pathlib
+
+from tensorboardX import SummaryWriter
+
+from .tables import flatten, is_number
+
+
+class TensorBoardWriter:
+    """Rows as TensorBoard scalars, in `<run>/tensorboard/` (tensorboardX)."""
+
+    def __init__(self, path):
+        self._events = SummaryWriter(str(pathlib.Path(path) / "tensorboard"))
+
+    def write(self, row):
+        for tag, value in scalars(row).items():
+            self._events.add_scalar(tag, value, row["step"])
+        self._events.flush()
+
+    def close(self):
+        self._events.close()
+
+
+def scalars(row) -> dict[str, float]:
+    """A logged row's numbers as `{"namespace/key": value}` (nested keys dotted):
+    the tags of the TensorBoard and W&B writers."""
+    return {
+        f"{row['namespace']}/{key}": float(value)
+        for key, value in flatten(row).items()
+        if key not in ("namespace", "step") and is_number(value)
+    }
+
+
+# A writer: a class, or the import path "module:Class" of one, imported when a
+# config selects it (so that an optional package is needed only then).
+WRITERS: dict = {
+    "tensorboard": TensorBoardWriter,
+    "wandb": "iterjax.lab.wandb_writer:WandbWriter",
+}
+
+
+def writer_class(name):
+    """The class registered as writer `name` (importing it if given by path)."""
+    target = WRITERS[name]
+    if not isinstance(target, str):
+        return target
+    module, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as e:  # an optional package: name what to install
+        missing = f"; install the package {e.name!r}" if e.name else ""
+        raise ImportError(f"writer {name!r} ({target}): {e}{missing}") from e
