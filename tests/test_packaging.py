@@ -4,6 +4,7 @@ checkout (so nothing is imported from the source tree)."""
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -29,8 +30,13 @@ def fresh_venv(tmp_path_factory):
     site-packages folder but not its `.pth` files (so not the editable install
     of the checkout)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    # built from a copy: setuptools builds in the source tree's build/, and a
+    # stale build/ (a module since moved) would slip into the wheel
+    source = tmp / "source"
+    skip = (".*", "build", "runs", "site", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(*skip))
     _run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp, REPO],
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp, source],
         cwd=tmp,
     )
     (wheel,) = tmp.glob("iterjax-*.whl")

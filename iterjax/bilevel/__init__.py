@@ -16,9 +16,9 @@ from ._hypergradient import Penalty as Penalty
 from ._hypergradient import Truncated as Truncated
 from ._hypergradient import Unrolled as Unrolled
 from ._hypergradient import hypergradient as hypergradient
-from ._stochastic import F2SA as F2SA
-from ._stochastic import SABA as SABA
-from ._stochastic import SOBA as SOBA
-from ._stochastic import AmIGO as AmIGO
 from ._stochastic import BilevelState as BilevelState
-from ._stochastic import StocBiO as StocBiO
+from .amigo import AmIGO as AmIGO
+from .f2sa import F2SA as F2SA
+from .saba import SABA as SABA
+from .soba import SOBA as SOBA
+from .stocbio import StocBiO as StocBiO

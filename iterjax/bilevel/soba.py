@@ -1,0 +1,36 @@
+"""SOBA, the single-loop stochastic bilevel algorithm (Dagréou et al. 2022)."""
+
+import jax
+
+from .. import _tree as tu
+from ._stochastic import _cross, _grad_w, _hvp, _info, _Stochastic, _with_finite
+
+
+class SOBA(_Stochastic):
+    """Stochastic Bilevel Algorithm: one step of w, v and θ per minibatch pair.
+
+    Attributes:
+      inner_loss, outer_loss: `loss(w, theta, batch) -> scalar`.
+      outer_optimizer: optax optimiser for θ (its learning rate is γ).
+      inner_lr: ρ, the step size of w and v.
+    """
+
+    @property
+    def oracles(self) -> tuple[int, int]:
+        """(gradients, HVPs) per step, each on a minibatch of each loss."""
+        return (2, 2)
+
+    def init(self, theta, w0):
+        return self._init(theta, w0, tu.tree_zeros_like(w0))
+
+    def step(self, state, inner_batch=None, outer_batch=None):
+        self._check_batches(inner_batch, outer_batch)
+        g, f, rho = self.inner_loss, self.outer_loss, self.inner_lr
+        theta, w, v = state.theta, state.w, state.aux
+        f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
+        d_w = _grad_w(g, w, theta, inner_batch)
+        d_v = tu.tree_add(_hvp(g, w, theta, inner_batch, v), f_w)
+        d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
+        w = tu.tree_axpy(-rho, d_w, w)
+        v = tu.tree_axpy(-rho, d_v, v)
+        return _with_finite(self._outer_update(state, d_t, w, v), _info(*self.oracles))
