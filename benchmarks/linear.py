@@ -4,7 +4,7 @@ One process, the same systems for everyone:
 
 1. Krylov: the 2-D Poisson problem and a Darcy-flow problem (-∇·(k∇u) = 1 with
    a log-normal, smoothed k), n x n interior grid, matrix-free 5-point stencil
-   (`iterjax.linear.Poisson2D`). iterjax's CG (plain, Jacobi-preconditioned,
+   (`iterjax.gallery.Poisson2D`). iterjax's CG (plain, Jacobi-preconditioned,
    Chebyshev-polynomial-preconditioned) and GMRES against lineax 0.1.1's CG and
    GMRES (and the Chebyshev semi-iteration, no inner products),
    `jax.scipy.sparse.linalg.cg`, and pyamg 5.4.1's CG and smoothed-
@@ -267,7 +267,7 @@ def main():
         ("darcy", darcy_coefficient(grid)),
     ):
         r, cg_ratio[name] = krylov_rows(
-            name, ij.linear.Poisson2D(jnp.asarray(k)), rounds
+            name, ij.gallery.Poisson2D(jnp.asarray(k)), rounds
         )
         rows += r
     print(markdown(["system", "solver", "products", "rel. residual", "ms"], rows))

@@ -25,12 +25,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iterjax.gallery import Poisson2D  # noqa: E402
 from iterjax.lab.spec import Count, NonNegative, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 from iterjax.linear import (  # noqa: E402
     CG,
     GCRODR,
-    Poisson2D,
     RecycledCG,
     similarity_order,
     solve_sequence,

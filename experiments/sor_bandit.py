@@ -28,10 +28,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from iterjax.gallery import Poisson2D  # noqa: E402
 from iterjax.lab.spec import Count, NonNegative, Positive, Range  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
-from iterjax.linear import SOR, Exp3, Poisson2D, SquareCB, optimal_omega  # noqa: E402
-from iterjax.linear import bandit as bandits  # noqa: E402
+from iterjax.linear import SOR, optimal_omega  # noqa: E402
+from iterjax.tuning import Exp3, SquareCB  # noqa: E402
+from iterjax.tuning import bandit as bandits  # noqa: E402
 
 Omega = Annotated[float, Range(0.0, 2.0, lo_open=True, hi_open=True)]
 

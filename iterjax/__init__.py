@@ -6,8 +6,10 @@ import importlib.metadata as _metadata
 from . import bilevel as bilevel
 from . import classical as classical
 from . import diagnostics as diagnostics
+from . import gallery as gallery
 from . import linear as linear
 from . import sequence as sequence
+from . import tuning as tuning
 from ._iterate import AbstractFixedPointSolver as AbstractFixedPointSolver
 from ._iterate import iterative_solve as iterative_solve
 from ._solution import NonConvergenceError as NonConvergenceError

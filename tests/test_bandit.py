@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 
 from iterjax import lab
-from iterjax.linear import SOR, Exp3, Poisson2D, SquareCB, optimal_omega
-from iterjax.linear import bandit as bandits
+from iterjax.gallery import Poisson2D
+from iterjax.linear import SOR, optimal_omega
+from iterjax.tuning import Exp3, SquareCB
+from iterjax.tuning import bandit as bandits
 
 ARMS = (0.1, 0.3, 0.5, 0.7, 0.9)
 

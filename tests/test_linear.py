@@ -131,7 +131,7 @@ def test_function_preconditioner_is_hashable():
 
 
 def _model_poisson(n=8):
-    pois = iterjax_linear.Poisson2D(jnp.ones((n, n)))
+    pois = ij.gallery.Poisson2D(jnp.ones((n, n)))
     a = jax.jacfwd(lambda v: pois(v.reshape(n, n)).ravel())(jnp.zeros(n * n))
     return pois, iterjax_linear.MatrixOperator(a), a
 
@@ -278,7 +278,7 @@ def _darcy_sequence(n=12, count=12, seed=0):
 
 
 def _poisson_mv(k, x):
-    return iterjax_linear.Poisson2D(k)(x)
+    return ij.gallery.Poisson2D(k)(x)
 
 
 @pytest.mark.parametrize("warm_start", [True, False])

@@ -2,8 +2,6 @@
 
 from ._base import AbstractLinearSolver as AbstractLinearSolver
 from ._base import LinearStats as LinearStats
-from .bandit import Exp3 as Exp3
-from .bandit import SquareCB as SquareCB
 from .chebyshev import Chebyshev as Chebyshev
 from .gcrodr import GCRODR as GCRODR
 from .krylov import CG as CG
@@ -21,5 +19,4 @@ from .recycle import similarity_order as similarity_order
 from .recycle import solve_sequence as solve_sequence
 from .stationary import SOR as SOR
 from .stationary import MatrixOperator as MatrixOperator
-from .stationary import Poisson2D as Poisson2D
 from .stationary import optimal_omega as optimal_omega

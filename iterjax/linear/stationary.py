@@ -12,11 +12,12 @@ the iteration as a function of ω and of ρ_J, Jacobi's: at the optimum
 n x n grid, ρ_J = cos(π h), h = 1 / (n + 1)). SSOR follows each forward sweep by a
 backward one (a symmetric iteration, the usual smoother and preconditioner).
 
-An operator gives the sweep: `MatrixOperator(A)` (a dense matrix: triangular
-solves) or `Poisson2D(k)` (the matrix-free 5-point operator -∇·(k∇u) on a grid
-with zero boundary values, swept in red-black order: each colour is one parallel
-update, so a sweep has depth 2 whatever the grid). The iterations run on iterjax's
-driver: jit, vmap (per-element step counts) and the stopping rule
+An operator gives the sweep (`diagonal()` and `sweep(x, b, omega, backward)`):
+`MatrixOperator(A)` (a dense matrix: triangular solves) or
+`iterjax.gallery.Poisson2D(k)` (the matrix-free 5-point operator -∇·(k∇u) on a
+grid with zero boundary values, swept in red-black order: each colour is one
+parallel update, so a sweep has depth 2 whatever the grid). The iterations run
+on iterjax's driver: jit, vmap (per-element step counts) and the stopping rule
 |x_{k+1} - x_k| / min(ω, 1) <= atol + rtol |x_k| come with it (a small ω makes
 small updates far from the solution: over ω, the update is the residual
 preconditioned by D + ωL).
@@ -58,57 +59,6 @@ class MatrixOperator(struct.PyTreeNode):
             lower, upper = upper, lower
         rhs = omega * b - (omega * upper + (omega - 1) * d) @ x
         return jsla.solve_triangular(d + omega * lower, rhs, lower=not backward)
-
-
-class Poisson2D(struct.PyTreeNode):
-    """-∇·(k∇u) + c u on an n x n interior grid with zero boundary values (5
-    points, spacing h = 1 / (n + 1), k given at the nodes and averaged onto the
-    edges), matrix-free, on arrays of shape (n, n). k = 1, c = 0 is the model
-    Poisson problem; c > 0 (a screened Poisson / implicit heat step) strengthens
-    the diagonal, so Jacobi's spectral radius ρ_J and the best SOR ω shrink.
-
-    Attributes:
-      k: (n, n) positive coefficients.
-      shift: c >= 0 (a scalar, which may be traced).
-    """
-
-    k: jax.Array
-    shift: float = 0.0
-
-    def _edges(self):
-        n = self.k.shape[0]
-        h2 = 1.0 / (n + 1) ** 2
-        kp = jnp.pad(self.k, 1, mode="edge")
-        east = 0.5 * (kp[1:-1, 1:-1] + kp[1:-1, 2:]) / h2
-        west = 0.5 * (kp[1:-1, 1:-1] + kp[1:-1, :-2]) / h2
-        north = 0.5 * (kp[1:-1, 1:-1] + kp[:-2, 1:-1]) / h2
-        south = 0.5 * (kp[1:-1, 1:-1] + kp[2:, 1:-1]) / h2
-        return east, west, north, south
-
-    def _neighbours(self, u):
-        e, w, n, s = self._edges()
-        up = jnp.pad(u, 1)
-        return (
-            e * up[1:-1, 2:] + w * up[1:-1, :-2] + n * up[:-2, 1:-1] + s * up[2:, 1:-1]
-        )
-
-    def __call__(self, u):
-        return self.diagonal() * u - self._neighbours(u)
-
-    def diagonal(self):
-        e, w, n, s = self._edges()
-        return e + w + n + s + self.shift
-
-    def sweep(self, u, b, omega, backward=False):
-        """One SOR sweep in red-black order (backward: black first)."""
-        n = u.shape[0]
-        i, j = jnp.meshgrid(jnp.arange(n), jnp.arange(n), indexing="ij")
-        red = (i + j) % 2 == 0
-        d = self.diagonal()
-        for colour in (~red, red) if backward else (red, ~red):
-            gauss_seidel = (b + self._neighbours(u)) / d
-            u = jnp.where(colour, (1 - omega) * u + omega * gauss_seidel, u)
-        return u
 
 
 class _SweepState(NamedTuple):
@@ -177,7 +127,8 @@ class SOR(struct.PyTreeNode):
         if not hasattr(operator, "sweep"):
             raise TypeError(
                 "SOR: the operator must expose its splitting (`sweep`): "
-                f"MatrixOperator or Poisson2D, got {type(operator).__name__}"
+                "MatrixOperator or iterjax.gallery.Poisson2D, got "
+                f"{type(operator).__name__}"
             )
         x0 = jnp.zeros_like(b) if x0 is None else x0
         return iterative_solve(
