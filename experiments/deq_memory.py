@@ -32,9 +32,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from iterjax._optax import optax_init, optax_step  # noqa: E402
 from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
 from iterjax.experiments.common import deq_models as dm  # noqa: E402
+from iterjax.internal import optax_init, optax_step  # noqa: E402
 from iterjax.lab.config import Spec  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402

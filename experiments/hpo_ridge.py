@@ -29,8 +29,8 @@ from sklearn.datasets import load_diabetes
 
 import iterjax as ij  # noqa: E402
 from iterjax import bilevel as bl  # noqa: E402
-from iterjax._optax import optax_init, optax_step  # noqa: E402
 from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
+from iterjax.internal import optax_init, optax_step  # noqa: E402
 from iterjax.lab.spec import Count, Positive  # noqa: E402
 from iterjax.lab.tables import markdown_table  # noqa: E402
 

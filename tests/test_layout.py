@@ -100,6 +100,65 @@ def test_core_never_imports_the_platform(module):
     assert not bad, f"{module} imports {bad}"
 
 
+def _owner_of_private(name):
+    """The package whose private module `name` is (`iterjax.sequence._core` ->
+    `iterjax.sequence`), or None when no part of it is private."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[1:], 1):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:i])
+    return None
+
+
+def _private_imports_out_of_place(module, names):
+    """Imports of private modules that `module` may not make: only modules of
+    the owning package may (the top-level `iterjax._*` modules are the core's
+    shared base), and outside the core only `iterjax.internal` is the door."""
+    bad = []
+    for name in names:
+        owner = _owner_of_private(name)
+        if owner is None or module == "iterjax.internal":
+            continue
+        inside = module == owner or module.startswith(owner + ".")
+        if not inside or (owner == "iterjax" and module.startswith(PLATFORM)):
+            bad.append(name)
+    return bad
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_private_modules_cross_packages_only_through_iterjax_internal(module):
+    bad = _private_imports_out_of_place(module, _internal(GRAPH[module][0]))
+    assert not bad, f"{module} imports {bad}: use iterjax.internal"
+
+
+def test_benchmarks_import_no_private_module():
+    for path in sorted((REPO / "benchmarks").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = [
+            n.module if isinstance(n, ast.ImportFrom) else a.name
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Import, ast.ImportFrom))
+            and not getattr(n, "level", 0)
+            for a in n.names
+        ]
+        bad = [n for n in names if n.startswith("iterjax") and _owner_of_private(n)]
+        assert not bad, f"{path.name} imports {bad}: use iterjax.internal"
+
+
+def test_the_private_import_rule_sees_a_violation():
+    # guards the rule above against one that passes everything
+    assert _private_imports_out_of_place(
+        "iterjax.experiments.common.cells", ["iterjax.sequence._core"]
+    )
+    assert _private_imports_out_of_place("iterjax.lab.registry", ["iterjax._iterate"])
+    assert _private_imports_out_of_place(
+        "iterjax.bilevel._argmin", ["iterjax.linear._base"]
+    )
+    assert not _private_imports_out_of_place(
+        "iterjax.bilevel._argmin", ["iterjax._tree"]
+    )
+
+
 def test_no_import_cycles():
     # A module's own parent packages are imported first by Python itself, so
     # an edge to an ancestor is not part of a cycle.

@@ -24,7 +24,7 @@ import optax
 
 import iterjax as ij
 from iterjax import bilevel as bl
-from iterjax._optax import optax_init, optax_step
+from iterjax.internal import optax_init, optax_step
 from iterjax.lab.spec import Count, NonNegative, Positive
 
 

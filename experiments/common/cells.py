@@ -11,9 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iterjax import sequence as seq
-from iterjax._tree import ravel
-from iterjax.sequence._core import Sweeps
-from iterjax.sequence._scan import _flat_cell
+from iterjax.internal import Sweeps, flat_cell, ravel
 
 
 def tanh_rnn(dim=8, length=256, scale=0.8, input_dim=None, seed=0, dtype=None):
@@ -106,7 +104,7 @@ def sweep_errors(f, init, xs, method, atol, num_sweeps):
     `lax.scan`: the error-vs-sweeps curve that `ScanStats.trace` (a residual) only
     bounds. Steps the sweep core one jitted sweep at a time."""
     s0, unravel = ravel(init)
-    cell, consts = _flat_cell(f, init, s0, unravel, xs)
+    cell, consts = flat_cell(f, init, s0, unravel, xs)
     ref = jax.vmap(lambda c: ravel(c)[0])(
         jax.lax.scan(lambda c, x: (f(c, x)[0],) * 2, init, xs)[1]
     )

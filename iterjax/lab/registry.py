@@ -5,8 +5,7 @@ import importlib
 
 import jax
 
-from .. import implicit, linear, sequence
-from .._iterate import AbstractFixedPointSolver
+from .. import AbstractFixedPointSolver, implicit, linear, sequence
 from ..fixed_point import (
     Anderson,
     Backtracking,

@@ -198,7 +198,7 @@ def scan(
     if reverse:
         xs = _flip(xs)
     s0, unravel = ravel(init)
-    cell, consts = _flat_cell(f, init, s0, unravel, xs)
+    cell, consts = flat_cell(f, init, s0, unravel, xs)
     paradigms = acceptance == "paradigms"
     methods = (method,) if polish is None else (method, polish)
     options = (methods, atol, rtol)
@@ -218,7 +218,7 @@ def _flip(tree):
     return jtu.tree_map(lambda a: jnp.flip(a, 0), tree)
 
 
-def _flat_cell(f, init, s0, unravel, xs):
+def flat_cell(f, init, s0, unravel, xs):
     """The carry update on flat vectors, with closed-over arrays hoisted out."""
 
     def cell(h, x):
