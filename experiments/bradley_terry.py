@@ -17,16 +17,13 @@ from typing import Annotated
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.classical import bradley_terry, strongly_connected  # noqa: E402
-from iterjax.lab.spec import Count, NonNegative, Positive, Range  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.classical import bradley_terry, strongly_connected
+from iterjax.lab.spec import Count, NonNegative, Positive, Range
+from iterjax.lab.tables import markdown_table
 
 Density = Annotated[float, Range(lo=0.0, hi=1.0, lo_open=True)]
 
@@ -73,7 +70,6 @@ def comparisons(players, density, games, spread, seed, tries=100):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", cfg.x64)
     rows, traces = [], {}
     total = len(cfg.densities) * len(METHODS)
     with workdir.progress(total, "solving") as advance:

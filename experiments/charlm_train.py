@@ -7,16 +7,13 @@ decoded with `iterjax.jacobi_decode`.
 import dataclasses
 
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.experiments.common import charlm  # noqa: E402
-from iterjax.lab.spec import Count  # noqa: E402
+import iterjax as ij
+from iterjax.experiments.common import charlm
+from iterjax.lab.spec import Count
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,16 +24,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 from sklearn.datasets import load_digits
 
-from iterjax.experiments.common import bilevel_runs as runs  # noqa: E402
-from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+from iterjax.experiments.common import bilevel_runs as runs
+from iterjax.lab.spec import Count, Fraction, Positive
+from iterjax.lab.tables import markdown_table
 
 CLASSES = 10
 
@@ -57,6 +54,7 @@ class Config:
         runs.Solver("f2sa", outer_lr=300.0, inner_lr=1.0),
     )
     seed: int = 0
+    x64: bool = True  # float64 (set by the lab for the run)
 
 
 def load(cfg):
@@ -124,7 +122,6 @@ def caught(data, theta):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", True)
     p, data = problem(cfg)
 
     def evaluate(w, theta):

@@ -28,19 +28,16 @@ from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.experiments.common import cells, ucr  # noqa: E402
-from iterjax.lab.config import Spec  # noqa: E402
-from iterjax.lab.registry import build  # noqa: E402
-from iterjax.lab.spec import Count, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.experiments.common import cells, ucr
+from iterjax.lab.config import Spec
+from iterjax.lab.registry import build
+from iterjax.lab.spec import Count, Positive
+from iterjax.lab.tables import markdown_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +311,6 @@ def train(cfg, workdir, advance):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", cfg.x64)
     total = (
         len(cfg.dims) * len(cfg.lengths)
         + len(cfg.dims) * len(cfg.lazy) * len(cfg.lazy_methods)

@@ -11,15 +11,12 @@ and forward steps against epochs.
 
 import dataclasses
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from iterjax.experiments.common import deq_models as dm  # noqa: E402
-from iterjax.lab.config import Spec  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+from iterjax.experiments.common import deq_models as dm
+from iterjax.lab.config import Spec
+from iterjax.lab.tables import markdown_table
 
 
 @dataclasses.dataclass(frozen=True)

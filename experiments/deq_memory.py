@@ -25,19 +25,16 @@ from typing import Annotated, Literal
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import optax
+from flax import nnx
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import optax  # noqa: E402
-from flax import nnx  # noqa: E402
-
-from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
-from iterjax.experiments.common import deq_models as dm  # noqa: E402
-from iterjax.internal import optax_init, optax_step  # noqa: E402
-from iterjax.lab.config import Spec  # noqa: E402
-from iterjax.lab.spec import Count, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+from iterjax.diagnostics import compiled_memory, time_calls
+from iterjax.experiments.common import deq_models as dm
+from iterjax.internal import optax_init, optax_step
+from iterjax.lab.config import Spec
+from iterjax.lab.spec import Count, Positive
+from iterjax.lab.tables import markdown_table
 
 MIB = 2**20
 
@@ -60,6 +57,7 @@ class Config:
     grad_batch: Count = 32
     grad_atol: Positive = 1e-11
     seed: int = 0
+    x64: bool = True  # float64 (set by the lab): the gradient check needs it
 
 
 def _variant(cfg, adjoint):
@@ -111,7 +109,6 @@ def training_step(model):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", True)  # float64 for the gradient check only
     xtr, ytr, _, _ = dm.load_digits()
     x, y = jnp.asarray(xtr[: cfg.batch]), jnp.asarray(ytr[: cfg.batch])
     rows = []

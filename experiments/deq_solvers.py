@@ -11,19 +11,16 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.experiments import deq_digits  # noqa: E402
-from iterjax.experiments.common import deq_models as dm  # noqa: E402
-from iterjax.lab.config import Spec  # noqa: E402
-from iterjax.lab.registry import build  # noqa: E402
-from iterjax.lab.spec import Count, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.experiments import deq_digits
+from iterjax.experiments.common import deq_models as dm
+from iterjax.lab.config import Spec
+from iterjax.lab.registry import build
+from iterjax.lab.spec import Count, Positive
+from iterjax.lab.tables import markdown_table
 
 _SOLVERS = (Spec("picard"), Spec("anderson"), Spec("broyden"))
 

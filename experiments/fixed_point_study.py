@@ -13,18 +13,15 @@ from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.experiments.common.problems import PROBLEMS  # noqa: E402
-from iterjax.lab.config import Spec  # noqa: E402
-from iterjax.lab.registry import build  # noqa: E402
-from iterjax.lab.spec import Count, NonNegative  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.experiments.common.problems import PROBLEMS
+from iterjax.lab.config import Spec
+from iterjax.lab.registry import build
+from iterjax.lab.spec import Count, NonNegative
+from iterjax.lab.tables import markdown_table
 
 Problem = Literal["tanh_deq", "slow_system", "pytree"]
 NORMS = {"max": ij.max_norm, "two": ij.two_norm, "rms": ij.rms_norm}
@@ -60,7 +57,6 @@ def _time(f, x, repeats):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", cfg.x64)
     rows, traces = [], {}
     total = len(cfg.problems) * len(cfg.solvers)
     with workdir.progress(total, "solving") as advance:

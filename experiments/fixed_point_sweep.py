@@ -13,17 +13,14 @@ from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.experiments.common.problems import PROBLEMS  # noqa: E402
-from iterjax.lab.config import Spec  # noqa: E402
-from iterjax.lab.registry import build  # noqa: E402
-from iterjax.lab.spec import Count, Positive  # noqa: E402
+import iterjax as ij
+from iterjax.experiments.common.problems import PROBLEMS
+from iterjax.lab.config import Spec
+from iterjax.lab.registry import build
+from iterjax.lab.spec import Count, Positive
 
 
 @dataclasses.dataclass(frozen=True)

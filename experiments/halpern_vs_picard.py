@@ -22,15 +22,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.lab.spec import Count, NonNegative, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.lab.spec import Count, NonNegative, Positive
+from iterjax.lab.tables import markdown_table
 
 SOLVERS = {
     "picard": ij.Picard(),
@@ -137,7 +134,6 @@ def _infeasible(cfg):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", cfg.x64)
     rows, traces = [], {}
     with workdir.progress(len(cfg.terms) * len(SOLVERS), "solving") as advance:
         for n in cfg.terms:

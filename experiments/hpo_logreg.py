@@ -17,19 +17,15 @@ serves both datasets.
 import dataclasses
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 from sklearn import datasets
 
-import iterjax as ij  # noqa: E402
-from iterjax.experiments.common import bilevel_runs as runs  # noqa: E402
-from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.experiments.common import bilevel_runs as runs
+from iterjax.lab.spec import Count, Fraction, Positive
+from iterjax.lab.tables import markdown_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +49,7 @@ class Config:
         runs.Solver("f2sa", outer_lr=1.0, inner_lr=0.5),
     )
     seed: int = 0
+    x64: bool = True  # float64 (set by the lab for the run)
 
 
 def load(name, cfg):
@@ -96,7 +93,6 @@ def problem(name, cfg) -> runs.Problem:
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", True)
     rows, curves = [], {}
     total = len(cfg.datasets) * len(cfg.solvers)
     with workdir.progress(total, "solvers") as advance:

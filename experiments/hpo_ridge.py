@@ -19,20 +19,17 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import optax
 from sklearn.datasets import load_diabetes
 
-import iterjax as ij  # noqa: E402
-from iterjax import bilevel as bl  # noqa: E402
-from iterjax.diagnostics import compiled_memory, time_calls  # noqa: E402
-from iterjax.internal import optax_init, optax_step  # noqa: E402
-from iterjax.lab.spec import Count, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax import bilevel as bl
+from iterjax.diagnostics import compiled_memory, time_calls
+from iterjax.internal import optax_init, optax_step
+from iterjax.lab.spec import Count, Positive
+from iterjax.lab.tables import markdown_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +57,7 @@ class Config:
     tune_steps: Count = 100
     tune_lr: Positive = 0.1
     seed: int = 0
+    x64: bool = True  # float64 (set by the lab for the run)
 
 
 def load(cfg):
@@ -103,7 +101,6 @@ def method(family, budget, step):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", True)
     X, y, Xv, yv = load(cfg)
     inner, outer, exact = problem(X, y, Xv, yv)
     theta = jnp.full(X.shape[1], cfg.theta0)

@@ -18,16 +18,13 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from iterjax.experiments import data_hypercleaning, hpo_logreg  # noqa: E402
-from iterjax.experiments.common import bilevel_runs as runs  # noqa: E402
-from iterjax.lab.config import ConfigError  # noqa: E402
-from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
+from iterjax.experiments import data_hypercleaning, hpo_logreg
+from iterjax.experiments.common import bilevel_runs as runs
+from iterjax.lab.config import ConfigError
+from iterjax.lab.spec import Count, Fraction, Positive
 
 
 @dataclasses.dataclass(frozen=True)

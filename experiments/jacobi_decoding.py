@@ -26,18 +26,15 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
 import numpy as np
 from flax import nnx
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.experiments import charlm_train  # noqa: E402
-from iterjax.experiments.common import charlm  # noqa: E402
-from iterjax.lab.spec import Count, Fraction, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.experiments import charlm_train
+from iterjax.experiments.common import charlm
+from iterjax.lab.spec import Count, Fraction, Positive
+from iterjax.lab.tables import markdown_table
 
 
 @dataclasses.dataclass(frozen=True)

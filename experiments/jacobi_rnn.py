@@ -11,18 +11,15 @@ import dataclasses
 from typing import Annotated, Literal
 
 import jax
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.experiments.common import cells  # noqa: E402
-from iterjax.lab.config import Spec  # noqa: E402
-from iterjax.lab.registry import build  # noqa: E402
-from iterjax.lab.spec import Count, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.experiments.common import cells
+from iterjax.lab.config import Spec
+from iterjax.lab.registry import build
+from iterjax.lab.spec import Count, Positive
+from iterjax.lab.tables import markdown_table
 
 Cell = Literal["tanh_rnn", "gru"]
 
@@ -83,7 +80,6 @@ def measure(f, init, xs, method, atol, repeats):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", cfg.x64)
     rows = []
     total = len(cfg.cells) * (len(cfg.lengths) + 1) * len(cfg.methods)
     curves = {}

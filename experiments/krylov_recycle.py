@@ -19,16 +19,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from iterjax.gallery import Poisson2D  # noqa: E402
-from iterjax.lab.spec import Count, NonNegative, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
-from iterjax.linear import (  # noqa: E402
+from iterjax.gallery import Poisson2D
+from iterjax.lab.spec import Count, NonNegative, Positive
+from iterjax.lab.tables import markdown_table
+from iterjax.linear import (
     CG,
     GCRODR,
     RecycledCG,
@@ -76,7 +73,6 @@ def _matvec(k, x):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", cfg.x64)
     ks, params = darcy_sequence(cfg)
     bs = jnp.ones_like(ks)
     orders = {

@@ -27,19 +27,16 @@ from typing import Annotated, Literal
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 import optax
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.experiments.common import cells, diffusion  # noqa: E402
-from iterjax.lab.config import Spec  # noqa: E402
-from iterjax.lab.registry import build  # noqa: E402
-from iterjax.lab.spec import Count, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.experiments.common import cells, diffusion
+from iterjax.lab.config import Spec
+from iterjax.lab.registry import build
+from iterjax.lab.spec import Count, Positive
+from iterjax.lab.tables import markdown_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,7 +171,6 @@ def _off_manifold(x, points):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", cfg.x64)
     rows, samples, curves = [], {}, {}
     total = (len(cfg.steps) + 1) * len(cfg.methods) + 1
     with workdir.progress(total, "sampling") as advance:

@@ -18,16 +18,13 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.classical import SparseNewton, marginal_error, sinkhorn  # noqa: E402
-from iterjax.lab.spec import Count, Fraction, NonNegativeInt, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.classical import SparseNewton, marginal_error, sinkhorn
+from iterjax.lab.spec import Count, Fraction, NonNegativeInt, Positive
+from iterjax.lab.tables import markdown_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +70,6 @@ def problem(points, seed):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", cfg.x64)
     cost, a, b = problem(cfg.points, cfg.seed)
     rows, traces = [], {}
     table = solvers(cfg)

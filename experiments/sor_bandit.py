@@ -22,18 +22,15 @@ from typing import Annotated
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from iterjax.gallery import Poisson2D  # noqa: E402
-from iterjax.lab.spec import Count, NonNegative, Positive, Range  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
-from iterjax.linear import SOR, optimal_omega  # noqa: E402
-from iterjax.tuning import Exp3, SquareCB  # noqa: E402
-from iterjax.tuning import bandit as bandits  # noqa: E402
+from iterjax.gallery import Poisson2D
+from iterjax.lab.spec import Count, NonNegative, Positive, Range
+from iterjax.lab.tables import markdown_table
+from iterjax.linear import SOR, optimal_omega
+from iterjax.tuning import Exp3, SquareCB
+from iterjax.tuning import bandit as bandits
 
 Omega = Annotated[float, Range(0.0, 2.0, lo_open=True, hi_open=True)]
 
@@ -78,7 +75,6 @@ def young_omega(cfg, shift):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", cfg.x64)
     h = 1.0 / (cfg.grid + 1)
     top = cfg.max_shift * 4 / h**2
     rng = np.random.default_rng(cfg.seed)

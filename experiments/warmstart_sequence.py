@@ -17,18 +17,15 @@ from typing import Annotated
 
 import jax
 import jax.numpy as jnp
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-import iterjax as ij  # noqa: E402
-from iterjax.experiments.common import diffusion  # noqa: E402
-from iterjax.lab.config import Spec  # noqa: E402
-from iterjax.lab.registry import build  # noqa: E402
-from iterjax.lab.spec import Count, Positive  # noqa: E402
-from iterjax.lab.tables import markdown_table  # noqa: E402
+import iterjax as ij
+from iterjax.experiments.common import diffusion
+from iterjax.lab.config import Spec
+from iterjax.lab.registry import build
+from iterjax.lab.spec import Count, Positive
+from iterjax.lab.tables import markdown_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +70,6 @@ def problem(cfg):
 
 
 def run(cfg: Config, workdir) -> dict:
-    jax.config.update("jax_enable_x64", cfg.x64)
     fn, params, xs, z0 = problem(cfg)
     rows, per_problem = [], {}
 

@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import jax
+import matplotlib
 import numpy as np
 import pytest
 from helpers import run_on_host_devices
@@ -517,10 +518,19 @@ def test_experiment_by_import_path_runs_sweeps_and_resumes(
 
 def test_python_api_leaves_jax_config_as_found(user_package, tmp_path):
     jax.config.update("jax_enable_x64", False)
+    backend = matplotlib.get_backend()
+    matplotlib.use("svg")  # a caller's backend (a notebook's, say)
+    seen = []
+    real_run = runlib._run_one
+    spy = lambda *a, **k: seen.append(matplotlib.get_backend()) or real_run(*a, **k)
     try:
-        run_dir, summary = iterjax.lab.run(
-            {"experiment": user_package, "steps": 3}, out=tmp_path, lr=0.2
-        )
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(runlib, "_run_one", spy)
+            run_dir, summary = iterjax.lab.run(
+                {"experiment": user_package, "steps": 3}, out=tmp_path, lr=0.2
+            )
+        assert [b.lower() for b in seen] == ["agg"]
+        assert matplotlib.get_backend() == "svg"
         assert not jax.config.jax_enable_x64  # the run's x64 was switched back
         assert summary["environment"]["x64"] is True  # ... and was on for the run
         assert (run_dir / "config.yaml").read_text().count("lr: 0.2") == 1
@@ -533,6 +543,7 @@ def test_python_api_leaves_jax_config_as_found(user_package, tmp_path):
         assert again["rows"][0]["solver"].startswith("anderson")
     finally:
         jax.config.update("jax_enable_x64", True)
+        matplotlib.use(backend)
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ import time
 import typing
 
 import jax
+import matplotlib
 import numpy as np
 import yaml
 from jax.experimental import multihost_utils
@@ -134,16 +135,20 @@ def run_experiment(
     `resume=DIR` continues the run in DIR from its last checkpoint (a sweep from
     its last finished member) with the config recorded there; a config.yaml
     edited since the run started is refused (naming the changed keys) unless
-    `force` (then recorded in status.json). JAX's float64 mode is restored
-    afterwards (a config's `x64` sets it for the run only).
+    `force` (then recorded in status.json). The run draws its figures with
+    matplotlib's file-only Agg backend, whatever the display, and uses float64
+    when its config's `x64` says so; both are restored afterwards, so that the
+    experiments need not set either.
     """
-    x64 = bool(jax.config.jax_enable_x64)
+    x64, backend = bool(jax.config.jax_enable_x64), matplotlib.get_backend()
+    matplotlib.use("Agg")
     try:
         return _run_experiment(
             path, overrides, out, smoke, quiet, resume, compilation_cache, values, force
         )
     finally:
         jax.config.update("jax_enable_x64", x64)
+        matplotlib.use(backend)
 
 
 def _run_experiment(
