@@ -73,6 +73,7 @@ def run(cfg: Config, workdir) -> dict:
                         solver=solver,
                         atol=cfg.atol,
                         max_steps=cfg.max_steps,
+                        norm=NORMS[cfg.norm],
                         trace=True,
                     )
                 )
@@ -86,6 +87,7 @@ def run(cfg: Config, workdir) -> dict:
                         solver=solver,
                         atol=cfg.atol,
                         max_steps=cfg.max_steps,
+                        norm=NORMS[cfg.norm],
                     ).value
                 )
                 evals = counter.read()

@@ -1,7 +1,12 @@
 """Every built-in config (configs/) runs shrunk; invalid configs are
 rejected by key."""
 
+import ast
+import dataclasses
+import importlib
+import importlib.util
 import json
+import pathlib
 import re
 
 import pytest
@@ -567,3 +572,120 @@ def test_out_of_range_values_fail_before_a_run_directory(tmp_path, capsys):
     code = main(["run", "fixed_point_study", "dim=-5", "--out", str(tmp_path)])
     assert code == 2 and not any(tmp_path.iterdir())
     assert "`dim`: must be >= 1, got -5" in capsys.readouterr().err
+
+
+# --- Stopping options reach the solvers
+
+# A stopping option, wherever it sits in a config: atol, rtol, max_steps,
+# max_sweeps and norm, alone or as the suffix of a phase's key (eval_atol).
+_STOPPING = re.compile(r"^(?:\w+_)?(?:atol|rtol|max_steps|max_sweeps)$|^norm$")
+
+
+def _stopping_keys(tree):
+    """The stopping keys of a config mapping, nested mappings included; the
+    entries of a list of specs (`{name: ..., ...}`) are a solver's own."""
+    if not isinstance(tree, dict):
+        return set()
+    keys = {k for k in tree if _STOPPING.match(k)}
+    for v in tree.values():
+        keys |= _stopping_keys(v)
+    return keys
+
+
+def _attrs(node):
+    return {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+
+
+def _names(node):
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+
+
+def _module_reads(tree):
+    """Attribute names that reach a stopping argument of a call in one module:
+    as a keyword (`atol=cfg.eval_atol`, `norm=NORMS[cfg.norm]`), or positionally
+    into a parameter of the module's own functions with a stopping name
+    (`measure(f, cfg.atol)` with `def measure(f, atol)`), directly or through
+    a local name bound from it (`tol = cfg.atol`, `for _, tol in [...]`)."""
+    params = {}  # function name -> its positional parameter names
+    carries = {}  # local name -> the attributes it was bound from
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.Lambda)) and hasattr(node, "name"):
+            params[node.name] = [a.arg for a in node.args.args]
+        bound = []
+        if isinstance(node, ast.Assign):
+            bound = [(t, node.value) for t in node.targets]
+        elif isinstance(node, ast.For):
+            bound = [(node.target, node.iter)]
+        for target, value in bound:
+            for name in _names(target):
+                carries.setdefault(name, set()).update(_attrs(value))
+    reach = lambda v: _attrs(v).union(*(carries.get(n, set()) for n in _names(v)))
+    reads = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        for kw in node.keywords:
+            if _STOPPING.match(kw.arg or ""):
+                reads |= reach(kw.value)
+        if isinstance(node.func, ast.Name) and node.func.id in params:
+            for name, arg in zip(params[node.func.id], node.args):
+                if _STOPPING.match(name):
+                    reads |= reach(arg)
+    return reads
+
+
+def _stopping_reads(module):
+    """`_module_reads` of `module` and of the experiments' modules it imports."""
+    seen, todo, reads = set(), [module.__name__], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        source = importlib.import_module(name).__file__
+        tree = ast.parse(pathlib.Path(source).read_text())
+        reads |= _module_reads(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(
+                "iterjax.experiments"
+            ):
+                package = importlib.import_module(node.module)
+                for a in node.names:  # `from package import module` or a name
+                    sub = f"{node.module}.{a.name}"
+                    is_module = hasattr(package, "__path__") and bool(
+                        importlib.util.find_spec(sub)
+                    )
+                    todo.append(sub if is_module else node.module)
+    return reads
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_stopping_key_reaches_a_solver_call(path):
+    # a key a config sets (or its Config declares) that no solver call reads
+    # only changes labels: fixed_point_study's `norm` did, once
+    module = registry.experiment(yaml.safe_load(path.read_text())["experiment"])
+    keys = _stopping_keys(yaml.safe_load(path.read_text()))
+    keys |= {
+        f.name for f in dataclasses.fields(module.Config) if _STOPPING.match(f.name)
+    }
+    missing = keys - _stopping_reads(module)
+    assert not missing, f"{path.name}: {sorted(missing)} reach no solver call"
+
+
+def test_the_stopping_check_sees_a_key_that_reaches_nothing():
+    # guards the check above against one that finds every key everywhere
+    source = """
+def measure(f, atol):
+    return ij.scan(f, atol=atol)
+ax.set(ylabel=f"|f(y) - y| ({cfg.norm} norm)")
+ij.fixed_point(f, y0, max_steps=cfg.max_steps)
+measure(f, cfg.atol)
+for name, tol in [("a", cfg.eval_atol)]:
+    chain(tol)
+"""
+    reads = _module_reads(ast.parse(source))
+    assert {"atol", "max_steps"} <= reads
+    assert "norm" not in reads and "eval_atol" not in reads  # label; unknown chain
+    assert {"atol", "max_steps", "norm"} <= _stopping_reads(
+        registry.experiment("fixed_point_study")
+    )
