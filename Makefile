@@ -6,7 +6,7 @@ TORCH   := .venv-torch/.installed-torch-2.13.0-torchdeq-0.1.0
 CONFIG  ?= fixed_point_study
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test lint format bench smoke docs clean
+.PHONY: run test test-fast lint format bench smoke docs clean
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv .venv
@@ -31,6 +31,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+
+# The edit-test loop: the numerics, without the configs' smoke runs, the lab's
+# end-to-end runs, packaging and subprocesses (tests marked slow).
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
 
 smoke: $(STAMP)
 	$(PY) -m pytest -q tests/test_configs.py

@@ -30,6 +30,7 @@ def test_there_are_configs_and_each_names_a_registered_experiment():
         assert name in registry.EXPERIMENTS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_config_smoke_runs(path, tmp_path):
     run_dir, summary = run_experiment(path, out=tmp_path, smoke=True, quiet=True)
@@ -508,6 +509,7 @@ def test_wrapper_specs_nest():
     )
 
 
+@pytest.mark.slow
 def test_hpo_sweep_vmaps_data_hypercleaning(tmp_path):
     # The hyper-cleaning problem as one vmapped trial per member: better than
     # chance, and the two seeds' minibatch streams differ.

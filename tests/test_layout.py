@@ -265,23 +265,6 @@ def test_deq_is_there_on_first_use():
         iterjax.nope  # noqa: B018
 
 
-def test_the_package_type_checks():
-    # `make lint`'s type checker, here so that CI runs it: mypy over iterjax/
-    # with the configuration in pyproject.toml
-    import subprocess
-    import sys
-
-    root = REPO
-    out = subprocess.run(
-        [sys.executable, "-m", "mypy", "--no-incremental"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stdout[-3000:]
-
-
 def _pytree_classes():
     """Every class of the core built on `iterjax._struct.PyTreeNode`, recursively."""
     import iterjax.classical  # noqa: F401  (import every wing's classes)

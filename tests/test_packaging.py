@@ -1,6 +1,8 @@
-"""The wheel as a user gets it: built from the repository, installed in a fresh
+"""The packaging checks, in one module (slow: `make test-fast` leaves them out):
+the wheel as a user gets it (built from the repository, installed in a fresh
 venv, it lists the built-in configs and runs one smoke config, away from the
-checkout (so nothing is imported from the source tree)."""
+checkout), the editable install's mapping, the type checker and the
+reference site."""
 
 import os
 import pathlib
@@ -11,6 +13,8 @@ import sysconfig
 import venv
 
 import pytest
+
+pytestmark = pytest.mark.slow
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -96,3 +100,45 @@ def test_the_editable_install_maps_experiments_and_configs(tmp_path):
     assert configs == str(REPO / "configs")
     listed = _run([pathlib.Path(sys.executable).parent / "iterjax", "list"], tmp_path)
     assert len(listed.splitlines()) == len(list((REPO / "configs").glob("*.yaml")))
+
+
+def test_the_package_type_checks():
+    # `make lint`'s type checker, here so that CI runs it: mypy over iterjax/
+    # with the configuration in pyproject.toml
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout[-3000:]
+
+
+def test_the_reference_site_builds_strictly(tmp_path):
+    # `make docs`: mkdocs + mkdocstrings from the docstrings, offline; strict
+    # mode fails on any warning (a broken cross-reference, a missing object, a
+    # README section the examples page includes)
+    root = REPO
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "-q",
+            "-d",
+            str(tmp_path),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    examples = (tmp_path / "examples" / "index.html").read_text()
+    assert "A fixed point, differentiated implicitly" in examples
+    assert "Accelerating a solver, and a chain of related problems" in examples
+    assert "RecycledCG" in (tmp_path / "api" / "linear" / "index.html").read_text()

@@ -27,6 +27,9 @@ from iterjax.lab import sweep as sweeplib
 from iterjax.lab import writers as writerslib
 from iterjax.lab.workdir import Workdir
 
+# end-to-end runs of the lab: left out by `make test-fast`
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 def toy(monkeypatch):

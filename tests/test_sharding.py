@@ -72,6 +72,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_time_axis_sharded_over_eight_devices():
     assert "SHARDING OK" in run_on_host_devices(SCRIPT)
 
