@@ -6,6 +6,7 @@ reference site."""
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -142,3 +143,44 @@ def test_the_reference_site_builds_strictly(tmp_path):
     assert "A fixed point, differentiated implicitly" in examples
     assert "Accelerating a solver, and a chain of related problems" in examples
     assert "RecycledCG" in (tmp_path / "api" / "linear" / "index.html").read_text()
+
+
+def _readme_experiment(where):
+    """The README's "Write your own experiment": mypkg/quadratic.py and my.yaml,
+    as written there, and the command it gives."""
+    readme = (REPO / "README.md").read_text()
+    code = re.search(r"```python\n# mypkg/quadratic.py\n(.*?)```", readme, re.S)
+    config = re.search(
+        r"```text\n# my.yaml +then: (iterjax run [^\n]*)\n(.*?)```", readme, re.S
+    )
+    (where / "mypkg").mkdir(parents=True)
+    (where / "mypkg" / "__init__.py").write_text("")
+    (where / "mypkg" / "quadratic.py").write_text(code.group(1))
+    (where / "my.yaml").write_text(config.group(2))
+    return config.group(1).split()[1:]  # ["run", "my.yaml", "damping=0.8"]
+
+
+@pytest.mark.parametrize("install", ["wheel", "editable"])
+def test_the_readme_experiment_runs_as_written_outside_the_repo(
+    install, fresh_venv, tmp_path
+):
+    # from a directory outside the checkout, with the installed wheel or the
+    # editable install: `experiment: mypkg.quadratic` is found in the current
+    # directory, the sweep's seeds reach the Config, and the command line's
+    # damping=0.8, which the sweep's grid replaces, is warned about
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    bin_dir = (
+        fresh_venv[0] / "bin"
+        if install == "wheel"
+        else pathlib.Path(sys.executable).parent
+    )
+    args = _readme_experiment(tmp_path)
+    out = subprocess.run(
+        [bin_dir / "iterjax", *args, "--out", "runs", "--quiet"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "damping: the value given on the command line is replaced" in out.stderr
+    (run_dir,) = (tmp_path / "runs" / "mypkg.quadratic").iterdir()
+    rows = [r for f in run_dir.glob("rows-*.jsonl") for r in f.read_text().splitlines()]
+    assert len(rows) == 4  # damping 0.5, 0.8 x seeds 0, 1

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import matplotlib
@@ -1027,3 +1028,77 @@ def test_an_absurd_size_is_refused_before_any_run_directory(toy, tmp_path, capsy
     assert cli.main(["run", str(path), "--out", str(out), "--quiet"]) == 2
     assert "`dim`: must be <= 2147483647" in capsys.readouterr().err
     assert not out.exists()
+
+
+# --- Your own experiments: show, init, seeds, swept overrides
+
+
+def test_show_prints_a_builtin_config_and_names_unknown_ones(capsys):
+    assert cli.main(["show", "fixed_point_study"]) == 0
+    text = capsys.readouterr().out
+    assert text == (runlib.CONFIG_DIR / "fixed_point_study.yaml").read_text()
+    assert cli.main(["show", "nope"]) == 2
+    assert (
+        "no built-in config 'nope'; built-in: bradley_terry" in capsys.readouterr().err
+    )
+
+
+def test_init_copies_a_config_and_its_experiment_that_then_run(
+    tmp_path, monkeypatch, capsys
+):
+    where = tmp_path / "mine"
+    assert cli.main(["init", "fixed_point_study", str(where)]) == 0
+    config, module = (
+        where / "my_fixed_point_study.yaml",
+        where / "my_fixed_point_study.py",
+    )
+    assert "experiment: my_fixed_point_study" in config.read_text()
+    assert (
+        module.read_text()
+        == pathlib.Path(registry.experiment("fixed_point_study").__file__).read_text()
+    )
+    # run from that directory: the current directory is on the import path
+    monkeypatch.chdir(where)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(where))])
+    out = ["--smoke", "--quiet", "--out", str(tmp_path / "runs")]
+    assert cli.main(["run", config.name, *out]) == 0
+    assert "my_fixed_point_study" in sys.modules
+    assert list((tmp_path / "runs" / "my_fixed_point_study").glob("*/summary.json"))
+    # a second init replaces nothing
+    capsys.readouterr()
+    assert cli.main(["init", "fixed_point_study", str(where)]) == 2
+    assert "exist; not replaced" in capsys.readouterr().err
+
+
+def test_seeds_on_a_config_without_the_seed_key_say_what_to_add(tmp_path, monkeypatch):
+    pkg = tmp_path / "noseed"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "exp.py").write_text(
+        "import dataclasses\n\n\n@dataclasses.dataclass(frozen=True)\n"
+        "class Config:\n    damping: float = 0.5\n\n\ndef run(cfg, workdir):\n"
+        "    return {}\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(cfglib.ConfigError, match=r"a field `seed: int = 0`"):
+        runlib.prepare({"experiment": "noseed.exp", "sweep": {"seeds": 2}})
+    with pytest.raises(cfglib.ConfigError, match=r"a field `trial_seed: int = 0`"):
+        runlib.prepare(
+            {
+                "experiment": "noseed.exp",
+                "sweep": {"seeds": 2, "seed_key": "trial_seed"},
+            }
+        )
+
+
+def test_a_command_line_value_the_sweep_replaces_is_warned_about(toy):
+    config = {"experiment": "toy", "sweep": {"grid": {"lr": [0.1, 0.2]}, "seeds": 2}}
+    with pytest.warns(
+        UserWarning, match=r"lr: the value .* by the sweep's `sweep.grid.lr`"
+    ):
+        runlib.prepare(config, ["lr=0.3"])
+    with pytest.warns(UserWarning, match=r"seed: .* `sweep.seeds`"):
+        runlib.prepare(config, values={"seed": 4})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runlib.prepare(config, ["steps=3", "sweep.seeds=3"])  # neither is replaced

@@ -41,7 +41,7 @@ def test_wrapper_under_jit_vmap_and_grad(wrapper, solver):
     # grad: unrolled through the wrapper's own steps, against the implicit one
     loss = lambda a, adj: jnp.sum(jnp.sin(solve(a, adj).value))
     unrolled = jax.jit(jax.grad(lambda a: loss(a, ij.UnrolledAdjoint())))(args)
-    implicit = jax.grad(lambda a: loss(a, ij.ImplicitAdjoint()))(args)
+    implicit = jax.jit(jax.grad(lambda a: loss(a, ij.ImplicitAdjoint())))(args)
     jax.tree_util.tree_map(
         lambda u, i: np.testing.assert_allclose(u, i, atol=1e-8), unrolled, implicit
     )

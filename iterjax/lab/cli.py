@@ -4,14 +4,16 @@
 import argparse
 import os
 import pathlib
+import re
 import sys
+import warnings
 
 import yaml
 
 import iterjax
 
 from . import config as cfglib
-from . import report
+from . import registry, report
 from . import sweep as sweeplib
 from .runner import (
     CONFIG_DIR,
@@ -43,6 +45,21 @@ def _list_configs():
 
 
 def main(argv=None):
+    """The `iterjax` command; warnings print as one line, `iterjax: warning: ...`."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"iterjax: warning: {message}", file=sys.stderr if file is None else file)
+
+
+def _main(argv):
+    # `experiment: mypkg.module` finds mypkg in the current directory, with the
+    # `iterjax` command as with `python -m iterjax` (which puts it on the path)
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser = argparse.ArgumentParser(
         prog="iterjax", description=__doc__.splitlines()[0]
     )
@@ -87,6 +104,13 @@ def main(argv=None):
     )
     r.add_argument("--quiet", action="store_true")
     sub.add_parser("list", help="list the built-in configs")
+    show = sub.add_parser("show", help="print a built-in config")
+    show.add_argument("name", help="a built-in config (iterjax list)")
+    init = sub.add_parser(
+        "init", help="copy a built-in config and its experiment's code to adapt"
+    )
+    init.add_argument("name", help="a built-in config (iterjax list)")
+    init.add_argument("dir", nargs="?", default=".", help="where (default: here)")
     rep = sub.add_parser("report", help="summarise one or several run directories")
     rep.add_argument("dirs", nargs="+", help="run directories")
     rep.add_argument("--out", default="report.md", help="report.md or report.html")
@@ -100,6 +124,16 @@ def main(argv=None):
         args.overrides = [*args.overrides, *extra]
     if args.command == "list":
         _list_configs()
+        return 0
+    if args.command in ("show", "init"):
+        try:
+            path = _builtin_config(args.name)
+            if args.command == "init":
+                return _init(args.name, path, pathlib.Path(args.dir))
+        except cfglib.ConfigError as e:
+            print(f"iterjax: {e}", file=sys.stderr)
+            return 2
+        print(path.read_text(), end="")
         return 0
     if args.command == "report":
         try:
@@ -159,6 +193,33 @@ def _config_help(config, overrides):
     ]
     print(f"experiment {p.name} ({p.module.__name__}): {describe_module(p.module)}\n")
     print(markdown_table(["field", "type", "default", "in this config"], rows))
+    return 0
+
+
+def _builtin_config(name):
+    path = CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+        raise cfglib.ConfigError(f"no built-in config {name!r}; built-in: {known}")
+    return path
+
+
+def _init(name, path, where):
+    """Copy config NAME and its experiment's module into `where`, as
+    `my_NAME.yaml` and `my_NAME.py`, the config pointing at the copy: a
+    starting point to edit, run with `iterjax run my_NAME.yaml` from `where`."""
+    module = registry.experiment(yaml.safe_load(path.read_text())["experiment"])
+    mine = f"my_{name}"
+    targets = [where / f"{mine}.yaml", where / f"{mine}.py"]
+    existing = [str(t) for t in targets if t.exists()]
+    if existing:
+        raise cfglib.ConfigError(f"init: {', '.join(existing)} exist; not replaced")
+    where.mkdir(parents=True, exist_ok=True)
+    line = f"experiment: {mine}   # ./{mine}.py, a copy of {module.__name__}"
+    text = re.sub(r"^experiment:.*$", line, path.read_text(), count=1, flags=re.M)
+    targets[0].write_text(text)
+    targets[1].write_text(pathlib.Path(module.__file__).read_text())
+    print(f"wrote {targets[0]} and {targets[1]}; run: iterjax run {targets[0]}")
     return 0
 
 

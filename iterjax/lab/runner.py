@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import typing
+import warnings
 
 import jax
 import matplotlib
@@ -102,6 +103,14 @@ def prepare(path, overrides=(), smoke=False, values=None) -> Prepared:
     module = registry.experiment(name)
     cfg = cfglib.from_dict(module.Config, raw)
     members = sweeplib.plan(module, raw, plat.sweep) if plat.sweep else None
+    if plat.sweep:
+        given = [k for k, _ in cfglib.parse_overrides(overrides)] + [*(values or {})]
+        for key, swept in sweeplib.replaced(given, plat.sweep):
+            warnings.warn(
+                f"{key}: the value given on the command line is replaced in "
+                f"every sweep member by the sweep's `{swept}`",
+                stacklevel=2,
+            )
     return Prepared(name, module, cfg, plat, members)
 
 

@@ -66,6 +66,23 @@ def expand(sweep: cfglib.Sweep) -> list[dict]:
     return [{**g, **r, **s} for g in grid for r in draws for s in seeds]
 
 
+def replaced(keys, sweep: cfglib.Sweep) -> list[tuple[str, str]]:
+    """(key, sweep key) for each of the dotted `keys` (overrides) that the
+    sweep sets in every member: the same key, or one inside the other."""
+    swept = {f"sweep.grid.{k}": k for k in sweep.grid}
+    if sweep.random is not None:
+        swept |= {f"sweep.random.space.{k}": k for k in sweep.random.space}
+    if sweep.seeds:
+        swept["sweep.seeds"] = sweep.seed_key
+    inside = lambda a, b: a == b or a.startswith(b + ".")
+    return [
+        (key, where)
+        for key in keys
+        for where, k in swept.items()
+        if inside(key, k) or inside(k, key)
+    ]
+
+
 def _draw(rng, dist):
     ((kind, v),) = dist.items()
     if kind == "choice":
@@ -87,7 +104,17 @@ def plan(module, raw: dict, sweep: cfglib.Sweep) -> list[Member]:
                 cfglib.set_dotted(data, key, copy.deepcopy(value))
             cfg = cfglib.from_dict(module.Config, data)
         except cfglib.ConfigError as e:
-            raise cfglib.ConfigError(f"sweep member {i} ({_label(settings)}): {e}")
+            hint = ""
+            if sweep.seeds and f"`{sweep.seed_key}`" in str(e):
+                hint = (
+                    f"; `sweep.seeds` sets `{sweep.seed_key}` in every member: give "
+                    f"the experiment's Config a field `{sweep.seed_key}: int = 0` "
+                    "that seeds the run, or name the field that does with "
+                    "`sweep.seed_key`"
+                )
+            raise cfglib.ConfigError(
+                f"sweep member {i} ({_label(settings)}): {e}{hint}"
+            ) from None
         members.append(Member(i, settings, cfg))
     if sweep.vmap:
         fixed = [k for k in members[0].settings if not _is_array_key(module, k)]
