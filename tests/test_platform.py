@@ -677,8 +677,10 @@ runner.run_experiment({str(path)!r}, out={str(tmp_path / "b")!r}, quiet=True)
 
 def _scalars(event_dir):
     """{tag: [(step, value)]} from tensorboard event files (TFRecord framing:
-    length, its CRC, the serialised Event, its CRC)."""
-    from tensorboardX.proto.event_pb2 import Event
+    length, its CRC, the serialised Event, its CRC), read as TensorBoard does:
+    a SessionLog START at step s (a purge) drops the values read so far at
+    steps >= s."""
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
 
     out = {}
     for path in sorted(event_dir.glob("events.out.tfevents.*")):
@@ -687,9 +689,34 @@ def _scalars(event_dir):
             (n,) = struct.unpack("<Q", data[i : i + 8])
             event = Event.FromString(data[i + 12 : i + 12 + n])
             i += 12 + n + 4
+            if event.session_log.status == SessionLog.START:
+                out = {
+                    t: [(s, v) for s, v in sv if s < event.step]
+                    for t, sv in out.items()
+                }
             for v in event.summary.value:
                 out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out
+
+
+def test_a_resumed_run_purges_the_tensorboard_events_past_its_checkpoint(
+    toy, tmp_path, monkeypatch
+):
+    text = "experiment: toy\nsteps: 7\ncheckpoint_every: 2\n"
+    text += "writers: [jsonl, tensorboard]\n"
+    path = _config(tmp_path, text)
+    full_dir, _ = runlib.run_experiment(path, out=tmp_path / "a", quiet=True)
+    _interrupt_at_step(monkeypatch, 5)  # steps 1-5 written, checkpoint at 4
+    with pytest.raises(runlib.Interrupted) as info:
+        runlib.run_experiment(path, out=tmp_path / "b", quiet=True)
+    monkeypatch.undo()
+    monkeypatch.setitem(registry.EXPERIMENTS, "toy", "toy_experiment")
+    run_dir = info.value.args[0]
+    assert cli.main(["run", "--resume", str(run_dir), "--quiet"]) == 0
+    got, want = _scalars(run_dir / "tensorboard"), _scalars(full_dir / "tensorboard")
+    steps = [s for s, _ in got["train/loss"]]
+    assert steps == sorted(set(steps)) == [s for s, _ in want["train/loss"]]
+    np.testing.assert_allclose(got["train/loss"], want["train/loss"], rtol=1e-6)
 
 
 def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):

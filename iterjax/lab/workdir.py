@@ -52,7 +52,9 @@ class Workdir:
     same tags as a Weights & Biases run, offline unless `WANDB_MODE` says
     otherwise (`lab/wandb_writer.py`). More writers plug in through `WRITERS` (a
     name -> a class taking the run directory, with `write(row)` for a stamped
-    row and `close()`, or the class's import path "module:Class").
+    row and `close()`, or the class's import path "module:Class"); a writer
+    with `purge(step)` is told on a resume that the rows from `step` on come
+    again (TensorBoard then drops the interrupted run's events there).
 
     On a multi-process run every process calls the same methods; only process 0
     writes metrics and plots.
@@ -268,11 +270,19 @@ class Workdir:
         return None
 
     def _truncate_metrics(self, rows):
+        """Cut metrics.jsonl back to its first `rows` rows (a resume's
+        checkpoint), and have the writers that can (`purge(step)`) drop what
+        they hold past the last step kept."""
         path = self.path / "metrics.jsonl"
+        kept = []
         if path.exists() and self.primary:
-            lines = path.read_text().splitlines(keepends=True)[:rows]
-            path.write_text("".join(lines))
+            kept = path.read_text().splitlines(keepends=True)[:rows]
+            path.write_text("".join(kept))
         self._rows = rows
+        last = max((json.loads(line)["step"] for line in kept), default=-1)
+        for writer in self._writers:
+            if hasattr(writer, "purge"):
+                writer.purge(last + 1)
 
     def close(self):
         for writer in self._writers:

@@ -3,6 +3,7 @@ registered by name (see `Workdir`)."""
 
 import importlib
 import pathlib
+import time
 
 from tensorboardX import SummaryWriter
 
@@ -13,7 +14,21 @@ class TensorBoardWriter:
     """Rows as TensorBoard scalars, in `<run>/tensorboard/` (tensorboardX)."""
 
     def __init__(self, path):
-        self._events = SummaryWriter(str(pathlib.Path(path) / "tensorboard"))
+        self._dir = str(pathlib.Path(path) / "tensorboard")
+        self._events = self._open()
+
+    def _open(self, purge_step=None):
+        # a file of its own: tensorboardX names event files by the second, and a
+        # resume in the same second as the interruption would overwrite its file
+        unique = f".{time.time_ns()}"
+        return SummaryWriter(self._dir, purge_step=purge_step, filename_suffix=unique)
+
+    def purge(self, step):
+        """A resume writes the rows from `step` on again: a new event file that
+        starts with TensorBoard's purge marker, so that the events the
+        interrupted run wrote at those steps are dropped when it reads them."""
+        self._events.close()
+        self._events = self._open(purge_step=step)
 
     def write(self, row):
         for tag, value in scalars(row).items():
