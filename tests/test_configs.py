@@ -16,7 +16,8 @@ from iterjax.experiments.common import deq_models
 from iterjax.lab import config as cfglib
 from iterjax.lab import registry
 from iterjax.lab.cli import main
-from iterjax.lab.runner import CONFIG_DIR, prepare, run_experiment
+from iterjax.lab.config import CONFIG_DIR
+from iterjax.lab.runner import prepare, run_experiment
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -691,3 +692,42 @@ for name, tol in [("a", cfg.eval_atol)]:
     assert {"atol", "max_steps", "norm"} <= _stopping_reads(
         registry.experiment("fixed_point_study")
     )
+
+
+# --- Composition: `base:`
+
+
+def test_a_config_starts_from_a_base_and_overrides_keys(tmp_path):
+    child = tmp_path / "mine.yaml"
+    child.write_text("base: fixed_point_study\ndim: 12\nsolvers: [picard]\n")
+    mine, base = prepare(child), prepare("fixed_point_study")
+    assert mine.name == base.name == "fixed_point_study"
+    assert mine.cfg == dataclasses.replace(
+        base.cfg, dim=12, solvers=(cfglib.Spec("picard"),)
+    )
+    # smoke blocks merge key by key: the base's smoke sizes, then the child's
+    assert (
+        prepare(child, smoke=True).cfg.max_steps
+        == prepare("fixed_point_study", smoke=True).cfg.max_steps
+    )
+    # a chain of files, relative to the file that names them
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "more.yaml").write_text("base: ../mine.yaml\natol: 1.0e-6\n")
+    more = prepare(tmp_path / "sub" / "more.yaml").cfg
+    assert (more.dim, more.atol) == (12, 1e-6)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("base: fixed_point_study\ndim: -3\n", r"`dim`"),
+        ("base: fixed_point_study\ndimm: 3\n", r"`dimm`: unknown key"),
+        ("base: no_such_config\n", r"no config file 'no_such_config'"),
+        ("base: [a]\n", r"config key `base`: must name a built-in config"),
+        ("base: loop.yaml\n", r"`base`: the configs base each other in a cycle"),
+    ],
+)
+def test_a_bad_base_is_rejected_by_key(tmp_path, text, match):
+    (tmp_path / "loop.yaml").write_text(text)
+    with pytest.raises(cfglib.ConfigError, match=match):
+        prepare(tmp_path / "loop.yaml")

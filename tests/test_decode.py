@@ -265,7 +265,8 @@ def test_text_quality_flags_degenerate_outputs():
 
 def test_a_degenerate_fine_tuned_model_fails_the_decoding_run():
     from iterjax.experiments.jacobi_decoding import Config, check_not_degenerate
-    from iterjax.lab.runner import CONFIG_DIR, prepare
+    from iterjax.lab.config import CONFIG_DIR
+    from iterjax.lab.runner import prepare
 
     half = np.array([[1, 2, 3, 4, 5, 6, 7, 8], [3, 3, 3, 3, 5, 6, 7, 9]])
     check_not_degenerate(half, 0.5)  # one token for exactly half: allowed

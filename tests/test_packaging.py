@@ -93,7 +93,7 @@ def test_the_editable_install_maps_experiments_and_configs(tmp_path):
     # folders, and `iterjax list` finds every shipped config through them
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     script = (
-        "import iterjax.experiments.common.cells as c, iterjax.lab.runner as r;"
+        "import iterjax.experiments.common.cells as c, iterjax.lab.config as r;"
         "print(c.__file__); print(r.CONFIG_DIR)"
     )
     cells, configs = _run([sys.executable, "-c", script], tmp_path, env).split()

@@ -95,7 +95,7 @@ def test_overrides_reach_dotted_grid_keys(tmp_path):
 
 
 def test_groups_split_on_keys_that_cannot_be_vectorised():
-    p = runlib.prepare(runlib.CONFIG_DIR / "fixed_point_sweep.yaml", smoke=True)
+    p = runlib.prepare(cfglib.CONFIG_DIR / "fixed_point_sweep.yaml", smoke=True)
     plan = sweeplib.groups(p.module, p.members, p.platform.sweep)
     assert [len(ms) for _, ms in plan] == [4, 4]  # one group per solver
     assert all(set(keys) == {"radius", "seed"} for keys, _ in plan)
@@ -464,7 +464,7 @@ jax.jit(lambda x: jnp.sin(x) * 2)(1.0).block_until_ready()
 def test_cli_list_shows_every_config_with_its_description(capsys):
     assert cli.main(["list"]) == 0
     out = capsys.readouterr().out
-    for path in runlib.CONFIG_DIR.glob("*.yaml"):
+    for path in cfglib.CONFIG_DIR.glob("*.yaml"):
         line = next(x for x in out.splitlines() if x.startswith(path.stem + " "))
         assert len(line.split(None, 1)[1]) > 20, line
 
@@ -1063,7 +1063,7 @@ def test_an_absurd_size_is_refused_before_any_run_directory(toy, tmp_path, capsy
 def test_show_prints_a_builtin_config_and_names_unknown_ones(capsys):
     assert cli.main(["show", "fixed_point_study"]) == 0
     text = capsys.readouterr().out
-    assert text == (runlib.CONFIG_DIR / "fixed_point_study.yaml").read_text()
+    assert text == (cfglib.CONFIG_DIR / "fixed_point_study.yaml").read_text()
     assert cli.main(["show", "nope"]) == 2
     assert (
         "no built-in config 'nope'; built-in: bradley_terry" in capsys.readouterr().err

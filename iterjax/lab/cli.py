@@ -15,8 +15,8 @@ import iterjax
 from . import config as cfglib
 from . import registry, report
 from . import sweep as sweeplib
+from .config import CONFIG_DIR
 from .runner import (
-    CONFIG_DIR,
     Interrupted,
     make_mesh,
     prepare,

@@ -17,7 +17,9 @@ type annotation (int, float, str, bool, tuples, nested dataclasses, `Literal`,
 
 import copy
 import dataclasses
+import importlib.resources
 import math
+import pathlib
 import re
 import types
 import typing
@@ -255,6 +257,59 @@ def parse_overrides(items) -> list[tuple[str, Any]]:
 _EXPERIMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
+# The built-in configs: the package `iterjax.configs` (configs/ in the
+# repository), wherever it is installed; a folder, since pip never zips.
+CONFIG_DIR = pathlib.Path(str(importlib.resources.files("iterjax.configs")))
+
+
+def resolve_config_path(name_or_path: str, folder=None) -> pathlib.Path:
+    """A config file: a path (relative to `folder`, else to the current
+    directory), or the name of a built-in config."""
+    p = pathlib.Path(name_or_path)
+    for candidate in (pathlib.Path(folder or ".") / p, p):
+        if candidate.is_file():
+            return candidate
+    candidate = CONFIG_DIR / (p.name if p.suffix else p.name + ".yaml")
+    if candidate.exists():
+        return candidate
+    raise ConfigError(f"no config file {name_or_path!r} (looked in {CONFIG_DIR})")
+
+
+def _read_config(path, chain):
+    """The config file `path` as a mapping, its `base:` resolved."""
+    with open(path) as f:
+        data = read_yaml(f, str(path)) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping")
+    return _rebase(data, path.parent, (*chain, path))
+
+
+def _rebase(data, folder, chain):
+    """`base: NAME` (a built-in config, or a file's path relative to the config
+    that names it): that config's keys, with this one's over them (mappings
+    merged key by key, smoke blocks and sweeps included; anything else
+    replaced)."""
+    if not isinstance(data, dict) or "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str):
+        _fail("base", f"must name a built-in config or a file, got {base!r}")
+    path = resolve_config_path(base, folder)
+    seen = [p.resolve() for p in chain]
+    if path.resolve() in seen:
+        loop = " -> ".join(str(p) for p in (*chain, path))
+        _fail("base", f"the configs base each other in a cycle: {loop}")
+    return _merge(_read_config(path, chain), data)
+
+
+def _merge(base, over):
+    out = dict(base)
+    for k, v in over.items():
+        both = isinstance(v, dict) and isinstance(out.get(k), dict)
+        out[k] = _merge(out[k], v) if both else v
+    return out
+
+
 def load(source, overrides=(), smoke: bool = False, values=None):
     """Read a config; returns `(experiment_name, raw_dict, platform)`.
 
@@ -265,10 +320,9 @@ def load(source, overrides=(), smoke: bool = False, values=None):
     (`sweep`, `mesh`, ...) into a `Platform`.
     """
     if isinstance(source, dict):
-        data = copy.deepcopy(source)
+        data = _rebase(copy.deepcopy(source), pathlib.Path.cwd(), ())
     else:
-        with open(source) as f:
-            data = read_yaml(f, str(source)) or {}
+        data = _read_config(pathlib.Path(source), ())
     if not isinstance(data, dict) or "experiment" not in data:
         raise ConfigError(
             f"{source}: a config must be a mapping with an `experiment` key"

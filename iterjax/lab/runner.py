@@ -19,7 +19,6 @@ import contextlib
 import datetime
 import fcntl
 import importlib.metadata
-import importlib.resources
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from jax.sharding import AxisType
 from . import config as cfglib
 from . import registry
 from . import sweep as sweeplib
+from .config import resolve_config_path
 from .records import (
     RecordError,
     changed_keys,
@@ -56,9 +56,6 @@ from .workdir import Workdir
 
 __all__ = ["Workdir", "prepare", "run_experiment", "make_mesh", "environment"]
 
-# The built-in configs: the package `iterjax.configs` (configs/ in the
-# repository), wherever it is installed; a folder, since pip never zips.
-CONFIG_DIR = pathlib.Path(str(importlib.resources.files("iterjax.configs")))
 PACKAGES = (
     "iterjax",
     "jax",
@@ -69,18 +66,6 @@ PACKAGES = (
     "numpy",
     "orbax-checkpoint",
 )
-
-
-def resolve_config_path(name_or_path: str) -> pathlib.Path:
-    p = pathlib.Path(name_or_path)
-    if p.exists():
-        return p
-    candidate = CONFIG_DIR / (p.name if p.suffix else p.name + ".yaml")
-    if candidate.exists():
-        return candidate
-    raise cfglib.ConfigError(
-        f"no config file {name_or_path!r} (looked in {CONFIG_DIR})"
-    )
 
 
 class Interrupted(KeyboardInterrupt):
