@@ -1129,3 +1129,13 @@ def test_a_command_line_value_the_sweep_replaces_is_warned_about(toy):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         runlib.prepare(config, ["steps=3", "sweep.seeds=3"])  # neither is replaced
+
+
+def test_listing_into_a_closed_pipe_is_quiet():
+    # `iterjax list | head -1`: no BrokenPipeError traceback
+    iterjax_bin = pathlib.Path(sys.executable).parent / "iterjax"
+    out = subprocess.run(
+        f"'{iterjax_bin}' list | head -1",
+        shell=True, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.stdout.startswith("bradley_terry") and out.stderr == "", out.stderr

@@ -48,7 +48,11 @@ def main(argv=None):
     """The `iterjax` command; warnings print as one line, `iterjax: warning: ...`."""
     with warnings.catch_warnings():
         warnings.showwarning = _show_warning
-        return _main(argv)
+        try:
+            return _main(argv)
+        except BrokenPipeError:  # `iterjax list | head`: the reader left
+            sys.stdout = open(os.devnull, "w")  # (no second error at exit)
+            return 0
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
