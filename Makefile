@@ -6,7 +6,7 @@ TORCH   := .venv-torch/.installed-torch-2.13.0-torchdeq-0.1.0
 CONFIG  ?= fixed_point_study
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test test-fast lint format bench smoke docs clean
+.PHONY: run test test-fast lint format bench bench-device smoke docs clean
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv .venv
@@ -57,6 +57,11 @@ bench: $(PEERS) $(TORCH)
 	$(PY) benchmarks/bilevel.py
 	$(PY) benchmarks/sweep.py
 	$(PY) benchmarks/linear.py
+
+# On a lent GPU or TPU: the measurements the papers' headline claims need, in
+# <= 8 minutes; benchmarks/results/device_<device>.md (small sizes on a CPU).
+bench-device: $(STAMP)
+	$(PY) benchmarks/device.py
 
 clean:
 	rm -rf .venv .venv-torch runs build site *.egg-info

@@ -62,7 +62,7 @@ def compiled(seeds, repeats):
     import iterjax.experiments.fixed_point_sweep as fps
     from iterjax.lab.sweep import replace_dotted
 
-    cfg = runlib.prepare(runlib.CONFIG_DIR / "fixed_point_sweep.yaml").cfg
+    cfg = runlib.prepare("fixed_point_sweep").cfg
     cfg = replace_dotted(replace_dotted(cfg, "radius", 0.9), "solver.history", 5)
     one = jax.jit(lambda s: fps.trial(replace_dotted(cfg, "seed", s)))
     many = jax.jit(jax.vmap(lambda s: fps.trial(replace_dotted(cfg, "seed", s))))
