@@ -719,6 +719,47 @@ def test_a_resumed_run_purges_the_tensorboard_events_past_its_checkpoint(
     np.testing.assert_allclose(got["train/loss"], want["train/loss"], rtol=1e-6)
 
 
+def test_a_sweep_shows_in_tensorboards_hparams_one_run_per_member(toy, tmp_path):
+
+    text = "experiment: toy\nsteps: 3\nwriters: [jsonl, tensorboard]\n"
+    text += "sweep: {grid: {lr: [0.1, 0.2]}, seeds: 2}\n"
+    run_dir, _ = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)
+    rows = sorted(
+        (json.loads(line) for f in run_dir.glob("rows-*.jsonl") for line in
+         f.read_text().splitlines()), key=lambda r: r["member"],
+    )  # fmt: skip
+    members = sorted((run_dir / "tensorboard").glob("member-*"))
+    assert [m.name for m in members] == [f"member-{i:03d}" for i in range(4)]
+    for member, row in zip(members, rows):
+        # the results: every numeric metric of the member's row
+        scalars = _scalars(member).items()
+        results = {t: v for t, [(_, v)] in scalars if not t.startswith("_hparams_")}
+        want = {f"sweep/{k}": v for k, v in row["metrics"].items()}
+        assert results.keys() == want.keys()
+        np.testing.assert_allclose(
+            [results[k] for k in want], list(want.values()), rtol=1e-6
+        )
+        # the hyperparameters: the swept settings, in the HParams plugin's data
+        plugin = b"".join(
+            v.metadata.plugin_data.content
+            for path in member.glob("events.out.tfevents.*")
+            for v in _events(path)
+            if v.metadata.plugin_data.plugin_name == "hparams"
+        )
+        assert b"lr" in plugin and b"seed" in plugin
+
+
+def _events(path):
+    """The summary values of one event file."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    data, i = path.read_bytes(), 0
+    while i < len(data):
+        (n,) = struct.unpack("<Q", data[i : i + 8])
+        yield from Event.FromString(data[i + 12 : i + 12 + n]).summary.value
+        i += 12 + n + 4
+
+
 def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):
     text = "experiment: toy\nsteps: 5\nwriters: [jsonl, tensorboard]\n"
     run_dir, _ = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)

@@ -389,6 +389,12 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
     if primary:
         sweeplib.write_tables(run_dir, rows)
         sweeplib.plot(aggregates, rows, sweep.seed_key, workdir)
+        # the writers' view of the sweep (TensorBoard's HParams): every member
+        writers = p.platform.writers
+        with contextlib.closing(Workdir(run_dir, True, writers=writers)) as members:
+            for r in rows:
+                if r["status"] == "ok":
+                    members.write_member(r["member"], r["settings"], r["metrics"])
     _finish(run_dir, summary, primary)
     return summary
 

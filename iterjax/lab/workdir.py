@@ -125,6 +125,14 @@ class Workdir:
         for writer in self._writers:
             writer.write(row)
 
+    def write_member(self, index: int, settings: dict, metrics: dict) -> None:
+        """One finished sweep member, for the writers that show sweeps
+        (`write_member`): TensorBoard's HParams tab gets its swept settings as
+        hyperparameters and its numeric metrics as results."""
+        for writer in self._writers:
+            if hasattr(writer, "write_member"):
+                writer.write_member(index, settings, metrics)
+
     def logged(self) -> list[dict]:
         """The rows in metrics.jsonl (after a resume: those before the checkpoint)."""
         if self._metrics is not None:

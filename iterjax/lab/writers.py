@@ -35,6 +35,23 @@ class TensorBoardWriter:
             self._events.add_scalar(tag, value, row["step"])
         self._events.flush()
 
+    def write_member(self, index, settings, metrics):
+        """Sweep member `index` as an HParams run `member-NNN`: its swept
+        settings (dotted) as hyperparameters, its numeric metrics as
+        `sweep/<metric>` results."""
+        hparams = {
+            k: v
+            for k, v in flatten(settings).items()
+            if isinstance(v, (bool, str)) or is_number(v)
+        }
+        results = {
+            f"sweep/{k}": float(v) for k, v in flatten(metrics).items() if is_number(v)
+        }
+        self._events.add_hparams(
+            hparams, results, name=f"member-{index:03d}", global_step=index
+        )
+        self._events.flush()
+
     def close(self):
         self._events.close()
 
