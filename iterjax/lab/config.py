@@ -441,6 +441,27 @@ class DistributedSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class Launcher:
+    """Where a sweep's members run: here, one after the other (`local`, the
+    default), or as jobs through submitit (`submitit`): one job per vectorised
+    group and one per member that runs alone, each writing its own rows; the
+    head process waits for them and reports the sweep as usual, and `--resume`
+    submits only the members without a row.
+
+    `cluster`: submitit's executor, `auto` (SLURM where there is one, else
+    local processes), `slurm`, `local` (processes on this machine) or `debug`
+    (in this process). `folder`: submitit's logs and pickles (default
+    `<run>/submitit`). `options`: passed to `executor.update_parameters`, e.g.
+    `{timeout_min: 60, slurm_partition: gpu, gpus_per_node: 1}`.
+    """
+
+    name: Literal["local", "submitit"] = "local"
+    cluster: Literal["auto", "slurm", "local", "debug"] = "auto"
+    folder: str | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class Platform:
     """The reserved top-level config keys."""
 
@@ -454,8 +475,14 @@ class Platform:
     # W&B offline runs (wandb) or a writer registered with
     # `registry.register("writer", name, cls)`
     writers: tuple[str, ...] = ("jsonl",)
+    launcher: Launcher | None = None
 
     def __post_init__(self):
+        if self.launcher is not None and self.launcher.name != "local":
+            if self.sweep is None:
+                _fail("launcher", "runs a sweep's members as jobs: add a `sweep:`")
+            if self.distributed is not None:
+                _fail("launcher", "and `distributed` are two ways to scale: pick one")
         if "jsonl" not in self.writers:
             _fail("writers", "must include jsonl: metrics.jsonl is the run's record")
         unknown = sorted(set(self.writers) - {"jsonl", *registry.WRITERS})

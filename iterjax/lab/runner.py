@@ -34,6 +34,7 @@ import warnings
 import jax
 import matplotlib
 import numpy as np
+import submitit
 import yaml
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType
@@ -318,56 +319,24 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
     # A resume keeps the members that finished, and retries the failed ones.
     rows = _read_rows(run_dir, repair=primary) if resume else []
     done = {r["member"]: r for r in rows if r["status"] == "ok"}
-    rows_file = run_dir / f"rows-{pid}.jsonl"
     workdir = Workdir(run_dir, quiet, mesh=mesh, primary=primary)
     start = time.perf_counter()
-
-    def record(row):
-        with open(rows_file, "a") as f:
-            f.write(json.dumps(jsonable(row)) + "\n")
-
+    record = _recorder(run_dir / f"rows-{pid}.jsonl")
     plan = sweeplib.groups(p.module, everyone, sweep)
+    plan = [(k, [m for m in ms if m.index not in done]) for k, ms in plan]
+    launcher = p.platform.launcher
     with (
         _recorded(run_dir, primary),
         contextlib.closing(workdir),
         workdir.progress(len(everyone), "sweep") as advance,
     ):
         advance(len(done))
-        for keys, members in plan:
-            todo = [m for m in members if m.index not in done]
-            if keys and todo:
-                _set_x64(todo[0].cfg)
-                try:
-                    results = sweeplib.run_vectorised(p.module, todo, keys, mesh)
-                except Exception as e:  # one bad member: isolate it
-                    print(
-                        f"iterjax: vectorised group failed ({e}); "
-                        "running its members one by one",
-                        file=sys.stderr,
-                    )
-                else:
-                    for m, metrics in zip(todo, results):
-                        if primary:
-                            record(_row(m, metrics))
-                        advance()
-                    continue
-            for m in todo:
-                if m.index % nproc != pid:
-                    continue
-                member_dir = run_dir / "members" / f"{m.index:03d}"
-                # a member interrupted before goes on from its checkpoint
-                again = (member_dir / "status.json").exists()
-                try:
-                    # members are split over processes: each writes its own
-                    own = mesh if nproc == 1 else None  # no global mesh
-                    s = _run_one(p, m.cfg, member_dir, True, own, again, True)
-                    row = _row(m, sweeplib.scalar_metrics(s))
-                except KeyboardInterrupt:
-                    raise
-                except Exception as e:
-                    row = sweeplib.error_row(m, e)
-                record(row)
-                advance()
+        if launcher is not None and launcher.name == "submitit":
+            _submit(
+                launcher, [(k, ms) for k, ms in plan if ms], run_dir, record, advance
+            )
+        else:
+            _run_groups(p, plan, run_dir, mesh, record, advance, primary)
     if nproc > 1:
         multihost_utils.sync_global_devices("iterjax sweep rows")
     rows = sorted(_read_rows(run_dir), key=lambda r: r["member"])
@@ -397,6 +366,96 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
                     members.write_member(r["member"], r["settings"], r["metrics"])
     _finish(run_dir, summary, primary)
     return summary
+
+
+def _recorder(rows_file):
+    """`record(row)`: append one sweep row to `rows_file` (JSON lines)."""
+
+    def record(row):
+        with open(rows_file, "a") as f:
+            f.write(json.dumps(jsonable(row)) + "\n")
+
+    return record
+
+
+def _run_groups(p: Prepared, plan, run_dir, mesh, record, advance, primary=True):
+    """Run the members of `plan` here: each group of vectorisable members as one
+    `jax.vmap` (one by one if it fails), the others each as a run of its own in
+    `members/NNN/`; on several processes, those are split between them."""
+    pid, nproc = jax.process_index(), jax.process_count()
+    for keys, todo in plan:
+        if keys and todo:
+            _set_x64(todo[0].cfg)
+            try:
+                results = sweeplib.run_vectorised(p.module, todo, keys, mesh)
+            except Exception as e:  # one bad member: isolate it
+                print(
+                    f"iterjax: vectorised group failed ({e}); "
+                    "running its members one by one",
+                    file=sys.stderr,
+                )
+            else:
+                for m, metrics in zip(todo, results):
+                    if primary:
+                        record(_row(m, metrics))
+                    advance()
+                continue
+        for m in todo:
+            if m.index % nproc != pid:
+                continue
+            member_dir = run_dir / "members" / f"{m.index:03d}"
+            # a member interrupted before goes on from its checkpoint
+            again = (member_dir / "status.json").exists()
+            try:
+                # members are split over processes: each writes its own
+                own = mesh if nproc == 1 else None  # no global mesh
+                s = _run_one(p, m.cfg, member_dir, True, own, again, True)
+                row = _row(m, sweeplib.scalar_metrics(s))
+            except KeyboardInterrupt:
+                raise
+            except Exception as e:
+                row = sweeplib.error_row(m, e)
+            record(row)
+            advance()
+
+
+def _submit(launcher, plan, run_dir, record, advance):
+    """The members of `plan` as submitit jobs (one per vectorised group, one per
+    member that runs alone); waits for them. A job that fails records a failed
+    row for each of its members that wrote none (`--resume` retries them)."""
+    folder = launcher.folder or str(run_dir / "submitit")
+    cluster = None if launcher.cluster == "auto" else launcher.cluster
+    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
+    if launcher.options:
+        executor.update_parameters(**launcher.options)
+    jobs = []
+    for keys, members in plan:
+        for batch in [members] if keys else [[m] for m in members]:
+            name = f"job-{batch[0].index:03d}"
+            indices = [m.index for m in batch]
+            jobs.append((batch, executor.submit(_job, str(run_dir), indices, name)))
+    for batch, job in jobs:
+        try:
+            job.result()
+        except Exception as e:
+            written = {r["member"] for r in _read_rows(run_dir)}
+            for m in batch:
+                if m.index not in written:
+                    record(sweeplib.error_row(m, e))
+        advance(len(batch))
+
+
+def _job(run_dir: str, indices: list[int], name: str) -> None:
+    """One launcher job, in its own process: the sweep members `indices` of the
+    run in `run_dir` (its recorded config), rows in `rows-<name>.jsonl`."""
+    path = pathlib.Path(run_dir)
+    p = prepare(path / "config.yaml")
+    assert p.members is not None and p.platform.sweep is not None
+    wanted = set(indices)
+    plan = sweeplib.groups(p.module, p.members, p.platform.sweep)
+    plan = [(k, [m for m in ms if m.index in wanted]) for k, ms in plan]
+    record = _recorder(path / f"rows-{name}.jsonl")
+    _run_groups(p, plan, path, None, record, lambda n=1, item=None: None)
 
 
 @contextlib.contextmanager
