@@ -827,6 +827,23 @@ def test_wandb_offline_run_holds_the_scalars(toy, tmp_path, monkeypatch):
     )
 
 
+def test_a_sweep_writes_one_wandb_run_per_member(toy, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    text = "experiment: toy\nsteps: 3\nwriters: [jsonl, wandb]\n"
+    text += "sweep: {grid: {lr: [0.1, 0.2]}, seeds: 2}\n"
+    run_dir, _ = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)
+    rows = {json.dumps(r["settings"]): r for r in _rows(run_dir)}
+    members = sorted((run_dir / "wandb-members").iterdir())
+    assert len(members) == len(rows) == 4
+    for member in members:
+        [history] = _wandb_history(member)
+        row = next(r for r in rows.values() if r["member"] == int(member.name))
+        want = {f"sweep/{k}": v for k, v in row["metrics"].items()}
+        assert history.keys() - {"_step"} == want.keys()
+        np.testing.assert_allclose([history[k] for k in want], list(want.values()))
+
+
 class _MemoryWriter:
     """A user's writer: keeps the rows it is given (and where)."""
 

@@ -29,16 +29,25 @@ class WandbWriter:
     def __init__(self, path):
         path = pathlib.Path(path)
         config = path / "config.yaml"
-        self._run = wandb.init(
-            dir=str(path),
-            mode=os.environ.get("WANDB_MODE", "offline"),
-            project=os.environ.get("WANDB_PROJECT", "iterjax"),
-            name=f"{path.parent.name}/{path.name}",
-            config=yaml.safe_load(config.read_text()) if config.exists() else None,
-            settings=wandb.Settings(console="off", silent=True),
-            reinit="create_new",
+        self._path = path
+        self._run = _init(
+            path,
+            f"{path.parent.name}/{path.name}",
+            yaml.safe_load(config.read_text()) if config.exists() else None,
         )
         self._step = -1
+
+    def write_member(self, index, settings, metrics):
+        """Sweep member `index` as a W&B run of its own, grouped under the
+        sweep's: its swept settings as config, its numeric metrics logged once
+        (`sweep/<metric>`), in `wandb-members/NNN/wandb/`."""
+        name = f"{self._path.parent.name}/{self._path.name}"
+        where = self._path / "wandb-members" / f"{index:03d}"
+        where.mkdir(parents=True, exist_ok=True)
+        run = _init(where, f"{name}/member-{index:03d}", dict(settings), group=name)
+        row = {"namespace": "sweep", "step": 0, **metrics}
+        run.log(scalars(row), step=0)
+        run.finish()
 
     def write(self, row):
         values, step = scalars(row), int(row["step"])
@@ -50,3 +59,17 @@ class WandbWriter:
 
     def close(self):
         self._run.finish()
+
+
+def _init(path, name, config, group=None):
+    """A W&B run written under `path/wandb/`, offline unless WANDB_MODE says."""
+    return wandb.init(
+        dir=str(path),
+        mode=os.environ.get("WANDB_MODE", "offline"),
+        project=os.environ.get("WANDB_PROJECT", "iterjax"),
+        name=name,
+        group=group,
+        config=config,
+        settings=wandb.Settings(console="off", silent=True),
+        reinit="create_new",
+    )
