@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 
 import jax
@@ -45,8 +46,14 @@ def _config(tmp_path, text, name="c.yaml"):
     return path
 
 
-def _rows(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+def _rows(run_dir, wall_time=False):
+    """metrics.jsonl's rows; without `wall_time` (two runs' rows compare equal)."""
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows if wall_time else [_untimed(r) for r in rows]
+
+
+def _untimed(row):
+    return {k: v for k, v in row.items() if k != "wall_time"}
 
 
 def _metrics_by_settings(run_dir):
@@ -728,6 +735,7 @@ def test_a_sweep_shows_in_tensorboards_hparams_one_run_per_member(toy, tmp_path)
         (json.loads(line) for f in run_dir.glob("rows-*.jsonl") for line in
          f.read_text().splitlines()), key=lambda r: r["member"],
     )  # fmt: skip
+    assert all(r["wall_time"] > 0 for r in _rows(run_dir, wall_time=True))
     members = sorted((run_dir / "tensorboard").glob("member-*"))
     assert [m.name for m in members] == [f"member-{i:03d}" for i in range(4)]
     for member, row in zip(members, rows):
@@ -869,7 +877,7 @@ def test_a_registered_writer_receives_every_row(toy, tmp_path, monkeypatch):
     run_dir, _ = runlib.run_experiment(_config(tmp_path, text), out=tmp_path)
     [(path, writer)] = _MemoryWriter.runs
     assert path == run_dir and writer.closed
-    assert writer.rows == _rows(run_dir)  # the same rows, schema and steps
+    assert writer.rows == _rows(run_dir, wall_time=True)  # the same rows, stamps
     with pytest.raises(cfglib.ConfigError, match=r"unknown \['mlflow'\]; known"):
         runlib.run_experiment(
             _config(tmp_path, "experiment: toy\nwriters: [jsonl, mlflow]\n", "u.yaml")
@@ -903,12 +911,15 @@ def test_progress_names_the_current_item_and_the_latest_metric(tmp_path):
     assert got[3].startswith("solve: 3/3 [broyden/tanh")  # the closing line
 
 
-def test_every_metrics_row_has_a_namespace_and_a_step(tmp_path):
+def test_every_metrics_row_has_a_namespace_a_step_and_a_wall_time(tmp_path):
     wd = Workdir(tmp_path, quiet=True)
+    before = time.time()
     wd.log("train", step=np.int64(3), loss=0.5)
     wd.log(loss=0.25)  # no namespace, no step: "metrics" and the row number
     wd.log("eval", acc=1.0)
-    assert wd.logged() == [
+    times = [r["wall_time"] for r in wd.logged()]
+    assert before <= times[0] <= times[1] <= times[2] <= time.time()
+    assert [_untimed(r) for r in wd.logged()] == [
         {"namespace": "train", "step": 3, "loss": 0.5},
         {"namespace": "metrics", "step": 1, "loss": 0.25},
         {"namespace": "eval", "step": 2, "acc": 1.0},
@@ -916,6 +927,7 @@ def test_every_metrics_row_has_a_namespace_and_a_step(tmp_path):
     for bad, match in [
         (lambda: wd.log("", x=1), "namespace must be a name"),
         (lambda: wd.log(namespace="a", x=1), "first argument"),
+        (lambda: wd.log("a", wall_time=1.0), "`wall_time` is stamped by the workdir"),
         (lambda: wd.log("a", step=1.5), "step must be an int"),
         (lambda: wd.log("a", step=True), "step must be an int"),
     ]:

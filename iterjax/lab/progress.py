@@ -9,7 +9,7 @@ import time
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
 
-from .tables import flatten, is_number
+from .tables import STAMPS, flatten, is_number
 
 PLAIN_EVERY = 10.0  # seconds between plain progress lines
 
@@ -23,7 +23,9 @@ def status_text(item, row, numbers_shown=2) -> str:
     if item is None:
         item = "/".join(v for k, v in row.items() if isinstance(v, str))
     values = [
-        f"{k}={float(v):.4g}" for k, v in row.items() if k != "step" and is_number(v)
+        f"{k}={float(v):.4g}"
+        for k, v in row.items()
+        if k not in STAMPS and is_number(v)
     ][:numbers_shown]
     return " ".join([str(item), *values] if item else values)
 

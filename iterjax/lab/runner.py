@@ -369,11 +369,12 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
 
 
 def _recorder(rows_file):
-    """`record(row)`: append one sweep row to `rows_file` (JSON lines)."""
+    """`record(row)`: append one sweep row to `rows_file` (JSON lines), stamped
+    with its `wall_time` (Unix seconds), as `Workdir.log` stamps its rows."""
 
     def record(row):
         with open(rows_file, "a") as f:
-            f.write(json.dumps(jsonable(row)) + "\n")
+            f.write(json.dumps(jsonable({**row, "wall_time": time.time()})) + "\n")
 
     return record
 

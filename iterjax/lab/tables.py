@@ -3,6 +3,9 @@ dotted views of nested mappings, and what counts as a logged number."""
 
 import numpy as np
 
+# The keys `Workdir.log` stamps on every row; the rest are the row's metrics.
+STAMPS = ("namespace", "step", "wall_time")
+
 
 def markdown_table(headers, rows) -> str:
     """A markdown table: one header row, then one row per list of cells."""

@@ -5,6 +5,7 @@ import json
 import numbers
 import pathlib
 import sys
+import time
 import warnings
 
 import jax
@@ -25,10 +26,11 @@ class Workdir:
     `log(namespace, **row)` appends to `metrics.jsonl`, `savefig` writes a PNG,
     `progress` shows a bar.
 
-    Every row has one schema: `{"namespace": ..., "step": ..., **row}`. The
-    namespace names the series ("train", "eval", "sweep"; "metrics" when not
-    given) and `step` is the row's own `step=` when it gives one, else its row
-    number in the run. Writers key on both: TensorBoard tags are
+    Every row has one schema: `{"namespace": ..., "step": ..., "wall_time": ...,
+    **row}`. The namespace names the series ("train", "eval", "sweep"; "metrics"
+    when not given), `step` is the row's own `step=` when it gives one, else its
+    row number in the run, and `wall_time` is when it was logged (Unix seconds,
+    as TensorBoard's events carry it). Writers key on both: TensorBoard tags are
     `namespace/metric`. A training loop makes itself resumable with two calls::
 
         step, state = workdir.restore(state)      # (0, state) on a fresh run
@@ -107,11 +109,13 @@ class Workdir:
             raise ValueError(f"log: the namespace must be a name, got {namespace!r}")
         if "namespace" in row:
             raise ValueError("log: `namespace` is the first argument, not a metric")
+        if "wall_time" in row:
+            raise ValueError("log: `wall_time` is stamped by the workdir, not a metric")
         step = row.pop("step", self._rows)
         if isinstance(step, bool) or not isinstance(step, numbers.Integral):
             raise ValueError(f"log: step must be an int, got {step!r}")
         step = int(step)
-        row = {"namespace": namespace, "step": step, **row}
+        row = {"namespace": namespace, "step": step, "wall_time": time.time(), **row}
         self._last_row = row
         for k in nonfinite_paths(row):
             self.nonfinite[k] = self.nonfinite.get(k, 0) + 1

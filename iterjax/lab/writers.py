@@ -7,7 +7,7 @@ import time
 
 from tensorboardX import SummaryWriter
 
-from .tables import flatten, is_number
+from .tables import STAMPS, flatten, is_number
 
 
 class TensorBoardWriter:
@@ -62,7 +62,7 @@ def scalars(row) -> dict[str, float]:
     return {
         f"{row['namespace']}/{key}": float(value)
         for key, value in flatten(row).items()
-        if key not in ("namespace", "step") and is_number(value)
+        if key not in STAMPS and is_number(value)
     }
 
 
