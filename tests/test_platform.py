@@ -682,27 +682,33 @@ runner.run_experiment({str(path)!r}, out={str(tmp_path / "b")!r}, quiet=True)
     assert _rows(run_dir) == _rows(full_dir)
 
 
-def _scalars(event_dir):
-    """{tag: [(step, value)]} from tensorboard event files (TFRecord framing:
-    length, its CRC, the serialised Event, its CRC), read as TensorBoard does:
-    a SessionLog START at step s (a purge) drops the values read so far at
-    steps >= s."""
-    from tensorboardX.proto.event_pb2 import Event, SessionLog
+def _events(event_dir):
+    """The Events of a directory's tensorboard event files, file by file
+    (TFRecord framing: length, its CRC, the serialised Event, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
 
-    out = {}
     for path in sorted(event_dir.glob("events.out.tfevents.*")):
         data, i = path.read_bytes(), 0
         while i < len(data):
             (n,) = struct.unpack("<Q", data[i : i + 8])
-            event = Event.FromString(data[i + 12 : i + 12 + n])
+            yield Event.FromString(data[i + 12 : i + 12 + n])
             i += 12 + n + 4
-            if event.session_log.status == SessionLog.START:
-                out = {
-                    t: [(s, v) for s, v in sv if s < event.step]
-                    for t, sv in out.items()
-                }
-            for v in event.summary.value:
-                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+
+
+def _scalars(event_dir):
+    """{tag: [(step, value)]} from tensorboard event files, read as TensorBoard
+    does: a SessionLog START at step s (a purge) drops the values read so far
+    at steps >= s."""
+    from tensorboardX.proto.event_pb2 import SessionLog
+
+    out = {}
+    for event in _events(event_dir):
+        if event.session_log.status == SessionLog.START:
+            out = {
+                t: [(s, v) for s, v in sv if s < event.step] for t, sv in out.items()
+            }
+        for v in event.summary.value:
+            out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out
 
 
@@ -750,22 +756,11 @@ def test_a_sweep_shows_in_tensorboards_hparams_one_run_per_member(toy, tmp_path)
         # the hyperparameters: the swept settings, in the HParams plugin's data
         plugin = b"".join(
             v.metadata.plugin_data.content
-            for path in member.glob("events.out.tfevents.*")
-            for v in _events(path)
+            for event in _events(member)
+            for v in event.summary.value
             if v.metadata.plugin_data.plugin_name == "hparams"
         )
         assert b"lr" in plugin and b"seed" in plugin
-
-
-def _events(path):
-    """The summary values of one event file."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    data, i = path.read_bytes(), 0
-    while i < len(data):
-        (n,) = struct.unpack("<Q", data[i : i + 8])
-        yield from Event.FromString(data[i + 12 : i + 12 + n]).summary.value
-        i += 12 + n + 4
 
 
 def test_tensorboard_scalars_mirror_the_metrics(toy, tmp_path):

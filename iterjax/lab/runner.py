@@ -322,8 +322,7 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
     workdir = Workdir(run_dir, quiet, mesh=mesh, primary=primary)
     start = time.perf_counter()
     record = _recorder(run_dir / f"rows-{pid}.jsonl")
-    plan = sweeplib.groups(p.module, everyone, sweep)
-    plan = [(k, [m for m in ms if m.index not in done]) for k, ms in plan]
+    plan = _plan(p, lambda index: index not in done)
     launcher = p.platform.launcher
     with (
         _recorded(run_dir, primary),
@@ -377,6 +376,14 @@ def _recorder(rows_file):
             f.write(json.dumps(jsonable({**row, "wall_time": time.time()})) + "\n")
 
     return record
+
+
+def _plan(p: Prepared, keep):
+    """The sweep's groups (`sweeplib.groups`), each with its members whose
+    index `keep` accepts."""
+    assert p.members is not None and p.platform.sweep is not None  # a sweep's
+    groups = sweeplib.groups(p.module, p.members, p.platform.sweep)
+    return [(keys, [m for m in ms if keep(m.index)]) for keys, ms in groups]
 
 
 def _run_groups(p: Prepared, plan, run_dir, mesh, record, advance, primary=True):
@@ -451,10 +458,7 @@ def _job(run_dir: str, indices: list[int], name: str) -> None:
     run in `run_dir` (its recorded config), rows in `rows-<name>.jsonl`."""
     path = pathlib.Path(run_dir)
     p = prepare(path / "config.yaml")
-    assert p.members is not None and p.platform.sweep is not None
-    wanted = set(indices)
-    plan = sweeplib.groups(p.module, p.members, p.platform.sweep)
-    plan = [(k, [m for m in ms if m.index in wanted]) for k, ms in plan]
+    plan = _plan(p, set(indices).__contains__)
     record = _recorder(path / f"rows-{name}.jsonl")
     _run_groups(p, plan, path, None, record, lambda n=1, item=None: None)
 

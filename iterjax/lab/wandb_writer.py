@@ -29,10 +29,10 @@ class WandbWriter:
     def __init__(self, path):
         path = pathlib.Path(path)
         config = path / "config.yaml"
-        self._path = path
+        self._path, self._name = path, f"{path.parent.name}/{path.name}"
         self._run = _init(
             path,
-            f"{path.parent.name}/{path.name}",
+            self._name,
             yaml.safe_load(config.read_text()) if config.exists() else None,
         )
         self._step = -1
@@ -41,10 +41,10 @@ class WandbWriter:
         """Sweep member `index` as a W&B run of its own, grouped under the
         sweep's: its swept settings as config, its numeric metrics logged once
         (`sweep/<metric>`), in `wandb-members/NNN/wandb/`."""
-        name = f"{self._path.parent.name}/{self._path.name}"
         where = self._path / "wandb-members" / f"{index:03d}"
         where.mkdir(parents=True, exist_ok=True)
-        run = _init(where, f"{name}/member-{index:03d}", dict(settings), group=name)
+        name = f"{self._name}/member-{index:03d}"
+        run = _init(where, name, dict(settings), group=self._name)
         row = {"namespace": "sweep", "step": 0, **metrics}
         run.log(scalars(row), step=0)
         run.finish()
