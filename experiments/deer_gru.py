@@ -36,7 +36,7 @@ import iterjax as ij
 from iterjax.experiments.common import cells, ucr
 from iterjax.lab.config import Spec
 from iterjax.lab.registry import build
-from iterjax.lab.spec import Count, Positive
+from iterjax.lab.spec import Count, Positive, Stop
 from iterjax.lab.tables import markdown_table
 
 
@@ -58,7 +58,7 @@ class Config:
     chaotic_length: Count = 2048
     chaotic_dim: Count = 8
     chaotic_dtype: Literal["float32", "float64"] = "float32"
-    chaotic_atol: Positive = 1e-4
+    chaotic_stop: Stop = Stop(atol=1e-4)
     chaotic_methods: tuple[Annotated[Spec, "sequence_method"], ...] = (
         Spec("deer"),
         Spec("deer", (("damping", 0.5),)),
@@ -80,7 +80,7 @@ class Config:
     epochs: Count = 30
     learning_rate: Positive = 3e-3
     clip_norm: Positive = 1.0  # gradient clipping by global norm
-    train_atol: Positive = 1e-8
+    train_stop: Stop = Stop(atol=1e-8)  # DEER's solves in training
     seed: int = 0
     x64: bool = True
 
@@ -174,7 +174,7 @@ def chaotic(cfg, workdir, advance):
                 init,
                 xs,
                 method=method,
-                atol=cfg.chaotic_atol,
+                **cfg.chaotic_stop.kwargs("max_sweeps"),
                 return_stats=True,
                 trace=True,
             )
@@ -207,7 +207,7 @@ def sinusoids(key, n, length, classes):
     return x[..., None], labels
 
 
-def _classifier(scan, method, atol):
+def _classifier(scan, method, stop):
     """(logits, loss): logits(params, x) -> (logits, sweeps); loss(params, x, y)
     -> (loss, the batch's largest sweep count) (sweeps 0 with `lax.scan`)."""
 
@@ -216,7 +216,12 @@ def _classifier(scan, method, atol):
         init = jnp.zeros(params["gru"]["b"].shape[1])
         if scan is ij.scan:
             _, hs, stats = ij.scan(
-                f, init, x, method=method, atol=atol, return_stats=True
+                f,
+                init,
+                x,
+                method=method,
+                **stop.kwargs("max_sweeps"),
+                return_stats=True,
             )
             sweeps = stats.num_sweeps
         else:
@@ -261,7 +266,7 @@ def train(cfg, workdir, advance):
     orders = [rng.permutation(len(x)) for _ in range(cfg.epochs)]
     curves, accuracy, epoch_s, sweeps = {}, {}, {}, {}
     for name, scan in [("lax.scan", jax.lax.scan), ("DEER", ij.scan)]:
-        logits, loss = _classifier(scan, ij.DEER(), cfg.train_atol)
+        logits, loss = _classifier(scan, ij.DEER(), cfg.train_stop)
 
         @jax.jit
         def step(params, state, idx, loss=loss):
@@ -359,7 +364,7 @@ def _plot(cfg, long_rows, long_curves, chaos_curves, trained, workdir):
     )
     for m, tr in chaos_curves.items():
         ax[2].semilogy(np.arange(1, len(tr) + 1), np.maximum(tr, 1e-30), label=m)
-    ax[2].axhline(cfg.chaotic_atol, color="k", lw=0.5, ls="--")
+    ax[2].axhline(cfg.chaotic_stop.atol, color="k", lw=0.5, ls="--")
     ax[2].set(
         title=f"chaotic tanh RNN |W|={cfg.chaotic_scale}, "
         f"T={cfg.chaotic_length}, {cfg.chaotic_dtype}",

@@ -33,7 +33,7 @@ from iterjax.diagnostics import compiled_memory, time_calls
 from iterjax.experiments.common import deq_models as dm
 from iterjax.internal import optax_init, optax_step
 from iterjax.lab.config import Spec
-from iterjax.lab.spec import Count, Positive
+from iterjax.lab.spec import Count, Stop
 from iterjax.lab.tables import markdown_table
 
 MIB = 2**20
@@ -55,7 +55,7 @@ class Config:
     explicit: bool = True  # also the explicit K-layer network
     repeats: Count = 5
     grad_batch: Count = 32
-    grad_atol: Positive = 1e-11
+    grad_stop: Stop = Stop(atol=1e-11, max_steps=2000)  # the gradient check's solves
     seed: int = 0
     x64: bool = True  # float64 (set by the lab): the gradient check needs it
 
@@ -162,7 +162,7 @@ def gradient_agreement(cfg, workdir):
     xtr, ytr, _, _ = dm.load_digits()
     x = jnp.asarray(xtr[: cfg.grad_batch], jnp.float64)
     y = jnp.asarray(ytr[: cfg.grad_batch])
-    train = dm.TrainConfig(hidden=cfg.hidden, atol=cfg.grad_atol, max_steps=2000)
+    train = dm.TrainConfig(hidden=cfg.hidden, **cfg.grad_stop.kwargs())
 
     def grad_of(adjoint):
         model = dm.make_model(_variant(cfg, adjoint), train, dtype=jnp.float64)

@@ -4,7 +4,7 @@
    once per solver: test accuracy and mean forward steps per epoch.
 2. Every solver on the same trained model (the first variant's): the residual
    after each step, averaged over the test set, and the steps each needs to reach
-   `eval_atol`, per example (mean, max) and the fraction that converged.
+   `eval_stop`'s tolerance, per example (mean, max) and the fraction that converged.
 """
 
 import dataclasses
@@ -19,7 +19,7 @@ from iterjax.experiments import deq_digits
 from iterjax.experiments.common import deq_models as dm
 from iterjax.lab.config import Spec
 from iterjax.lab.registry import build
-from iterjax.lab.spec import Count, Positive
+from iterjax.lab.spec import Stop
 from iterjax.lab.tables import markdown_table
 
 _SOLVERS = (Spec("picard"), Spec("anderson"), Spec("broyden"))
@@ -31,8 +31,7 @@ class Config:
     models: tuple[dm.Variant, ...] = tuple(
         dm.Variant(s.name, cell="dense", solver=s) for s in _SOLVERS
     )
-    eval_atol: Positive = 1e-5
-    eval_max_steps: Count = 100
+    eval_stop: Stop = Stop(atol=1e-5, max_steps=100)
 
 
 def run(cfg: Config, workdir) -> dict:
@@ -72,8 +71,7 @@ def forward_cost(cfg, model, workdir):
                     z0,
                     x,
                     solver=solver,
-                    atol=cfg.eval_atol,
-                    max_steps=cfg.eval_max_steps,
+                    **cfg.eval_stop.kwargs(),
                     trace=True,
                 )
             )(x)
@@ -104,7 +102,7 @@ def plot_traces(cfg, traces, workdir):
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, tr in traces.items():
         ax.semilogy(np.arange(1, len(tr) + 1), tr, label=label)
-    ax.axhline(cfg.eval_atol, color="k", lw=0.5, ls="--")
+    ax.axhline(cfg.eval_stop.atol, color="k", lw=0.5, ls="--")
     ax.set(xlabel="step", ylabel="|cell(z) - z|_max (geometric mean over test set)")
     ax.set_title("forward solvers on the same trained DEQ")
     ax.legend()
@@ -113,7 +111,8 @@ def plot_traces(cfg, traces, workdir):
 
 
 def forward_table(cfg, rows):
-    headers = ["solver", f"mean steps to {cfg.eval_atol:g}", "max steps", "converged"]
+    to = f"mean steps to {cfg.eval_stop.atol:g}"
+    headers = ["solver", to, "max steps", "converged"]
     cells = lambda r: [
         r["solver"],
         f"{r['mean_steps']:.1f}",

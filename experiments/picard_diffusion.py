@@ -16,7 +16,7 @@ sweep computes its whole window, the number in brackets.
 Then the DEQ view (Deep Equilibrium Diffusion Restoration): the samples are a
 differentiable function of the initial noise through `iterjax.scan`, whose
 gradient is one more parallel (Picard) solve of the adjoint chain. It is checked
-against the gradient through `lax.scan` (at `grad_atol`, and at the working
+against the gradient through `lax.scan` (at `grad_stop`'s tolerance, and at the working
 tolerance, where it is as accurate as the forward solution it linearises), and
 used to steer the initial noise so that the samples match observed first
 coordinates (a 2-D "restoration" task).
@@ -35,7 +35,7 @@ import iterjax as ij
 from iterjax.experiments.common import cells, diffusion
 from iterjax.lab.config import Spec
 from iterjax.lab.registry import build
-from iterjax.lab.spec import Count, Positive
+from iterjax.lab.spec import Count, Positive, Stop
 from iterjax.lab.tables import markdown_table
 
 
@@ -60,7 +60,7 @@ class Config:
     guide_method: Annotated[Spec, "sequence_method"] = Spec("picard", (("window", 32),))
     guide_iters: Count = 50  # Adam steps on the initial noise
     guide_lr: Positive = 0.05
-    grad_atol: Positive = 1e-10  # atol of the gradient check against lax.scan
+    grad_stop: Stop = Stop(atol=1e-10)  # the gradient check against lax.scan
     repeats: Count = 1
     seed: int = 0
     x64: bool = True
@@ -129,14 +129,15 @@ def guide(cfg):
 
     method = build("sequence_method", cfg.guide_method)
 
-    def chain(atol):
-        return lambda z: ij.scan(f, z, xs, method=method, atol=atol)[0]
+    def chain(**stop):
+        return lambda z: ij.scan(f, z, xs, method=method, **stop)[0]
 
-    picard = chain(atol)
+    picard = chain(atol=atol)
     g_seq = jax.grad(lambda z: loss(z, lambda z: jax.lax.scan(f, z, xs)[0]))(z)
     rel = {}  # the gradient is taken at the forward solution: its error follows it
-    for name, tol in [("working_atol", atol), ("grad_atol", cfg.grad_atol)]:
-        g = jax.jit(jax.grad(lambda z, tol=tol: loss(z, chain(tol))))(z)
+    stops = {"working_atol": {"atol": atol}, "grad": cfg.grad_stop.kwargs("max_sweeps")}
+    for name, stop in stops.items():
+        g = jax.jit(jax.grad(lambda z, stop=stop: loss(z, chain(**stop))))(z)
         rel[name] = float(jnp.linalg.norm(g - g_seq) / jnp.linalg.norm(g_seq))
 
     opt = optax.adam(cfg.guide_lr)
@@ -154,7 +155,7 @@ def guide(cfg):
         losses.append(float(value))
     before, after = np.asarray(picard(z0)), np.asarray(picard(z))
     return dict(
-        grad_rel_error=rel["grad_atol"],
+        grad_rel_error=rel["grad"],
         grad_rel_error_working_atol=rel["working_atol"],
         loss_first=losses[0],
         loss_last=float(loss(z, picard)),

@@ -18,6 +18,7 @@ from iterjax.lab import registry
 from iterjax.lab.cli import main
 from iterjax.lab.config import CONFIG_DIR
 from iterjax.lab.runner import prepare, run_experiment
+from iterjax.lab.spec import Stop
 
 CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
@@ -580,8 +581,10 @@ def test_out_of_range_values_fail_before_a_run_directory(tmp_path, capsys):
 # --- Stopping options reach the solvers
 
 # A stopping option, wherever it sits in a config: atol, rtol, max_steps,
-# max_sweeps and norm, alone or as the suffix of a phase's key (eval_atol).
-_STOPPING = re.compile(r"^(?:\w+_)?(?:atol|rtol|max_steps|max_sweeps)$|^norm$")
+# max_sweeps and norm; a phase other than the main solve has a `<phase>_stop`
+# block (`spec.Stop`), whose keys are named `eval_stop.atol` here.
+_STOPPING = re.compile(r"^(?:atol|rtol|max_steps|max_sweeps|norm)$")
+_STOP_FIELDS = {f.name for f in dataclasses.fields(Stop)}
 
 
 def _stopping_keys(tree):
@@ -590,13 +593,45 @@ def _stopping_keys(tree):
     if not isinstance(tree, dict):
         return set()
     keys = {k for k in tree if _STOPPING.match(k)}
-    for v in tree.values():
-        keys |= _stopping_keys(v)
+    for k, v in tree.items():
+        if k.endswith("_stop") and isinstance(v, dict):
+            keys |= {f"{k}.{f}" for f in v}
+        else:
+            keys |= _stopping_keys(v)
+    return keys
+
+
+def _field_keys(cls):
+    """The stopping keys a Config declares: its stopping fields and the fields
+    of its `Stop` blocks."""
+    keys = set()
+    for f in dataclasses.fields(cls):
+        if isinstance(f.default, Stop):
+            keys |= {f"{f.name}.{g}" for g in _STOP_FIELDS}
+        elif _STOPPING.match(f.name):
+            keys.add(f.name)
     return keys
 
 
 def _attrs(node):
-    return {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+    """The attributes an expression reads: `cfg.atol` gives `atol`,
+    `cfg.eval_stop.atol` also `eval_stop.atol`, `cfg.eval_stop.kwargs()` and
+    the block itself (`cfg.eval_stop`) every key of the block."""
+    out = set()
+    if isinstance(node, ast.Attribute) and node.attr.endswith("_stop"):
+        out |= {f"{node.attr}.{f}" for f in _STOP_FIELDS}
+    for n in ast.walk(node):
+        if not isinstance(n, ast.Attribute):
+            continue
+        out.add(n.attr)
+        if isinstance(n.value, ast.Attribute) and n.value.attr.endswith("_stop"):
+            block = n.value.attr
+            out |= (
+                {f"{block}.{f}" for f in _STOP_FIELDS}
+                if n.attr == "kwargs"
+                else {f"{block}.{n.attr}"}
+            )
+    return out
 
 
 def _names(node):
@@ -611,6 +646,7 @@ def _module_reads(tree):
     a local name bound from it (`tol = cfg.atol`, `for _, tol in [...]`)."""
     params = {}  # function name -> its positional parameter names
     carries = {}  # local name -> the attributes it was bound from
+    via = {}  # local name -> the names it was bound from
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.Lambda)) and hasattr(node, "name"):
             params[node.name] = [a.arg for a in node.args.args]
@@ -622,17 +658,21 @@ def _module_reads(tree):
         for target, value in bound:
             for name in _names(target):
                 carries.setdefault(name, set()).update(_attrs(value))
+                via.setdefault(name, set()).update(_names(value))
+    for _ in range(len(via)):  # through names bound from names: `for k, v in d.items()`
+        for name, sources in via.items():
+            carries[name] |= set().union(*(carries.get(s, set()) for s in sources))
     reach = lambda v: _attrs(v).union(*(carries.get(n, set()) for n in _names(v)))
     reads = set()
     for node in ast.walk(tree):
         if not isinstance(node, ast.Call):
             continue
-        for kw in node.keywords:
-            if _STOPPING.match(kw.arg or ""):
+        for kw in node.keywords:  # `atol=...`, or `**stop` (a Stop's kwargs)
+            if kw.arg is None or _STOPPING.match(kw.arg):
                 reads |= reach(kw.value)
         if isinstance(node.func, ast.Name) and node.func.id in params:
             for name, arg in zip(params[node.func.id], node.args):
-                if _STOPPING.match(name):
+                if _STOPPING.match(name) or name == "stop" or name.endswith("_stop"):
                     reads |= reach(arg)
     return reads
 
@@ -668,11 +708,30 @@ def test_every_stopping_key_reaches_a_solver_call(path):
     # only changes labels: fixed_point_study's `norm` did, once
     module = registry.experiment(yaml.safe_load(path.read_text())["experiment"])
     keys = _stopping_keys(yaml.safe_load(path.read_text()))
-    keys |= {
-        f.name for f in dataclasses.fields(module.Config) if _STOPPING.match(f.name)
-    }
+    keys |= _field_keys(module.Config)
     missing = keys - _stopping_reads(module)
     assert not missing, f"{path.name}: {sorted(missing)} reach no solver call"
+
+
+_PHASE_SPELLING = re.compile(r"^\w+_(?:atol|rtol|max_steps|max_sweeps)$")
+
+
+def _all_keys(tree):
+    if isinstance(tree, dict):
+        return set(tree).union(*map(_all_keys, tree.values()))
+    if isinstance(tree, list):
+        return set().union(*map(_all_keys, tree))
+    return set()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_a_stopping_option_has_one_spelling(path):
+    # `eval_atol`, `grad_atol`, `chaotic_atol` were five spellings of atol; a
+    # phase's rule is now a `<phase>_stop: {atol, rtol, max_steps}` block
+    tree = yaml.safe_load(path.read_text())
+    module = registry.experiment(tree["experiment"])
+    names = _all_keys(tree) | {f.name for f in dataclasses.fields(module.Config)}
+    assert not {k for k in names if _PHASE_SPELLING.match(k)}
 
 
 def test_the_stopping_check_sees_a_key_that_reaches_nothing():
@@ -683,15 +742,51 @@ def measure(f, atol):
 ax.set(ylabel=f"|f(y) - y| ({cfg.norm} norm)")
 ij.fixed_point(f, y0, max_steps=cfg.max_steps)
 measure(f, cfg.atol)
-for name, tol in [("a", cfg.eval_atol)]:
+for name, tol in [("a", cfg.eval_stop.atol)]:
     chain(tol)
+ij.scan(f, **cfg.chaotic_stop.kwargs("max_sweeps"))
+def classify(f, stop):
+    return ij.scan(f, **stop.kwargs("max_sweeps"))
+classify(f, cfg.train_stop)
+ij.fixed_point(f, y0, atol=cfg.grad_stop.atol)
 """
     reads = _module_reads(ast.parse(source))
     assert {"atol", "max_steps"} <= reads
-    assert "norm" not in reads and "eval_atol" not in reads  # label; unknown chain
+    assert "norm" not in reads and "eval_stop.atol" not in reads  # label; chain
+    for block in ("chaotic_stop", "train_stop"):  # **kwargs(); a whole block
+        assert {f"{block}.{f}" for f in _STOP_FIELDS} <= reads
+    assert "grad_stop.atol" in reads and "grad_stop.max_steps" not in reads
     assert {"atol", "max_steps", "norm"} <= _stopping_reads(
         registry.experiment("fixed_point_study")
     )
+
+
+def test_a_stop_block_given_in_part_keeps_the_experiments_defaults():
+    Config = registry.experiment("deq_solvers").Config
+    cfg = cfglib.from_dict(Config, {"eval_stop": {"max_steps": 7}})
+    assert cfg.eval_stop == Stop(atol=1e-5, max_steps=7)  # not Stop()'s 1e-6
+    assert cfg.eval_stop.kwargs() == {"atol": 1e-5, "rtol": 0.0, "max_steps": 7}
+    assert Stop(atol=0.0).kwargs("max_sweeps") == {"atol": 0.0, "rtol": 0.0}
+    # any nested block: a partial `train:` keeps the Config's max_steps (50)
+    assert cfglib.from_dict(Config, {"train": {"hidden": 4}}).train.max_steps == 50
+    for block, error in [
+        ({"tol": 1e-3}, "`eval_stop.tol`: unknown key"),
+        ({"atol": -1.0}, "`eval_stop.atol`: must be >= 0.0"),
+        ({"max_steps": 0}, "`eval_stop.max_steps`: must be >= 1"),
+    ]:
+        with pytest.raises(cfglib.ConfigError, match=re.escape(error)):
+            cfglib.from_dict(Config, {"eval_stop": block})
+
+
+def test_a_spec_is_built_once_when_validated():
+    from iterjax.lab.sweep import replace_dotted
+
+    spec = registry.to_spec("solver", {"name": "anderson", "history": 3}, "solver")
+    assert registry.build("solver", spec) is spec.built  # not built again
+    assert spec.built.history == 3 and spec == cfglib.Spec("anderson", spec.options)
+    # a sweep's traced copy of the spec is a new spec, built from its own values
+    swept = replace_dotted(spec, "history", 5)
+    assert swept.built is None and registry.build("solver", swept).history == 5
 
 
 # --- Composition: `base:`

@@ -64,6 +64,7 @@ class TrainConfig:
     lr: Positive = 3e-3
     weight_decay: NonNegative = 1e-4
     atol: Positive = 1e-4
+    rtol: NonNegative = 0.0
     max_steps: Count = 30
     test_fraction: Fraction = 0.2  # digits only (MNIST-1D has its own split)
     seed: int = 0
@@ -180,6 +181,7 @@ def make_model(v: Variant, cfg: TrainConfig, in_features=64, dtype=jnp.float32):
         solver=build("solver", v.solver),
         adjoint=build("adjoint", v.adjoint),
         atol=cfg.atol,
+        rtol=cfg.rtol,
         max_steps=cfg.max_steps,
     )
 

@@ -151,7 +151,10 @@ def _is_mapping_type(tp):
     return dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict
 
 
-def _to_dataclass(cls, value, where):
+def _to_dataclass(cls, value, where, default=None):
+    """`cls` from a mapping; keys it leaves out keep `default`'s values (the
+    enclosing Config's default block: `eval_stop: {max_steps: 7}` keeps the
+    experiment's atol), or else the class's."""
     if isinstance(value, cls):
         return value
     if not isinstance(value, dict):
@@ -165,8 +168,15 @@ def _to_dataclass(cls, value, where):
     kwargs = {}
     for name, f in fields.items():
         key = f"{where}.{name}" if where else name
-        if name in value:
+        block = dataclasses.is_dataclass(hints[name]) and isinstance(
+            f.default, hints[name]
+        )
+        if name in value and block:
+            kwargs[name] = _to_dataclass(type(f.default), value[name], key, f.default)
+        elif name in value:
             kwargs[name] = _convert(hints[name], value[name], key)
+        elif default is not None:
+            kwargs[name] = getattr(default, name)
         elif (
             f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING

@@ -97,7 +97,8 @@ def _options(cls):
 
 
 def validate(kind, spec, where):
-    """Check a `Spec`'s name and options; raise ConfigError naming the key."""
+    """Check a `Spec`'s name and options by building it; return the object, or
+    raise ConfigError naming the key."""
     table = KINDS[kind]
     if spec.name not in table:
         raise ConfigError(
@@ -105,7 +106,7 @@ def validate(kind, spec, where):
             f"allowed: {sorted(table)}"
         )
     try:
-        build(kind, spec, where)
+        return _build(kind, spec, where)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
@@ -119,7 +120,7 @@ def build(kind, spec, where="?", mesh=None):
     were not given one: their time axis is then sharded over it (windowed
     methods excepted, which do not shard).
     """
-    obj = _build(kind, spec, where)
+    obj = spec.built if spec.built is not None else _build(kind, spec, where)
     if (
         mesh is not None
         and "mesh" in _options(type(obj))
@@ -197,8 +198,7 @@ def to_spec(kind, value, where) -> Spec:
         )
     options = {k: v for k, v in value.items() if k != "name"}
     out = Spec(value["name"], tuple(sorted(options.items())))
-    validate(kind, out, where)
-    return out
+    return dataclasses.replace(out, built=validate(kind, out, where))
 
 
 def _restart_rule(value, where):

@@ -18,10 +18,13 @@ class Spec:
     """A registry object by name with options, e.g. `{name: anderson, history: 5}`.
 
     `kind` says which registry validates it (`solver`, `adjoint`, `linear_solver`).
+    A spec read from a config carries the object its validation built, so that
+    `registry.build` does not build it a second time.
     """
 
     name: str
     options: tuple = ()  # sorted (key, value) pairs
+    built: typing.Any = dataclasses.field(default=None, compare=False, repr=False)
 
     def kwargs(self) -> dict:
         return dict(self.options)
@@ -77,6 +80,30 @@ Positive = typing.Annotated[float, Range(lo=0.0, lo_open=True)]  # lrs, toleranc
 NonNegative = typing.Annotated[float, Range(lo=0.0)]
 NonNegativeInt = typing.Annotated[int, Range(lo=0, hi=_INT32)]
 Fraction = typing.Annotated[float, Range(lo=0.0, hi=1.0)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """A phase's stopping rule, spelled as the solvers spell it.
+
+    An experiment's main solve reads `atol` / `rtol` / `max_steps` at the top of
+    its config; every other phase (an evaluation, a gradient check, a harder
+    problem) has a `<phase>_stop` block of this type, e.g.
+    `eval_stop: {atol: 1e-5, max_steps: 100}`, so that one option has one
+    spelling everywhere. `max_steps: null` keeps the solver's own budget.
+    """
+
+    atol: NonNegative = 1e-6
+    rtol: NonNegative = 0.0
+    max_steps: Count | None = None
+
+    def kwargs(self, steps: str = "max_steps") -> dict:
+        """The keyword arguments of a solver call; `steps` names the budget's
+        argument (`max_sweeps` for `iterjax.scan`)."""
+        out = {"atol": self.atol, "rtol": self.rtol}
+        if self.max_steps is not None:
+            out[steps] = self.max_steps
+        return out
 
 
 class _UniqueKeys(yaml.SafeLoader):
