@@ -30,12 +30,12 @@ run: $(STAMP)
 	$(PY) -m iterjax run $(CONFIG)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal tests
 
 # The edit-test loop: the numerics, without the configs' smoke runs, the lab's
 # end-to-end runs, packaging and subprocesses (tests marked slow).
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" tests
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m "not slow" tests
 
 smoke: $(STAMP)
 	$(PY) -m pytest -q tests/test_configs.py
