@@ -505,3 +505,114 @@ def test_restarted_cg_is_the_adaptive_polynomial_gradient_method():
     assert int(full.num_matvecs) < int(stats.num_matvecs)
     with pytest.raises(ValueError, match="restart"):
         ij.CG(restart=0)
+
+
+# --- Operators: a function, a dense matrix or a BCOO matrix, for every solver.
+
+
+def _spd_stencil(n=40):
+    """A variable-coefficient 1-D diffusion matrix (SPD, tridiagonal) as scipy
+    CSR, with a right-hand side: eigenvalues in (0.4, 4.6)."""
+    import scipy.sparse as sp
+
+    k = 1.0 + 0.5 * np.sin(np.arange(n + 1))
+    main = k[:-1] + k[1:] + 0.2
+    return sp.diags([-k[1:-1], main, -k[1:-1]], [-1, 0, 1], format="csr"), jnp.cos(
+        jnp.arange(n, dtype=jnp.float64)
+    )
+
+
+OPERATOR_SOLVERS = {
+    "cg": ij.CG(rtol=1e-12),
+    "gmres": ij.GMRES(rtol=1e-12),
+    "bicgstab": ij.BiCGStab(rtol=1e-12),
+    "chebyshev": iterjax_linear.Chebyshev(bounds=(0.2, 5.0), rtol=1e-12),
+    "richardson": iterjax_linear.Richardson(damping=0.2, atol=1e-13, max_steps=5000),
+    "neumann": iterjax_linear.Neumann(terms=400, damping=0.2),
+    "cg-jacobi": ij.CG(rtol=1e-12, preconditioner=JacobiPreconditioner()),
+}
+
+
+@pytest.mark.parametrize("name", OPERATOR_SOLVERS)
+def test_every_solver_takes_a_function_a_dense_or_a_bcoo_matrix(name):
+    S, b = _spd_stencil()
+    A = iterjax_linear.from_scipy(S)
+    dense = jnp.asarray(S.toarray())
+    exact = np.linalg.solve(S.toarray(), np.asarray(b))
+    solver = OPERATOR_SOLVERS[name]
+    out = {}
+    for kind, op in [("fn", lambda x: dense @ x), ("dense", dense), ("bcoo", A)]:
+        x, stats = jax.jit(lambda b, op=op: solver.solve_with_stats(op, b))(b)
+        np.testing.assert_allclose(x, exact, rtol=1e-9, atol=1e-9)
+        out[kind] = (x, int(stats.num_matvecs))
+        if name != "neumann":  # a fixed number of terms: no tolerance to meet
+            assert bool(stats.converged), kind
+    # the same iteration whatever the operator's form (same products, the
+    # sums in another order) ...
+    np.testing.assert_allclose(out["bcoo"][0], out["fn"][0], rtol=1e-10, atol=1e-11)
+    if name == "cg-jacobi":  # ... but a matrix's diagonal is read, not probed
+        assert out["fn"][1] == out["bcoo"][1] + 40 == out["dense"][1] + 40
+    else:
+        assert out["fn"][1] == out["bcoo"][1] == out["dense"][1]
+
+
+def test_bcoo_matrices_vmap_and_differentiate_through_the_implicit_adjoint():
+    S, b = _spd_stencil(24)
+    A = iterjax_linear.from_scipy(S)
+    scales = jnp.array([1.0, 2.0, 0.5])
+    batch = jax.experimental.sparse.BCOO(
+        (
+            A.data[None] * scales[:, None],
+            jnp.broadcast_to(A.indices, (3, *A.indices.shape)),
+        ),
+        shape=(3, 24, 24),
+    )
+    xs = jax.jit(jax.vmap(ij.CG(rtol=1e-12).solve, in_axes=(0, None)))(batch, b)
+    exact = np.linalg.solve(S.toarray(), np.asarray(b))
+    for s, x in zip(scales, xs):
+        np.testing.assert_allclose(x, exact / s, rtol=1e-9)
+
+    # d/d(values) of a loss on A^{-1} b, the fixed point of a Richardson map
+    # of the BCOO matrix (implicit adjoint), against the dense closed form
+    def loss(data):
+        M = jax.experimental.sparse.BCOO((data, A.indices), shape=A.shape)
+        sol = ij.fixed_point(
+            lambda x, M: x - 0.2 * (M @ x - b),
+            jnp.zeros_like(b),
+            M,
+            atol=1e-13,
+            max_steps=5000,
+        )
+        return jnp.sum(jnp.sin(sol.value))
+
+    def dense_loss(data):
+        M = jnp.zeros(A.shape).at[A.indices[:, 0], A.indices[:, 1]].add(data)
+        return jnp.sum(jnp.sin(jnp.linalg.solve(M, b)))
+
+    np.testing.assert_allclose(
+        jax.grad(loss)(A.data), jax.grad(dense_loss)(A.data), rtol=1e-7, atol=1e-9
+    )
+
+
+def test_from_scipy_keeps_the_matrix_and_bad_operators_are_named():
+    import scipy.sparse as sp
+
+    S = sp.random(30, 30, density=0.2, random_state=np.random.default_rng(0))
+    S = S + S.T + sp.eye(30) * 30  # with duplicates summed the scipy way
+    A = iterjax_linear.from_scipy(S)
+    v = np.random.default_rng(1).normal(size=30)
+    np.testing.assert_allclose(A @ jnp.asarray(v), S @ v, rtol=1e-12)
+    np.testing.assert_allclose(
+        iterjax_linear.as_matvec(A).diagonal(), S.diagonal(), rtol=1e-12
+    )
+    b = jnp.ones(30)
+    with pytest.raises(TypeError, match=r"`matvec`: a scipy.sparse .*from_scipy"):
+        ij.CG().solve(S, b)
+    with pytest.raises(ValueError, match=r"`matvec`: a matrix must be square"):
+        ij.GMRES().solve(jnp.ones((30, 29)), b)
+    with pytest.raises(ValueError, match=r"`matvec`: a matrix must be square"):
+        ij.CG().solve(b, b)
+    with pytest.raises(TypeError, match=r"`matvec` must be a function"):
+        ij.CG().solve("A", b)
+    with pytest.raises(TypeError, match=r"`A` must be a scipy.sparse matrix"):
+        iterjax_linear.from_scipy(np.eye(3))

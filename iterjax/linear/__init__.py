@@ -1,7 +1,10 @@
-"""Matrix-free linear solvers used by Newton and by the implicit adjoint."""
+"""Linear solvers used by Newton and by the implicit adjoint: A as a function,
+a dense or a BCOO matrix."""
 
 from ._base import AbstractLinearSolver as AbstractLinearSolver
 from ._base import LinearStats as LinearStats
+from ._base import as_matvec as as_matvec
+from ._base import from_scipy as from_scipy
 from .chebyshev import Chebyshev as Chebyshev
 from .gcrodr import GCRODR as GCRODR
 from .krylov import CG as CG

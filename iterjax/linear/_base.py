@@ -1,15 +1,20 @@
-"""Matrix-free linear solvers: `solver.solve(matvec, b) -> x` with `matvec(x) = A x`.
+"""Linear solvers: `solver.solve(A, b) -> x` with `A x = b`.
 
-`matvec` is a linear function on pytrees (never a materialised matrix); `b` is a
-pytree like its input. Every solver can be used as the `solve` and `transpose_solve`
-of `jax.lax.custom_linear_solve`, which is how the implicit adjoint uses them.
+`A` is a linear function on pytrees (`matvec(x) = A x`, matrix-free), or a square
+matrix: a dense 2-D array or a `jax.experimental.sparse.BCOO` (`from_scipy`
+turns a scipy.sparse matrix into one); `b` is a pytree like A's input. Every
+solver can be used as the `solve` and `transpose_solve` of
+`jax.lax.custom_linear_solve`, which is how the implicit adjoint uses them.
 """
 
 import abc
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import sparse
 
 from .. import _tree as tu
 from .._module import Module
@@ -24,17 +29,91 @@ class LinearStats(NamedTuple):
     breakdown: Bool[Array, ""]  # the method failed (CG: A not positive definite)
 
 
+class MatrixMatvec:
+    """x -> A x for a dense or BCOO matrix A, which stays readable (`matrix`,
+    `diagonal()`) for what needs more than products: the Jacobi preconditioner
+    reads the diagonal instead of probing for it."""
+
+    def __init__(self, matrix):
+        self.matrix = matrix
+
+    def __call__(self, x):
+        return self.matrix @ x
+
+    def diagonal(self):
+        A = self.matrix
+        if isinstance(A, sparse.BCOO):
+            rows, cols = A.indices[..., 0], A.indices[..., 1]
+            on = jnp.where(rows == cols, A.data, 0)
+            return jnp.zeros(A.shape[-1], A.dtype).at[rows].add(on)
+        return jnp.diagonal(A)
+
+
+def as_matvec(A):
+    """The function x -> A x of a linear operator given as a function (returned
+    as it is), a square dense 2-D array or a square BCOO matrix."""
+    if isinstance(A, sparse.BCOO | jax.Array | np.ndarray):
+        shape = A.shape[-2:] if A.ndim >= 2 else A.shape
+        if A.ndim < 2 or shape[0] != shape[1]:
+            raise ValueError(
+                f"`matvec`: a matrix must be square (n, n), got shape {A.shape}"
+            )
+        return MatrixMatvec(A)
+    if hasattr(A, "tocoo") and hasattr(A, "nnz"):  # scipy.sparse: host memory
+        raise TypeError(
+            "`matvec`: a scipy.sparse matrix cannot be traced; convert it with "
+            "iterjax.linear.from_scipy(A)"
+        )
+    if not callable(A):
+        raise TypeError(
+            "`matvec` must be a function x -> A x, a square 2-D array or a BCOO "
+            f"matrix, got {type(A).__name__}"
+        )
+    return A
+
+
+def from_scipy(A, dtype=None) -> sparse.BCOO:
+    """A scipy.sparse matrix as a `BCOO` matrix that every solver takes (and
+    that jits, vmaps and differentiates with respect to its values)."""
+    if not (hasattr(A, "tocoo") and hasattr(A, "nnz")):
+        raise TypeError(f"`A` must be a scipy.sparse matrix, got {type(A).__name__}")
+    coo = A.tocoo()
+    rows, cols = np.asarray(coo.row), np.asarray(coo.col)
+    data = jnp.asarray(coo.data, dtype)
+    indices = jnp.asarray(np.stack([rows, cols], axis=1), jnp.int32)
+    return sparse.BCOO((data, indices), shape=A.shape)
+
+
+def _taking_matrices(method):
+    """`method(self, A, ...)` with A a function, a dense or a BCOO matrix."""
+
+    @functools.wraps(method)
+    def wrapped(self, matvec, *args, **kwargs):
+        return method(self, as_matvec(matvec), *args, **kwargs)
+
+    return wrapped
+
+
 class AbstractLinearSolver(Module):
     """Base class of the linear solvers (floats are leaves, ints static).
 
     `converged` is never "finite": it means the residual |b - A x| reached the
     solver's tolerance. A right-hand side that is not finite gives x = NaN and
     `converged` False (`nan_in_nan_out`), never the loop's start x = 0.
+
+    Every solver's `solve` / `solve_with_stats` takes A as a function, a dense or
+    a BCOO matrix (`as_matvec`, applied to each subclass's own methods).
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        for name in ("solve", "solve_with_stats"):
+            if name in cls.__dict__:
+                setattr(cls, name, _taking_matrices(cls.__dict__[name]))
 
     def solve(self, matvec, b):
         """Approximately solve `matvec(x) = b` for `x`."""
-        return self.solve_with_stats(matvec, b)[0]
+        return self.solve_with_stats(as_matvec(matvec), b)[0]
 
     @abc.abstractmethod
     def solve_with_stats(self, matvec, b, rtol=None):

@@ -18,6 +18,7 @@ from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
 from .._module import Module
+from ._base import MatrixMatvec
 
 
 class AbstractPreconditioner(Module):
@@ -42,7 +43,8 @@ class FunctionPreconditioner(AbstractPreconditioner):
 
 
 class JacobiPreconditioner(AbstractPreconditioner):
-    """M = diag(A)^{-1}, the diagonal found by probing the matrix-free operator.
+    """M = diag(A)^{-1}, the diagonal found by probing the matrix-free operator
+    (read directly, at no product, when A is a dense or BCOO matrix).
 
     `probes=None` reads the diagonal exactly, e_i·A e_i for every i (n products,
     `batch` at a time); `probes=k` estimates it as the mean of z ⊙ A z over k
@@ -67,7 +69,9 @@ class JacobiPreconditioner(AbstractPreconditioner):
         flat, unravel = tu.ravel(b)
         n = flat.shape[0]
         op = lambda v: tu.ravel(matvec(unravel(v)))[0]
-        if self.probes is None:
+        if isinstance(matvec, MatrixMatvec):  # a matrix: read, not probed
+            diag, cost = matvec.diagonal(), 0
+        elif self.probes is None:
             column = lambda i: op(jnp.zeros_like(flat).at[i].set(1))[i]
             diag = jax.lax.map(column, jnp.arange(n), batch_size=min(self.batch, n))
             cost = n
