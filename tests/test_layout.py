@@ -3,6 +3,8 @@
 two modules of `iterjax` import each other (directly or through others)."""
 
 import ast
+import contextlib
+import io
 import pathlib
 
 import optax
@@ -185,16 +187,19 @@ def test_no_import_cycles():
             visit(m)
 
 
-def test_version_comes_from_the_package_metadata(capsys):
+def test_version_comes_from_the_package_metadata():
     import importlib.metadata
 
     import iterjax
     from iterjax.lab import cli
 
     assert iterjax.__version__ == importlib.metadata.version("iterjax")
-    with pytest.raises(SystemExit):
+    # not capsys: with absl imported at collection (optax, above), capsys's
+    # teardown met a closed stream and pytest lost sys.stderr (run alone)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
         cli.main(["--version"])
-    assert capsys.readouterr().out.strip() == f"iterjax {iterjax.__version__}"
+    assert out.getvalue().strip() == f"iterjax {iterjax.__version__}"
 
 
 def test_pyproject_states_ranges_and_constraints_pin_them():
