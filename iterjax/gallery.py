@@ -47,6 +47,15 @@ class Poisson2D(struct.PyTreeNode):
         e, w, n, s = self._edges()
         return e + w + n + s + self.shift
 
+    def coarsen(self):
+        """The same problem on the grid of spacing 2h (n = 2m + 1 -> m points,
+        the coarse nodes being the fine ones of odd index), k sampled there:
+        the rediscretised operator geometric multigrid uses."""
+        n = self.k.shape[0]
+        if n % 2 == 0 or n < 3:
+            raise ValueError(f"Poisson2D.coarsen: needs an odd n >= 3, got n = {n}")
+        return Poisson2D(self.k[1::2, 1::2], self.shift)
+
     def sweep(self, u, b, omega, backward=False):
         """One SOR sweep in red-black order (backward: black first)."""
         n = u.shape[0]

@@ -12,6 +12,7 @@ from iterjax.linear import (
     ChebyshevPreconditioner,
     FunctionPreconditioner,
     JacobiPreconditioner,
+    Multigrid,
 )
 from iterjax.linear.preconditioners import lanczos_bounds
 
@@ -616,3 +617,102 @@ def test_from_scipy_keeps_the_matrix_and_bad_operators_are_named():
         ij.CG().solve("A", b)
     with pytest.raises(TypeError, match=r"`A` must be a scipy.sparse matrix"):
         iterjax_linear.from_scipy(np.eye(3))
+
+
+# --- Geometric multigrid: V- and W-cycles on a structured grid, as CG's M.
+
+
+def _grid(n):
+    x = jnp.linspace(0.0, 1.0, n)
+    k = 1.0 + 0.5 * jnp.sin(6 * x)[:, None] * jnp.cos(4 * x)[None, :]
+    return ij.gallery.Poisson2D(k), jnp.ones((n, n))
+
+
+def test_restriction_is_full_weighting_and_prolongation_four_times_its_transpose():
+    from iterjax.linear.multigrid import prolong, restrict
+
+    i = jnp.arange(1.0, 16.0)  # n = 15 -> m = 7; coarse node I is fine node 2I + 1
+    linear = 3.0 * i[:, None] - 2.0 * i[None, :]
+    np.testing.assert_allclose(restrict(linear)[1:-1, 1:-1], linear[3:-3:2, 3:-3:2])
+    u, v = jax.random.normal(jax.random.PRNGKey(0), (2, 7, 7))
+    w = jax.random.normal(jax.random.PRNGKey(1), (15, 15))
+    np.testing.assert_allclose(
+        jnp.vdot(prolong(u, 15), w), 4 * jnp.vdot(u, restrict(w)), rtol=1e-12
+    )
+    # bilinear interpolation: exact on a bilinear function, inside the boundary
+    c = jnp.arange(1.0, 8.0)
+    fine = prolong(c[:, None] * c[None, :], 15)
+    half = jnp.arange(1.0, 16.0) / 2
+    np.testing.assert_allclose(
+        fine[1:-1, 1:-1], (half[:, None] * half[None, :])[1:-1, 1:-1]
+    )
+
+
+@pytest.mark.parametrize(
+    "mg",
+    [
+        Multigrid(),
+        Multigrid(cycle="W", coarsest=3),
+        Multigrid(smoother="jacobi", pre=2, post=2),
+    ],
+    ids=["V-gs", "W-gs", "V-jacobi"],
+)
+def test_a_multigrid_cycle_is_symmetric_positive_definite(mg):
+    A, b = _grid(63)
+    apply, _, _ = mg.build(A, b)
+    x, y = jax.random.normal(jax.random.PRNGKey(2), (2, 63, 63))
+    np.testing.assert_allclose(jnp.vdot(apply(x), y), jnp.vdot(x, apply(y)), rtol=1e-11)
+    assert float(jnp.vdot(apply(x), x)) > 0
+
+
+def test_cg_with_multigrid_needs_iterations_flat_in_the_grid_size():
+    # variable coefficients; CG's products double with n, CG + V(1,1)'s
+    # iterations stay flat (products: iterations x (1 + cycle) + setup + cycle)
+    products, iterations = {}, {}
+    for n in (31, 63, 127):
+        A, b = _grid(n)
+        for name, solver in [
+            ("cg", ij.CG(rtol=1e-10)),
+            ("mg", ij.CG(rtol=1e-10, preconditioner=Multigrid())),
+        ]:
+            x, stats = jax.jit(lambda b, s=solver, A=A: s.solve_with_stats(A, b))(b)
+            assert bool(stats.converged)
+            assert float(jnp.linalg.norm(b - A(x))) <= 1e-10 * float(jnp.linalg.norm(b))
+            products[name, n] = int(stats.num_matvecs)
+        _, setup, cycle = Multigrid().build(A, b)
+        iterations[n] = (products["mg", n] - setup - cycle) / (1 + cycle)
+    assert max(iterations.values()) <= min(iterations.values()) + 2, iterations
+    assert products["cg", 127] > 1.9 * products["cg", 63] > 3.6 * products["cg", 31]
+    assert products["cg", 127] >= 7 * products["mg", 127], products  # 670 vs 91
+
+
+def test_multigrid_under_jit_and_vmap_over_coefficients():
+    A, b = _grid(31)
+    ks = jnp.stack([A.k, 2.0 * A.k, A.k**2])
+    solver = ij.CG(rtol=1e-11, preconditioner=Multigrid(cycle="W", coarsest=3))
+    run = lambda k: solver.solve_with_stats(ij.gallery.Poisson2D(k), b)
+    xs, stats = jax.jit(jax.vmap(run))(ks)
+    for i, k in enumerate(ks):
+        x, s = run(k)
+        np.testing.assert_allclose(xs[i], x, rtol=1e-12, atol=1e-14)
+        assert int(stats.num_matvecs[i]) == int(s.num_matvecs) and bool(s.converged)
+    np.testing.assert_allclose(xs[1], xs[0] / 2, rtol=1e-9)
+
+
+def test_multigrid_bad_operators_and_hyperparameters():
+    A, b = _grid(31)
+    with pytest.raises(TypeError, match="Multigrid: the operator must be a structured"):
+        ij.CG(preconditioner=Multigrid()).solve(lambda x: A(x), b)
+    even, b40 = _grid(40)
+    with pytest.raises(ValueError, match="side 40 coarsens to side 40 > `coarsest`=15"):
+        ij.CG(preconditioner=Multigrid()).solve(even, b40)
+    for kwargs, match in [
+        (dict(pre=0, post=0), "`pre` \\+ `post` must be >= 1"),
+        (dict(pre=-1), "pre"),
+        (dict(cycle="F"), "`cycle` must be 'V' or 'W'"),
+        (dict(smoother="sor"), "`smoother`"),
+        (dict(omega=1.5), "omega"),
+        (dict(coarsest=0), "coarsest"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Multigrid(**kwargs)

@@ -10,6 +10,7 @@ from .gcrodr import GCRODR as GCRODR
 from .krylov import CG as CG
 from .krylov import GMRES as GMRES
 from .krylov import BiCGStab as BiCGStab
+from .multigrid import Multigrid as Multigrid
 from .neumann import Neumann as Neumann
 from .neumann import Richardson as Richardson
 from .preconditioners import AbstractPreconditioner as AbstractPreconditioner
