@@ -207,15 +207,18 @@ class GMRES(_Krylov):
     def solve_with_stats(self, matvec, b, rtol=None):
         check_square("GMRES", matvec, b)
         rtol = self._rtol(b) if rtol is None else rtol
-        solve = lambda mv, rhs: self._cycles(mv, rhs, rtol)
+        # built from the operator as given (a matrix's diagonal, a grid to
+        # coarsen), which custom_linear_solve hands its solve only as a function
+        pre = self._preconditioner(matvec, b)
+        solve = lambda mv, rhs: self._cycles(mv, rhs, rtol, pre)
         x, (matvecs, converged, breakdown) = jax.lax.custom_linear_solve(
             matvec, b, solve, transpose_solve=solve, has_aux=True
         )
         return nan_in_nan_out(b, x, LinearStats(matvecs, converged, breakdown))
 
-    def _cycles(self, matvec, b, rtol):
+    def _cycles(self, matvec, b, rtol, preconditioner):
         flat_b, unravel, op, tol = flat_system(matvec, b, rtol, self.atol)
-        apply, cost, per_apply = self._preconditioner(matvec, b)
+        apply, cost, per_apply = preconditioner
         pre = lambda v: tu.ravel(apply(unravel(v)))[0]
         n = flat_b.shape[0]
         m = min(self.restart, n)
