@@ -739,3 +739,30 @@ def test_grad_through_a_multigrid_preconditioned_gmres_solve():
     np.testing.assert_allclose(
         jax.jit(jax.grad(loss))(k0), jax.grad(dense_loss)(k0), rtol=1e-8, atol=1e-12
     )
+
+
+@pytest.mark.parametrize("name", OPERATOR_SOLVERS)
+def test_every_solver_differentiates_with_respect_to_the_matrix_and_b(name):
+    # CG, Chebyshev and Richardson run in custom_linear_solve (their loops are
+    # not reverse-differentiable): the gradient is one more (transposed) solve
+    S, b = _spd_stencil(12)
+    A = iterjax_linear.from_scipy(S)
+    solver = OPERATOR_SOLVERS[name]
+    if name == "neumann":  # a truncated series: its own derivative, not A^{-1}'s
+        solver = iterjax_linear.Neumann(terms=2000, damping=0.2)
+    w = jnp.linspace(-1.0, 1.0, 12)
+
+    def loss(data, b):
+        M = jax.experimental.sparse.BCOO((data, A.indices), shape=A.shape)
+        return jnp.sum(w * jnp.sin(solver.solve(M, b)))
+
+    def dense_loss(data, b):
+        M = jnp.zeros(A.shape).at[A.indices[:, 0], A.indices[:, 1]].add(data)
+        return jnp.sum(w * jnp.sin(jnp.linalg.solve(M, b)))
+
+    got = jax.jit(jax.grad(loss, argnums=(0, 1)))(A.data, b)
+    want = jax.grad(dense_loss, argnums=(0, 1))(A.data, b)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-10)
+    tangent = jax.jvp(lambda b: solver.solve(A, b), (b,), (w,))[1]
+    np.testing.assert_allclose(tangent, np.linalg.solve(S.toarray(), w), rtol=1e-8)

@@ -9,7 +9,7 @@ solver can be used as the `solve` and `transpose_solve` of
 
 import abc
 import functools
-from typing import NamedTuple
+from typing import ClassVar, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +94,26 @@ def _taking_matrices(method):
     return wrapped
 
 
+def _implicitly_differentiated(method, transpose):
+    """`solve_with_stats` inside `jax.lax.custom_linear_solve`: reverse mode
+    solves the transposed system (the same solve when A is symmetric) instead of
+    differentiating the loop, which a while loop cannot be."""
+
+    @functools.wraps(method)
+    def wrapped(self, matvec, b, rtol=None):
+        solve = lambda mv, rhs: method(self, mv, rhs, rtol)
+        return jax.lax.custom_linear_solve(
+            matvec,
+            b,
+            solve,
+            transpose_solve=None if transpose == "symmetric" else solve,
+            symmetric=transpose == "symmetric",
+            has_aux=True,
+        )
+
+    return wrapped
+
+
 class AbstractLinearSolver(Module):
     """Base class of the linear solvers (floats are leaves, ints static).
 
@@ -102,14 +122,25 @@ class AbstractLinearSolver(Module):
     `converged` False (`nan_in_nan_out`), never the loop's start x = 0.
 
     Every solver's `solve` / `solve_with_stats` takes A as a function, a dense or
-    a BCOO matrix (`as_matvec`, applied to each subclass's own methods).
+    a BCOO matrix (`as_matvec`, applied to each subclass's own methods). A
+    solver whose loop reverse mode cannot go through declares `transpose`:
+    "symmetric" (A = Aᵀ assumed, as CG does: the same solve) or "general" (the
+    same solver on Aᵀ), and its `solve_with_stats` runs inside
+    `jax.lax.custom_linear_solve`, so that `jax.grad` of anything computed from
+    its solution (with respect to A's values or to b) is one more solve.
     """
+
+    transpose: ClassVar[Literal["symmetric", "general"] | None] = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        for name in ("solve", "solve_with_stats"):
-            if name in cls.__dict__:
-                setattr(cls, name, _taking_matrices(cls.__dict__[name]))
+        method = cls.__dict__.get("solve_with_stats")
+        if method is not None and cls.transpose is not None:
+            method = _implicitly_differentiated(method, cls.transpose)
+        if method is not None:
+            cls.solve_with_stats = _taking_matrices(method)
+        if "solve" in cls.__dict__:
+            cls.solve = _taking_matrices(cls.__dict__["solve"])
 
     def solve(self, matvec, b):
         """Approximately solve `matvec(x) = b` for `x`."""

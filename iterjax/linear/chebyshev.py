@@ -40,6 +40,8 @@ class Chebyshev(AbstractLinearSolver):
         with n as CG's do in exact arithmetic).
     """
 
+    transpose = "symmetric"  # reverse mode: one more solve
+
     bounds: tuple[float, float] | None = struct.field(pytree_node=False, default=None)
     lanczos_steps: int = struct.field(pytree_node=False, default=20)
     margin: float = 1.1

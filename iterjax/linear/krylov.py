@@ -102,6 +102,8 @@ class CG(_Krylov):
       restart: None, or the steps per cycle (>= 1; 1 is steepest descent).
     """
 
+    transpose = "symmetric"  # reverse mode: one more solve
+
     restart: int | None = struct.field(pytree_node=False, default=None)
 
     def __post_init__(self):

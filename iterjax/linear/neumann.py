@@ -80,6 +80,8 @@ class Richardson(AbstractLinearSolver):
       atol, rtol, max_steps: as in `fixed_point`.
     """
 
+    transpose = "general"  # reverse mode: one more solve
+
     damping: float = 1.0
     atol: float = 1e-10
     rtol: float = 0.0
