@@ -130,7 +130,7 @@ def _nan_unless_solved(linear_solver):
     finite number. (A NaN cotangent gives NaN through the solvers too.)"""
 
     def solve(matvec, b):
-        x, stats = linear_solver.solve_with_stats(matvec, b)
+        x, stats = linear_solver.solve_loop(matvec, b)
         ok = stats.converged & ~stats.breakdown
         return tu.tree_map(lambda a: jnp.where(ok, a, jnp.nan), x)
 

@@ -116,8 +116,8 @@ def test_phantom_adjoint_refuses_second_derivatives(order):
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize(
     "adjoint",
-    [ij.ImplicitAdjoint(), ij.UnrolledAdjoint()],
-    ids=["implicit", "unrolled"],
+    [None, ij.ImplicitAdjoint(ij.GMRES()), ij.UnrolledAdjoint()],
+    ids=["implicit", "implicit-gmres", "unrolled"],  # None: root's and argmin's own
 )
 def test_root_and_argmin_every_order_and_adjoint(order, adjoint):
     # root: y* = sqrt(a), y*'' = -a^{-3/2} / 4; argmin of 0.5 t w^2 - w: w* = 1/t,
@@ -125,6 +125,8 @@ def test_root_and_argmin_every_order_and_adjoint(order, adjoint):
     # solves are while_loops, which reverse mode cannot unroll).
     unrolled = isinstance(adjoint, ij.UnrolledAdjoint)
     kw = dict(adjoint=adjoint, solver=ij.LazyNewton(1)) if unrolled else {}
+    if adjoint is not None and not unrolled:  # GMRES in the backward solves
+        kw = dict(adjoint=adjoint)
     root = lambda a: (
         ij.root(lambda y, a: y**2 - a, jnp.array(1.0), a, atol=1e-14, **kw).value
     )

@@ -687,7 +687,7 @@ def test_cg_with_multigrid_needs_iterations_flat_in_the_grid_size():
 
 
 def test_multigrid_under_jit_and_vmap_over_coefficients():
-    A, b = _grid(31)
+    A, b = _grid(15)
     ks = jnp.stack([A.k, 2.0 * A.k, A.k**2])
     solver = ij.CG(rtol=1e-11, preconditioner=Multigrid(cycle="W", coarsest=3))
     run = lambda k: solver.solve_with_stats(ij.gallery.Poisson2D(k), b)

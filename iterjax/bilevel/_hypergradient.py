@@ -123,7 +123,7 @@ class Implicit(AbstractMethod):
         value, (f_w, f_theta) = jax.value_and_grad(outer_loss, (0, 1))(w, theta)
         grad_w = jax.grad(inner_loss)
         _, hvp = jax.linearize(lambda w: grad_w(w, theta), w)
-        solve = lambda mv, b: self.linear_solver.solve_with_stats(mv, b)
+        solve = lambda mv, b: self.linear_solver.solve_loop(mv, b)
         v, lin = jax.lax.custom_linear_solve(
             hvp, f_w, solve, symmetric=True, has_aux=True
         )

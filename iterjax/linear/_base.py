@@ -135,12 +135,22 @@ class AbstractLinearSolver(Module):
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         method = cls.__dict__.get("solve_with_stats")
-        if method is not None and cls.transpose is not None:
-            method = _implicitly_differentiated(method, cls.transpose)
         if method is not None:
+            if "solve_loop" not in cls.__dict__:
+                cls.solve_loop = _taking_matrices(method)
+            if cls.transpose is not None:
+                method = _implicitly_differentiated(method, cls.transpose)
             cls.solve_with_stats = _taking_matrices(method)
         if "solve" in cls.__dict__:
             cls.solve = _taking_matrices(cls.__dict__["solve"])
+
+    def solve_loop(self, matvec, b, rtol=None):
+        """`solve_with_stats` without its own `custom_linear_solve`: for a caller
+        that is itself the `solve` of one (the implicit adjoint, the
+        hypergradient), where a second one adds nothing, and where JAX (0.10)
+        batches the inner one's stats wrongly under `jax.hessian` when the
+        caller masks x by them."""
+        return self.solve_with_stats(matvec, b, rtol)
 
     def solve(self, matvec, b):
         """Approximately solve `matvec(x) = b` for `x`."""

@@ -79,9 +79,9 @@ class CG(_Krylov):
         α = |r|² / p·Ap,  x += α p,  r -= α Ap,  p = r + (|r_new|² / |r|²) p.
 
     A step with p·Ap <= 0 proves A is not positive definite: the solve stops there
-    and reports `breakdown` in `solve_with_stats`; `solve` then returns NaN rather
-    than a wrong answer (an implicit gradient through an indefinite Hessian is
-    meaningless: use GMRES or BiCGStab there).
+    and reports `breakdown`, with x = NaN rather than a wrong answer (inside the
+    solve, so that its derivatives are NaN too: an implicit gradient through an
+    indefinite Hessian is meaningless; use GMRES or BiCGStab there).
 
     With a `preconditioner` M (symmetric positive definite) it is preconditioned
     CG: z = M r takes r's place in the directions and in α, β.
@@ -110,10 +110,6 @@ class CG(_Krylov):
         self._check()
         if self.restart is not None:
             check_int("CG", "restart", self.restart, 1)
-
-    def solve(self, matvec, b):
-        x, stats = self.solve_with_stats(matvec, b)
-        return tu.tree_map(lambda a: jnp.where(stats.breakdown, jnp.nan, a), x)
 
     def solve_with_stats(self, matvec, b, rtol=None):
         size = sum(jnp.size(a) for a in jax.tree_util.tree_leaves(b))
@@ -160,6 +156,7 @@ class CG(_Krylov):
         # products: one per step, plus the preconditioner's (built once, applied
         # at the start and once per step)
         matvecs = k * (1 + per_apply) + cost + per_apply
+        x = tu.tree_map(lambda a: jnp.where(ok, a, jnp.nan), x)  # A not PD: NaN
         return nan_in_nan_out(b, x, LinearStats(matvecs, ok & (rs <= tol2), ~ok))
 
 
@@ -207,16 +204,25 @@ class GMRES(_Krylov):
         check_int("GMRES", "restart", self.restart, 1)
 
     def solve_with_stats(self, matvec, b, rtol=None):
-        check_square("GMRES", matvec, b)
-        rtol = self._rtol(b) if rtol is None else rtol
-        # built from the operator as given (a matrix's diagonal, a grid to
-        # coarsen), which custom_linear_solve hands its solve only as a function
-        pre = self._preconditioner(matvec, b)
-        solve = lambda mv, rhs: self._cycles(mv, rhs, rtol, pre)
-        x, (matvecs, converged, breakdown) = jax.lax.custom_linear_solve(
+        solve = self._solve(matvec, b, rtol)
+        x, stats = jax.lax.custom_linear_solve(
             matvec, b, solve, transpose_solve=solve, has_aux=True
         )
-        return nan_in_nan_out(b, x, LinearStats(matvecs, converged, breakdown))
+        return nan_in_nan_out(b, x, LinearStats(*stats))
+
+    def solve_loop(self, matvec, b, rtol=None):
+        x, stats = self._solve(matvec, b, rtol)(matvec, b)
+        return nan_in_nan_out(b, x, LinearStats(*stats))
+
+    def _solve(self, matvec, b, rtol):
+        """The restart cycles as a function (matvec, b) -> (x, stats), with the
+        preconditioner built from the operator as given (a matrix's diagonal, a
+        grid to coarsen), which custom_linear_solve hands its transposed solve
+        only as a function."""
+        check_square("GMRES", matvec, b)
+        rtol = self._rtol(b) if rtol is None else rtol
+        pre = self._preconditioner(matvec, b)
+        return lambda mv, rhs: self._cycles(mv, rhs, rtol, pre)
 
     def _cycles(self, matvec, b, rtol, preconditioner):
         flat_b, unravel, op, tol = flat_system(matvec, b, rtol, self.atol)
