@@ -2,6 +2,8 @@
 (float64), convergence of every method as its budget grows, argmin gradients vs
 finite differences, jit / vmap, bad input."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -396,3 +398,112 @@ def test_a_nan_sample_is_flagged_and_mismatched_batches_are_named(name):
     solver = solver.replace(inner_loss=inner)
     with pytest.raises(ValueError, match=r"leaves of `inner_batch` have different"):
         solver.step(state, mixed, jnp.zeros(4))
+
+
+# --- Bloop: an auxiliary loss among the training loss's minimisers (optax).
+
+
+def _pair(key, scale=1.0):
+    k1, k2, k3 = jax.random.split(key, 3)
+    tree = lambda k: {
+        "w": jax.random.normal(k, (3, 2)),
+        "b": (jax.random.normal(k, (2,)),),
+    }
+    return tree(k1), jax.tree.map(lambda a: scale * a, tree(k2)), tree(k3)
+
+
+def test_bloop_direction_is_the_training_gradient_plus_an_orthogonal_part():
+    g, a, params = _pair(jax.random.PRNGKey(0))
+    opt = bl.bloop(aux_weight=0.7, decay=0.0)  # the deterministic projection
+    d, state = opt.update((g, a), opt.init(params))
+    extra = jax.tree.map(lambda u, v: u - v, d, g)
+    vdot = lambda u, v: sum(
+        jnp.vdot(x, y) for x, y in zip(*map(jax.tree.leaves, (u, v)))
+    )
+    assert abs(float(vdot(extra, g))) <= 1e-13 * float(vdot(a, a))  # ⟂ g, exactly
+    # what is left of a is all of a's part orthogonal to g: a = extra/λ + c g
+    c = vdot(a, g) / vdot(g, g)
+    rebuilt = jax.tree.map(lambda e, u: e / 0.7 + c * u, extra, g)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-13), rebuilt, a)
+    # with an EMA: orthogonal to the average m, not to this batch's gradient
+    opt = bl.bloop(aux_weight=1.0, decay=0.9)
+    state = opt.init(params)
+    for i in range(5):
+        g, a, _ = _pair(jax.random.PRNGKey(i + 1))
+        d, state = opt.update((g, a), state)
+    extra = jax.tree.map(lambda u, v: u - v, d, g)
+    assert abs(float(vdot(extra, state.ema))) <= 1e-13 * float(vdot(a, a))
+    assert abs(float(vdot(extra, g))) > 1e-3  # not orthogonal to the batch's own
+
+
+def test_bloop_special_cases_and_optax_chain_under_jit_and_vmap():
+    g, a, params = _pair(jax.random.PRNGKey(3))
+    zero = jax.tree.map(jnp.zeros_like, g)
+    for opt, updates, want in [
+        (bl.bloop(0.0), (g, a), g),  # λ = 0: training alone
+        (bl.bloop(0.5, 0.0), (g, g), g),  # an auxiliary gradient along g: nothing
+        (bl.bloop(0.5, 0.0), (zero, a), jax.tree.map(lambda u: 0.5 * u, a)),  # m = 0
+    ]:
+        d, _ = opt.update(updates, opt.init(params))
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, atol=1e-14), d, want)
+    chain = optax.chain(bl.bloop(0.3, 0.5), optax.sgd(0.1))
+    state = chain.init(params)
+    step = jax.jit(chain.update)
+    upd, state = step((g, a), state, params)
+    d, _ = bl.bloop(0.3, 0.5).update((g, a), bl.bloop(0.3, 0.5).init(params))
+    jax.tree.map(
+        lambda u, v: np.testing.assert_allclose(u, -0.1 * v, rtol=1e-14), upd, d
+    )
+    # vmap over a batch of (g, a) pairs: each as on its own
+    gs, as_ = (jax.tree.map(lambda u: jnp.stack([u, 2 * u]), t) for t in (g, a))
+    opt = bl.bloop(0.3, 0.0)
+    ds = jax.vmap(lambda g, a: opt.update((g, a), opt.init(params))[0])(gs, as_)
+    d1 = opt.update(
+        (jax.tree.map(lambda u: 2 * u, g), jax.tree.map(lambda u: 2 * u, a)),
+        opt.init(params),
+    )[0]
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u[1], v, rtol=1e-13), ds, d1)
+
+
+def test_bloop_finds_the_auxiliary_minimiser_among_the_training_minimisers():
+    # L_main = (x1 + x2 - 1)^2 / 2: a line of minimisers; L_aux = |x - c|^2 / 2.
+    # The simple bilevel solution is c's projection on the line, (0, 1) for
+    # c = (1, 2); the weighted sum L_main + λ L_aux misses it by O(λ).
+    c = jnp.array([1.0, 2.0])
+    main = lambda x: 0.5 * (x[0] + x[1] - 1.0) ** 2
+    aux = lambda x: 0.5 * jnp.sum((x - c) ** 2)
+    x0 = jnp.array([3.0, -4.0])
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def run(x, bloop):  # 3000 steps of the optax chain, in one scan
+        opt = optax.chain(bl.bloop(aux_weight=0.5, decay=0.0), optax.sgd(0.2))
+        if not bloop:  # the weighted sum L_main + 0.5 L_aux, for comparison
+            opt = optax.sgd(0.2)
+
+        def body(carry, _):
+            x, state = carry
+            gm, ga = jax.grad(main)(x), jax.grad(aux)(x)
+            updates = (gm, ga) if bloop else gm + 0.5 * ga
+            upd, state = opt.update(updates, state, x)
+            return (optax.apply_updates(x, upd), state), None
+
+        return jax.lax.scan(body, (x, opt.init(x)), None, length=3000)[0][0]
+
+    np.testing.assert_allclose(run(x0, True), [0.0, 1.0], atol=1e-8)
+    summed = run(x0, False)
+    assert float(jnp.max(jnp.abs(summed - jnp.array([0.0, 1.0])))) > 0.05  # biased
+
+
+def test_bloop_rejects_bad_hyperparameters_and_updates():
+    with pytest.raises(ValueError, match="aux_weight"):
+        bl.bloop(-1.0)
+    with pytest.raises(ValueError, match="decay"):
+        bl.bloop(0.1, decay=1.0)
+    g, a, params = _pair(jax.random.PRNGKey(0))
+    opt = bl.bloop(0.1)
+    with pytest.raises(
+        TypeError, match=r"`updates` must be the pair \(g_main, g_aux\)"
+    ):
+        opt.update(g, opt.init(params))
+    with pytest.raises(ValueError, match="`g_aux` must have the parameters' structure"):
+        opt.update((g, {"w": a["w"]}), opt.init(params))

@@ -4,7 +4,8 @@
 loss at the inner minimiser by implicit differentiation, unrolled, truncated or
 forward-mode differentiation of an optimiser, or a first-order penalty method.
 `SOBA`, `SABA`, `AmIGO`, `StocBiO` and `F2SA` are stochastic bilevel solvers
-(`init` / `step`).
+(`init` / `step`); `bloop` is Bloop's direction for the simple bilevel problem
+(an auxiliary loss among a training loss's minimisers) as an optax transform.
 """
 
 from ._argmin import argmin as argmin
@@ -18,6 +19,8 @@ from ._hypergradient import Unrolled as Unrolled
 from ._hypergradient import hypergradient as hypergradient
 from ._stochastic import BilevelState as BilevelState
 from .amigo import AmIGO as AmIGO
+from .bloop import BloopState as BloopState
+from .bloop import bloop as bloop
 from .f2sa import F2SA as F2SA
 from .saba import SABA as SABA
 from .soba import SOBA as SOBA
