@@ -6,10 +6,10 @@ import ast
 import contextlib
 import io
 import pathlib
+import tomllib
 
 import optax
 import pytest
-import tomllib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
