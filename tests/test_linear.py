@@ -13,6 +13,7 @@ from iterjax.linear import (
     FunctionPreconditioner,
     JacobiPreconditioner,
     Multigrid,
+    MultigridSolver,
 )
 from iterjax.linear.preconditioners import lanczos_bounds
 
@@ -766,3 +767,36 @@ def test_every_solver_differentiates_with_respect_to_the_matrix_and_b(name):
         np.testing.assert_allclose(g, r, rtol=1e-7, atol=1e-10)
     tangent = jax.jvp(lambda b: solver.solve(A, b), (b,), (w,))[1]
     np.testing.assert_allclose(tangent, np.linalg.solve(S.toarray(), w), rtol=1e-8)
+
+
+def test_multigrid_as_a_solver_converges_in_steps_flat_in_the_grid_size():
+    steps = {}
+    for n in (15, 31, 63):
+        A, b = _grid(n)
+        solver = MultigridSolver(cycle=Multigrid(coarsest=3), rtol=1e-10)
+        x, stats = jax.jit(lambda b, A=A: solver.solve_with_stats(A, b))(b)
+        residual = float(jnp.linalg.norm(b - A(x)) / jnp.linalg.norm(b))
+        assert bool(stats.converged) and residual <= 1e-10  # the true residual
+        _, setup, cycle = Multigrid(coarsest=3).build(A, b)
+        steps[n] = (int(stats.num_matvecs) - setup) // (1 + cycle)
+    assert max(steps.values()) <= min(steps.values()) + 1 <= 22, steps  # 19, 20, 20
+    # honest when capped, NaN in => NaN out; differentiable (the cycle is SPD)
+    A, b = _grid(15)
+    x, stats = MultigridSolver(
+        max_steps=2, cycle=Multigrid(coarsest=3)
+    ).solve_with_stats(A, b)
+    assert not bool(stats.converged)
+    assert float(jnp.linalg.norm(b - A(x))) > 1e-10 * float(jnp.linalg.norm(b))
+    x, stats = MultigridSolver().solve_with_stats(A, b.at[3, 4].set(jnp.nan))
+    assert bool(jnp.all(jnp.isnan(x))) and not bool(stats.converged)
+    solver = MultigridSolver(cycle=Multigrid(coarsest=3), rtol=1e-13)
+    loss = lambda k: jnp.sum(jnp.sin(solver.solve(ij.gallery.Poisson2D(k), b)))
+    gmres = ij.GMRES(rtol=1e-13)
+    ref = lambda k: jnp.sum(jnp.sin(gmres.solve(ij.gallery.Poisson2D(k), b)))
+    np.testing.assert_allclose(
+        jax.grad(loss)(A.k), jax.grad(ref)(A.k), rtol=1e-8, atol=1e-12
+    )
+    with pytest.raises(TypeError, match="`cycle` must be a Multigrid"):
+        MultigridSolver(cycle="V")
+    with pytest.raises(ValueError, match="max_steps"):
+        MultigridSolver(max_steps=0)

@@ -11,6 +11,7 @@ from .krylov import CG as CG
 from .krylov import GMRES as GMRES
 from .krylov import BiCGStab as BiCGStab
 from .multigrid import Multigrid as Multigrid
+from .multigrid import MultigridSolver as MultigridSolver
 from .neumann import Neumann as Neumann
 from .neumann import Richardson as Richardson
 from .preconditioners import AbstractPreconditioner as AbstractPreconditioner

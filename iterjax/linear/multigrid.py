@@ -1,4 +1,5 @@
-"""Geometric multigrid for structured grids: V- and W-cycles as a preconditioner.
+"""Geometric multigrid for structured grids: V- and W-cycles as a preconditioner
+(`Multigrid`) and as a solver (`MultigridSolver`).
 
 On the grid of an n x n operator with n = 2m + 1, the coarse grid holds the
 nodes of odd index (spacing 2h). One cycle for A x = r, from x = 0:
@@ -25,6 +26,8 @@ import jax.numpy as jnp
 
 from .. import _struct as struct
 from .._checks import check_int, check_range
+from ._base import AbstractLinearSolver, LinearStats, nan_in_nan_out
+from .krylov import default_rtol
 from .preconditioners import AbstractPreconditioner
 
 
@@ -155,3 +158,59 @@ class Multigrid(AbstractPreconditioner):
         )
         build_cost = math.ceil(n**4 / matvec.k.size)  # n² products at n² points
         return (lambda r: cycle(0, r)), build_cost, math.ceil(work)
+
+
+class MultigridSolver(AbstractLinearSolver):
+    """Multigrid as a solver: x ← x + M (b - A x), one `cycle` M per step, from
+    x = 0, until ‖b - A x‖₂ <= max(rtol ‖b‖₂, atol). The residual tested is the
+    one the next step uses, computed from x, so `converged` is its true value.
+    Each step costs one product plus the cycle's (`Multigrid`'s count).
+
+    Attributes:
+      cycle: the `Multigrid` cycle (V(1,1) with red-black Gauss-Seidel).
+      rtol, atol: the tolerance (rtol None: 1e-8, or 10 ε for float32).
+      max_steps: cap on cycles.
+    """
+
+    cycle: Multigrid = struct.field(pytree_node=False, default=Multigrid())
+    rtol: float | None = None
+    atol: float = 0.0
+    max_steps: int = struct.field(pytree_node=False, default=100)
+
+    transpose = "symmetric"  # reverse mode: one more solve (the cycle is SPD)
+
+    def __post_init__(self):
+        if not isinstance(self.cycle, Multigrid):
+            raise TypeError(
+                f"MultigridSolver: `cycle` must be a Multigrid, got {self.cycle!r}"
+            )
+        if self.rtol is not None:
+            check_range("MultigridSolver", "rtol", self.rtol, lo=0.0)
+        check_range("MultigridSolver", "atol", self.atol, lo=0.0)
+        check_int("MultigridSolver", "max_steps", self.max_steps, 1)
+
+    def solve_with_stats(self, matvec, b, rtol=None):
+        apply, cost, per_apply = self.cycle.build(matvec, b)
+        rtol = (
+            (default_rtol(b) if self.rtol is None else self.rtol)
+            if rtol is None
+            else rtol
+        )
+        tol = jnp.maximum(rtol * jnp.linalg.norm(b), self.atol)
+
+        def cond(c):
+            _, _, norm, k = c
+            return (norm > tol) & (k < self.max_steps)
+
+        def body(c):
+            x, r, _, k = c
+            x = x + apply(r)
+            r = b - matvec(x)
+            return x, r, jnp.linalg.norm(r), k + 1
+
+        start = (jnp.zeros_like(b), b, jnp.linalg.norm(b), jnp.int32(0))
+        x, _, norm, k = jax.lax.while_loop(cond, body, start)
+        stats = LinearStats(
+            k * (1 + per_apply) + cost, norm <= tol, ~jnp.isfinite(norm)
+        )
+        return nan_in_nan_out(b, x, stats)
