@@ -49,6 +49,11 @@ class MatrixMatvec:
         return jnp.diagonal(A)
 
 
+def _is_scipy_sparse(A):
+    """A scipy.sparse matrix or array, told apart without importing scipy."""
+    return hasattr(A, "tocoo") and hasattr(A, "nnz")
+
+
 def as_matvec(A):
     """The function x -> A x of a linear operator given as a function (returned
     as it is), a square dense 2-D array or a square BCOO matrix."""
@@ -59,7 +64,7 @@ def as_matvec(A):
                 f"`matvec`: a matrix must be square (n, n), got shape {A.shape}"
             )
         return MatrixMatvec(A)
-    if hasattr(A, "tocoo") and hasattr(A, "nnz"):  # scipy.sparse: host memory
+    if _is_scipy_sparse(A):  # host memory
         raise TypeError(
             "`matvec`: a scipy.sparse matrix cannot be traced; convert it with "
             "iterjax.linear.from_scipy(A)"
@@ -75,7 +80,7 @@ def as_matvec(A):
 def from_scipy(A, dtype=None) -> sparse.BCOO:
     """A scipy.sparse matrix as a `BCOO` matrix that every solver takes (and
     that jits, vmaps and differentiates with respect to its values)."""
-    if not (hasattr(A, "tocoo") and hasattr(A, "nnz")):
+    if not _is_scipy_sparse(A):
         raise TypeError(f"`A` must be a scipy.sparse matrix, got {type(A).__name__}")
     coo = A.tocoo()
     rows, cols = np.asarray(coo.row), np.asarray(coo.col)
@@ -154,7 +159,7 @@ class AbstractLinearSolver(Module):
 
     def solve(self, matvec, b):
         """Approximately solve `matvec(x) = b` for `x`."""
-        return self.solve_with_stats(as_matvec(matvec), b)[0]
+        return self.solve_with_stats(matvec, b)[0]
 
     @abc.abstractmethod
     def solve_with_stats(self, matvec, b, rtol=None):
