@@ -166,6 +166,11 @@ class MultigridSolver(AbstractLinearSolver):
     one the next step uses, computed from x, so `converged` is its true value.
     Each step costs one product plus the cycle's (`Multigrid`'s count).
 
+    It converges only where the cycle contracts (ρ(I - M A) < 1). On rough
+    coefficient fields the rediscretised coarse operators break that and the
+    iteration diverges (reported not converged, x growing); CG with the same
+    cycle as its preconditioner still converges there.
+
     Attributes:
       cycle: the `Multigrid` cycle (V(1,1) with red-black Gauss-Seidel).
       rtol, atol: the tolerance (rtol None: 1e-8, or 10 ε for float32).
