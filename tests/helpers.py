@@ -99,7 +99,8 @@ def run_on_host_devices(script: str, devices: int = 8) -> str:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(
         os.environ,
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} "
+        f"--xla_force_host_platform_device_count={devices}",
         PYTHONPATH=root,
         JAX_PLATFORMS="cpu",
     )
