@@ -31,6 +31,7 @@ MODULES = [
     "iterjax.bilevel._argmin",
     "iterjax.bilevel._hypergradient",
     "iterjax.fixed_point.optax_solver",
+    "iterjax.tuning.schedules",
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

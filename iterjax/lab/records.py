@@ -110,3 +110,24 @@ def nonfinite_paths(tree, prefix=""):
             yield from nonfinite_paths(v, f"{prefix}{k}.")
     elif isinstance(tree, float) and not math.isfinite(tree):
         yield prefix.rstrip(".")
+
+
+def read_series(source: str, where: str = "?") -> list[float]:
+    """The values of one metric, in order, from a run's rows: `source` is
+    '<run dir or metrics.jsonl>:<key>'; a missing file or key is a RecordError
+    naming `where`."""
+    path, _, key = source.rpartition(":")
+    if not path or not key:
+        raise RecordError(
+            f"config key `{where}`: expected '<run dir or metrics.jsonl>:<key>', "
+            f"got {source!r}"
+        )
+    file = pathlib.Path(path).expanduser()
+    file = file / "metrics.jsonl" if file.is_dir() else file
+    if not file.is_file():
+        raise RecordError(f"config key `{where}`: no metrics file at {str(file)!r}")
+    rows = [json.loads(line) for line in file.read_text().splitlines() if line]
+    values = [float(r[key]) for r in rows if key in r]
+    if not values:
+        raise RecordError(f"config key `{where}`: no row of {str(file)!r} has {key!r}")
+    return values

@@ -20,6 +20,7 @@ from ..fixed_point import (
     Safeguarded,
     Switched,
 )
+from . import optim
 from .spec import ConfigError, Spec, float_literal
 from .writers import WRITERS
 from .writers import writer_class as writer_class
@@ -99,6 +100,8 @@ def _options(cls):
 def validate(kind, spec, where):
     """Check a `Spec`'s name and options by building it; return the object, or
     raise ConfigError naming the key."""
+    if kind in optim.FUNCTION_KINDS:
+        return optim.validate(kind, spec, where)
     table = KINDS[kind]
     if spec.name not in table:
         raise ConfigError(
@@ -120,6 +123,10 @@ def build(kind, spec, where="?", mesh=None):
     were not given one: their time axis is then sharded over it (windowed
     methods excepted, which do not shard).
     """
+    if kind in optim.FUNCTION_KINDS:
+        return (
+            spec.built if spec.built is not None else optim.validate(kind, spec, where)
+        )
     obj = spec.built if spec.built is not None else _build(kind, spec, where)
     if (
         mesh is not None
@@ -251,11 +258,14 @@ def register(kind: str, name: str, target) -> None:
     `close()`, or its import path "module:Class", imported when a config selects
     it; then `writers: [jsonl, name]`), or one of "solver",
     "linear_solver", "adjoint", "sequence_method" (`target`: the class, built
-    with the options the config gives, checked against its fields).
+    with the options the config gives, checked against its fields), or
+    "optimizer", "schedule" (`target`: a function returning an optax
+    `GradientTransformation` or schedule, called with the options the config
+    gives, checked against its signature).
     Example: `register("solver", "my_picard", MyPicard)`, then
     `solvers: [{name: my_picard, damping: 0.5}]`.
     """
-    kinds = ["experiment", "writer", *sorted(KINDS)]
+    kinds = ["experiment", "writer", *sorted(KINDS), *sorted(optim.FUNCTION_KINDS)]
     if kind not in kinds:
         raise ValueError(f"register: unknown kind {kind!r}; one of {kinds}")
     if kind == "experiment":
@@ -274,6 +284,10 @@ def register(kind: str, name: str, target) -> None:
                 f"'jsonl', got {name!r}: {target!r}"
             )
         WRITERS[name] = target
+    elif kind in optim.FUNCTION_KINDS:
+        if not callable(target):
+            raise TypeError(f"register: a {kind} must be a function, got {target!r}")
+        optim.FUNCTION_KINDS[kind][name] = target
     else:
         if not dataclasses.is_dataclass(target):
             raise TypeError(f"register: a {kind} must be a dataclass, got {target!r}")

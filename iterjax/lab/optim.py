@@ -1,0 +1,206 @@
+"""optax's optimisers and schedules by name in configs, with typed, range-checked
+options.
+
+    optimizer:
+      name: adamw
+      learning_rate: {name: warmup_cosine, peak_value: 1e-2, warmup_steps: 100,
+                      decay_steps: 1000}
+      weight_decay: 1e-4
+
+A config field typed `spec("optimizer")` (or `spec("schedule")`) holds such a
+block; `registry.build("optimizer", cfg.optimizer)` gives the
+`optax.GradientTransformation`. Options are the optax function's keyword
+arguments, checked against its signature: an unknown or missing key, a wrong
+type or a value out of range is a `ConfigError` that names the key. A
+`learning_rate` (or a schedule's rate) is a number or a nested schedule block.
+"""
+
+import inspect
+import math
+import numbers
+
+import optax
+
+from ..tuning import schedules
+from .records import RecordError, read_series
+from .spec import ConfigError, Spec, float_literal
+
+SCHEDULES = {
+    "constant": optax.constant_schedule,
+    "linear": optax.linear_schedule,
+    "cosine": optax.cosine_decay_schedule,
+    "warmup_cosine": optax.warmup_cosine_decay_schedule,
+    "warmup_constant": optax.warmup_constant_schedule,
+    "sgdr": optax.sgdr_schedule,
+    "exponential": optax.exponential_decay,
+    "polynomial": optax.polynomial_schedule,
+    "refined": schedules.refined_schedule,
+}
+OPTIMIZERS = {
+    "sgd": optax.sgd,
+    "adam": optax.adam,
+    "adamw": optax.adamw,
+    "polyak_sgd": optax.polyak_sgd,
+    "schedule_free_sgd": optax.contrib.schedule_free_sgd,
+    "schedule_free_adamw": optax.contrib.schedule_free_adamw,
+}
+FUNCTION_KINDS = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}
+
+# Bounds on the options that optax's signatures leave unstated, by name:
+# (lo, hi, lo_open). Steps are ints >= 0 (counts of steps >= 1).
+_POSITIVE = (0.0, None, True)
+_NONNEG = (0.0, None, False)
+_UNIT = (0.0, 1.0, False)
+_BOUNDS = {
+    "learning_rate": _NONNEG,
+    "max_learning_rate": _POSITIVE,
+    "init_value": _NONNEG,
+    "peak_value": _NONNEG,
+    "end_value": _NONNEG,
+    "value": _NONNEG,
+    "alpha": _UNIT,
+    "exponent": _POSITIVE,
+    "power": _POSITIVE,
+    "decay_rate": _POSITIVE,
+    "b1": (0.0, 1.0, False),
+    "b2": (0.0, 1.0, False),
+    "momentum": _UNIT,
+    "eps": _NONNEG,
+    "weight_decay": _NONNEG,
+    "weight_lr_power": _NONNEG,
+    "smoothing": _UNIT,
+    "scaling": _POSITIVE,
+    "f_min": (None, None, False),
+    "decay_steps": (1, None, False),
+    "transition_steps": (1, None, False),
+    "warmup_steps": (0, None, False),
+    "transition_begin": (0, None, False),
+}
+# Options a config cannot give: arrays, dtypes, callables and masks.
+_HIDDEN = {"mask", "state_dtype", "mu_dtype", "accumulator_dtype", "nesterov_mu"}
+
+
+def validate(kind: str, spec: Spec, where: str):
+    """Build the optimiser or schedule `spec` names; a ConfigError names the key."""
+    table = FUNCTION_KINDS[kind]
+    if spec.name not in table:
+        raise ConfigError(
+            f"config key `{where}.name`: unknown {kind} {spec.name!r}; "
+            f"allowed: {sorted(table)}"
+        )
+    fn = table[spec.name]
+    try:
+        return fn(**_kwargs(fn, spec.name, spec.options, where))
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config key `{where}`: {e}") from None
+
+
+def _kwargs(fn, name, options, where) -> dict:
+    """`fn`'s keyword arguments from a block's (key, value) pairs, checked."""
+    params = {
+        p.name: p
+        for p in inspect.signature(fn).parameters.values()
+        if p.name not in _HIDDEN
+    }
+    kwargs = {}
+    for key, value in options:
+        if key not in params:
+            raise ConfigError(
+                f"config key `{where}.{key}`: unknown option for {name}; "
+                f"allowed: {sorted(params)}"
+            )
+        kwargs[key] = _value(key, value, params[key], f"{where}.{key}")
+    missing = [k for k, p in params.items() if p.default is p.empty and k not in kwargs]
+    if missing:
+        raise ConfigError(
+            f"config key `{where}.{missing[0]}`: {name} needs it (required: {missing})"
+        )
+    return kwargs
+
+
+def _value(key, value, param, where):
+    """A config value for `param`, converted and checked."""
+    if (
+        key in ("learning_rate", "scaling")
+        and isinstance(value, (dict, str))
+        and (float_literal(value) is None)
+    ):
+        return build_schedule(value, where)
+    if key == "cosine_kwargs":  # SGDR: a list of cosine blocks
+        if not isinstance(value, list) or not value:
+            raise ConfigError(
+                f"config key `{where}`: expected a list of warm-up + cosine "
+                f"blocks, got {value!r}"
+            )
+        return [_cosine(block, f"{where}[{i}]") for i, block in enumerate(value)]
+    if key == "grad_norms":
+        return _norms(value, where)
+    if key == "variant" and isinstance(value, str):
+        return value
+    default = param.default
+    if isinstance(value, bool) or isinstance(default, bool):
+        if not isinstance(value, bool) or not isinstance(default, bool):
+            raise ConfigError(f"config key `{where}`: wrong type {value!r}")
+        return value
+    number = float_literal(value) if isinstance(value, str) else value
+    if value is None and default is None:
+        return None
+    if not isinstance(number, numbers.Real):
+        raise ConfigError(f"config key `{where}`: expected a number, got {value!r}")
+    if _is_int(param) and not isinstance(number, int):
+        raise ConfigError(f"config key `{where}`: expected an int, got {value!r}")
+    lo, hi, lo_open = _BOUNDS.get(key, (None, None, False))
+    bad = not math.isfinite(number)
+    bad |= lo is not None and (number <= lo if lo_open else number < lo)
+    bad |= hi is not None and number > hi
+    if bad:
+        left = "(" if lo_open else "["
+        lo_s, hi_s = ("-inf" if lo is None else lo), ("inf" if hi is None else hi)
+        raise ConfigError(
+            f"config key `{where}`: must lie in {left}{lo_s}, {hi_s}], got {value!r}"
+        )
+    return number
+
+
+def _is_int(param):
+    ann = param.annotation
+    return ann is int or (isinstance(ann, str) and ann == "int")
+
+
+def _cosine(block, where):
+    """One SGDR cycle: the keyword arguments of a warm-up + cosine schedule."""
+    if not isinstance(block, dict):
+        raise ConfigError(f"config key `{where}`: expected a mapping, got {block!r}")
+    fn = optax.warmup_cosine_decay_schedule
+    return _kwargs(fn, "an sgdr cycle", sorted(block.items()), where)
+
+
+def _norms(value, where):
+    if isinstance(value, str):  # a run's metrics: path/metrics.jsonl[:key]
+        try:
+            return read_series(value, where)
+        except RecordError as e:
+            raise ConfigError(str(e)) from None
+    if not isinstance(value, list) or not all(
+        isinstance(v, numbers.Real) for v in value
+    ):
+        raise ConfigError(
+            f"config key `{where}`: expected a list of gradient norms or "
+            f"'<run dir or metrics.jsonl>:<key>', got {value!r}"
+        )
+    return value
+
+
+def build_schedule(value, where):
+    """The optax schedule a config value (a name or a block) names."""
+    if isinstance(value, str):
+        value = {"name": value}
+    if not isinstance(value, dict) or "name" not in value:
+        raise ConfigError(
+            f"config key `{where}`: expected a number, a schedule name or a "
+            f"mapping with `name`, got {value!r}"
+        )
+    options = tuple(sorted((k, v) for k, v in value.items() if k != "name"))
+    return validate("schedule", Spec(value["name"], options), where)
