@@ -342,3 +342,35 @@ def test_users_register_their_own_schedule():
         del registry.optim.SCHEDULES["halving"]
     with pytest.raises(TypeError, match="must be a function"):
         registry.register("schedule", "x", 3)
+
+
+@pytest.mark.parametrize("name", ["linear", "refined", "polyak"])
+def test_the_schedules_experiment_takes_the_steps_it_states(name):
+    from iterjax.experiments import schedules as exp
+
+    cfg = exp.Config(steps=20, eval_every=10, batch=4, seeds=1)
+    X, Y, classes = exp.load("wine")
+    f = exp.objective(X, Y, cfg.l2)
+    W0 = jnp.zeros((X.shape[1], classes))
+    norms = np.linspace(2.0, 1.0, 20)
+    key = jax.random.PRNGKey(3)
+    losses, got_norms = jax.jit(exp.train(f, X.shape[0], W0, cfg, name, norms))(
+        0.5, key
+    )
+    # the same minibatches by hand: W <- W - η_t g_t
+    rate = {
+        "linear": lambda t, v, g: 0.5 * (1 - t / 20),
+        "refined": lambda t, v, g: (
+            0.5 * schedules.refined_weights(norms, cfg.smoothing)[t]
+        ),
+        "polyak": lambda t, v, g: min(0.5, float(v / jnp.sum(g**2))),
+    }[name]
+    W, want = W0, []
+    for t, k in enumerate(jax.random.split(key, 20)):
+        idx = jax.random.randint(k, (4,), 0, X.shape[0])
+        v, g = jax.value_and_grad(f)(W, idx)
+        np.testing.assert_allclose(got_norms[t], jnp.linalg.norm(g), rtol=1e-12)
+        W = W - rate(t, v, g) * g
+        if t % 10 == 9:
+            want.append(f(W))
+    np.testing.assert_allclose(losses, want, rtol=1e-12)

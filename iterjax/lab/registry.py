@@ -47,6 +47,7 @@ EXPERIMENTS = {
     "sor_bandit": "iterjax.experiments.sor_bandit",
     "krylov_recycle": "iterjax.experiments.krylov_recycle",
     "elk_ar_gru": "iterjax.experiments.elk_ar_gru",
+    "schedules": "iterjax.experiments.schedules",
 }
 
 SOLVERS = {

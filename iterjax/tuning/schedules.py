@@ -82,8 +82,9 @@ def refined_schedule(learning_rate: float, grad_norms, smoothing: float = 0.0):
     check_range("refined_schedule", "learning_rate", learning_rate, lo=0.0)
     table = jnp.asarray(refined_weights(grad_norms, smoothing) * learning_rate)
 
-    def schedule(count):
-        inside = count < table.shape[0]
-        return jnp.where(inside, table[jnp.clip(count, 0, table.shape[0] - 1)], 0.0)
+    def schedule(count):  # an int step, or a float one (rounded down)
+        last = table.shape[0] - 1
+        value = table[jnp.clip(count, 0, last).astype(jnp.int32)]
+        return jnp.where(count <= last, value, 0.0)
 
     return schedule
