@@ -24,6 +24,7 @@ import iterjax.lab
 from iterjax.lab import cli, figures, registry
 from iterjax.lab import config as cfglib
 from iterjax.lab import progress as progresslib
+from iterjax.lab import report as reportlib
 from iterjax.lab import runner as runlib
 from iterjax.lab import sweep as sweeplib
 from iterjax.lab import writers as writerslib
@@ -577,7 +578,7 @@ def test_registered_solver_names_reach_configs(monkeypatch):
     spec = registry.to_spec("solver", {"name": "km", "damping": 0.5}, "s")
     assert registry.build("solver", spec) == iterjax.Picard(damping=0.5)
     with pytest.raises(ValueError, match="unknown kind"):
-        iterjax.lab.register("optimizer", "x", iterjax.Picard)
+        iterjax.lab.register("optimiser", "x", iterjax.Picard)
     with pytest.raises(TypeError, match="dataclass"):
         iterjax.lab.register("solver", "x", lambda: None)
 
@@ -1237,3 +1238,48 @@ def test_a_sweep_runs_its_members_as_submitit_jobs_and_resumes(
     assert _metrics_by_settings(run_dir) == _metrics_by_settings(local_dir)
     with pytest.raises(cfglib.ConfigError, match="`launcher`: runs a sweep's"):
         runlib.prepare({"experiment": user_package, "launcher": {"name": "submitit"}})
+
+
+def test_a_target_records_the_first_step_and_time_that_meet_it(toy, tmp_path):
+    # toy's loss falls from 1.5 by about (1 - lr)^2 a step: with lr 0.1 it is
+    # first <= 1.0 at step 2 or 3, and never <= 1e-9 in 6 steps
+    base = """
+        experiment: toy
+        lr: 0.1
+        target: {metric: loss, below: %s}
+    """
+    d, s = runlib.run_experiment(_config(tmp_path, base % 1.0), out=tmp_path)
+    losses = [r["loss"] for r in _rows(d)]
+    first = next(i for i, v in enumerate(losses) if v <= 1.0)
+    t = s["target"]
+    assert t["reached"] and t["step"] == first + 1 and t["value"] == losses[first]
+    assert 0 <= t["seconds"] <= s["seconds"] and t["device"] and not t["resumed"]
+    assert t["metric"] == "loss" and t["below"] == 1.0 and "above" not in t
+    d2, s2 = runlib.run_experiment(
+        _config(tmp_path, base % 1e-9, "never.yaml"), out=tmp_path
+    )
+    assert s2["target"]["reached"] is False and "step" not in s2["target"]
+    text = reportlib.markdown([d, d2])
+    assert "## Time to target" in text and "not reached" in text
+    assert f"| {d.name} | loss | <= 1.0 | {first + 1} |" in text
+
+
+@pytest.mark.parametrize(
+    "block,match",
+    [
+        ("{metric: loss}", "`target`: give one of `below` and `above`"),
+        ("{metric: loss, below: 1, above: 0}", "`target`: give one of"),
+        ("{metric: loss, below: .nan}", "`target.below`"),
+        ("{below: 1.0}", "`target.metric`: missing required key"),
+    ],
+)
+def test_a_bad_target_is_refused_naming_the_key(toy, tmp_path, block, match):
+    path = _config(tmp_path, f"experiment: toy\ntarget: {block}\n")
+    with pytest.raises(cfglib.ConfigError, match=match):
+        runlib.prepare(path)
+
+
+def test_a_target_meets_no_nan_and_no_bool():
+    t = cfglib.Target("loss", above=0.5)
+    assert t.met(0.5) and t.met(3) and not t.met(float("nan"))
+    assert not t.met(float("inf")) and not t.met(True) and not t.met("0.9")

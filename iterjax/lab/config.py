@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import importlib.resources
 import math
+import numbers
 import pathlib
 import re
 import types
@@ -472,6 +473,39 @@ class Launcher:
 
 
 @dataclasses.dataclass(frozen=True)
+class Target:
+    """A time-to-result target (the AlgoPerf protocol): the first logged row
+    whose `metric` is at or below `below` (or at or above `above`) is recorded
+    in `summary.json` as `target`: its step, the seconds since the run started
+    and the device it ran on; `iterjax report` compares them across runs. A run
+    that never gets there says `reached: false`. Example:
+    `target: {metric: loss, below: 0.3}`."""
+
+    metric: str
+    below: float | None = None
+    above: float | None = None
+
+    def __post_init__(self):
+        if (self.below is None) == (self.above is None):
+            _fail("target", "give one of `below` and `above`")
+        for key in ("below", "above"):
+            value = getattr(self, key)
+            if value is not None and not math.isfinite(value):
+                _fail(f"target.{key}", f"must be a finite number, got {value!r}")
+
+    def met(self, value) -> bool:
+        """Whether a logged value meets the target (NaN and inf never do)."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return False
+        x = float(value)
+        if not math.isfinite(x):
+            return False
+        if self.below is not None:
+            return x <= self.below
+        return self.above is not None and x >= self.above
+
+
+@dataclasses.dataclass(frozen=True)
 class Platform:
     """The reserved top-level config keys."""
 
@@ -486,8 +520,11 @@ class Platform:
     # `registry.register("writer", name, cls)`
     writers: tuple[str, ...] = ("jsonl",)
     launcher: Launcher | None = None
+    target: Target | None = None
 
     def __post_init__(self):
+        if self.target is not None and self.sweep is not None:
+            _fail("target", "applies to a single run, not yet to a sweep's members")
         if self.launcher is not None and self.launcher.name != "local":
             if self.sweep is None:
                 _fail("launcher", "runs a sweep's members as jobs: add a `sweep:`")

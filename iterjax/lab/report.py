@@ -90,6 +90,23 @@ def markdown(run_dirs, relative_to=None) -> str:
         lines += ["## Settings that differ", "", markdown_table(["key", *names], rows)]
         lines.append("")
 
+    targets = [(name, r["summary"].get("target")) for r, name in zip(runs, names)]
+    if any(t for _, t in targets):
+        rows = [
+            [
+                name,
+                t["metric"],
+                f"<= {t['below']}" if "below" in t else f">= {t['above']}",
+                t.get("step", "not reached"),
+                t.get("seconds", ""),
+                t["device"],
+            ]
+            for name, t in targets
+            if t
+        ]
+        head = ["run", "metric", "target", "step", "seconds", "device"]
+        lines += ["## Time to target", "", markdown_table(head, rows), ""]
+
     metrics = [_numbers(r["summary"]) for r in runs]
     mkeys = list(dict.fromkeys(k for m in metrics for k in m))
     if mkeys:

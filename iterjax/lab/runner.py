@@ -291,6 +291,7 @@ def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume, primary=None):
         resume=resume,
         primary=primary,
         writers=p.platform.writers,
+        target=p.platform.target,
     )
     start = time.perf_counter()
     with _recorded(run_dir, primary), contextlib.closing(workdir):
@@ -301,6 +302,8 @@ def _run_one(p: Prepared, cfg, run_dir, quiet, mesh, resume, primary=None):
         "environment": environment(cfg),
         **summary,
     }
+    if p.platform.target is not None:
+        summary["target"] = _target_record(p.platform.target, workdir, resume)
     flagged = dict(workdir.nonfinite)
     flagged.update({k: "summary" for k in nonfinite_paths(summary)})
     summary["nonfinite_metrics"] = flagged
@@ -365,6 +368,20 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
                     members.write_member(r["member"], r["settings"], r["metrics"])
     _finish(run_dir, summary, primary)
     return summary
+
+
+def _target_record(target, workdir, resumed):
+    """summary.json's `target`: the target, whether and where it was met (after a
+    resume, the seconds count from the resume and the rows kept are not
+    searched), and the device."""
+    reached = workdir.target_reached
+    return {
+        **{k: v for k, v in cfglib.to_dict(target).items() if v is not None},
+        "reached": reached is not None,
+        **(reached or {}),
+        "device": jax.devices()[0].device_kind,
+        "resumed": bool(resumed),
+    }
 
 
 def _recorder(rows_file):

@@ -72,8 +72,12 @@ class Workdir:
         resume=False,
         primary=True,
         writers=("jsonl",),
+        target=None,
     ):
         self.path = pathlib.Path(path)
+        self.target = target  # a config.Target, or None
+        self.target_reached = None  # the first row that met it: step, seconds
+        self._started = time.perf_counter()
         self.path.mkdir(parents=True, exist_ok=True)
         self.quiet = quiet or not primary
         self.checkpoint_every = checkpoint_every
@@ -117,6 +121,7 @@ class Workdir:
         step = int(step)
         row = {"namespace": namespace, "step": step, "wall_time": time.time(), **row}
         self._last_row = row
+        self._check_target(row)
         for k in nonfinite_paths(row):
             self.nonfinite[k] = self.nonfinite.get(k, 0) + 1
         self._rows += 1
@@ -128,6 +133,16 @@ class Workdir:
         self._metrics.flush()
         for writer in self._writers:
             writer.write(row)
+
+    def _check_target(self, row):
+        t = self.target
+        if t is None or self.target_reached is not None or not t.met(row.get(t.metric)):
+            return
+        self.target_reached = {
+            "step": row["step"],
+            "seconds": round(time.perf_counter() - self._started, 3),
+            "value": row[t.metric],
+        }
 
     def write_member(self, index: int, settings: dict, metrics: dict) -> None:
         """One finished sweep member, for the writers that show sweeps
