@@ -20,7 +20,7 @@ Each schedule's η is tuned on the grid `lr_grid`, the grid and `seeds` seeds
 trained as one `jax.vmap`; the best η minimises the seed-mean final
 suboptimality. Reported at that η: the mean and spread (standard deviation over
 seeds) of the last iterate's suboptimality, and the steps to reach the target
-gap `target` (f - f* <= target · (f(0) - f*), seed mean; checked every
+gap `target_gap` (f - f* <= target_gap · (f(0) - f*), seed mean; checked every
 `eval_every` steps). The paper's claim, linear decay matching or beating cosine,
 is counted over the datasets.
 """
@@ -68,7 +68,7 @@ class Config:
     seeds: Count = 5
     sgdr_cycles: Count = 2
     smoothing: Fraction = 0.1  # the refined schedule's median filter, of T
-    target: Positive = 1e-2  # of f(0) - f*
+    target_gap: Positive = 1e-2  # of f(0) - f*
     eval_every: Count = 10
     seed: int = 0
     x64: bool = True
@@ -189,7 +189,7 @@ def run(cfg: Config, workdir) -> dict:
                 if name == "linear":
                     norms = np.asarray(grad_norms[i]).mean(0)
                 mean = gaps[i].mean(0)
-                reached = np.flatnonzero(mean <= cfg.target * (f0 - f_star))
+                reached = np.flatnonzero(mean <= cfg.target_gap * (f0 - f_star))
                 row = dict(
                     dataset=data,
                     schedule=name,

@@ -826,3 +826,10 @@ def test_a_bad_base_is_rejected_by_key(tmp_path, text, match):
     (tmp_path / "loop.yaml").write_text(text)
     with pytest.raises(cfglib.ConfigError, match=match):
         prepare(tmp_path / "loop.yaml")
+
+
+def test_no_experiment_config_field_is_a_platform_key():
+    reserved = {f.name for f in dataclasses.fields(cfglib.Platform)}
+    for name in registry.EXPERIMENTS:
+        fields = {f.name for f in dataclasses.fields(registry.experiment(name).Config)}
+        assert not fields & reserved, (name, fields & reserved)

@@ -1283,3 +1283,15 @@ def test_a_target_meets_no_nan_and_no_bool():
     t = cfglib.Target("loss", above=0.5)
     assert t.met(0.5) and t.met(3) and not t.met(float("nan"))
     assert not t.met(float("inf")) and not t.met(True) and not t.met("0.9")
+
+
+def test_a_config_field_named_like_a_platform_key_is_refused(toy, monkeypatch):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Clashing:
+        target: float = 0.1  # the platform's `target:` would take this key
+
+    monkeypatch.setattr(toy, "Config", Clashing)
+    with pytest.raises(cfglib.ConfigError, match="Config field `target` is a reserved"):
+        runlib.prepare({"experiment": "toy"})

@@ -16,6 +16,7 @@ The reserved top-level config keys (`iterjax.lab.config.Platform`) say how to ru
 """
 
 import contextlib
+import dataclasses
 import datetime
 import fcntl
 import importlib.metadata
@@ -87,6 +88,7 @@ def prepare(path, overrides=(), smoke=False, values=None) -> Prepared:
     source = path if isinstance(path, dict) else resolve_config_path(str(path))
     name, raw, plat = cfglib.load(source, overrides, smoke=smoke, values=values)
     module = registry.experiment(name)
+    _check_field_names(name, module.Config)
     cfg = cfglib.from_dict(module.Config, raw)
     members = sweeplib.plan(module, raw, plat.sweep) if plat.sweep else None
     if plat.sweep:
@@ -266,6 +268,18 @@ def _locked(run_dir):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_field_names(name, config_cls):
+    """A Config field spelled like a reserved platform key could never be set
+    from a config (the platform takes the key): refuse it, naming both."""
+    reserved = {f.name for f in dataclasses.fields(cfglib.Platform)}
+    clash = sorted(reserved & {f.name for f in dataclasses.fields(config_cls)})
+    if clash:
+        raise cfglib.ConfigError(
+            f"experiment {name!r}: its Config field `{clash[0]}` is a reserved "
+            f"top-level key of the platform ({sorted(reserved)}); rename the field"
+        )
 
 
 def resolved(p: Prepared) -> dict:
