@@ -24,6 +24,7 @@ from .fixed_point import Backtracking as Backtracking
 from .fixed_point import Broyden as Broyden
 from .fixed_point import Halpern as Halpern
 from .fixed_point import LazyNewton as LazyNewton
+from .fixed_point import Momentum as Momentum
 from .fixed_point import Newton as Newton
 from .fixed_point import OptaxSolver as OptaxSolver
 from .fixed_point import Picard as Picard

@@ -20,6 +20,7 @@ SOLVERS = {
     "newton": ij.Newton(),
     "lazy-newton": ij.LazyNewton(2),
     "halpern": ij.Halpern(),
+    "momentum": ij.Momentum(),
 }
 WRAPPERS = {
     "relaxed": lambda s: ij.Relaxed(s, 0.8),

@@ -353,3 +353,95 @@ def test_lazy_newton_same_solution_fewer_jacobians(every):
 def test_lazy_newton_rejects_bad_period():
     with pytest.raises(ValueError, match="jacobian_every"):
         ij.LazyNewton(0)
+
+
+def _spd_gradient_map(kappa=100.0, n=6, seed=0):
+    """f(y) = y - (A y - b) / L: gradient descent on ½ yᵀAy - bᵀy, the residual's
+    Jacobian -A/L with eigenvalues in [1/κ, 1] (A = Q diag Qᵀ)."""
+    rng = np.random.default_rng(seed)
+    q, _ = np.linalg.qr(rng.normal(size=(n, n)))
+    A = jnp.asarray(q @ np.diag(np.geomspace(1.0, kappa, n)) @ q.T)
+    return (lambda y, b: y - (A @ y - b) / kappa), A, jnp.asarray(rng.normal(size=n))
+
+
+@pytest.mark.parametrize("nesterov", [False, True], ids=["heavy-ball", "nesterov"])
+def test_momentum_steps_are_the_formulas(nesterov):
+    fn, _, b = _spd_gradient_map()
+    alpha, beta = 1.3, 0.6
+    solver = ij.Momentum(alpha, beta, nesterov)
+    y_prev, y = (
+        jnp.zeros(6),
+        jnp.zeros(6),
+    )  # heavy ball: y_{k-1}, y_k; Nesterov: y_k, z_k
+    for k in range(1, 6):
+        sol = ij.fixed_point(fn, jnp.zeros(6), b, solver=solver, max_steps=k, atol=0.0)
+        moved = y + alpha * (fn(y, b) - y)
+        if nesterov:
+            y, y_prev = moved + beta * (moved - y_prev), moved
+        else:
+            y, y_prev = moved + beta * (y - y_prev), y
+        np.testing.assert_allclose(sol.value, y, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(
+            sol.residual, jnp.max(jnp.abs(fn(y, b) - y)), rtol=1e-12
+        )
+
+
+def test_momentum_without_momentum_is_damped_picard():
+    fn, _, b = _spd_gradient_map()
+    kw = dict(atol=1e-10, max_steps=5000, trace=True)
+    want = ij.fixed_point(fn, jnp.zeros(6), b, solver=ij.Picard(0.7), **kw)
+    for nesterov in (False, True):
+        solver = ij.Momentum(0.7, 0.0, nesterov)
+        got = ij.fixed_point(fn, jnp.zeros(6), b, solver=solver, **kw)
+        assert int(got.num_steps) == int(want.num_steps)
+        np.testing.assert_allclose(got.trace, want.trace, rtol=1e-12)
+        np.testing.assert_allclose(got.value, want.value, rtol=1e-12)
+
+
+def test_heavy_ball_takes_sqrt_kappa_fewer_steps_on_a_quadratic():
+    # κ = 100: the optimal heavy ball contracts at (√κ-1)/(√κ+1) = 0.818 a step,
+    # the optimally damped Picard at (κ-1)/(κ+1) = 0.980: ~10x fewer steps
+    kappa = 100.0
+    fn, A, b = _spd_gradient_map(kappa)
+    mu, L = 1 / kappa, 1.0
+    alpha = 4 / (np.sqrt(L) + np.sqrt(mu)) ** 2
+    beta = ((np.sqrt(L) - np.sqrt(mu)) / (np.sqrt(L) + np.sqrt(mu))) ** 2
+    damped = lambda y, b: y + 2 / (L + mu) * (fn(y, b) - y)  # Picard's best
+    kw = dict(atol=1e-10, max_steps=5000)
+    picard = ij.fixed_point(damped, jnp.zeros(6), b, solver=ij.Picard(), **kw)
+    ball = ij.fixed_point(fn, jnp.zeros(6), b, solver=ij.Momentum(alpha, beta), **kw)
+    nag = ij.fixed_point(fn, jnp.zeros(6), b, solver=ij.Momentum(1.0, 0.8, True), **kw)
+    assert bool(picard.converged) and bool(ball.converged) and bool(nag.converged)
+    assert int(ball.num_steps) * 6 < int(picard.num_steps)
+    assert int(nag.num_steps) * 3 < int(picard.num_steps)
+    x = jnp.linalg.solve(A, b)
+    for sol in (ball, nag):
+        np.testing.assert_allclose(sol.value, x, atol=1e-7 * kappa)
+
+
+def test_nesterov_outside_its_region_is_reported_not_converged():
+    # a residual eigenvalue h = 1.97 with α = 1, β = 0.3: α h (1 + 2β) = 3.15 >
+    # 2 (1 + β) = 2.6, so Nesterov diverges (heavy ball, at 1.97 < 2.6, converges)
+    fn = lambda y, a: -0.97 * y + a
+    kw = dict(atol=1e-10, max_steps=400)
+    bad = ij.fixed_point(
+        fn, jnp.array(0.0), 1.0, solver=ij.Momentum(nesterov=True), **kw
+    )
+    good = ij.fixed_point(fn, jnp.array(0.0), 1.0, solver=ij.Momentum(), **kw)
+    assert not bool(bad.converged) and bool(good.converged)
+    np.testing.assert_allclose(good.value, 1 / 1.97, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(damping=0.0), "damping"),
+        (dict(damping=-1.0), "damping"),
+        (dict(momentum=1.0), "momentum"),
+        (dict(momentum=-0.1), "momentum"),
+        (dict(nesterov=1), "nesterov"),
+    ],
+)
+def test_momentum_rejects_bad_hyperparameters(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        ij.Momentum(**kwargs)

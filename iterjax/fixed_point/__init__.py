@@ -9,6 +9,7 @@ from .broyden import Broyden as Broyden
 from .chain import fixed_point_chain as fixed_point_chain
 from .halpern import Halpern as Halpern
 from .lazy_newton import LazyNewton as LazyNewton
+from .momentum import Momentum as Momentum
 from .newton import Newton as Newton
 from .optax_solver import OptaxSolver as OptaxSolver
 from .picard import Picard as Picard

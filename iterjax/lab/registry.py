@@ -12,6 +12,7 @@ from ..fixed_point import (
     Broyden,
     Halpern,
     LazyNewton,
+    Momentum,
     Newton,
     Picard,
     Relaxed,
@@ -52,6 +53,7 @@ EXPERIMENTS = {
 
 SOLVERS = {
     "picard": Picard,
+    "momentum": Momentum,
     "anderson": Anderson,
     "broyden": Broyden,
     "newton": Newton,
