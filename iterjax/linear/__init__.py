@@ -12,6 +12,7 @@ from .krylov import GMRES as GMRES
 from .krylov import BiCGStab as BiCGStab
 from .multigrid import Multigrid as Multigrid
 from .multigrid import MultigridSolver as MultigridSolver
+from .multigrid import Stencil9 as Stencil9
 from .neumann import Neumann as Neumann
 from .neumann import Richardson as Richardson
 from .preconditioners import AbstractPreconditioner as AbstractPreconditioner

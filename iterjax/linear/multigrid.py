@@ -11,9 +11,12 @@ nodes of odd index (spacing 2h). One cycle for A x = r, from x = 0:
 
 R is full weighting (the stencil [1 2 1]ᵀ[1 2 1] / 16), P = 4 Rᵀ bilinear
 interpolation, and the coarse operator is the problem rediscretised at 2h
-(`operator.coarsen()`). With red-black Gauss-Seidel forward before and backward
-after (or damped Jacobi both ways) the cycle is a symmetric positive-definite
-M ≈ A⁻¹, so CG can use it; its convergence rate is bounded away from 1
+(`operator.coarsen()`) or the Galerkin product A_2h = R A_h P, a 9-point
+stencil found by probing (`Stencil9.galerkin`), which needs no coarse
+discretisation and follows rough coefficients that sampling at 2h misses.
+With red-black Gauss-Seidel forward before and backward after (four colours
+on Galerkin levels; or damped Jacobi both ways) the cycle is a symmetric
+positive-definite M ≈ A⁻¹, so CG can use it; its convergence rate is bounded away from 1
 independently of h, hence CG + multigrid needs iterations flat in the grid size
 (Trottenberg, Oosterlee & Schüller, *Multigrid*, 2001, ch. 2).
 """
@@ -48,6 +51,78 @@ def prolong(uc, n):
     return 4 * u
 
 
+class Stencil9(struct.PyTreeNode):
+    """A 9-point operator on an (n, n) grid with zero boundary values:
+    (A u)[i, j] = Σ_{a, b ∈ {-1, 0, 1}} w[i, j, a + 1, b + 1] u[i + a, j + b].
+
+    Multigrid's Galerkin levels are of this type. `sweep` is Gauss-Seidel in four
+    colours (i mod 2, j mod 2): nodes of one colour do not touch in a 9-point
+    stencil, so each colour updates at once (backward: the colours reversed).
+
+    Attributes:
+      w: (n, n, 3, 3) stencil weights.
+    """
+
+    w: jax.Array
+
+    @classmethod
+    def probe(cls, fn, n, dtype):
+        """The stencil of a linear `fn` on (n, n) grids whose stencil lies within
+        3 x 3, from 9 products: with colours (i mod 3, j mod 3), each node sees
+        one node of each colour in its 3 x 3 neighbourhood."""
+        i, j = jnp.meshgrid(jnp.arange(n), jnp.arange(n), indexing="ij")
+        masks = jnp.stack(
+            [
+                ((i % 3 == ci) & (j % 3 == cj)).astype(dtype)
+                for ci in range(3)
+                for cj in range(3)
+            ]
+        )
+        outs = jax.vmap(fn)(masks)  # (9, n, n)
+        w = [
+            outs[3 * ((i + a - 1) % 3) + (j + b - 1) % 3, i, j]
+            for a in range(3)
+            for b in range(3)
+        ]
+        return cls(jnp.stack(w, axis=-1).reshape(n, n, 3, 3))
+
+    @classmethod
+    def galerkin(cls, operator, n):
+        """R A P on the coarse grid of an (n, n) operator, n = 2m + 1."""
+        m = (n - 1) // 2
+        coarse = lambda uc: restrict(operator(prolong(uc, n)))
+        return cls.probe(coarse, m, operator.diagonal().dtype)
+
+    def __call__(self, u):
+        n = u.shape[0]
+        up = jnp.pad(u, 1)
+        return sum(
+            self.w[:, :, a, b] * up[a : a + n, b : b + n]
+            for a in range(3)
+            for b in range(3)
+        )
+
+    def diagonal(self):
+        return self.w[:, :, 1, 1]
+
+    def coarsen(self):
+        return Stencil9.galerkin(self, self.w.shape[0])
+
+    def sweep(self, u, b, omega, backward=False):
+        """One SOR sweep in four-colour order."""
+        n = u.shape[0]
+        i, j = jnp.meshgrid(jnp.arange(n), jnp.arange(n), indexing="ij")
+        colours = [(i % 2 == ci) & (j % 2 == cj) for ci in (0, 1) for cj in (0, 1)]
+        d = self.diagonal()
+        for colour in reversed(colours) if backward else colours:
+            u = jnp.where(colour, u + omega * (b - self(u)) / d, u)
+        return u
+
+
+def _side(operator):
+    return operator.diagonal().shape[0]
+
+
 class Multigrid(AbstractPreconditioner):
     """A multigrid cycle as M ≈ A⁻¹, for an operator that can coarsen itself
     (`coarsen()`, `diagonal()`, and `sweep(u, b, omega, backward)` for
@@ -69,6 +144,9 @@ class Multigrid(AbstractPreconditioner):
       smoother: "gauss_seidel" (red-black; backward after) or "jacobi".
       omega: Jacobi's damping (4/5 is best for the 5-point Laplacian).
       coarsest: the largest side solved directly (else coarsened further).
+      coarsening: "rediscretise" (`operator.coarsen()`) or "galerkin" (R A P,
+        9-point, probed with 9 products of the level above; below the first
+        coarse level the Gauss-Seidel smoother runs in four colours).
     """
 
     pre: int = struct.field(pytree_node=False, default=1)
@@ -79,6 +157,9 @@ class Multigrid(AbstractPreconditioner):
     )
     omega: float = 0.8
     coarsest: int = struct.field(pytree_node=False, default=15)
+    coarsening: Literal["rediscretise", "galerkin"] = struct.field(
+        pytree_node=False, default="rediscretise"
+    )
 
     def __post_init__(self):
         check_int("Multigrid", "pre", self.pre, 0)
@@ -96,6 +177,11 @@ class Multigrid(AbstractPreconditioner):
                 f"{self.smoother!r}"
             )
         check_range("Multigrid", "omega", self.omega, 0.0, 1.0, lo_open=True)
+        if self.coarsening not in ("rediscretise", "galerkin"):
+            raise ValueError(
+                "Multigrid: `coarsening` must be 'rediscretise' or 'galerkin', got "
+                f"{self.coarsening!r}"
+            )
 
     def levels(self, operator):
         """The operators from fine to coarse."""
@@ -106,12 +192,15 @@ class Multigrid(AbstractPreconditioner):
                 f"got {type(operator).__name__}"
             )
         ops = [operator]
-        while ops[-1].k.shape[0] > self.coarsest and ops[-1].k.shape[0] % 2 == 1:
-            ops.append(ops[-1].coarsen())
-        if ops[-1].k.shape[0] > self.coarsest:
+        while _side(ops[-1]) > self.coarsest and _side(ops[-1]) % 2 == 1:
+            if self.coarsening == "galerkin":
+                ops.append(Stencil9.galerkin(ops[-1], _side(ops[-1])))
+            else:
+                ops.append(ops[-1].coarsen())
+        if _side(ops[-1]) > self.coarsest:
             raise ValueError(
-                f"Multigrid: a grid of side {operator.k.shape[0]} coarsens to side "
-                f"{ops[-1].k.shape[0]} > `coarsest`={self.coarsest} (an even side "
+                f"Multigrid: a grid of side {_side(operator)} coarsens to side "
+                f"{_side(ops[-1])} > `coarsest`={self.coarsest} (an even side "
                 "cannot be halved): use a side 2^j (s + 1) - 1 with s <= coarsest, "
                 "e.g. 2^j - 1"
             )
@@ -120,7 +209,7 @@ class Multigrid(AbstractPreconditioner):
     def build(self, matvec, b):
         ops = self.levels(matvec)
         bottom = ops[-1]
-        n = bottom.k.shape[0]
+        n = _side(bottom)
         eye = jnp.eye(n * n, dtype=b.dtype).reshape(n * n, n, n)
         dense = jax.vmap(lambda e: bottom(e).reshape(-1))(eye).T
         factor = jax.scipy.linalg.cho_factor(dense)
@@ -152,12 +241,14 @@ class Multigrid(AbstractPreconditioner):
         sweep = 2 if self.smoother == "gauss_seidel" else 1
         per_level = sweep * (self.pre + self.post) + 1
         visits = 2 if self.cycle == "W" else 1
+        size = lambda A: _side(A) ** 2 / _side(matvec) ** 2  # in fine points
         work = sum(
-            per_level * visits**level * (A.k.size / matvec.k.size)
-            for level, A in enumerate(ops[:-1])
+            per_level * visits**level * size(A) for level, A in enumerate(ops[:-1])
         )
-        build_cost = math.ceil(n**4 / matvec.k.size)  # n² products at n² points
-        return (lambda r: cycle(0, r)), build_cost, math.ceil(work)
+        build = n**2 * size(bottom)  # n² products at n² points
+        if self.coarsening == "galerkin":  # 9 products of the level above each
+            build += sum(9 * size(A) for A in ops[:-1])
+        return (lambda r: cycle(0, r)), math.ceil(build), math.ceil(work)
 
 
 class MultigridSolver(AbstractLinearSolver):
@@ -168,8 +259,9 @@ class MultigridSolver(AbstractLinearSolver):
 
     It converges only where the cycle contracts (ρ(I - M A) < 1). On rough
     coefficient fields the rediscretised coarse operators break that and the
-    iteration diverges (reported not converged, x growing); CG with the same
-    cycle as its preconditioner still converges there.
+    iteration diverges (reported not converged, x growing); Galerkin levels
+    (`Multigrid(coarsening="galerkin")`) restore it on moderately rough fields,
+    and CG with either cycle as its preconditioner converges on all of them.
 
     Attributes:
       cycle: the `Multigrid` cycle (V(1,1) with red-black Gauss-Seidel).
