@@ -8,12 +8,19 @@ device JAX finds, in one process, and writes them to
    1e-6) at T = 1024, 4096, 16384: sweeps, parallel depth, forward and gradient
    wall time as ratios to `lax.scan` (`benchmarks/sequence.py`'s `case`);
 2. a vmapped sweep of 16 seeds of `fixed_point_sweep`'s solve against one seed
-   and a Python loop of 16 (`benchmarks/sweep.py`'s `compiled`).
+   and a Python loop of 16 (`benchmarks/sweep.py`'s `compiled`);
+3. Picard sampling (`picard_diffusion`'s DDIM chain, N = 1000 steps, window
+   64, float64) against `lax.scan`: sweeps, evaluations, error, wall ratio;
+4. greedy Jacobi decoding (`jacobi_decode`, blocks of 1, 4, 16) of 64 tokens
+   for 8 prompts with `charlm`'s transformer, its weights random (the trained
+   checkpoint is a run of `charlm_train`): model calls and wall time per
+   token, in float32;
+5. one training step of `deq_digits`'s DEQ classifier (hidden 64, batch 64,
+   Anderson forward, implicit backward; float32): wall time, forward steps.
 
-On a CPU it runs small sizes (T = 256, 1024; 4 seeds) and says so: there the
-wall ratios of parallel-in-time methods are > 1 and the depth is the number to
-read. Meant to finish in <= 8 minutes on one GPU. Still to add: Jacobi
-decoding, Picard sampling of the diffusion model, a DEQ training step.
+On a CPU it runs small sizes (T = 256, 1024; 4 seeds; N = 100) and says so:
+there the wall ratios of parallel-in-time methods are > 1 and the depth is the
+number to read. Meant to finish in <= 8 minutes on one GPU.
 
 Run: make bench-device   (or: python benchmarks/device.py [--small])
 """
@@ -81,6 +88,66 @@ def sweep(seeds, repeats):
     return markdown(["solve", "ms", "/ one seed"], rows)
 
 
+def picard_sampling(N, rounds):
+    from iterjax.experiments import picard_diffusion as pd
+    from iterjax.lab.spec import Spec
+
+    cfg = pd.Config(repeats=rounds)
+    row, _ = pd.measure(cfg, N, Spec("picard", (("window", 64),)))
+    head = ["steps", "method", "sweeps", "evaluations", "converged", "max error"]
+    head += ["wall / lax.scan"]
+    cells = [N, row["method"], row["sweeps"], row["evaluations"]]
+    cells += ["yes" if row["converged"] else "NO", f"{row['error']:.1e}"]
+    return markdown(head, [[*cells, f"{row['wall_ratio']:.2f}"]])
+
+
+def jacobi_decoding(num_tokens, rounds):
+    from flax import nnx
+
+    from iterjax.diagnostics import time_calls
+    from iterjax.experiments import jacobi_decoding as jd
+    from iterjax.experiments.common import charlm
+
+    vocab = 64
+    model = charlm.CharLM(vocab, charlm.ModelConfig(), nnx.Rngs(0))
+    prompts = jax.random.randint(jax.random.key(1), (8, 16), 0, vocab)
+    run = lambda B: jd.decode_all(model, prompts, num_tokens, B)
+    reference = run(1)[0]
+    calls = {B: (lambda B=B: run(B), ()) for B in (1, 4, 16)}
+    ms = time_calls(calls, rounds)
+    rows = []
+    for B in calls:
+        tokens, stats = run(B)
+        exact = bool(jax.numpy.all(tokens == reference))
+        rows.append(
+            [B, f"{float(stats.num_calls.mean()):.1f}", "yes" if exact else "NO"]
+            + [f"{ms[B] / num_tokens:.3f}", f"{ms[B] / ms[1]:.2f}"]
+        )
+    head = ["block", "model calls", "= sequential", "ms / token", "wall / block 1"]
+    return markdown(head, rows)
+
+
+def deq_step(rounds):
+
+    from iterjax.diagnostics import time_calls
+    from iterjax.experiments.common import deq_models as dm
+
+    cfg = dm.TrainConfig(hidden=64, batch=64)
+    x, y, _, _ = dm.load_data(cfg)
+    x, y = x[: cfg.batch], y[: cfg.batch]
+    model = dm.make_model(dm.Variant("deq"), cfg, in_features=x.shape[1])
+    opt = dm.optimizer(model, cfg, total_steps=1000)
+    key = jax.random.key(0)
+    step = lambda: dm.train_step(model, opt, x, y, key)
+    _, stats = step()
+    ms = time_calls({"step": (step, ())}, rounds)["step"]
+    head = ["model", "batch", "forward steps (mean)", "ms / step"]
+    return markdown(
+        head,
+        [["DEQ, hidden 64", cfg.batch, f"{float(stats['steps']):.1f}", f"{ms:.2f}"]],
+    )
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="CPU sizes anywhere")
@@ -90,6 +157,7 @@ def main(argv=None):
     name = device_name()
     small = args.small or name == "cpu"
     lengths, seeds = ((256, 1024), 4) if small else ((1024, 4096, 16384), 16)
+    steps, tokens = (100, 32) if small else (1000, 64)
     start = time.perf_counter()
     kind = jax.devices()[0].device_kind
     print(f"device: {kind} ({name}){', small sizes' if small else ''}\n", flush=True)
@@ -108,9 +176,22 @@ def main(argv=None):
         "",
         sweep(seeds, args.rounds),
         "",
+        f"## Picard sampling of a DDIM chain ({steps} steps, window 64)",
+        "",
+        picard_sampling(steps, args.rounds),
+        "",
+        f"## Greedy Jacobi decoding ({tokens} tokens, 8 prompts, random weights)",
+        "",
+        jacobi_decoding(tokens, args.rounds),
+        "",
+        "## A DEQ training step (digits, Anderson + implicit backward)",
+        "",
+        deq_step(args.rounds),
+        "",
         f"Total {time.perf_counter() - start:.0f} s.",
     ]
     out = pathlib.Path(args.out) / f"device_{name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(parts) + "\n")
     print(f"\nwritten to {out}")
 
