@@ -33,9 +33,11 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal tests
 
 # The edit-test loop: the numerics, without the configs' smoke runs, the lab's
-# end-to-end runs, packaging and subprocesses (tests marked slow).
+# end-to-end runs, packaging and subprocesses (tests marked slow); every test
+# function once, on its first parameter set, and 4 property-test examples.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal -m "not slow" tests
+	HYPOTHESIS_PROFILE=fast $(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist worksteal \
+		-m "not slow" --first-case tests
 
 smoke: $(STAMP)
 	$(PY) -m pytest -q tests/test_configs.py

@@ -47,7 +47,39 @@ settings.register_profile(
 settings.register_profile(
     "deep", max_examples=400, deadline=None, suppress_health_check=_slow_ok
 )
+settings.register_profile(  # make test-fast: the edit-test loop
+    "fast",
+    max_examples=4,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=_slow_ok,
+)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--first-case",
+        action="store_true",
+        help="run each parametrized test on its first parameter set only "
+        "(make test-fast: every test function once; make test runs every case)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.getoption("--first-case"):
+        return
+    seen, keep, drop = set(), [], []
+    for item in items:
+        key = (item.nodeid.split("[")[0],)
+        if getattr(item, "callspec", None) is not None and key in seen:
+            drop.append(item)
+        else:
+            seen.add(key)
+            keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 @pytest.fixture

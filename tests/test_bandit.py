@@ -110,6 +110,7 @@ def test_bad_hyperparameters_raise(make, match):
         make()
 
 
+@pytest.mark.slow  # an experiment's claim
 def test_squarecb_is_within_10_percent_of_the_best_fixed_omega_after_200(tmp_path):
     # the issue's bar, on `sor_bandit`'s own sequence (16 x 16 screened Poisson
     # systems, 5 seeds): cumulative SOR iterations after 200 systems relative to

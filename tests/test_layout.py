@@ -222,6 +222,7 @@ def test_pyproject_states_ranges_and_constraints_pin_them():
     assert not core & {"flax", *platform}
 
 
+@pytest.mark.slow  # a subprocess
 def test_the_core_runs_without_the_platforms_dependencies():
     # A solver-only install (`pip install iterjax`, no extras) has jax, optax
     # (and what they pull in: chex, scipy) but no flax, matplotlib, scikit-learn,

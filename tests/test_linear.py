@@ -667,6 +667,7 @@ def test_a_multigrid_cycle_is_symmetric_positive_definite(mg):
     assert float(jnp.vdot(apply(x), x)) > 0
 
 
+@pytest.mark.slow  # a scaling study, to 127 x 127
 def test_cg_with_multigrid_needs_iterations_flat_in_the_grid_size():
     # variable coefficients; CG's products double with n, CG + V(1,1)'s
     # iterations stay flat (products: iterations x (1 + cycle) + setup + cycle)
@@ -771,6 +772,7 @@ def test_every_solver_differentiates_with_respect_to_the_matrix_and_b(name):
     np.testing.assert_allclose(tangent, np.linalg.solve(S.toarray(), w), rtol=1e-8)
 
 
+@pytest.mark.slow  # a scaling study
 def test_multigrid_as_a_solver_converges_in_steps_flat_in_the_grid_size():
     steps = {}
     for n in (15, 31, 63):
