@@ -20,6 +20,7 @@ from ._tree import two_norm as two_norm
 from .bilevel import argmin as argmin
 from .bilevel import hypergradient as hypergradient
 from .fixed_point import Anderson as Anderson
+from .fixed_point import AsyncCoordinates as AsyncCoordinates
 from .fixed_point import Backtracking as Backtracking
 from .fixed_point import Broyden as Broyden
 from .fixed_point import Halpern as Halpern

@@ -13,6 +13,7 @@ MODULES = [
     "iterjax.fixed_point._api",
     "iterjax.fixed_point.picard",
     "iterjax.fixed_point.momentum",
+    "iterjax.fixed_point.async_coordinates",
     "iterjax.fixed_point.halpern",
     "iterjax.fixed_point.lazy_newton",
     "iterjax.fixed_point.chain",

@@ -445,3 +445,78 @@ def test_nesterov_outside_its_region_is_reported_not_converged():
 def test_momentum_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         ij.Momentum(**kwargs)
+
+
+def test_async_coordinates_without_delay_or_blocks_is_picard():
+    fn, args, y0 = PROBLEMS["tanh"]()
+    kw = dict(atol=1e-10, max_steps=500, trace=True)
+    got = ij.fixed_point(fn, y0, args, solver=ij.AsyncCoordinates(1.0, 0, 0.7), **kw)
+    want = ij.fixed_point(fn, y0, args, solver=ij.Picard(0.7), **kw)
+    assert int(got.num_steps) == int(want.num_steps)
+    np.testing.assert_allclose(got.trace, want.trace, rtol=1e-12)
+
+
+def test_async_coordinates_steps_are_stale_random_blocks():
+    # by hand: the same block draws, f at the iterate `delay` steps back
+    W = jnp.asarray(np.random.default_rng(0).normal(size=(6, 6))) * 0.1
+    fn = lambda y, x: jnp.tanh(W @ y + x)
+    x = jnp.linspace(-1.0, 1.0, 6)
+    solver = ij.AsyncCoordinates(fraction=0.4, delay=2, damping=0.9, seed=3)
+    history, key = [jnp.zeros(6)], jax.random.key(3)
+    for k in range(6):
+        key, sub = jax.random.split(key)
+        block = jax.random.bernoulli(sub, 0.4, (6,))
+        y, stale = history[-1], history[-1 - min(2, k)]
+        history.append(jnp.where(block, y + 0.9 * (fn(stale, x) - y), y))
+        sol = ij.fixed_point(
+            fn, jnp.zeros(6), x, solver=solver, max_steps=k + 1, atol=0
+        )
+        np.testing.assert_allclose(sol.value, history[-1], rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("delay", [0, 3, 10])
+def test_async_coordinates_converge_on_a_max_norm_contraction(delay):
+    # ‖W‖_∞ = 0.9: f is a max-norm contraction, so any bounded delay converges
+    rng = np.random.default_rng(1)
+    W = rng.normal(size=(10, 10))
+    W = jnp.asarray(0.9 * W / np.abs(W).sum(1, keepdims=True))
+    fn = lambda y, x: jnp.tanh(W @ y + x)
+    x = jnp.asarray(rng.normal(size=10))
+    kw = dict(atol=1e-10, max_steps=5000)
+    solve = jax.jit(
+        lambda x: ij.fixed_point(
+            fn, jnp.zeros(10), x, **kw, solver=ij.AsyncCoordinates(0.3, delay)
+        )
+    )
+    sol = solve(x)
+    assert bool(sol.converged)
+    np.testing.assert_allclose(sol.value, reference(fn, jnp.zeros(10), x), atol=1e-9)
+    picard = ij.fixed_point(fn, jnp.zeros(10), x, solver=ij.Picard(), **kw)
+    assert int(sol.num_steps) > int(picard.num_steps)  # a third of the work a step
+    # vmapped: per-element step counts; the implicit gradient is Picard's
+    batch = jax.vmap(solve)(jnp.stack([x, 0.5 * x]))
+    assert int(batch.num_steps[0]) == int(sol.num_steps)
+    loss = lambda x, s: jnp.sum(
+        ij.fixed_point(fn, jnp.zeros(10), x, solver=s, **kw).value
+    )
+    np.testing.assert_allclose(
+        jax.grad(loss)(x, ij.AsyncCoordinates(0.3, delay)),
+        jax.grad(loss)(x, ij.Picard()),
+        rtol=1e-8,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(fraction=0.0), "fraction"),
+        (dict(fraction=1.5), "fraction"),
+        (dict(delay=-1), "delay"),
+        (dict(delay=1.5), "delay"),
+        (dict(damping=0.0), "damping"),
+        (dict(seed=-2), "seed"),
+    ],
+)
+def test_async_coordinates_reject_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ij.AsyncCoordinates(**kwargs)

@@ -4,6 +4,7 @@ from ._api import finite_sum_fixed_point as finite_sum_fixed_point
 from ._api import fixed_point as fixed_point
 from ._api import root as root
 from .anderson import Anderson as Anderson
+from .async_coordinates import AsyncCoordinates as AsyncCoordinates
 from .backtracking import Backtracking as Backtracking
 from .broyden import Broyden as Broyden
 from .chain import fixed_point_chain as fixed_point_chain

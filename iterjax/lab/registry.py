@@ -8,6 +8,7 @@ import jax
 from .. import AbstractFixedPointSolver, implicit, linear, sequence
 from ..fixed_point import (
     Anderson,
+    AsyncCoordinates,
     Backtracking,
     Broyden,
     Halpern,
@@ -54,6 +55,7 @@ EXPERIMENTS = {
 SOLVERS = {
     "picard": Picard,
     "momentum": Momentum,
+    "async_coordinates": AsyncCoordinates,
     "anderson": Anderson,
     "broyden": Broyden,
     "newton": Newton,
