@@ -195,12 +195,5 @@ def _norms(value, where):
 
 def build_schedule(value, where):
     """The optax schedule a config value (a name or a block) names."""
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or "name" not in value:
-        raise ConfigError(
-            f"config key `{where}`: expected a number, a schedule name or a "
-            f"mapping with `name`, got {value!r}"
-        )
-    options = tuple(sorted((k, v) for k, v in value.items() if k != "name"))
-    return validate("schedule", Spec(value["name"], options), where)
+    spec = Spec.parse(value, where, "a number, a schedule name")
+    return validate("schedule", spec, where)

@@ -201,15 +201,7 @@ def to_spec(kind, value, where) -> Spec:
     """A config value (a name, or a mapping with `name`) as a validated `Spec`."""
     if isinstance(value, Spec):
         return value
-    if isinstance(value, str):
-        value = {"name": value}
-    if not isinstance(value, dict) or "name" not in value:
-        raise ConfigError(
-            f"config key `{where}`: expected a {kind} name or a mapping with "
-            f"`name`, got {value!r}"
-        )
-    options = {k: v for k, v in value.items() if k != "name"}
-    out = Spec(value["name"], tuple(sorted(options.items())))
+    out = Spec.parse(value, where, f"a {kind} name")
     return dataclasses.replace(out, built=validate(kind, out, where))
 
 

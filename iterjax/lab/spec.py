@@ -29,6 +29,20 @@ class Spec:
     def kwargs(self) -> dict:
         return dict(self.options)
 
+    @classmethod
+    def parse(cls, value, where: str, what: str) -> "Spec":
+        """A config value, a name or a mapping with `name`, as an unvalidated
+        Spec; a ConfigError names `where` and says `what` was expected."""
+        if isinstance(value, str):
+            value = {"name": value}
+        if not isinstance(value, dict) or "name" not in value:
+            raise ConfigError(
+                f"config key `{where}`: expected {what} or a mapping with `name`, "
+                f"got {value!r}"
+            )
+        options = tuple(sorted((k, v) for k, v in value.items() if k != "name"))
+        return cls(value["name"], options)
+
     @property
     def label(self) -> str:
         """`name(key=value,...)` for tables and plots, e.g. `picard(window=64)`."""
