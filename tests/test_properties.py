@@ -245,7 +245,12 @@ def fixed_point_map(y, args):
 def fixed_point_solver(name):
     from helpers import ALL_SOLVERS, IDS
 
-    solver = dict(zip(IDS, ALL_SOLVERS, strict=True))[name]
+    solvers = {
+        **dict(zip(IDS, ALL_SOLVERS, strict=True)),
+        "nesterov": ij.Momentum(nesterov=True),
+        "async": ij.AsyncCoordinates(fraction=0.5, delay=2),
+    }
+    solver = solvers[name]
     run = lambda args: ij.fixed_point(
         fixed_point_map, jnp.zeros(5), args, solver=solver, atol=1e-9, max_steps=200
     )
@@ -253,7 +258,17 @@ def fixed_point_solver(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["picard", "anderson", "broyden", "newton", "safeguarded-broyden"]
+    "name",
+    [
+        "picard",
+        "anderson",
+        "broyden",
+        "newton",
+        "safeguarded-broyden",
+        "momentum",
+        "nesterov",
+        "async",
+    ],
 )
 @given(problem=maps())
 def test_fixed_point_converged_means_the_true_residual_is_within_atol(name, problem):
