@@ -16,14 +16,13 @@ type or a value out of range is a `ConfigError` that names the key. A
 """
 
 import inspect
-import math
 import numbers
 
 import optax
 
 from ..tuning import schedules
 from .records import RecordError, read_series
-from .spec import ConfigError, Spec, float_literal
+from .spec import ConfigError, Range, Spec, float_literal
 
 SCHEDULES = {
     "constant": optax.constant_schedule,
@@ -46,11 +45,11 @@ OPTIMIZERS = {
 }
 FUNCTION_KINDS = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}
 
-# Bounds on the options that optax's signatures leave unstated, by name:
-# (lo, hi, lo_open). Steps are ints >= 0 (counts of steps >= 1).
-_POSITIVE = (0.0, None, True)
-_NONNEG = (0.0, None, False)
-_UNIT = (0.0, 1.0, False)
+# Bounds on the options that optax's signatures leave unstated, by name. Steps
+# are ints >= 0 (counts of steps >= 1).
+_POSITIVE = Range(0.0, lo_open=True)
+_NONNEG = Range(0.0)
+_UNIT = Range(0.0, 1.0)
 _BOUNDS = {
     "learning_rate": _NONNEG,
     "max_learning_rate": _POSITIVE,
@@ -62,19 +61,18 @@ _BOUNDS = {
     "exponent": _POSITIVE,
     "power": _POSITIVE,
     "decay_rate": _POSITIVE,
-    "b1": (0.0, 1.0, False),
-    "b2": (0.0, 1.0, False),
+    "b1": _UNIT,
+    "b2": _UNIT,
     "momentum": _UNIT,
     "eps": _NONNEG,
     "weight_decay": _NONNEG,
     "weight_lr_power": _NONNEG,
     "smoothing": _UNIT,
     "scaling": _POSITIVE,
-    "f_min": (None, None, False),
-    "decay_steps": (1, None, False),
-    "transition_steps": (1, None, False),
-    "warmup_steps": (0, None, False),
-    "transition_begin": (0, None, False),
+    "decay_steps": Range(1),
+    "transition_steps": Range(1),
+    "warmup_steps": Range(0),
+    "transition_begin": Range(0),
 }
 # Options a config cannot give: arrays, dtypes, callables and masks.
 _HIDDEN = {"mask", "state_dtype", "mu_dtype", "accumulator_dtype", "nesterov_mu"}
@@ -151,16 +149,9 @@ def _value(key, value, param, where):
         raise ConfigError(f"config key `{where}`: expected a number, got {value!r}")
     if _is_int(param) and not isinstance(number, int):
         raise ConfigError(f"config key `{where}`: expected an int, got {value!r}")
-    lo, hi, lo_open = _BOUNDS.get(key, (None, None, False))
-    bad = not math.isfinite(number)
-    bad |= lo is not None and (number <= lo if lo_open else number < lo)
-    bad |= hi is not None and number > hi
-    if bad:
-        left = "(" if lo_open else "["
-        lo_s, hi_s = ("-inf" if lo is None else lo), ("inf" if hi is None else hi)
-        raise ConfigError(
-            f"config key `{where}`: must lie in {left}{lo_s}, {hi_s}], got {value!r}"
-        )
+    problem = _BOUNDS.get(key, Range()).check(number)
+    if problem:
+        raise ConfigError(f"config key `{where}`: {problem}")
     return number
 
 

@@ -91,7 +91,7 @@ class Stencil9(struct.PyTreeNode):
         """R A P on the coarse grid of an (n, n) operator, n = 2m + 1."""
         m = (n - 1) // 2
         coarse = lambda uc: restrict(operator(prolong(uc, n)))
-        return cls.probe(coarse, m, operator.diagonal().dtype)
+        return cls.probe(coarse, m, jax.eval_shape(operator.diagonal).dtype)
 
     def __call__(self, u):
         n = u.shape[0]
@@ -120,7 +120,8 @@ class Stencil9(struct.PyTreeNode):
 
 
 def _side(operator):
-    return operator.diagonal().shape[0]
+    """The grid side of an operator, from its diagonal's shape (not computed)."""
+    return jax.eval_shape(operator.diagonal).shape[0]
 
 
 class Multigrid(AbstractPreconditioner):

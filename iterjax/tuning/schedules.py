@@ -59,13 +59,12 @@ def refined_weights(grad_norms, smoothing: float = 0.0) -> np.ndarray:
 
 
 def _median_smooth(g, smoothing):
+    import scipy.ndimage  # a dependency of jax; imported when a schedule is built
+
     width = 2 * (int(smoothing * g.size) // 2) + 1  # odd
     if width == 1:
         return g
-    half = width // 2
-    padded = np.concatenate([g[half:0:-1], g, g[-2 : -half - 2 : -1]])  # reflect
-    windows = np.lib.stride_tricks.sliding_window_view(padded, width)
-    return np.median(windows, axis=1)
+    return scipy.ndimage.median_filter(g, size=width, mode="mirror")
 
 
 def refined_schedule(learning_rate: float, grad_norms, smoothing: float = 0.0):
