@@ -8,6 +8,7 @@ Polyak step sizes) is used from optax, by name from configs
 
 import jax.numpy as jnp
 import numpy as np
+import scipy.ndimage  # a dependency of jax
 
 from .._checks import check_range
 
@@ -59,8 +60,6 @@ def refined_weights(grad_norms, smoothing: float = 0.0) -> np.ndarray:
 
 
 def _median_smooth(g, smoothing):
-    import scipy.ndimage  # a dependency of jax; imported when a schedule is built
-
     width = 2 * (int(smoothing * g.size) // 2) + 1  # odd
     if width == 1:
         return g
