@@ -19,6 +19,10 @@ N = 6
 SOLVERS = {
     "cg": (lambda cap: linear.CG(max_steps=cap), "spd"),
     "gmres": (lambda cap: linear.GMRES(restart=3, max_steps=cap), "any"),
+    "gmres_twice": (
+        lambda cap: linear.GMRES(restart=3, max_steps=cap, reorthogonalise=True),
+        "any",
+    ),
     "bicgstab": (lambda cap: linear.BiCGStab(max_steps=cap), "any"),
     "chebyshev": (lambda cap: linear.Chebyshev(max_steps=cap), "spd"),
     "neumann": (lambda cap: linear.Neumann(8 if cap else 400, damping=0.1), "spd"),

@@ -15,6 +15,7 @@ from iterjax.linear import (
     Multigrid,
     MultigridSolver,
 )
+from iterjax.linear.krylov import arnoldi, hessenberg_lstsq
 from iterjax.linear.preconditioners import lanczos_bounds
 
 
@@ -853,3 +854,46 @@ def test_galerkin_coarsening_follows_rough_coefficients():
                 alone[coarsening] = bool(stats.converged)
     assert alone == {"rediscretise": False, "galerkin": True}
     assert iterations["galerkin"] * 1.5 < iterations["rediscretise"], iterations
+
+
+def test_hessenberg_least_squares_is_lstsq_on_the_columns_reached():
+    rng = np.random.default_rng(0)
+    s = 8
+    H = np.triu(rng.normal(size=(s + 1, s)), -1)
+    for steps in (1, 5, s):
+        reached = np.zeros((s + 1, s))
+        reached[:, :steps] = H[:, :steps]
+        rhs = np.eye(s + 1)[0] * 2.5
+        want = np.linalg.lstsq(reached, rhs, rcond=None)[0]
+        got = hessenberg_lstsq(jnp.asarray(reached), jnp.asarray(2.5), steps)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-10, atol=1e-14)
+        assert np.all(np.asarray(got)[steps:] == 0)
+    # a reached block that is singular (A singular on the Krylov space): the
+    # minimum-norm least-squares answer, not inf
+    singular = np.zeros((s + 1, s))
+    singular[:3, :2] = [[1.0, 1.0], [1.0, 1.0], [0.0, 0.0]]
+    got = np.asarray(hessenberg_lstsq(jnp.asarray(singular), jnp.asarray(1.0), 2))
+    want = np.linalg.lstsq(singular, np.eye(s + 1)[0], rcond=None)[0]
+    np.testing.assert_allclose(got, want, atol=1e-12)
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_arnoldi_relation_and_orthogonality(passes):
+    # A V_sᵀ = V_{s+1}ᵀ H̄ holds with either number of Gram-Schmidt passes; two
+    # passes keep the basis orthonormal to working precision, where one loses
+    # digits as κ(A) grows (here 1e12)
+    n, s = 100, 40
+    d = jnp.geomspace(1.0, 1e12, n)
+    V, H, _, steps = arnoldi(
+        lambda v: d * v, jnp.ones(n), jnp.zeros((n, 0)), s, 0.0, passes
+    )
+    assert int(steps) == s
+    AV = V[:s] * d[None]
+    np.testing.assert_allclose(AV, H.T @ V, atol=1e-12 * float(jnp.max(jnp.abs(AV))))
+    loss = float(jnp.max(jnp.abs(V @ V.T - jnp.eye(s + 1))))
+    assert loss < 1e-14 if passes == 2 else loss > 1e-12
+
+
+def test_gmres_reorthogonalise_must_be_a_bool():
+    with pytest.raises(TypeError, match="GMRES: `reorthogonalise` must be a bool"):
+        ij.GMRES(reorthogonalise=1)

@@ -184,24 +184,38 @@ class GMRES(_Krylov):
     """Restarted GMRES(m) (general square A), right-preconditioned.
 
     Each cycle runs Arnoldi on A M from the residual r (`arnoldi`: classical
-    Gram-Schmidt twice, stopped early by GMRES's residual estimate), then
-    x ← x + M V y with y = argmin |β e_1 - H̄ y|, and recomputes r = b - A x (one
-    product), whose norm is the convergence test. The loop is wrapped in
-    `jax.lax.custom_linear_solve`, so it is differentiated implicitly (the
-    transposed system, solved by the same GMRES), as jax.scipy's is, and it
-    counts its products.
+    Gram-Schmidt, stopped early by GMRES's residual estimate), then
+    x ← x + M V y with y = argmin |β e_1 - H̄ y| (`hessenberg_lstsq`), and
+    recomputes r = b - A x (one product), whose norm is the convergence test:
+    the stopping rule never trusts the estimate or the basis's orthogonality.
+    The loop is wrapped in `jax.lax.custom_linear_solve`, so it is
+    differentiated implicitly (the transposed system, solved by the same
+    GMRES), as jax.scipy's is, and it counts its products.
 
     Attributes:
       restart: m, the Krylov subspace size between restarts.
+      reorthogonalise: Gram-Schmidt twice per step (an orthonormal basis to
+        working precision, "twice is enough", Giraud et al. 2005) instead of
+        once, as lineax, jax.scipy and PETSc's default do. Each pass reads the
+        whole basis, (m + 1) n numbers, which costs far more than a stencil
+        product: twice takes 1.7x the time per step (benchmarks/linear.py).
+        Once loses orthogonality as κ(A) grows, which slows convergence (the
+        residual tested is the true one); set True for ill-conditioned systems
+        that stagnate.
       max_steps: cap on restart cycles (jax.scipy's `maxiter`, and its default
         10 n when None).
     """
 
     restart: int = struct.field(pytree_node=False, default=20)
+    reorthogonalise: bool = struct.field(pytree_node=False, default=False)
 
     def __post_init__(self):
         self._check()
         check_int("GMRES", "restart", self.restart, 1)
+        if not isinstance(self.reorthogonalise, bool):
+            raise TypeError(
+                f"GMRES: `reorthogonalise` must be a bool, got {self.reorthogonalise!r}"
+            )
 
     def solve_with_stats(self, matvec, b, rtol=None):
         solve = self._solve(matvec, b, rtol)
@@ -239,11 +253,9 @@ class GMRES(_Krylov):
 
         def body(c):
             x, r, _, j, products = c
-            V, H, _, steps = arnoldi(lambda v: op(pre(v)), r, none, m, tol)
-            rhs = (
-                jnp.zeros(m + 1, r.dtype).at[0].set(jnp.linalg.norm(r).astype(r.dtype))
-            )
-            y = jnp.linalg.lstsq(H, rhs)[0]  # zero on the columns not reached
+            passes = 2 if self.reorthogonalise else 1
+            V, H, _, steps = arnoldi(lambda v: op(pre(v)), r, none, m, tol, passes)
+            y = hessenberg_lstsq(H, jnp.linalg.norm(r), steps)
             x = x + pre(V[:m].T @ y)
             r = flat_b - op(x)
             spent = steps * (1 + per_apply) + per_apply + 1
@@ -261,12 +273,35 @@ class GMRES(_Krylov):
         return unravel(x), (products, finite & (norm <= tol), ~finite)
 
 
-def arnoldi(op, r, C, s, tol):
+def hessenberg_lstsq(H, beta, steps):
+    """argmin_y |β e_1 - H̄ y| for Arnoldi's H̄ (s + 1, s), over the `steps`
+    columns reached (y is zero on the others).
+
+    Column k >= steps is replaced by e_{k+1}, which meets no row that a reached
+    column does, so that the problem splits and those y_k are 0; then one QR
+    and a triangular solve (a tenth of an SVD's time at s = 50), or least
+    squares by SVD where R is singular (A singular on the Krylov space)."""
+    s = H.shape[1]
+    H = jnp.where(
+        jnp.arange(s, dtype=jnp.int32) < steps, H, jnp.eye(s + 1, s, -1, dtype=H.dtype)
+    )
+    rhs = jnp.zeros(s + 1, H.dtype).at[0].set(beta.astype(H.dtype))
+    Q, R = jnp.linalg.qr(H)
+    d = jnp.abs(jnp.diag(R))
+    regular = jnp.all(d > s * jnp.finfo(H.dtype).eps * jnp.max(d))
+    return jax.lax.cond(
+        regular,
+        lambda: jax.scipy.linalg.solve_triangular(R, Q.conj().T @ rhs),
+        lambda: jnp.linalg.lstsq(H, rhs)[0],
+    )
+
+
+def arnoldi(op, r, C, s, tol, passes=2):
     """Arnoldi on (I - C Cᴴ) A from r / |r| until GMRES's residual estimate is
     within `tol`, at most s steps: (the basis as rows V (s + 1, n),
     H̄ (s + 1, s), B = Cᴴ A Vᵀ (k, s), steps), zero beyond the steps taken.
-    Classical Gram-Schmidt, twice, against the basis so far. C (n, k) may have
-    k = 0 columns (GMRES).
+    Classical Gram-Schmidt against the basis so far, `passes` times (1 or 2).
+    C (n, k) may have k = 0 columns (GMRES).
 
     The estimate: the least-squares residual of min |β e_1 - H̄ y| lies along
     the left null vector w of H̄ (wᴴ H̄ = 0, w_1 = 1), so its norm is β / |w|;
@@ -286,10 +321,10 @@ def arnoldi(op, r, C, s, tol):
         v = op(V[j])
         bj = C.conj().T @ v
         v = v - C @ bj
-        h = V.conj() @ v  # V's rows beyond j are zero
-        v = v - h @ V
-        h2 = V.conj() @ v
-        v, h = v - h2 @ V, h + h2
+        h = jnp.zeros(V.shape[0], v.dtype)
+        for _ in range(passes):
+            hp = V.conj() @ v  # V's rows beyond j are zero
+            v, h = v - hp @ V, h + hp
         norm = jnp.linalg.norm(v)
         safe = jnp.where(norm > 0, norm, 1.0).astype(v.dtype)
         h = h.at[j + 1].set(norm.astype(h.dtype))
