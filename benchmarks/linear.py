@@ -9,8 +9,15 @@ One process, the same systems for everyone:
    GMRES (and the Chebyshev semi-iteration, no inner products),
    `jax.scipy.sparse.linalg.cg`, and pyamg 5.4.1's CG and smoothed-
    aggregation AMG-preconditioned CG on the assembled matrix (NumPy/SciPy).
-   Stopping rule: ‖b - Ax‖₂ <= 1e-8 ‖b‖₂. Reported: operator products (where the
-   library reports them), the true final relative residual, median wall time.
+   Also iterjax's CG preconditioned by a geometric multigrid V(1,1) cycle
+   (rediscretised or Galerkin coarse levels; its setup inside the timed call)
+   beside pyamg's AMG, whose setup is timed apart.
+   Stopping rule: ‖b - Ax‖₂ <= 1e-8 ‖b‖₂; lineax checks its residual once per
+   restart cycle and ends lower, so iterjax is also run to lineax's residual,
+   and the ratios compare those runs. Reported: operator products (where the
+   library reports them), the true final relative residual, the median wall
+   time with its interquartile range over the timed rounds, and the compile
+   time apart.
 2. Sinkhorn against ott-jax 0.6.0 (plain and Anderson-accelerated), at matched
    marginal error (1e-10, L1), on `sinkhorn_newton`'s point clouds.
 3. Bradley-Terry against choix 0.4.1 (ILSR and MM), to the same scores.
@@ -33,9 +40,16 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore")
 
 import iterjax as ij  # noqa: E402
-from benchmarks._common import markdown  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    RESULTS,
+    TIME_COLUMNS,
+    load,
+    machine,
+    markdown,
+    time_cells,
+)
 from iterjax.classical import bradley_terry, marginal_error, sinkhorn  # noqa: E402
-from iterjax.diagnostics import time_calls  # noqa: E402
+from iterjax.diagnostics import timings  # noqa: E402
 from iterjax.experiments import sinkhorn_newton  # noqa: E402
 from iterjax.experiments.bradley_terry import comparisons  # noqa: E402
 
@@ -85,32 +99,13 @@ def krylov_rows(name, op, rounds):
     b = jnp.ones((n, n))
     diag = op.diagonal()
     relres = lambda x: float(jnp.linalg.norm(b - op(x)) / jnp.linalg.norm(b))
-    ours = {
-        "iterjax CG": ij.CG(rtol=RTOL),
-        # lineax stops at about a 30x smaller residual: the same accuracy
-        "iterjax CG, rtol/30": ij.CG(rtol=RTOL / 30),
-        "iterjax CG + Jacobi": ij.CG(
-            rtol=RTOL,
-            preconditioner=ij.linear.FunctionPreconditioner(lambda r: r / diag),
-        ),
-        "iterjax CG + Chebyshev(4)": ij.CG(
-            rtol=RTOL, preconditioner=ij.linear.ChebyshevPreconditioner(4)
-        ),
-        "iterjax GMRES": ij.GMRES(rtol=RTOL, restart=50),
-        "iterjax Chebyshev iteration": ij.linear.Chebyshev(rtol=RTOL),
-    }
-    calls, products, answers = {}, {}, {}
-    for label, solver in ours.items():
-        f = jax.jit(lambda b, s=solver: s.solve_with_stats(op, b))
-        calls[label] = (f, (b,))
-        answers[label], stats = f(b)
-        products[label] = int(stats.num_matvecs)
-    shape = jax.ShapeDtypeStruct(b.shape, b.dtype)
-    operator = lx.FunctionLinearOperator(op, shape, tags=lx.positive_semidefinite_tag)
     peers = {
         "lineax CG": lx.CG(rtol=RTOL, atol=0.0, norm=ij.two_norm),
         "lineax GMRES": lx.GMRES(rtol=RTOL, atol=0.0, norm=ij.two_norm, restart=50),
     }
+    shape = jax.ShapeDtypeStruct(b.shape, b.dtype)
+    operator = lx.FunctionLinearOperator(op, shape, tags=lx.positive_semidefinite_tag)
+    calls, products, answers = {}, {}, {}
     for label, solver in peers.items():
         f = jax.jit(
             lambda b, s=solver: _value_and_steps(
@@ -120,38 +115,94 @@ def krylov_rows(name, op, rounds):
         calls[label] = (f, (b,))
         answers[label], steps = f(b)
         products[label] = f"{int(steps)} steps"
+    # lineax checks its residual once per restart cycle, so it ends below the
+    # tolerance asked: iterjax is also run to the residual lineax reached
+    matched = {k: relres(answers[f"lineax {k}"]) for k in ("CG", "GMRES")}
+    mg = lambda coarsening: ij.linear.Multigrid(coarsening=coarsening)
+    ours = {
+        "iterjax CG": ij.CG(rtol=RTOL),
+        "iterjax CG, at lineax CG's residual": ij.CG(rtol=matched["CG"]),
+        "iterjax CG + Jacobi": ij.CG(
+            rtol=RTOL,
+            preconditioner=ij.linear.FunctionPreconditioner(lambda r: r / diag),
+        ),
+        "iterjax CG + Chebyshev(4)": ij.CG(
+            rtol=RTOL, preconditioner=ij.linear.ChebyshevPreconditioner(4)
+        ),
+        "iterjax CG + multigrid V(1,1)": ij.CG(
+            rtol=RTOL, preconditioner=mg("rediscretise")
+        ),
+        "iterjax CG + Galerkin multigrid V(1,1)": ij.CG(
+            rtol=RTOL, preconditioner=mg("galerkin")
+        ),
+        "iterjax GMRES": ij.GMRES(rtol=RTOL, restart=50),
+        "iterjax GMRES, at lineax GMRES's residual": ij.GMRES(
+            rtol=matched["GMRES"], restart=50
+        ),
+        "iterjax GMRES, reorthogonalised, at lineax's residual": ij.GMRES(
+            rtol=matched["GMRES"], restart=50, reorthogonalise=True
+        ),
+        "iterjax Chebyshev iteration": ij.linear.Chebyshev(rtol=RTOL),
+    }
+    for label, solver in ours.items():
+        f = jax.jit(lambda b, s=solver: s.solve_with_stats(op, b))
+        calls[label] = (f, (b,))
+        answers[label], stats = f(b)
+        products[label] = int(stats.num_matvecs)
     f = jax.jit(lambda b: jax.scipy.sparse.linalg.cg(op, b, tol=RTOL, atol=0.0))
     calls["jax.scipy cg"] = (f, (b,))
     answers["jax.scipy cg"] = f(b)[0]
     products["jax.scipy cg"] = "n/a"
-    ms = time_calls(calls, rounds)
-    rows = [
-        [name, k, products[k], f"{relres(answers[k]):.1e}", f"{ms[k]:.2f}"]
-        for k in calls
-    ]
-    # pyamg on the assembled matrix (NumPy; wall time of the solve alone)
+    # pyamg on the assembled matrix (NumPy), its AMG setup timed apart
     a = assemble(op)
     rhs = np.ones(n * n)
     ml = pyamg.smoothed_aggregation_solver(a)
     pyamg_solvers = {
-        "pyamg cg": lambda r, res: pyamg.krylov.cg(a, r, tol=RTOL, residuals=res)[0],
-        "pyamg SA-AMG + CG": lambda r, res: ml.solve(
-            r, tol=RTOL, accel="cg", maxiter=1000, residuals=res
+        "pyamg cg": lambda: pyamg.krylov.cg(a, rhs, tol=RTOL, residuals=[])[0],
+        "pyamg SA-AMG + CG": lambda: ml.solve(
+            rhs, tol=RTOL, accel="cg", maxiter=1000, residuals=[]
         ),
+        "pyamg SA-AMG setup": lambda: pyamg.smoothed_aggregation_solver(a),
     }
     for label, solve in pyamg_solvers.items():
-        residuals = []
-        x = solve(rhs, residuals)
-        times = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            solve(rhs, [])
-            times.append(1e3 * (time.perf_counter() - start))
-        res = np.linalg.norm(rhs - a @ x) / np.linalg.norm(rhs)
-        steps = f"{len(residuals) - 1} steps"
-        rows.append([name, label, steps, f"{res:.1e}", f"{np.median(times):.2f}"])
-    ratio = ms["iterjax CG, rtol/30"] / ms["lineax CG"]
-    return rows, ratio
+        calls[label] = (solve, ())
+    residuals = {"pyamg cg": [], "pyamg SA-AMG + CG": []}
+    pyamg.krylov.cg(a, rhs, tol=RTOL, residuals=residuals["pyamg cg"])
+    ml.solve(
+        rhs,
+        tol=RTOL,
+        accel="cg",
+        maxiter=1000,
+        residuals=residuals["pyamg SA-AMG + CG"],
+    )
+    for label, res in residuals.items():
+        products[label] = f"{len(res) - 1} steps"
+        answers[label] = np.asarray(calls[label][0]()).reshape(n, n)
+    products["pyamg SA-AMG setup"], answers["pyamg SA-AMG setup"] = "-", None
+    t = timings(calls, rounds)
+    rows = [
+        [
+            name,
+            k,
+            products[k],
+            "-" if answers[k] is None else f"{relres(jnp.asarray(answers[k])):.1e}",
+            *time_cells(t[k]),
+        ]
+        for k in calls
+    ]
+    ratio = lambda ours, peer: t[ours].median / t[peer].median
+    ratios = {
+        "iterjax CG / lineax CG": ratio(
+            "iterjax CG, at lineax CG's residual", "lineax CG"
+        ),
+        "iterjax GMRES / lineax GMRES": ratio(
+            "iterjax GMRES, at lineax GMRES's residual", "lineax GMRES"
+        ),
+        "iterjax CG + Galerkin multigrid / pyamg SA-AMG + CG": ratio(
+            "iterjax CG + Galerkin multigrid V(1,1)", "pyamg SA-AMG + CG"
+        ),
+    }
+    return rows, ratios
 
 
 def sinkhorn_rows(points, epsilons, rounds):
@@ -198,11 +249,13 @@ def sinkhorn_rows(points, epsilons, rounds):
             calls[label] = (f, (cost,))
             iters[label] = int(out.n_iters)
             errors[label] = float(marginal_error(cost, a, b, (out.f, out.g), eps))
-        ms = time_calls(calls, rounds)
+        t = timings(calls, rounds)
         for k in calls:
-            rows.append([f"{eps:g}", k, iters[k], f"{errors[k]:.1e}", f"{ms[k]:.2f}"])
-        best_ott = min(ms["ott-jax sinkhorn"], ms["ott-jax anderson"])
-        best_ours = min(ms[k] for k in ours)
+            rows.append(
+                [f"{eps:g}", k, iters[k], f"{errors[k]:.1e}", *time_cells(t[k])]
+            )
+        best_ott = min(t["ott-jax sinkhorn"].median, t["ott-jax anderson"].median)
+        best_ours = min(t[k].median for k in ours)
         ratios[eps] = best_ours / best_ott
     return rows, ratios
 
@@ -234,7 +287,8 @@ def bradley_terry_rows(players, densities, rounds):
             calls[label] = (f, (wins,))
             iters[label] = int(sol.num_steps)
             scores[label] = np.asarray(sol.value)
-        ms = time_calls(calls, rounds)
+        t = timings(calls, rounds)
+        cells = {k: time_cells(v) for k, v in t.items()}
         for label, fn in (
             ("choix ilsr_pairwise", choix.ilsr_pairwise),
             ("choix mm_pairwise", choix.mm_pairwise),
@@ -242,58 +296,79 @@ def bradley_terry_rows(players, densities, rounds):
             kw = dict(tol=1e-10, max_iter=100000)
             start = time.perf_counter()  # pure Python: no warm-up, one call
             params = fn(players, data, **kw)
-            ms[label] = 1e3 * (time.perf_counter() - start)
+            cells[label] = [
+                f"{1e3 * (time.perf_counter() - start):.3g} (one call)",
+                "-",
+            ]
             iters[label] = "-"
             scores[label] = params - params.mean()
         ref = scores["choix ilsr_pairwise"]
-        for k in ms:
+        for k in cells:
             diff = np.abs(scores[k] - ref).max()
-            rows.append([f"{density:g}", k, iters[k], f"{diff:.1e}", f"{ms[k]:.2f}"])
-        best = min(ms["iterjax newman"], ms["iterjax newman + anderson"])
-        ratios[density] = best / ms["choix ilsr_pairwise"]
+            rows.append([f"{density:g}", k, iters[k], f"{diff:.1e}", *cells[k]])
+        best = min(t["iterjax newman"].median, t["iterjax newman + anderson"].median)
+        ratios[density] = best / float(cells["choix ilsr_pairwise"][0].split()[0])
     return rows, ratios
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small sizes, 3 rounds")
+    parser.add_argument("--quick", action="store_true", help="small sizes, 5 rounds")
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
-    rounds = 3 if args.quick else 10
-    grid = 32 if args.quick else 64
-    print(f"## Krylov, {grid} x {grid} grid, ‖b - Ax‖ <= {RTOL:g} ‖b‖\n")
-    rows, cg_ratio = [], {}
+    rounds = 5 if args.quick else 10
+    grid = 31 if args.quick else 63
+    lines = [
+        f"# benchmarks/linear.py, float64, {rounds} timed rounds after a first call",
+        "",
+        machine(),
+        "",
+        f"## Krylov, {grid} x {grid} grid, ‖b - Ax‖ <= {RTOL:g} ‖b‖",
+        "",
+    ]
+    rows, ratios = [], {}
     for name, k in (
         ("poisson", np.ones((grid, grid))),
         ("darcy", darcy_coefficient(grid)),
     ):
-        r, cg_ratio[name] = krylov_rows(
+        r, ratios[name] = krylov_rows(
             name, ij.gallery.Poisson2D(jnp.asarray(k)), rounds
         )
         rows += r
-    print(markdown(["system", "solver", "products", "rel. residual", "ms"], rows))
-    print(
-        "\niterjax CG / lineax CG wall time, at matched residual: "
-        + ", ".join(f"{k} {v:.2f}x" for k, v in cg_ratio.items())
-    )
+    head = ["system", "solver", "products", "rel. residual", *TIME_COLUMNS]
+    lines += [markdown(head, rows), ""]
+    for name, r in ratios.items():
+        lines.append(
+            f"{name}, median time ratios: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in r.items())
+        )
     epsilons = (0.01,) if args.quick else (0.01, 0.001)
     points = 100 if args.quick else 200
-    print(f"\n## Sinkhorn, {points} x {points} points, marginal error 1e-10\n")
+    lines += ["", f"## Sinkhorn, {points} x {points} points, marginal error 1e-10", ""]
     rows, ratios = sinkhorn_rows(points, epsilons, rounds)
-    print(markdown(["epsilon", "solver", "iterations", "marginal error", "ms"], rows))
-    print(
-        "\nbest iterjax / best ott-jax wall time: "
+    head = ["epsilon", "solver", "iterations", "marginal error", *TIME_COLUMNS]
+    lines += [markdown(head, rows), ""]
+    lines.append(
+        "best iterjax / best ott-jax median time: "
         + ", ".join(f"eps {k:g}: {v:.2f}x" for k, v in ratios.items())
     )
     players = 100 if args.quick else 300
     densities = (1.0,) if args.quick else (1.0, 0.1, 0.05)
-    print(f"\n## Bradley-Terry, {players} players, to a step of 1e-10\n")
+    lines += ["", f"## Bradley-Terry, {players} players, to a step of 1e-10", ""]
     rows, ratios = bradley_terry_rows(players, densities, rounds)
-    head = ["density", "method", "iterations", "max |s - s_choix ilsr|", "ms"]
-    print(markdown(head, rows))
-    print(
-        "\nbest iterjax newman / choix ilsr wall time: "
+    head = ["density", "method", "iterations", "max |s - s_choix ilsr|", *TIME_COLUMNS]
+    lines += [markdown(head, rows), ""]
+    lines.append(
+        "best iterjax newman / choix ilsr time: "
         + ", ".join(f"density {k:g}: {v:.2f}x" for k, v in ratios.items())
     )
+    lines += ["", f"Load average (1/5/15 min) at the end: {load()}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.quick:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"linear_{jax.default_backend()}.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Diagnostics: count the evaluations a solver really makes; time jitted calls."""
 
 import collections
+import dataclasses
 import random
 import statistics
 import time
@@ -53,8 +54,54 @@ class EvalCounter:
         self.counts.clear()
 
 
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Wall times of one call, in ms: the median and interquartile range over
+    `rounds` timed calls (after an untimed first call), and, for a `jax.jit`
+    function, the time to lower and compile it (None for other callables)."""
+
+    median: float
+    q1: float
+    q3: float
+    compile: float | None
+    rounds: int
+
+    def __str__(self):
+        return f"{self.median:.3g} [{self.q1:.3g}, {self.q3:.3g}]"
+
+
+def timings(calls: dict, rounds: int = 10) -> dict[str, Timing]:
+    """`name -> Timing` for each `name -> (f, args)`, timed `rounds` times (at
+    least 5, for the quartiles); a jitted f's compilation is timed apart,
+    whether or not f ran before."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 5:
+        raise ValueError(f"timings: `rounds` must be an int >= 5, got {rounds!r}")
+    compile_ms = {name: _compile_ms(f, args) for name, (f, args) in calls.items()}
+    out = {}
+    for name, ts in _timed(calls, rounds).items():
+        q1, median, q3 = statistics.quantiles(ts, n=4, method="inclusive")
+        out[name] = Timing(median, q1, q3, compile_ms[name], rounds)
+    return out
+
+
+def _compile_ms(f, args):
+    """Lowering and compiling a fresh wrapper of jitted f: XLA compiles it again
+    (f's own `lower().compile()` would hit the cache of a compiled f)."""
+    if not callable(getattr(f, "lower", None)):
+        return None
+    start = time.perf_counter()
+    jax.jit(lambda *a: f(*a)).lower(*args).compile()
+    return 1e3 * (time.perf_counter() - start)
+
+
 def time_calls(calls: dict, rounds: int = 50) -> dict:
-    """Median wall time in ms of each `name -> (f, args)`, after a warm-up call.
+    """Median wall time in ms of each `name -> (f, args)`, after a warm-up call
+    (`timings` for the spread and the compile time)."""
+    return {name: statistics.median(ts) for name, ts in _timed(calls, rounds).items()}
+
+
+def _timed(calls, rounds):
+    """The `rounds` timed calls' ms per name, after a warm-up call of each.
 
     The calls are timed round-robin, so that drift in machine load affects every
     one alike, in a fresh (seeded) order each round: a call's time depends on which
@@ -71,8 +118,8 @@ def time_calls(calls: dict, rounds: int = 50) -> dict:
             f, args = calls[name]
             start = time.perf_counter()
             jax.block_until_ready(f(*args))
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
+            times[name].append(1e3 * (time.perf_counter() - start))
+    return times
 
 
 def compiled_memory(f, *args) -> dict:
