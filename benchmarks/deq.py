@@ -1,5 +1,17 @@
-"""The same DEQ trained with iterjax and with torchdeq, side by side.
+"""A DEQ layer with iterjax beside the JAX peers, and trained beside torchdeq.
 
+Part 1, JAX peers (`--no-torch` runs only this part): the forward solve and
+implicit backward pass of z* = tanh(W z* + x), dimension 256, vmapped over a
+batch of 64, d/dW of a linear loss on z*; every library stops at
+|f(z) - z|_2 <= 1e-6 per example (or its nearest rule) and differentiates
+implicitly with its default linear solver: iterjax (Picard, Anderson, Newton),
+optimistix 0.1.0 (fixed-point iteration; Newton root finding), jaxopt 0.8.5
+(Anderson(m=5), FixedPointIteration). Reported: f evaluations, the forward and
+gradient errors against a dense reference (z* to 1e-14 by Newton, the adjoint by
+a dense solve per example), the median time of value-and-grad with its
+interquartile range, and the compile time.
+
+Part 2, torchdeq:
 Model: z* = tanh(A z* + U x + b) with A = W γ / max(|W|_inf, γ) (iterjax's
 `ContractiveDense`; the same math in torch), logits = head(z*), hidden 64, on
 sklearn's digits. Both start from the same weights, see the same batches in the
@@ -17,13 +29,13 @@ accuracy after the budget, with iterjax / torchdeq ratios. torchdeq runs in its
 own venv (`.venv-torch`, torch==2.13.0 torchdeq==0.1.0; `make bench` creates it)
 as a subprocess of this script, so one run prints both.
 
-Run: make bench   (or: python benchmarks/deq.py [--epochs N] [--torch PYTHON])
+Run: make bench   (or: python benchmarks/deq.py [--epochs N] [--torch PYTHON]
+[--no-torch])
 """
 
 import argparse
 import json
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -41,7 +53,14 @@ sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore")
 
 import iterjax as ij  # noqa: E402
-from benchmarks._common import markdown  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    TIME_COLUMNS,
+    load,
+    machine,
+    markdown,
+    time_cells,
+)
+from iterjax.diagnostics import timings  # noqa: E402
 from iterjax.experiments.common import deq_models as dm  # noqa: E402
 
 SETTINGS = dict(
@@ -55,6 +74,152 @@ SETTINGS = dict(
     b_tol=1e-6,
     b_max_iter=40,
 )
+
+
+LAYER = dict(dim=256, batch=64, gamma=0.9, tol=1e-6, max_steps=500)
+
+
+def layer_problem(dim, batch, gamma):
+    """(W with |W|_2 = γ, so that the layer contracts at rate <= γ; inputs x
+    (batch, dim); loss weights c (dim,))."""
+    kw, kx, kc = jax.random.split(jax.random.PRNGKey(0), 3)
+    w = jax.random.normal(kw, (dim, dim))
+    w = gamma * w / jnp.linalg.norm(w, ord=2)
+    x = jax.random.normal(kx, (batch, dim))
+    return w, x, jax.random.normal(kc, (dim,))
+
+
+def layer(z, args):
+    w, x = args
+    return jnp.tanh(w @ z + x)
+
+
+def layer_reference(w, x, c):
+    """z* per example by Newton to 1e-14, and d/dW Σ c·z* by the dense adjoint:
+    (I - J)ᵀ λ = c, J = diag(1 - z²) W, dL/dW = Σ (λ ∘ (1 - z²)) zᵀ."""
+    n = w.shape[0]
+
+    def one(x):
+        z = jnp.zeros(n)
+        for _ in range(60):
+            d = 1 - jnp.tanh(w @ z + x) ** 2
+            z = z - jnp.linalg.solve(jnp.eye(n) - d[:, None] * w, z - layer(z, (w, x)))
+        d = 1 - layer(z, (w, x)) ** 2
+        lam = jnp.linalg.solve((jnp.eye(n) - d[:, None] * w).T, c)
+        return z, jnp.outer(lam * d, z)
+
+    z, g = jax.jit(jax.vmap(one))(x)
+    return z, g.sum(0)
+
+
+def layer_methods(fn, tol, max_steps):
+    """name -> solve(w, x) -> z* of `fn` (vmapped over x inside), each
+    differentiable by its library's implicit differentiation."""
+    import jaxopt
+    import optimistix as optx
+
+    def iterjax_solve(solver):
+        def solve(w, x):
+            one = lambda x: (
+                ij.fixed_point(
+                    fn,
+                    jnp.zeros(w.shape[0]),
+                    (w, x),
+                    solver=solver,
+                    atol=tol,
+                    max_steps=max_steps,
+                    norm=ij.two_norm,
+                ).value
+            )
+            return jax.vmap(one)(x)
+
+        return solve
+
+    def optimistix_solve(kind):
+        def solve(w, x):
+            z0 = jnp.zeros(w.shape[0])
+            if kind == "fpi":
+                s = optx.FixedPointIteration(rtol=0.0, atol=tol, norm=optx.two_norm)
+                one = lambda x: (
+                    optx.fixed_point(
+                        fn, s, z0, (w, x), max_steps=max_steps, throw=False
+                    ).value
+                )
+            else:
+                s = optx.Newton(rtol=0.0, atol=tol, norm=optx.two_norm)
+                g = lambda z, a: fn(z, a) - z
+                one = lambda x: (
+                    optx.root_find(
+                        g, s, z0, (w, x), max_steps=max_steps, throw=False
+                    ).value
+                )
+            return jax.vmap(one)(x)
+
+        return solve
+
+    def jaxopt_solve(kind):
+        kw = dict(fixed_point_fun=fn, maxiter=max_steps, tol=tol, implicit_diff=True)
+        s = (
+            jaxopt.AndersonAcceleration(history_size=5, **kw)
+            if kind == "anderson"
+            else jaxopt.FixedPointIteration(**kw)
+        )
+
+        def solve(w, x):
+            return jax.vmap(lambda x: s.run(jnp.zeros(w.shape[0]), (w, x)).params)(x)
+
+        return solve
+
+    return {
+        "iterjax Picard": iterjax_solve(ij.Picard()),
+        "iterjax Anderson(m=5)": iterjax_solve(ij.Anderson(history=5)),
+        "iterjax Newton-GMRES": iterjax_solve(ij.Newton()),
+        "optimistix FixedPointIteration": optimistix_solve("fpi"),
+        "optimistix Newton (root_find)": optimistix_solve("newton"),
+        "jaxopt FixedPointIteration": jaxopt_solve("fpi"),
+        "jaxopt AndersonAcceleration(m=5)": jaxopt_solve("anderson"),
+    }
+
+
+def layer_table(rounds):
+    """Part 1: value and gradient of Σ c·z*(W) through each library's solve."""
+    p = LAYER
+    w, x, c = layer_problem(p["dim"], p["batch"], p["gamma"])
+    z_ref, g_ref = layer_reference(w, x, c)
+    calls, errors, evals = {}, {}, {}
+    for name, solve in layer_methods(layer, p["tol"], p["max_steps"]).items():
+        loss = lambda w, solve=solve: jnp.sum(solve(w, x) @ c)
+        f = jax.jit(jax.value_and_grad(loss))
+        calls[name] = (f, (w,))
+        counter = ij.diagnostics.EvalCounter(layer)
+        counted = layer_methods(counter.fn, p["tol"], p["max_steps"])[name]
+        z = jax.jit(counted)(w, x)
+        evals[name] = counter.read()["f"] / p["batch"]
+        g = f(w)[1]
+        errors[name] = (
+            float(jnp.max(jnp.linalg.norm(z - z_ref, axis=1))),
+            float(jnp.linalg.norm(g - g_ref) / jnp.linalg.norm(g_ref)),
+        )
+    t = timings(calls, rounds)
+    rows = [
+        [k, f"{evals[k]:.1f}", f"{errors[k][0]:.1e}", f"{errors[k][1]:.1e}"]
+        + time_cells(t[k])
+        for k in calls
+    ]
+    head = ["method", "f evals / example", "max |z - z*|_2", "rel. grad error"]
+    best = lambda mine: min(
+        (k for k in calls if k.startswith("iterjax") == mine), key=lambda k: t[k].median
+    )
+    ours, peer = best(True), best(False)
+    summary = (
+        f"Fastest iterjax / fastest peer (value and grad): {ours} / {peer} = "
+        f"**{t[ours].median / t[peer].median:.2f}x**"
+    )
+    title = (
+        f"## A DEQ layer: z = tanh(W z + x), dim {p['dim']}, vmapped over "
+        f"{p['batch']}, value and d/dW, |f(z) - z|_2 <= {p['tol']:g}"
+    )
+    return "\n\n".join([title, markdown(head + TIME_COLUMNS, rows), summary])
 
 
 def make_model(s):
@@ -138,12 +303,8 @@ def summary(r, skip):
     )
 
 
-def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--torch", default=str(ROOT / ".venv-torch" / "bin" / "python"))
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
-    args = parser.parse_args()
+def torch_table(args):
+    """Part 2: the same DEQ trained with iterjax and with torchdeq."""
     s = SETTINGS
     xtr, ytr, xte, yte = dm.load_digits()
     per_epoch = len(xtr) // s["batch"]
@@ -169,14 +330,31 @@ def main():
     ]
     ratios = [a["nfe"] / b["nfe"], a["ms"] / b["ms"], a["loss"] / b["loss"], None]
     rows = [r + [f"{q:.2f}" if q else "-"] for r, q in zip(rows, ratios)]
-    header = (
-        f"DEQ on digits, hidden {s['hidden']}, batch {s['batch']}, {args.epochs} "
-        f"epochs x {per_epoch} steps; jax {jax.__version__}, torch "
-        f"{theirs['torch']} ({theirs['threads']} threads), {platform.machine()} "
-        f"{jax.devices()[0].platform}"
+    title = (
+        f"## DEQ on digits, trained beside torchdeq: hidden {s['hidden']}, batch "
+        f"{s['batch']}, {args.epochs} epochs x {per_epoch} steps; torch "
+        f"{theirs['torch']} ({theirs['threads']} threads)"
     )
     table = markdown(["metric", "iterjax", "torchdeq", "iterjax / torchdeq"], rows)
-    text = header + "\n\n" + table
+    return title + "\n\n" + table
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--torch", default=str(ROOT / ".venv-torch" / "bin" / "python"))
+    parser.add_argument("--no-torch", action="store_true", help="part 1 only")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    parts = ["# benchmarks/deq.py, float64 (part 1) and float32 (part 2)", machine()]
+    jax.config.update("jax_enable_x64", True)
+    parts.append(layer_table(args.rounds))
+    jax.config.update("jax_enable_x64", False)
+    if not args.no_torch:
+        parts.append(torch_table(args))
+    parts.append(f"Load average (1/5/15 min) at the end: {load()}")
+    text = "\n\n".join(parts)
     print(text)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,8 +13,10 @@ class EvalCounter:
     """Wraps `fn(y, args)` so that every evaluation and every JVP is counted.
 
     Counts are made on the host by `jax.debug.callback`, so they are exact under
-    `jit`, inside `while_loop`s and Krylov solvers, and per element under `vmap`
-    (each batch element counts). Only for measurement: the callbacks cost time.
+    `jit`, inside `while_loop`s and Krylov solvers, and per element under `vmap`:
+    each batch element counts at every trip of a vmapped loop, lanes that have
+    finished included (they are computed, then masked), which is the work done.
+    Only for measurement: the callbacks cost time.
 
     Examples:
       >>> import jax.numpy as jnp, iterjax
@@ -30,13 +32,16 @@ class EvalCounter:
 
         @jax.custom_jvp
         def counted(y, args):
-            jax.debug.callback(add("f"))
-            return fn(y, args)
+            out = fn(y, args)
+            # the output as an operand: batched when y or args is, so that under
+            # vmap the callback runs once per element
+            jax.debug.callback(add("f"), out)
+            return out
 
         @counted.defjvp
         def counted_jvp(primals, tangents):
             out, tangent_out = jax.jvp(fn, primals, tangents)
-            jax.debug.callback(add("f"))
+            jax.debug.callback(add("f"), out)
             # Depending on the tangent keeps this callback in the linear part of a
             # `jax.linearize`, so it fires at every Jacobian-vector product.
             jax.debug.callback(add("jvp"), tangents[0])

@@ -2,8 +2,10 @@
 calls took."""
 
 import jax
+import jax.numpy as jnp
 import pytest
 
+import iterjax as ij
 import iterjax.diagnostics as diagnostics
 
 
@@ -60,3 +62,22 @@ def test_every_call_is_timed_round_robin(clock):
 def test_timings_need_five_rounds(rounds):
     with pytest.raises(ValueError, match="timings: `rounds` must be an int >= 5"):
         diagnostics.timings({}, rounds)
+
+
+def test_eval_counter_counts_every_element_under_vmap():
+    counter = diagnostics.EvalCounter(lambda y, a: jnp.cos(y) * a)
+    a = jnp.linspace(0.1, 0.5, 4)
+    for solver in [ij.Picard(), ij.Anderson()]:
+        # y0 is not batched, only a: each element still counts
+        solve = lambda a, s=solver: (
+            ij.fixed_point(counter.fn, jnp.array(1.0), a, solver=s).num_steps
+        )
+        counter.reset()
+        steps = int(jax.jit(solve)(0.5))
+        assert counter.read()["f"] == steps + 1
+        counter.reset()
+        steps = jax.jit(jax.vmap(solve))(a)
+        # every lane is evaluated at each of the slowest lane's steps + 1
+        # evaluations (the finished lanes are computed, then masked)
+        assert len(set(steps.tolist())) > 1
+        assert counter.read()["f"] == a.size * (int(steps.max()) + 1)
