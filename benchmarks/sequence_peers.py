@@ -2,9 +2,10 @@
 
 * DEER repository (machine-discovery/deer, `--deer PATH`): its demo GRU
   (equinox's GRUCell, 2 units, T = 10000, float32, 16 seeds): Newton iterations
-  and error vs `lax.scan`; a GRU with 16 units in float64; forward and `grad` wall
-  time at matched accuracy (atol 1e-12, both reach ~1e-14), medians of
-  interleaved runs, and compiled memory.
+  and error vs `lax.scan`; GRUs with 16 units (T 1024-16384) and 64 units
+  (T 4096) in float64: forward and `grad` wall time at matched accuracy (atol
+  1e-12, both reach ~1e-14), medians and interquartile ranges of interleaved
+  runs, and compiled memory (`--speed-only`: this table alone).
 * ELK repository (lindermanlab/elk, `--elk PATH`, needs dynamax 1.0.3 from the
   index): the time of one sweep of dense ELK and quasi-ELK (a fixed number of
   sweeps, so both do the same work) against one DEER sweep, hidden 16, T 4096.
@@ -44,8 +45,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore")
 
 import iterjax as ij  # noqa: E402
-from benchmarks._common import compiled_bytes, markdown  # noqa: E402
-from iterjax.diagnostics import time_calls  # noqa: E402
+from benchmarks._common import RESULTS, compiled_bytes, machine, markdown  # noqa: E402
+from benchmarks._common import load as load_average  # noqa: E402
+from iterjax.diagnostics import time_calls, timings  # noqa: E402
 from iterjax.experiments.common import cells, diffusion  # noqa: E402
 
 
@@ -140,11 +142,12 @@ def accuracy(peer, seeds):
     return rows
 
 
-def speed(peer, lengths, rounds):
-    """Forward and grad wall time at matched accuracy (float64, atol 1e-12)."""
+def speed(peer, sizes, rounds):
+    """Forward and grad wall time at matched accuracy (float64, atol 1e-12), on
+    GRUs of `sizes` (hidden, T): ms median [interquartile range]."""
     rows = []
-    for T in lengths:
-        cell, h0, xs = gru(16, T, 1, jnp.float64)
+    for hidden, T in sizes:
+        cell, h0, xs = gru(hidden, T, 1, jnp.float64)
         theirs = lambda xs: deer_repo(peer, cell, h0, xs, atol=1e-12, rtol=0.0).value
         mine = lambda xs: ij.scan(lambda h, x: (cell(h, x),) * 2, h0, xs, atol=1e-12)[1]
         loss = lambda run: jax.jit(jax.grad(lambda xs: jnp.sum(jnp.sin(run(xs)))))
@@ -155,18 +158,21 @@ def speed(peer, lengths, rounds):
             "peer_grad": (loss(theirs), (xs,)),
             "mine_grad": (loss(mine), (xs,)),
         }
-        ms = time_calls(calls, rounds)
+        t = timings(calls, rounds)
         err = lambda f: float(jnp.max(jnp.abs(f(xs) - ref)))
         mem = lambda f: compiled_bytes(f, xs)[0] / 2**20
         rows.append(
             dict(
+                hidden=hidden,
                 T=T,
                 peer_error=err(calls["peer"][0]),
                 iterjax_error=err(calls["mine"][0]),
-                forward_ratio=ms["mine"] / ms["peer"],
-                grad_ratio=ms["mine_grad"] / ms["peer_grad"],
-                peer_forward_ms=ms["peer"],
-                peer_grad_ms=ms["peer_grad"],
+                forward_ratio=t["mine"].median / t["peer"].median,
+                grad_ratio=t["mine_grad"].median / t["peer_grad"].median,
+                peer_forward_ms=str(t["peer"]),
+                iterjax_forward_ms=str(t["mine"]),
+                peer_grad_ms=str(t["peer_grad"]),
+                iterjax_grad_ms=str(t["mine_grad"]),
                 peer_temp_mb=mem(theirs),
                 iterjax_temp_mb=mem(mine),
             )
@@ -341,9 +347,32 @@ def main():
     p.add_argument("--deer", help="a git checkout of machine-discovery/deer")
     p.add_argument("--elk", help="a git checkout of lindermanlab/elk")
     p.add_argument("--quick", action="store_true", help="fewer seeds, lengths, runs")
+    p.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="only the DEER wall-time table, written to "
+        "results/sequence_peers_speed_<platform>.md",
+    )
     a = p.parse_args()
-    full = (16, [1024, 4096, 16384], 15)
-    seeds, lengths, rounds = (4, [1024], 5) if a.quick else full
+    full = (16, [(16, 1024), (16, 4096), (16, 16384), (64, 4096)], 15)
+    seeds, sizes, rounds = (4, [(16, 1024)], 5) if a.quick else full
+    if a.speed_only:
+        fseq1d, why = load(a.deer, "deer.fseq1d")
+        if fseq1d is None:
+            raise SystemExit(f"--speed-only needs the DEER repository: {why}")
+        text = "\n\n".join(
+            [
+                "# benchmarks/sequence_peers.py --speed-only, float64",
+                machine(),
+                "## Wall time at matched accuracy (GRU, float64, atol 1e-12)",
+                fmt(speed(fseq1d, sizes, rounds)),
+                f"Load average (1/5/15 min) at the end: {load_average()}",
+            ]
+        )
+        print(text)
+        out = RESULTS / f"sequence_peers_speed_{jax.default_backend()}.md"
+        out.write_text(text + "\n")
+        return
 
     print("## ParaDiGMS's window: N = 200 DDIM steps, tolerance 5e-6\n")
     print(fmt(windows(200, [20, 80], 5e-6)))
@@ -358,8 +387,8 @@ def main():
         print(fmt([dict(zip(head + ["iterjax error"], r)) for r in rows]))
         ratios = [r[5] / r[3] for r in rows[:-1]]
         print(f"\nfloat32 error ratio iterjax / DEER repo: max {max(ratios):.2f}")
-        print("\n## Wall time at matched accuracy (GRU 16, float64, atol 1e-12)\n")
-        print(fmt(speed(fseq1d, lengths, rounds)))
+        print("\n## Wall time at matched accuracy (GRU, float64, atol 1e-12)\n")
+        print(fmt(speed(fseq1d, sizes, rounds)))
 
     elk, why = load(a.elk, "elk.algs.elk")
     if elk is None:
