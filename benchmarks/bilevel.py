@@ -34,8 +34,14 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore")
 
 import iterjax as ij  # noqa: E402
-from benchmarks._common import markdown  # noqa: E402
-from iterjax.diagnostics import time_calls  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    TIME_COLUMNS,
+    load,
+    machine,
+    markdown,
+    time_cells,
+)
+from iterjax.diagnostics import timings  # noqa: E402
 
 TOL = 1e-10
 
@@ -156,25 +162,30 @@ def main():
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
     lines = [
-        f"jax {jax.__version__}, {jax.devices()[0].platform}, float64, "
-        f"inner tolerance {TOL:g}; time: median ms of the jitted hypergradient"
+        "# benchmarks/bilevel.py, float64",
+        "",
+        machine(),
+        "",
+        f"Inner tolerance {TOL:g}; time: the jitted hypergradient's median ms "
+        f"[interquartile range] over {args.rounds} rounds, compile time apart.",
     ]
     for pname in args.problems.split(","):
         inner, outer, theta, w0 = PROBLEMS[pname]()
         ref = reference(inner, outer, theta, w0)
         ms = methods(inner, outer, w0)
-        times = time_calls({k: (f, (theta,)) for k, f in ms.items()}, args.rounds)
+        t = timings({k: (f, (theta,)) for k, f in ms.items()}, args.rounds)
+        times = {k: v.median for k, v in t.items()}
         rows, errors = [], {}
         for name, f in ms.items():
             g = f(theta)
             errors[name] = float(jnp.linalg.norm(g - ref) / jnp.linalg.norm(ref))
-            rows.append([name, f"{errors[name]:.1e}", f"{times[name]:.2f}"])
+            rows.append([name, f"{errors[name]:.1e}", *time_cells(t[name])])
         peer = min((k for k in ms if not k.startswith("iterjax")), key=errors.get)
         ours = min(
             (k for k in ms if k.startswith("iterjax") and errors[k] <= errors[peer]),
             key=times.get,
         )
-        table = markdown(["method", "rel. error vs reference", "ms"], rows)
+        table = markdown(["method", "rel. error vs reference", *TIME_COLUMNS], rows)
         lines += [
             "",
             f"### {pname} (theta: {theta.size}, weights: {w0.size})",
@@ -185,6 +196,7 @@ def main():
             f"({ours}) / that peer ({peer}): **{times[ours] / times[peer]:.2f}x**",
         ]
         print("\n".join(lines[-6:]), flush=True)
+    lines += ["", f"Load average (1/5/15 min) at the end: {load()}"]
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"bilevel_{jax.devices()[0].platform}.md"
