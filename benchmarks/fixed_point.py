@@ -25,8 +25,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 warnings.filterwarnings("ignore")
 
 import iterjax as ij  # noqa: E402
-from benchmarks._common import compiled_bytes, markdown  # noqa: E402
-from iterjax.diagnostics import time_calls  # noqa: E402
+from benchmarks._common import compiled_bytes, load, machine, markdown  # noqa: E402
+from iterjax.diagnostics import time_calls, timings  # noqa: E402
 from iterjax.experiments.common.problems import PROBLEMS  # noqa: E402
 
 TOL = 1e-6
@@ -149,11 +149,9 @@ def head_to_head(rows, calls, rounds):
             (k for k in ok if k.startswith("iterjax") == mine),
             key=lambda k: ok[k][kind],
         )[:2]
-        timed = time_calls(
-            {k: calls[k][kind] for k in rank(True) + rank(False)}, rounds
-        )
-        mine = min(rank(True), key=timed.get)
-        peer = min(rank(False), key=timed.get)
+        timed = timings({k: calls[k][kind] for k in rank(True) + rank(False)}, rounds)
+        fastest = lambda names: min(names, key=lambda k: timed[k].median)
+        mine, peer = fastest(rank(True)), fastest(rank(False))
         out[kind] = (mine, timed[mine], peer, timed[peer])
     return out
 
@@ -226,10 +224,11 @@ def _ratio_table(pname, rows, pairs):
     ]
     labels = {"ms": "forward", "vmap": "vmap64", "grad": "grad"}
     summary = (
-        "Re-timed head to head (top two of each, 4-way): best iterjax / best peer: "
+        "Re-timed head to head (top two of each, 4-way; ms, median [IQR]): best "
+        "iterjax / best peer: "
         + "; ".join(
-            f"{labels[kind]} {mine} {t_mine:.3f} ms / {peer} {t_peer:.3f} ms = "
-            f"**{t_mine / t_peer:.2f}x**"
+            f"{labels[kind]} {mine} {t_mine} / {peer} {t_peer} = "
+            f"**{t_mine.median / t_peer.median:.2f}x**"
             for kind, (mine, t_mine, peer, t_peer) in pairs.items()
         )
     )
@@ -276,9 +275,11 @@ def bench_memory():
 
 
 def bench_driver(rounds):
-    """iterjax Picard vs the same iteration written as a bare lax.while_loop."""
+    """iterjax Picard vs the same iteration written as a bare lax.while_loop
+    (jaxopt's form: it returns f(y), whose own residual is not tested), alone
+    and vmapped over 64 instances."""
     rows = []
-    for dim in [64, 512]:
+    for dim, batch in [(64, None), (512, None), (64, 64), (512, 64)]:
         fn, args, y0 = PROBLEMS["tanh_deq"](dim=dim, radius=0.95)
 
         def hand(a):
@@ -289,33 +290,48 @@ def bench_driver(rounds):
             def body(c):
                 y, _, k = c
                 fy = fn(y, a)
-                return fy, jnp.max(jnp.abs(fy - y)), k + 1
+                return fy, ij.two_norm(fy - y), k + 1
 
             y, _, k = jax.lax.while_loop(cond, body, (y0, jnp.inf, 0))
             return y, k
 
-        mine = lambda a: (lambda s: (s.value, s.num_steps))(
-            ij.fixed_point(fn, y0, a, solver=ij.Picard(), atol=TOL, max_steps=MAX_STEPS)
-        )
-        timed = time_calls(
+        def mine(a):
+            sol = ij.fixed_point(
+                fn,
+                y0,
+                a,
+                solver=ij.Picard(),
+                atol=TOL,
+                max_steps=MAX_STEPS,
+                norm=ij.two_norm,
+            )
+            return sol.value, sol.num_steps
+
+        if batch is not None:
+            rest, xs = _perturb_x(args, jax.random.PRNGKey(1), batch)
+            batched = lambda f: jax.vmap(lambda x, f=f: f((*rest, x)))
+            hand, mine, args = batched(hand), batched(mine), xs
+        timed = timings(
             {"hand": (jax.jit(hand), (args,)), "mine": (jax.jit(mine), (args,))},
             rounds * 4,
         )
         t_hand, t_mine = timed["hand"], timed["mine"]
-        k_hand, k_mine = int(jax.jit(hand)(args)[1]), int(jax.jit(mine)(args)[1])
+        k_hand, k_mine = (jnp.max(jax.jit(f)(args)[1]) for f in (hand, mine))
         rows.append(
             [
                 dim,
-                k_hand,
-                k_mine,
-                f"{t_hand:.4f}",
-                f"{t_mine:.4f}",
-                f"{t_mine / t_hand:.2f}",
+                batch or "-",
+                int(k_hand),
+                int(k_mine),
+                str(t_hand),
+                str(t_mine),
+                f"{t_mine.median / t_hand.median:.2f}",
             ]
         )
     return markdown(
         [
             "dim",
+            "vmap",
             "steps (hand)",
             "steps (iterjax)",
             "hand-written ms",
@@ -332,10 +348,10 @@ def main():
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     opts = parser.parse_args()
     rounds = 10 if opts.quick else 100
-    device = jax.devices()[0].device_kind
     parts = [
-        f"Device: {device} ({jax.device_count()} device(s)), jax {jax.__version__}, "
-        f"float64, stopping rule |f(y)-y|_2 <= {TOL}.\n"
+        "# benchmarks/fixed_point.py, float64\n",
+        machine() + "\n",
+        f"Stopping rule |f(y)-y|_2 <= {TOL}; ms: medians over the rounds.\n",
     ]
     for pname, dim, n in [
         ("tanh_deq", 64, rounds),
@@ -357,6 +373,7 @@ def main():
         + bench_driver(rounds)
         + "\n"
     )
+    parts.append(f"Load average (1/5/15 min) at the end: {load()}\n")
     text = "\n".join(parts)
     print("\n" + text)
     out = pathlib.Path(opts.out)

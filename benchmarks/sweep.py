@@ -31,7 +31,7 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import markdown  # noqa: E402
+from benchmarks._common import load, machine, markdown  # noqa: E402
 from iterjax.diagnostics import time_calls  # noqa: E402
 from iterjax.lab import runner as runlib  # noqa: E402
 
@@ -109,9 +109,12 @@ def main():
         ],
     ]
     lines = [
-        f"jax {jax.__version__}, {jax.devices()[0].platform} "
-        f"({jax.device_count()} device), float64; fixed_point_sweep: Anderson on "
-        "slow_system, dim 64, radius 0.9; end-to-end = `iterjax run` incl. compile",
+        "# benchmarks/sweep.py, float64",
+        "",
+        machine(),
+        "",
+        "fixed_point_sweep: Anderson on slow_system, dim 64, radius 0.9; end to "
+        "end = `iterjax run`, compilation included; medians",
         "",
         markdown(["what", "seconds", "vs one seed"], rows),
         "",
@@ -119,6 +122,7 @@ def main():
         f"**{e2e[f'{n} seeds, vmapped'] / one:.1f}x** (target <= 3x; separate "
         f"runs: {e2e[f'{n} seeds, separate runs'] / one:.1f}x)",
     ]
+    lines += ["", f"Load average (1/5/15 min) at the end: {load()}"]
     print("\n".join(lines))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
