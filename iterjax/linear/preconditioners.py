@@ -18,7 +18,6 @@ from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
 from .._module import Module
-from ._base import MatrixMatvec
 
 
 class AbstractPreconditioner(Module):
@@ -44,7 +43,8 @@ class FunctionPreconditioner(AbstractPreconditioner):
 
 class JacobiPreconditioner(AbstractPreconditioner):
     """M = diag(A)^{-1}, the diagonal found by probing the matrix-free operator
-    (read directly, at no product, when A is a dense or BCOO matrix).
+    (read directly, at no product, from an operator with a `diagonal()` method:
+    a dense or BCOO matrix, `iterjax.gallery.Poisson2D`).
 
     `probes=None` reads the diagonal exactly, e_i·A e_i for every i (n products,
     `batch` at a time); `probes=k` estimates it as the mean of z ⊙ A z over k
@@ -69,8 +69,13 @@ class JacobiPreconditioner(AbstractPreconditioner):
         flat, unravel = tu.ravel(b)
         n = flat.shape[0]
         op = lambda v: tu.ravel(matvec(unravel(v)))[0]
-        if isinstance(matvec, MatrixMatvec):  # a matrix: read, not probed
-            diag, cost = matvec.diagonal(), 0
+        if callable(getattr(matvec, "diagonal", None)):  # read, not probed
+            diag, cost = tu.ravel(matvec.diagonal())[0], 0
+            if diag.shape != flat.shape:
+                raise ValueError(
+                    "JacobiPreconditioner: the operator's diagonal() has "
+                    f"{diag.shape[0]} entries, b has {n}"
+                )
         elif self.probes is None:
             column = lambda i: op(jnp.zeros_like(flat).at[i].set(1))[i]
             diag = jax.lax.map(column, jnp.arange(n), batch_size=min(self.batch, n))
