@@ -56,17 +56,6 @@ from iterjax.experiments.bradley_terry import comparisons  # noqa: E402
 RTOL = 1e-8
 
 
-def darcy_coefficient(n, seed=0, sigma=1.0, width=4):
-    """exp(σ g), g a white noise smoothed by a box filter of `width`, unit variance."""
-    rng = np.random.default_rng(seed)
-    g = rng.normal(size=(n + width, n + width))
-    c = np.cumsum(np.cumsum(g, 0), 1)
-    c = np.pad(c, ((1, 0), (1, 0)))
-    w = width
-    box = (c[w:, w:] - c[:-w, w:] - c[w:, :-w] + c[:-w, :-w])[:n, :n]
-    return np.exp(sigma * (box - box.mean()) / box.std())
-
-
 def assemble(op):
     """The scipy CSR matrix of a `Poisson2D` (row-major unknowns)."""
     import scipy.sparse as sp
@@ -329,7 +318,7 @@ def main():
     rows, ratios = [], {}
     for name, k in (
         ("poisson", np.ones((grid, grid))),
-        ("darcy", darcy_coefficient(grid)),
+        ("darcy", ij.gallery.lognormal_coefficient(grid)),
     ):
         r, ratios[name] = krylov_rows(
             name, ij.gallery.Poisson2D(jnp.asarray(k)), rounds

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 
-from iterjax.gallery import Poisson2D
+from iterjax.gallery import Poisson2D, smooth_field
 from iterjax.lab.spec import Count, NonNegative, Positive
 from iterjax.lab.tables import markdown_table
 from iterjax.linear import (
@@ -49,15 +49,6 @@ class Config:
     def __post_init__(self):  # checked before a run directory exists
         if not self.subspaces:
             raise ValueError("`subspaces` must not be empty")
-
-
-def smooth_field(n, width, rng):
-    """White noise smoothed by a width x width box filter, mean 0, variance 1."""
-    g = rng.normal(size=(n + width, n + width))
-    c = np.pad(np.cumsum(np.cumsum(g, 0), 1), ((1, 0), (1, 0)))
-    w = width
-    box = (c[w:, w:] - c[:-w, w:] - c[w:, :-w] + c[:-w, :-w])[:n, :n]
-    return (box - box.mean()) / box.std()
 
 
 def darcy_sequence(cfg):

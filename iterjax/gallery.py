@@ -4,6 +4,7 @@ the solvers built for them need (SOR's splitting, a smoother's sweep)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import _struct as struct
 
@@ -66,3 +67,19 @@ class Poisson2D(struct.PyTreeNode):
             gauss_seidel = (b + self._neighbours(u)) / d
             u = jnp.where(colour, (1 - omega) * u + omega * gauss_seidel, u)
         return u
+
+
+def smooth_field(n, width, rng):
+    """An (n, n) NumPy field: white noise from `rng` smoothed by a width x width
+    box filter, then standardised (mean 0, variance 1)."""
+    g = rng.normal(size=(n + width, n + width))
+    c = np.pad(np.cumsum(np.cumsum(g, 0), 1), ((1, 0), (1, 0)))
+    w = width
+    box = (c[w:, w:] - c[:-w, w:] - c[w:, :-w] + c[:-w, :-w])[:n, :n]
+    return (box - box.mean()) / box.std()
+
+
+def lognormal_coefficient(n, sigma=1.0, width=4, seed=0):
+    """k = exp(σ g), g a `smooth_field`: the rough coefficient of a Darcy-flow
+    problem, `Poisson2D(k)`; it spans about 4σ e-folds (σ = 0: Poisson)."""
+    return np.exp(sigma * smooth_field(n, width, np.random.default_rng(seed)))

@@ -12,6 +12,7 @@ import re
 import pytest
 import yaml
 
+import iterjax as ij
 from iterjax.experiments.common import deq_models
 from iterjax.lab import config as cfglib
 from iterjax.lab import registry
@@ -470,6 +471,33 @@ def test_newton_linear_solver_spec_nests():
     assert type(solver.linear_solver).__name__ == "BiCGStab"
     with pytest.raises(cfglib.ConfigError, match="unknown linear_solver"):
         registry.to_spec("solver", {"name": "newton", "linear_solver": "lu"}, "s")
+
+
+def test_preconditioner_specs_nest_in_linear_solvers():
+    value = {
+        "name": "cg",
+        "preconditioner": {"name": "multigrid", "coarsening": "galerkin"},
+    }
+    spec = registry.to_spec("linear_solver", value, "s")
+    assert spec.label == "cg(preconditioner=multigrid(coarsening=galerkin))"
+    assert registry.build("linear_solver", spec) == ij.CG(
+        preconditioner=ij.linear.Multigrid(coarsening="galerkin")
+    )
+    jacobi = registry.to_spec(
+        "linear_solver", {"name": "gmres", "preconditioner": "jacobi"}, "s"
+    )
+    assert registry.build("linear_solver", jacobi).preconditioner == (
+        ij.linear.JacobiPreconditioner()
+    )
+    for bad, match in [
+        ("ilu", "`s.preconditioner.name`: unknown preconditioner 'ilu'"),
+        ({"name": "multigrid", "cycle": "X"}, "`s.preconditioner`: Multigrid: `cycle`"),
+        ({"name": "chebyshev", "order": 3}, "`s.preconditioner.order`: unknown option"),
+    ]:
+        with pytest.raises(cfglib.ConfigError, match=re.escape(match)):
+            registry.to_spec(
+                "linear_solver", {"name": "cg", "preconditioner": bad}, "s"
+            )
 
 
 @pytest.mark.parametrize(

@@ -99,6 +99,21 @@ def test_preconditioned_solvers_inside_adjoint_newton_and_argmin():
     np.testing.assert_allclose(w.value, 1 / a, rtol=1e-10)
 
 
+def test_jacobi_reads_the_diagonal_of_an_operator_that_has_one():
+    k = jnp.asarray(ij.gallery.lognormal_coefficient(15, seed=3))
+    op, b = ij.gallery.Poisson2D(k), jnp.ones((15, 15))
+    apply, cost, _ = JacobiPreconditioner().build(op, b)
+    probed, probes, _ = JacobiPreconditioner().build(lambda u: op(u), b)
+    assert (cost, probes) == (0, 225)
+    np.testing.assert_allclose(apply(b), 1 / op.diagonal(), rtol=1e-14)
+    np.testing.assert_allclose(apply(b), probed(b), rtol=1e-12)
+    x, stats = ij.CG(
+        rtol=1e-10, preconditioner=JacobiPreconditioner()
+    ).solve_with_stats(op, b)
+    assert bool(stats.converged) and int(stats.num_matvecs) < 225
+    assert float(jnp.linalg.norm(b - op(x))) <= 1e-10 * float(jnp.linalg.norm(b))
+
+
 def test_preconditioned_cg_under_jit_and_vmap():
     matvec, b, _ = poisson_1d(n=50, decades=3.0)
     solve = ij.CG(rtol=1e-12, preconditioner=JacobiPreconditioner())

@@ -2,6 +2,7 @@
 
 import dataclasses
 import importlib
+import typing
 
 import jax
 
@@ -48,6 +49,7 @@ EXPERIMENTS = {
     "bradley_terry": "iterjax.experiments.bradley_terry",
     "sor_bandit": "iterjax.experiments.sor_bandit",
     "krylov_recycle": "iterjax.experiments.krylov_recycle",
+    "linear_solvers": "iterjax.experiments.linear_solvers",
     "elk_ar_gru": "iterjax.experiments.elk_ar_gru",
     "schedules": "iterjax.experiments.schedules",
 }
@@ -90,9 +92,15 @@ SEQUENCE_METHODS = {
     "elk": sequence.ELK,
     "quasi_elk": sequence.QuasiELK,
 }
+PRECONDITIONERS = {
+    "jacobi": linear.JacobiPreconditioner,
+    "chebyshev": linear.ChebyshevPreconditioner,
+    "multigrid": linear.Multigrid,
+}
 KINDS = {
     "solver": SOLVERS,
     "linear_solver": LINEAR_SOLVERS,
+    "preconditioner": PRECONDITIONERS,
     "adjoint": ADJOINTS,
     "sequence_method": SEQUENCE_METHODS,
 }
@@ -154,7 +162,7 @@ def _build(kind, spec, where):
                 f"allowed: {sorted(fields)}"
             )
         nested = _nested_kind(fields[key])
-        if nested:  # a nested spec: a wrapped or a linear solver
+        if nested:  # a nested spec: a wrapped solver, a linear solver, ...
             value = build(nested, to_spec(nested, value, f"{where}.{key}"))
         elif isinstance(fields[key].default, RestartRule):  # its factors, or null
             value = _restart_rule(value, f"{where}.{key}")
@@ -187,13 +195,20 @@ def _build(kind, spec, where):
     return cls(**kwargs)
 
 
+_NESTED = {
+    AbstractFixedPointSolver: "solver",
+    linear.AbstractLinearSolver: "linear_solver",
+    linear.AbstractPreconditioner: "preconditioner",
+}
+
+
 def _nested_kind(field):
-    """ "solver" or "linear_solver" for a field that holds one, else None."""
-    if isinstance(field.type, type):
-        if issubclass(field.type, AbstractFixedPointSolver):
-            return "solver"
-        if issubclass(field.type, linear.AbstractLinearSolver):
-            return "linear_solver"
+    """The registry kind of a field that holds a solver, a linear solver or a
+    preconditioner (its type, or a member of its union type), else None."""
+    for member in typing.get_args(field.type) or (field.type,):
+        for base, kind in _NESTED.items():
+            if isinstance(member, type) and issubclass(member, base):
+                return kind
     return None
 
 

@@ -45,8 +45,10 @@ class Spec:
 
     @property
     def label(self) -> str:
-        """`name(key=value,...)` for tables and plots, e.g. `picard(window=64)`."""
-        show = lambda v: v["name"] if isinstance(v, dict) and "name" in v else v
+        """`name(key=value,...)` for tables and plots, e.g. `picard(window=64)`;
+        a nested spec shows its own options, `cg(preconditioner=multigrid(
+        coarsening=galerkin))`."""
+        show = lambda v: Spec.parse(v, "", "").label if isinstance(v, dict) else v
         opts = ",".join(f"{k}={show(v)}" for k, v in self.options)
         return f"{self.name}({opts})" if opts else self.name
 

@@ -10,6 +10,8 @@ default `rtol=None` is max(1e-8, 10 ε) for the dtype of `b`: 1e-8 in float64 an
 about 1e-6 in float32, where 1e-8 is out of reach and would run to `max_steps`.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import jax.scipy.sparse.linalg as jsl
@@ -18,7 +20,7 @@ from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range, check_same_structure
 from ._base import AbstractLinearSolver, LinearStats, nan_in_nan_out, residual_within
-from .preconditioners import as_preconditioner
+from .preconditioners import AbstractPreconditioner, as_preconditioner
 
 
 def _identity(r):
@@ -51,7 +53,9 @@ class _Krylov(AbstractLinearSolver):
     rtol: float | None = None
     atol: float = 0.0
     max_steps: int | None = struct.field(pytree_node=False, default=None)
-    preconditioner: object = struct.field(pytree_node=False, default=None)
+    preconditioner: AbstractPreconditioner | Callable | None = struct.field(
+        pytree_node=False, default=None
+    )
 
     def _rtol(self, b):
         return default_rtol(b) if self.rtol is None else self.rtol
