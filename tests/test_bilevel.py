@@ -507,3 +507,55 @@ def test_bloop_rejects_bad_hyperparameters_and_updates():
         opt.update(g, opt.init(params))
     with pytest.raises(ValueError, match="`g_aux` must have the parameters' structure"):
         opt.update((g, {"w": a["w"]}), opt.init(params))
+
+
+# --- Several lower-level solutions (Kwon et al. 2023, "On penalty methods for
+# nonconvex bilevel optimization"): g(w, θ) = ½(a·w - θ)² is minimised on the
+# whole line S(θ) = {a·w = θ}, and F(θ) = min over S(θ) of f(w) = ½|w - c|²
+# (the optimistic selection y*(θ), c projected onto the line), so that
+# ∇F(θ) = (θ - a·c) / |a|². The penalty's hypergradient is exactly
+# λ(θ - a·c) / (1 + λ|a|²), O(1/λ) from it.
+
+LINE_A, LINE_C = jnp.array([1.0, 2.0]), jnp.array([1.0, -1.0])
+
+
+def _line_losses():
+    inner = lambda w, t: 0.5 * (LINE_A @ w - t) ** 2
+    outer = lambda w, t: 0.5 * jnp.sum((w - LINE_C) ** 2)
+    return outer, inner
+
+
+def test_penalty_is_order_one_over_lambda_close_on_a_line_of_minimisers():
+    outer, inner = _line_losses()
+    theta, a2, ac = 2.0, float(LINE_A @ LINE_A), float(LINE_A @ LINE_C)
+    exact = (theta - ac) / a2
+    errors = []
+    for lam in (1.0, 10.0, 100.0):
+        # GD contracts at 1 - lr / λ along the line: steps enough for 1e-13
+        method = bl.Penalty(optax.sgd(0.3), int(120 * lam) + 200, lam=lam)
+        for w0 in (jnp.zeros(2), jnp.array([5.0, -3.0])):  # any start: y_λ is unique
+            g = bl.hypergradient(outer, inner, theta, w0, method=method)
+            closed = lam * (theta - ac) / (1 + lam * a2)
+            np.testing.assert_allclose(g, closed, rtol=1e-9)
+        errors.append(abs(float(g) - exact))
+    # O(1/λ): each 10x of λ cuts the error by about 10x
+    for big, small in zip(errors, errors[1:]):
+        assert 8.0 < big / small < 11.0
+
+
+def test_implicit_formula_at_the_optimistic_selection_on_a_line_of_minimisers():
+    # With several solutions, ∇F = ∇_θ f - ∂²_θw g H† ∇_w f at y* = the
+    # minimiser of f on S(θ): there ∇_w f is in range(H), and CG from 0 on the
+    # consistent singular system gives the minimum-norm H†∇_w f
+    outer, inner = _line_losses()
+    theta, a2, ac = 2.0, float(LINE_A @ LINE_A), float(LINE_C @ LINE_A)
+    y_star = LINE_C + (theta - ac) / a2 * LINE_A
+    method = bl.Implicit(ij.CG(rtol=1e-12))
+    g = bl.hypergradient(outer, inner, theta, y_star, method=method)
+    np.testing.assert_allclose(g, (theta - ac) / a2, rtol=1e-10)
+    # at another minimiser of g, ∇_w f leaves range(H): the system has no
+    # solution, CG meets p·Ap = 0 and the answer is NaN, not converged, never a
+    # plausible number (the penalty method finds the selection by itself)
+    other = y_star + 3.0 * jnp.array([2.0, -1.0])  # a ⟂ (2, -1): still on S
+    info = bl.hypergradient(outer, inner, theta, other, method=method, return_info=True)
+    assert np.isnan(float(info.grad)) and not bool(info.converged)

@@ -20,6 +20,19 @@ approximation) by:
   (F2SA, Kwon et al. 2023): z ≈ argmin g, y ≈ argmin f/λ + g, and
   ∇F ≈ ∇_θ f(y) + λ (∇_θ g(y) - ∇_θ g(z)), with error O(1/λ).
 
+Several lower-level solutions (Kwon et al. 2023, "On penalty methods for
+nonconvex bilevel optimization"): where g(·, θ) is minimised on a set S(θ), the
+(optimistic) problem is F(θ) = min over w ∈ S(θ) of f(w, θ), attained at the
+selection y*(θ), and under the paper's regularity conditions on g
+
+    ∇F = ∇_θ f - (∂²g/∂θ∂w) H† ∇_w f   at y*,  H† the pseudo-inverse.
+
+`Implicit(CG())` started at w0 = y* computes it: ∇_w f lies in range(H) there,
+and CG from 0 on the consistent singular system gives H†∇_w f. At another
+point of S the system has no solution, and the result is NaN and not
+converged. `Penalty` needs no selection: its y → y* as λ grows, and its
+estimate is O(1/λ) from ∇F (both tested on a line of minimisers).
+
 Costs are counted per method: `inner_grads` (∇_w g), `outer_grads` (∇ f),
 `hvps` (Hessian- or mixed-second-derivative-vector products, including those of a
 reverse pass through an optimiser step).
