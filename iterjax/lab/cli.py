@@ -93,7 +93,12 @@ def _main(argv):
         help="a YAML config, or the name of a built-in config (iterjax list)",
     )
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides")
-    r.add_argument("--out", default=os.environ.get("ITERJAX_RUNS", "runs"))
+    r.add_argument(
+        "--out",
+        default=os.environ.get("ITERJAX_RUNS", "runs"),
+        help="the folder that holds run directories (default: $ITERJAX_RUNS, "
+        "else ./runs)",
+    )
     r.add_argument(
         "--smoke", action="store_true", help="apply the config's smoke overrides"
     )
@@ -106,7 +111,12 @@ def _main(argv):
     r.add_argument(
         "--compilation-cache", metavar="DIR", help="JAX's persistent compilation cache"
     )
-    r.add_argument("--quiet", action="store_true")
+    r.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bars or tables on the terminal (the run directory "
+        "still records everything)",
+    )
     sub.add_parser("list", help="list the built-in configs")
     show = sub.add_parser("show", help="print a built-in config")
     show.add_argument("name", help="a built-in config (iterjax list)")
