@@ -68,16 +68,26 @@ except _metadata.PackageNotFoundError:  # a source tree that was never installed
     __version__ = "0+unknown"
 
 
+_LAZY = {  # imported on first use, with the extra that provides what they need
+    "deq": ("flax", ("flax",)),
+    "lab": ("lab", ("yaml", "rich", "matplotlib", "sklearn", "flax", "orbax")),
+}
+
+
 def __getattr__(name):
-    """`iterjax.deq`, the flax layers, is imported on first use: the rest of
-    iterjax needs jax and optax only, and flax is the `flax` extra."""
-    if name != "deq":
+    """`iterjax.deq` (the flax layers) and `iterjax.lab` (the experiment
+    platform) are imported on first use: the rest of iterjax needs jax and optax
+    only; flax is the `flax` extra, the platform's dependencies the `lab` one."""
+    if name not in _LAZY:
         raise AttributeError(f"module 'iterjax' has no attribute {name!r}")
+    extra, needs = _LAZY[name]
     try:
-        return _importlib.import_module(".deq", __name__)
+        return _importlib.import_module(f".{name}", __name__)
     except ModuleNotFoundError as e:
-        if e.name is None or e.name.split(".")[0] != "flax":
+        if e.name is None or e.name.split(".")[0] not in needs:
             raise
         raise ModuleNotFoundError(
-            "iterjax.deq needs flax: pip install 'iterjax[flax]'", name=e.name
+            f"iterjax.{name} needs {e.name.split('.')[0]}: "
+            f"pip install 'iterjax[{extra}]'",
+            name=e.name,
         ) from e

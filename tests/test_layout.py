@@ -227,7 +227,7 @@ def test_the_core_runs_without_the_platforms_dependencies():
     # A solver-only install (`pip install iterjax`, no extras) has jax, optax
     # (and what they pull in: chex, scipy) but no flax, matplotlib, scikit-learn,
     # rich, pyyaml or orbax: importing iterjax and solving must not need them,
-    # nor the platform; `iterjax.deq` says which extra it needs.
+    # nor the platform; `iterjax.deq` and `iterjax.lab` say which extra they need.
     import subprocess
     import sys
 
@@ -255,6 +255,12 @@ except ModuleNotFoundError as e:
     assert "pip install 'iterjax[flax]'" in str(e), e
 else:
     raise AssertionError("iterjax.deq imported without flax")
+try:
+    iterjax.lab
+except ModuleNotFoundError as e:
+    assert "pip install 'iterjax[lab]'" in str(e), e
+else:
+    raise AssertionError("iterjax.lab imported without its dependencies")
 print("ok")
 """
     out = subprocess.run(
@@ -336,3 +342,12 @@ def test_abstract_bases_cannot_be_instantiated():
 
     with pytest.raises(TypeError, match="step"):
         Incomplete()
+
+
+def test_the_platform_is_an_attribute_of_the_package():
+    import iterjax
+    import iterjax.lab as lab
+
+    assert iterjax.lab is lab
+    with pytest.raises(AttributeError, match="no attribute 'labs'"):
+        iterjax.labs
