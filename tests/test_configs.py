@@ -861,3 +861,16 @@ def test_no_experiment_config_field_is_a_platform_key():
     for name in registry.EXPERIMENTS:
         fields = {f.name for f in dataclasses.fields(registry.experiment(name).Config)}
         assert not fields & reserved, (name, fields & reserved)
+
+
+def test_the_command_line_help_is_whole(capsys):
+    # a description that stops mid-list, and options without help, were bugs
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "report on run directories." in out and "Examples: iterjax run" in out
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--out OUT the folder that holds run directories" in out
+    assert "--quiet no progress bars or tables on the terminal" in out

@@ -65,7 +65,13 @@ def _main(argv):
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     parser = argparse.ArgumentParser(
-        prog="iterjax", description=__doc__.splitlines()[0]
+        prog="iterjax",
+        description="iterjax's experiment platform: run experiments and sweeps "
+        "from YAML configs, list and show the built-in ones, copy one to adapt, "
+        "and report on run directories.",
+        epilog="Examples: iterjax run fixed_point_study dim=128; iterjax run "
+        "--resume runs/fixed_point_study/<stamp>; iterjax list; iterjax report "
+        "runs/*/*",
     )
     parser.add_argument(
         "--version", action="version", version=f"iterjax {iterjax.__version__}"
