@@ -396,7 +396,7 @@ def test_run_directory_records_what_reproduces_it(toy, tmp_path):
     assert again.cfg.seed == 4 and again.name == "toy"
 
 
-def test_report_puts_runs_side_by_side(toy, tmp_path):
+def test_report_puts_runs_side_by_side(toy, tmp_path, monkeypatch):
     dirs = [
         runlib.run_experiment(
             _config(tmp_path, f"experiment: toy\nlr: {lr}\n", f"{i}.yaml"),
@@ -412,6 +412,16 @@ def test_report_puts_runs_side_by_side(toy, tmp_path):
     cli.main(["report", *map(str, dirs), "--out", str(tmp_path / "r.html")])
     page = (tmp_path / "r.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<table>" in page
+    # without --out: report.md beside the runs, not in the working directory
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["report", *map(str, dirs)]) == 0
+    assert (tmp_path / "toy" / "report.md").exists() and not list(elsewhere.iterdir())
+    links = re.findall(
+        r"!\[loss\]\(([^)]+)\)", (tmp_path / "toy" / "report.md").read_text()
+    )
+    assert links and all((tmp_path / "toy" / link).exists() for link in links)
 
 
 def test_report_shows_a_failed_runs_error_and_rejects_bad_paths(toy, tmp_path, capsys):

@@ -26,6 +26,12 @@ from .runner import (
 from .tables import markdown_table
 
 
+def _common_folder(dirs) -> str:
+    """The deepest folder that holds every run directory of `dirs` (one run
+    directory: itself)."""
+    return os.path.commonpath([os.path.abspath(d) for d in dirs])
+
+
 def describe(path) -> str:
     """The first sentence of a config's leading comment block."""
     words = []
@@ -133,7 +139,11 @@ def _main(argv):
     init.add_argument("dir", nargs="?", default=".", help="where (default: here)")
     rep = sub.add_parser("report", help="summarise one or several run directories")
     rep.add_argument("dirs", nargs="+", help="run directories")
-    rep.add_argument("--out", default="report.md", help="report.md or report.html")
+    rep.add_argument(
+        "--out",
+        help="the report, a .md or an .html file (default: report.md in the "
+        "folder that holds the run directories)",
+    )
     # overrides may come after options (`run cfg --smoke a=1`): argparse leaves
     # them over; anything else left over is an error.
     args, extra = parser.parse_known_args(argv)
@@ -157,7 +167,8 @@ def _main(argv):
         return 0
     if args.command == "report":
         try:
-            path = report.write(args.dirs, args.out)
+            out = args.out or os.path.join(_common_folder(args.dirs), "report.md")
+            path = report.write(args.dirs, out)
         except report.ReportError as e:
             print(f"iterjax: {e}", file=sys.stderr)
             return 2
