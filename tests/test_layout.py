@@ -261,6 +261,12 @@ except ModuleNotFoundError as e:
     assert "pip install 'iterjax[lab]'" in str(e), e
 else:
     raise AssertionError("iterjax.lab imported without its dependencies")
+import contextlib, io
+from iterjax._command import main
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    code = main(["--help"])
+assert code == 2 and "pip install 'iterjax[lab]'" in err.getvalue(), err.getvalue()
 print("ok")
 """
     out = subprocess.run(
