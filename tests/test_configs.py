@@ -29,7 +29,7 @@ def test_there_are_configs_and_each_names_a_registered_experiment():
     for path in CONFIGS:
         text = path.read_text()
         assert text.startswith("#"), f"{path.name} must start with a comment header"
-        name = yaml.safe_load(text)["experiment"]
+        name = cfglib.read_config(path)["experiment"]  # `base:` resolved
         assert name in registry.EXPERIMENTS
 
 
@@ -734,8 +734,9 @@ def _stopping_reads(module):
 def test_every_stopping_key_reaches_a_solver_call(path):
     # a key a config sets (or its Config declares) that no solver call reads
     # only changes labels: fixed_point_study's `norm` did, once
-    module = registry.experiment(yaml.safe_load(path.read_text())["experiment"])
-    keys = _stopping_keys(yaml.safe_load(path.read_text()))
+    tree = cfglib.read_config(path)  # `base:` resolved
+    module = registry.experiment(tree["experiment"])
+    keys = _stopping_keys(tree)
     keys |= _field_keys(module.Config)
     missing = keys - _stopping_reads(module)
     assert not missing, f"{path.name}: {sorted(missing)} reach no solver call"
@@ -756,7 +757,7 @@ def _all_keys(tree):
 def test_a_stopping_option_has_one_spelling(path):
     # `eval_atol`, `grad_atol`, `chaotic_atol` were five spellings of atol; a
     # phase's rule is now a `<phase>_stop: {atol, rtol, max_steps}` block
-    tree = yaml.safe_load(path.read_text())
+    tree = cfglib.read_config(path)  # `base:` resolved
     module = registry.experiment(tree["experiment"])
     names = _all_keys(tree) | {f.name for f in dataclasses.fields(module.Config)}
     assert not {k for k in names if _PHASE_SPELLING.match(k)}

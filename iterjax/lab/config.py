@@ -286,6 +286,12 @@ def resolve_config_path(name_or_path: str, folder=None) -> pathlib.Path:
     raise ConfigError(f"no config file {name_or_path!r} (looked in {CONFIG_DIR})")
 
 
+def read_config(path) -> dict:
+    """The config file at `path` as a mapping, its `base:` resolved: the keys
+    `load` starts from, before overrides and smoke."""
+    return _read_config(pathlib.Path(path), ())
+
+
 def _read_config(path, chain):
     """The config file `path` as a mapping, its `base:` resolved."""
     with open(path) as f:
