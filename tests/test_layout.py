@@ -249,18 +249,13 @@ assert bool(sol.converged) and bool(s.converged) and bool(w.converged), (sol, s)
 platform = ("iterjax.lab", "iterjax.experiments", "iterjax.deq")
 assert not any(m.startswith(platform) for m in sys.modules)
 assert not any(m.split(".")[0] in BLOCKED for m in sys.modules)
-try:
-    iterjax.deq
-except ModuleNotFoundError as e:
-    assert "pip install 'iterjax[flax]'" in str(e), e
-else:
-    raise AssertionError("iterjax.deq imported without flax")
-try:
-    iterjax.lab
-except ModuleNotFoundError as e:
-    assert "pip install 'iterjax[lab]'" in str(e), e
-else:
-    raise AssertionError("iterjax.lab imported without its dependencies")
+for name, extra in (("deq", "flax"), ("lab", "lab")):
+    try:
+        getattr(iterjax, name)
+    except ModuleNotFoundError as e:
+        assert f"pip install 'iterjax[{extra}]'" in str(e), e
+    else:
+        raise AssertionError(f"iterjax.{name} imported without its extra")
 import contextlib, io
 from iterjax._command import main
 err = io.StringIO()
