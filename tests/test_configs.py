@@ -480,6 +480,11 @@ def test_preconditioner_specs_nest_in_linear_solvers():
     }
     spec = registry.to_spec("linear_solver", value, "s")
     assert spec.label == "cg(preconditioner=multigrid(coarsening=galerkin))"
+    # an option whose value is a mapping without `name` is data, not a spec
+    rule = {"name": "restarted", "solver": "picard", "rule": {"sufficient_decay": 0.5}}
+    assert registry.to_spec("solver", rule, "s").label == (
+        "restarted(rule={'sufficient_decay': 0.5},solver=picard)"
+    )
     assert registry.build("linear_solver", spec) == ij.CG(
         preconditioner=ij.linear.Multigrid(coarsening="galerkin")
     )

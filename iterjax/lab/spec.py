@@ -48,7 +48,8 @@ class Spec:
         """`name(key=value,...)` for tables and plots, e.g. `picard(window=64)`;
         a nested spec shows its own options, `cg(preconditioner=multigrid(
         coarsening=galerkin))`."""
-        show = lambda v: Spec.parse(v, "", "").label if isinstance(v, dict) else v
+        nested = lambda v: isinstance(v, dict) and "name" in v  # else plain data
+        show = lambda v: Spec.parse(v, "", "").label if nested(v) else v
         opts = ",".join(f"{k}={show(v)}" for k, v in self.options)
         return f"{self.name}({opts})" if opts else self.name
 
