@@ -74,20 +74,31 @@ _LAZY = {  # imported on first use, with the extra that provides what they need
 }
 
 
+class _MissingExtra(ModuleNotFoundError):
+    """An optional part of iterjax was used without the extra that installs its
+    dependencies; the message says which `pip install 'iterjax[...]'`."""
+
+
+def _import_part(name, module=None):
+    """Import `module` (default `iterjax.<name>`) of the optional part `name` of
+    `_LAZY`, or raise `_MissingExtra` naming the extra to install."""
+    extra, needs = _LAZY[name]
+    try:
+        return _importlib.import_module(module or f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        missing = (e.name or "").split(".")[0]
+        if missing not in needs:
+            raise
+        raise _MissingExtra(
+            f"iterjax.{name} needs {missing}: pip install 'iterjax[{extra}]'",
+            name=e.name,
+        ) from e
+
+
 def __getattr__(name):
     """`iterjax.deq` (the flax layers) and `iterjax.lab` (the experiment
     platform) are imported on first use: the rest of iterjax needs jax and optax
     only; flax is the `flax` extra, the platform's dependencies the `lab` one."""
     if name not in _LAZY:
         raise AttributeError(f"module 'iterjax' has no attribute {name!r}")
-    extra, needs = _LAZY[name]
-    try:
-        return _importlib.import_module(f".{name}", __name__)
-    except ModuleNotFoundError as e:
-        if e.name is None or e.name.split(".")[0] not in needs:
-            raise
-        raise ModuleNotFoundError(
-            f"iterjax.{name} needs {e.name.split('.')[0]}: "
-            f"pip install 'iterjax[{extra}]'",
-            name=e.name,
-        ) from e
+    return _import_part(name)
