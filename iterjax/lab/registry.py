@@ -97,7 +97,7 @@ PRECONDITIONERS = {
     "chebyshev": linear.ChebyshevPreconditioner,
     "multigrid": linear.Multigrid,
 }
-KINDS = {
+KINDS: dict[str, dict[str, typing.Any]] = {
     "solver": SOLVERS,
     "linear_solver": LINEAR_SOLVERS,
     "preconditioner": PRECONDITIONERS,

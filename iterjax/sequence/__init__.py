@@ -16,8 +16,12 @@ sweeps of one core update (see `_core`) with a method choosing the matrix A_t:
 
 Every method also takes `window=W` (a ParaDiGMS sliding window: O(W) work and
 memory per sweep) and `mesh=` (the time axis sharded over a device mesh).
+
+`samplers` writes diffusion samplers (DDIM, PLMS, DPM-Solver++) as step maps
+for `scan`.
 """
 
+from . import samplers as samplers
 from ._core import AbstractSequenceMethod as AbstractSequenceMethod
 from ._scan import ScanStats as ScanStats
 from ._scan import Sequential as Sequential
