@@ -22,7 +22,6 @@
 import dataclasses
 import functools
 import itertools
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from flax import nnx
 
 import iterjax as ij
 from iterjax.experiments import charlm_train
-from iterjax.experiments.common import charlm
+from iterjax.experiments.common import charlm, checkpoints
 from iterjax.lab.spec import Count, Fraction, Positive
 from iterjax.lab.tables import markdown_table
 
@@ -70,20 +69,10 @@ class Config:
 
 
 def load_model(cfg, workdir):
-    if cfg.checkpoint == "":
+    path = checkpoints.find(cfg.checkpoint, workdir, "charlm_train", "jacobi_decoding")
+    if path is None:
         model, vocab, _, _ = charlm_train.train(cfg.model, cfg.train, workdir)
         return model, vocab, "trained here"
-    path = pathlib.Path(cfg.checkpoint)
-    if cfg.checkpoint == "latest":
-        runs = sorted(
-            (workdir.path.parent.parent / "charlm_train").glob("*/checkpoint")
-        )
-        if not runs:
-            raise FileNotFoundError(
-                "jacobi_decoding: no charlm_train checkpoint under runs/; run "
-                "`iterjax run charlm_train` first, or set checkpoint=''"
-            )
-        path = runs[-1]
     model, vocab = charlm.load(path)
     return model, vocab, str(path)
 

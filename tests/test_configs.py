@@ -181,6 +181,14 @@ def _check_picard_diffusion(summary):
     assert guide["loss_last"] < guide["loss_first"]
 
 
+def _check_picard_diffusion_trained(summary):
+    for r in summary["rows"]:
+        assert r["converged"] and r["error"] < 1e-3 and r["sweeps"] <= r["steps"], r
+        # parallel samples score as the sequential ones they equal to 1e-3
+        assert abs(r["sw"] - r["sequential_sw"]) < 1e-2, r
+    assert {r["sampler"] for r in summary["rows"]} == {"ddim", "plms", "dpm_solver_pp"}
+
+
 def _check_charlm_train(summary):
     assert summary["sample_equals_sequential"]
     assert summary["sample_calls"] <= summary["sample_tokens"]
@@ -345,6 +353,7 @@ SMOKE_CHECKS = {
     "jacobi_rnn": _check_jacobi_rnn,
     "deer_gru": _check_deer_gru,
     "picard_diffusion": _check_picard_diffusion,
+    "picard_diffusion_trained": _check_picard_diffusion_trained,
     "charlm_train": _check_charlm_train,
     "jacobi_decoding": _check_jacobi_decoding,
 }
@@ -879,3 +888,19 @@ def test_the_command_line_help_is_whole(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert "--out OUT the folder that holds run directories" in out
     assert "--quiet no progress bars or tables on the terminal" in out
+
+
+@pytest.mark.slow
+def test_sampling_config_finds_the_newest_trained_checkpoint(tmp_path):
+    sampling = CONFIG_DIR / "picard_diffusion_trained.yaml"
+    with pytest.raises(FileNotFoundError, match="run `iterjax run diffusion_train`"):
+        run_experiment(
+            sampling, ["checkpoint=latest"], out=tmp_path, smoke=True, quiet=True
+        )
+    trained, _ = run_experiment(
+        CONFIG_DIR / "diffusion_train.yaml", out=tmp_path, smoke=True, quiet=True
+    )
+    _, summary = run_experiment(
+        sampling, ["checkpoint=latest"], out=tmp_path, smoke=True, quiet=True
+    )
+    assert summary["model"] == str(trained / "checkpoint")

@@ -7,9 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import iterjax as ij
 from iterjax.experiments.common import diffusion
+from iterjax.experiments.common import digits_diffusion as dd
 
 N = 200
 
@@ -106,3 +108,37 @@ def test_a_nan_of_f_stops_either_rule_as_non_finite(acceptance):
     assert int(stats.result) == 2 and int(stats.num_sweeps) < 10
     np.testing.assert_allclose(ys[:7], jax.lax.scan(f, 0.0, xs)[1][:7])
     assert bool(jnp.all(jnp.isnan(ys[7:])))
+
+
+# --- the trained digits model's measures (experiments.common.digits_diffusion) ---
+
+
+def test_frechet_distance_of_gaussians_is_the_closed_form():
+    # N(0, I) against N(m, 4 I) in 3-D: |m|² + Tr(I + 4I - 2·2I) = |m|² + 3
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((200_000, 3))
+    m = np.array([1.0, -2.0, 0.5])
+    b = m + 2 * rng.standard_normal((200_000, 3))
+    assert dd.frechet_distance(a, b) == pytest.approx(m @ m + 3, rel=2e-2)
+    assert dd.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_sliced_wasserstein_of_a_translated_set_is_the_mean_projected_shift():
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((500, 64))
+    v = np.full(64, 0.1)
+    # every projection shifts by v·θ: SW² = mean (v·θ)² = |v|² / d for random θ
+    assert dd.sliced_wasserstein(a, a) == 0.0
+    got = dd.sliced_wasserstein(a, a + v, projections=4000)
+    assert got == pytest.approx(np.linalg.norm(v) / 8, rel=0.05)
+
+
+def test_digits_models_round_trip_through_a_checkpoint(tmp_path):
+    cfg = dd.ModelConfig(hidden=8, layers=2, frequencies=2)
+    denoiser = dd.Denoiser(cfg, nnx.Rngs(3))
+    classifier = dd.Classifier(nnx.Rngs(4), hidden=128)
+    dd.save(denoiser, classifier, tmp_path)
+    d2, c2 = dd.load(tmp_path)
+    x = jnp.ones((2, 64), jnp.float32)
+    np.testing.assert_array_equal(d2(x, 0.5), denoiser(x, 0.5))
+    np.testing.assert_array_equal(c2(x), classifier(x))

@@ -7,7 +7,6 @@ The model is float32 whatever `jax_enable_x64` says.
 
 import dataclasses
 import functools
-import json
 import pathlib
 import re
 
@@ -17,6 +16,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from iterjax.experiments.common import checkpoints
 from iterjax.experiments.common.wheels import data_path
 from iterjax.lab.spec import Count, NonNegative, Positive
 
@@ -197,24 +197,12 @@ def logits_fn(model):
 
 def save(model: CharLM, vocab: Vocab, path: pathlib.Path) -> None:
     """`model.json` (config and vocabulary) and `params.npz` under `path`."""
-    path.mkdir(parents=True, exist_ok=True)
     meta = dict(model=dataclasses.asdict(model.cfg), vocab=vocab.chars)
-    (path / "model.json").write_text(json.dumps(meta))
-    leaves = jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
-    arrays = {jax.tree_util.keystr(k): np.asarray(v) for k, v in leaves}
-    np.savez(path / "params.npz", **arrays)  # type: ignore[arg-type]  # numpy's stub
+    checkpoints.save(model, path, meta)
 
 
 def load(path: pathlib.Path) -> tuple[CharLM, Vocab]:
-    meta = json.loads((path / "model.json").read_text())
+    meta = checkpoints.meta(path)
     vocab = Vocab(meta["vocab"])
     model = CharLM(len(vocab), ModelConfig(**meta["model"]), nnx.Rngs(0))
-    saved = np.load(path / "params.npz")
-    state = nnx.state(model, nnx.Param)
-    paths, treedef = jax.tree_util.tree_flatten_with_path(state)
-    names = [jax.tree_util.keystr(k) for k, _ in paths]
-    if sorted(names) != sorted(saved.files):
-        raise ValueError(f"checkpoint {path} does not match the model")
-    leaves = [jnp.asarray(saved[n]) for n in names]
-    nnx.update(model, jax.tree_util.tree_unflatten(treedef, leaves))
-    return model, vocab
+    return checkpoints.restore(model, path), vocab

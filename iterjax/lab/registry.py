@@ -52,6 +52,8 @@ EXPERIMENTS = {
     "linear_solvers": "iterjax.experiments.linear_solvers",
     "elk_ar_gru": "iterjax.experiments.elk_ar_gru",
     "schedules": "iterjax.experiments.schedules",
+    "diffusion_train": "iterjax.experiments.diffusion_train",
+    "picard_diffusion_trained": "iterjax.experiments.picard_diffusion_trained",
 }
 
 SOLVERS = {
