@@ -353,6 +353,11 @@ def main():
         help="only the DEER wall-time table, written to "
         "results/sequence_peers_speed_<platform>.md",
     )
+    p.add_argument(
+        "--no-speed",
+        action="store_true",
+        help="every table but the DEER wall-time one (--speed-only's)",
+    )
     a = p.parse_args()
     full = (16, [(16, 1024), (16, 4096), (16, 16384), (64, 4096)], 15)
     seeds, sizes, rounds = (4, [(16, 1024)], 5) if a.quick else full
@@ -387,8 +392,9 @@ def main():
         print(fmt([dict(zip(head + ["iterjax error"], r)) for r in rows]))
         ratios = [r[5] / r[3] for r in rows[:-1]]
         print(f"\nfloat32 error ratio iterjax / DEER repo: max {max(ratios):.2f}")
-        print("\n## Wall time at matched accuracy (GRU, float64, atol 1e-12)\n")
-        print(fmt(speed(fseq1d, sizes, rounds)))
+        if not a.no_speed:
+            print("\n## Wall time at matched accuracy (GRU, float64, atol 1e-12)\n")
+            print(fmt(speed(fseq1d, sizes, rounds)))
 
     elk, why = load(a.elk, "elk.algs.elk")
     if elk is None:

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
+from flax import nnx
 
 import iterjax as ij
+from iterjax.experiments.common import made
 
 VOCAB, DIM = 5, 8
 
@@ -276,3 +278,32 @@ def test_a_degenerate_fine_tuned_model_fails_the_decoding_run():
     # the shipped config (whose run gives README's CLLM numbers) holds the bar
     assert Config().max_top_token_share == 0.5
     assert prepare(CONFIG_DIR / "jacobi_decoding.yaml").cfg.max_top_token_share == 0.5
+
+
+# --- MADE sampling as a causal chain (experiments.common.made) ------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_made():
+    return made.MADE(16, 32, nnx.Rngs(0))
+
+
+def test_made_logit_d_depends_only_on_earlier_pixels(tiny_made):
+    x = jnp.asarray(np.random.default_rng(0).random(16), jnp.float32)
+    J = np.asarray(jax.jacfwd(tiny_made)(x))  # J[d, j] = d logit_d / d x_j
+    assert np.all(np.triu(J) == 0)  # nothing from x_j, j >= d
+    assert np.count_nonzero(np.tril(J, -1)) > 0.9 * 16 * 15 / 2
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_made_jacobi_sampling_equals_the_sequential_chain(tiny_made, block_size):
+    u = jax.random.uniform(jax.random.key(1), (16,), jnp.float32, 1e-6, 1 - 1e-6)
+    x = np.zeros(16, np.float32)
+    for d in range(16):  # x_d = 1[u_d < σ(logit_d(x_<d))], one pixel at a time
+        p = jax.nn.sigmoid(tiny_made(jnp.asarray(x))[d])
+        x[d] = float(u[d] < p)
+    tokens, stats = ij.jacobi_decode(
+        made.logits_fn(tiny_made, u), jnp.zeros(1, jnp.int32), 16, block_size=block_size
+    )
+    np.testing.assert_array_equal(tokens, x.astype(np.int32))
+    assert bool(stats.converged) and int(stats.num_calls) <= 16

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from iterjax.experiments.common import checkpoints, diffusion
+from iterjax.experiments.common import checkpoints, diffusion, training
 from iterjax.experiments.common.deq_models import load_digits
 from iterjax.lab.spec import Count, Positive
 from iterjax.sequence import samplers
@@ -90,29 +90,6 @@ class Classifier(nnx.Module):
         return self.head(self.features(x))
 
 
-def _fit(model, loss, steps, lr, batches):
-    """Adam on `loss(model, batch)` over `batches(step)`; returns the losses."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
-    state = opt.init(params)
-
-    @jax.jit
-    def step(params, state, batch):
-        value, g = jax.value_and_grad(lambda p: loss(nnx.merge(graphdef, p), batch))(
-            params
-        )
-        with jax.numpy_dtype_promotion("standard"):  # optax mixes int and float
-            updates, state = opt.update(g, state, params)
-            return optax.apply_updates(params, updates), state, value
-
-    losses = []
-    for k in range(steps):
-        params, state, value = step(params, state, batches(k))
-        losses.append(float(value))
-    nnx.update(model, params)
-    return losses
-
-
 def denoising_loss(model, batch):
     x0, t, noise = batch
     ab = diffusion.alpha_bar(t)[:, None]
@@ -134,7 +111,7 @@ def train_denoiser(model_cfg: ModelConfig, cfg: TrainConfig, progress=None):
             progress()
         return x[idx], t, noise
 
-    return model, _fit(model, denoising_loss, cfg.steps, cfg.lr, batches)
+    return model, training.fit(model, denoising_loss, cfg.steps, cfg.lr, batches)
 
 
 def train_classifier(cfg: TrainConfig):
@@ -150,7 +127,7 @@ def train_classifier(cfg: TrainConfig):
         idx = np.random.default_rng([cfg.seed + 1, k]).integers(0, len(x), 128)
         return x[idx], y[idx]
 
-    _fit(model, loss, cfg.classifier_steps, 3e-3, batches)
+    training.fit(model, loss, cfg.classifier_steps, 3e-3, batches)
     accuracy = float(np.mean(np.argmax(np.asarray(model(xt)), -1) == yt))
     return model, accuracy
 

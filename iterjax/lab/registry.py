@@ -54,6 +54,7 @@ EXPERIMENTS = {
     "schedules": "iterjax.experiments.schedules",
     "diffusion_train": "iterjax.experiments.diffusion_train",
     "picard_diffusion_trained": "iterjax.experiments.picard_diffusion_trained",
+    "made_sampling": "iterjax.experiments.made_sampling",
 }
 
 SOLVERS = {
