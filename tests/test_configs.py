@@ -189,6 +189,12 @@ def _check_picard_diffusion_trained(summary):
     assert {r["sampler"] for r in summary["rows"]} == {"ddim", "plms", "dpm_solver_pp"}
 
 
+def _check_diffusion_restoration(summary):
+    check = summary["gradient_check"]
+    assert check["rel_to_lax_scan"] < 1e-9 and check["rel_to_fd"] < 1e-4, check
+    assert summary["losses"][-1] < summary["losses"][0]
+
+
 def _check_charlm_train(summary):
     assert summary["sample_equals_sequential"]
     assert summary["sample_calls"] <= summary["sample_tokens"]
@@ -354,6 +360,7 @@ SMOKE_CHECKS = {
     "deer_gru": _check_deer_gru,
     "picard_diffusion": _check_picard_diffusion,
     "picard_diffusion_trained": _check_picard_diffusion_trained,
+    "diffusion_restoration": _check_diffusion_restoration,
     "charlm_train": _check_charlm_train,
     "jacobi_decoding": _check_jacobi_decoding,
 }

@@ -55,6 +55,7 @@ EXPERIMENTS = {
     "diffusion_train": "iterjax.experiments.diffusion_train",
     "picard_diffusion_trained": "iterjax.experiments.picard_diffusion_trained",
     "made_sampling": "iterjax.experiments.made_sampling",
+    "diffusion_restoration": "iterjax.experiments.diffusion_restoration",
 }
 
 SOLVERS = {
