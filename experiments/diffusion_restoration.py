@@ -170,16 +170,5 @@ def _plot(y, mask, before, after, losses, workdir):
             np.asarray(after[:n]),
         ]
     )
-    grid = np.ones((4 * 9, 8 * 9))
-    for i, img in enumerate(shown):
-        r, c = divmod(i, 8)
-        grid[9 * r : 9 * r + 8, 9 * c : 9 * c + 8] = (
-            1 - np.clip(img, -1, 1).reshape(8, 8)
-        ) / 2
-    ax[1].imshow(grid, cmap="gray", vmin=0, vmax=1)
-    ax[1].set(
-        title="rows: digit, observed, sample from z₀, restored",
-        xticks=[],
-        yticks=[],
-    )
+    dd.show(ax[1], shown, "rows: digit, observed, sample from z₀, restored")
     workdir.savefig(fig, "diffusion_restoration.png")

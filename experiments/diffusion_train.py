@@ -60,18 +60,6 @@ def ddim_samples(denoiser, num_samples, num_steps, seed):
     return np.asarray(s.sample(carry))
 
 
-def show(ax, images, title):
-    """Up to 64 images as an 8 x 8 grid of digits."""
-    grid = np.ones((8 * 9, 8 * 9))
-    for i, x in enumerate(np.asarray(images)[:64]):
-        r, c = divmod(i, 8)
-        grid[9 * r : 9 * r + 8, 9 * c : 9 * c + 8] = (
-            1 - np.clip(x, -1, 1).reshape(8, 8)
-        ) / 2
-    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
-    ax.set(title=title, xticks=[], yticks=[])
-
-
 def run(cfg: Config, workdir) -> dict:
     denoiser, classifier, losses, accuracy = train(
         cfg.model, cfg.train, workdir, cfg.log_every
@@ -81,8 +69,8 @@ def run(cfg: Config, workdir) -> dict:
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
     ax[0].semilogy(losses, lw=0.5)
     ax[0].set(title="denoising loss", xlabel="step", ylabel="E|ε̂ - ε|²")
-    show(ax[1], x, f"DDIM, {cfg.sample_steps} steps")
-    show(ax[2], dd.images()[2], "held-out digits")
+    dd.show(ax[1], x, f"DDIM, {cfg.sample_steps} steps")
+    dd.show(ax[2], dd.images()[2], "held-out digits")
     workdir.savefig(fig, "diffusion_train.png")
     return dict(
         final_loss=float(np.mean(losses[-cfg.log_every :])),

@@ -180,7 +180,7 @@ def _plot(cfg, rows, images, workdir):
         ylabel="RMS (pixels in [-1, 1])",
     )
     name, N = cfg.samplers[0], max(cfg.steps)
-    diffusion_train.show(ax[2], images[(name, N)], f"{name}, N = {N}")
+    dd.show(ax[2], images[(name, N)], f"{name}, N = {N}")
     for a in ax[:2]:
         a.legend(fontsize=6)
     workdir.savefig(fig, "picard_diffusion_trained.png")

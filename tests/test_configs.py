@@ -195,6 +195,15 @@ def _check_diffusion_restoration(summary):
     assert summary["losses"][-1] < summary["losses"][0]
 
 
+def _check_diffusion_inversion(summary):
+    rows = {r["method"]: r for r in summary["rows"]}
+    for method in ("fixed_point", "anderson", "newton"):
+        assert rows[method]["converged"], rows[method]
+        # a solved inversion reconstructs far better than DDIM's approximation
+        assert rows[method]["reconstruction_rms"] < rows["ddim"]["reconstruction_rms"]
+    assert rows["newton"]["jvps_per_image"] > 0 == rows["anderson"]["jvps_per_image"]
+
+
 def _check_charlm_train(summary):
     assert summary["sample_equals_sequential"]
     assert summary["sample_calls"] <= summary["sample_tokens"]
@@ -361,6 +370,7 @@ SMOKE_CHECKS = {
     "picard_diffusion": _check_picard_diffusion,
     "picard_diffusion_trained": _check_picard_diffusion_trained,
     "diffusion_restoration": _check_diffusion_restoration,
+    "diffusion_inversion": _check_diffusion_inversion,
     "charlm_train": _check_charlm_train,
     "jacobi_decoding": _check_jacobi_decoding,
 }

@@ -199,3 +199,16 @@ def quality(samples, classifier: Classifier) -> dict:
         sw=sliced_wasserstein(x, test),
         confident=float(jnp.mean(jnp.max(probs, -1) > 0.9)),
     )
+
+
+def show(ax, images, title):
+    """Up to 64 images of 8 x 8 pixels in [-1, 1], eight to a row, on `ax`."""
+    images = np.asarray(images)[:64]
+    grid = np.ones((9 * -(-len(images) // 8), 8 * 9))
+    for i, x in enumerate(images):
+        r, c = divmod(i, 8)
+        grid[9 * r : 9 * r + 8, 9 * c : 9 * c + 8] = (
+            1 - np.clip(x, -1, 1).reshape(8, 8)
+        ) / 2
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1)
+    ax.set(title=title, xticks=[], yticks=[])

@@ -56,6 +56,7 @@ EXPERIMENTS = {
     "picard_diffusion_trained": "iterjax.experiments.picard_diffusion_trained",
     "made_sampling": "iterjax.experiments.made_sampling",
     "diffusion_restoration": "iterjax.experiments.diffusion_restoration",
+    "diffusion_inversion": "iterjax.experiments.diffusion_inversion",
 }
 
 SOLVERS = {
