@@ -204,6 +204,15 @@ def _check_diffusion_inversion(summary):
     assert rows["newton"]["jvps_per_image"] > 0 == rows["anderson"]["jvps_per_image"]
 
 
+def _check_fpdm(summary):
+    sizes = {r["model"]: r for r in summary["sizes"]}
+    deq = sizes.pop("fixed point (DEQ)")
+    for explicit in sizes.values():  # one implicit layer against several
+        assert deq["parameters"] < explicit["parameters"], (deq, explicit)
+    for r in summary["rows"]:
+        assert r["iterations"] == r["budget"] * 8, r  # the budget is spent exactly
+
+
 def _check_charlm_train(summary):
     assert summary["sample_equals_sequential"]
     assert summary["sample_calls"] <= summary["sample_tokens"]
@@ -371,6 +380,7 @@ SMOKE_CHECKS = {
     "picard_diffusion_trained": _check_picard_diffusion_trained,
     "diffusion_restoration": _check_diffusion_restoration,
     "diffusion_inversion": _check_diffusion_inversion,
+    "fpdm": _check_fpdm,
     "charlm_train": _check_charlm_train,
     "jacobi_decoding": _check_jacobi_decoding,
 }

@@ -66,14 +66,26 @@ class Denoiser(nnx.Module):
         self.out = nnx.Linear(cfg.hidden, dim, rngs=rngs)
 
     def __call__(self, x, t):
-        k = jnp.arange(self.cfg.frequencies, dtype=x.dtype)
-        t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:-1])
-        scales = jnp.reshape(jnp.pi * 2.0**k, (1,) * t.ndim + (-1,))
-        angle = t[..., None] * scales
-        h = jnp.concatenate([x, jnp.sin(angle), jnp.cos(angle)], axis=-1)
+        h = time_features(x, t, self.cfg.frequencies)
         for layer in self.layers:
             h = jax.nn.silu(layer(h))
         return self.out(h)
+
+
+def time_features(x, t, frequencies: int):
+    """(x, sin(2^k π t), cos(2^k π t)) for k < frequencies: the denoisers' input."""
+    k = jnp.arange(frequencies, dtype=x.dtype)
+    t = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:-1])
+    scales = jnp.reshape(jnp.pi * 2.0**k, (1,) * t.ndim + (-1,))
+    angle = t[..., None] * scales
+    return jnp.concatenate([x, jnp.sin(angle), jnp.cos(angle)], axis=-1)
+
+
+def cast(model: nnx.Module, dtype):
+    """A copy of `model` with its parameters in `dtype`."""
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda a: a.astype(dtype), params)
+    return nnx.merge(graphdef, params, *rest)
 
 
 class Classifier(nnx.Module):
@@ -148,9 +160,8 @@ def load(path: pathlib.Path) -> tuple[Denoiser, Classifier]:
 def eps_fn(model: Denoiser, dtype=jnp.float64):
     """`eps(x, t, alpha_bar)` for `iterjax.sequence.samplers`, the weights cast to
     `dtype` (float64 by default: the sampling chains are compared to 1e-6)."""
-    graphdef, params = nnx.split(model, nnx.Param)
-    params = jax.tree.map(lambda a: a.astype(dtype), params)
-    return lambda x, t, ab: nnx.merge(graphdef, params)(x, t)
+    model = cast(model, dtype)
+    return lambda x, t, ab: model(x, t)
 
 
 def sampling_steps(num_steps: int):

@@ -57,6 +57,7 @@ EXPERIMENTS = {
     "made_sampling": "iterjax.experiments.made_sampling",
     "diffusion_restoration": "iterjax.experiments.diffusion_restoration",
     "diffusion_inversion": "iterjax.experiments.diffusion_inversion",
+    "fpdm": "iterjax.experiments.fpdm",
 }
 
 SOLVERS = {

@@ -139,8 +139,11 @@ def _scales(ab):
     return jnp.sqrt(ab), jnp.sqrt(1 - ab)
 
 
-def _transfer(x, e, s):
-    """The DDIM transfer from t_k to t_{k+1} with noise estimate e."""
+def ddim_transfer(x, e, s: SamplerSteps):
+    """The DDIM transfer from t_k to t_{k+1} given a noise estimate e:
+    α_{k+1} (x - σ_k e) / α_k + σ_{k+1} e (`s`: one row of `SamplerSteps`). For
+    samplers whose model keeps a state of its own (a warm-started fixed-point
+    layer, say), written as a scan body around it."""
     a, sig = _scales(s.alpha_bar)
     a_next, sig_next = _scales(s.alpha_bar_next)
     return a_next * (x - sig * e) / a + sig_next * e
@@ -163,7 +166,7 @@ def ddim(eps: Callable) -> Sampler:
     """
 
     def step(x, s):
-        return _transfer(x, eps(x, s.t, s.alpha_bar), s), None
+        return ddim_transfer(x, eps(x, s.t, s.alpha_bar), s), None
 
     return Sampler(lambda x: x, step, lambda x: x, jnp.ones_like)
 
@@ -202,7 +205,7 @@ def plms(eps: Callable) -> Sampler:
         history = jnp.concatenate([e[None], past])
         w = jnp.asarray(_ADAMS_BASHFORTH, history.dtype)[jnp.minimum(s.k, 3)]
         combined = jnp.tensordot(w, history, axes=1)
-        return (_transfer(x, combined, s), history[:3]), None
+        return (ddim_transfer(x, combined, s), history[:3]), None
 
     return Sampler(init, step, lambda c: c[0], _history_increments(init))
 
