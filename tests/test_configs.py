@@ -9,6 +9,7 @@ import json
 import pathlib
 import re
 
+import numpy as np
 import pytest
 import yaml
 
@@ -213,6 +214,18 @@ def _check_fpdm(summary):
         assert r["iterations"] == r["budget"] * 8, r  # the budget is spent exactly
 
 
+def _check_rti_policy(summary):
+    assert {(r["variant"], r["k"]) for r in summary["rows"]} == {
+        ("full", 4),
+        ("cold", 1),
+        ("rti", 1),
+        ("cold", 2),
+        ("rti", 2),
+    }
+    for r in summary["rows"]:
+        assert np.isfinite(r["relative_cost"]) and r["relative_cost"] > 0, r
+
+
 def _check_charlm_train(summary):
     assert summary["sample_equals_sequential"]
     assert summary["sample_calls"] <= summary["sample_tokens"]
@@ -381,6 +394,7 @@ SMOKE_CHECKS = {
     "diffusion_restoration": _check_diffusion_restoration,
     "diffusion_inversion": _check_diffusion_inversion,
     "fpdm": _check_fpdm,
+    "rti_policy": _check_rti_policy,
     "charlm_train": _check_charlm_train,
     "jacobi_decoding": _check_jacobi_decoding,
 }

@@ -58,6 +58,7 @@ EXPERIMENTS = {
     "diffusion_restoration": "iterjax.experiments.diffusion_restoration",
     "diffusion_inversion": "iterjax.experiments.diffusion_inversion",
     "fpdm": "iterjax.experiments.fpdm",
+    "rti_policy": "iterjax.experiments.rti_policy",
 }
 
 SOLVERS = {
