@@ -302,3 +302,70 @@ def test_alpha_bar_may_be_a_function_of_time():
     for u, v in zip(a, b):
         np.testing.assert_array_equal(u, v)
     np.testing.assert_array_equal(a.alpha_bar_prev[1:], a.alpha_bar[:-1])
+
+
+# --- generalised Picard: momentum and a state that changes shape (DreamPropeller) --
+
+
+def test_picard_solves_a_momentum_path_as_sequential():
+    # heavy ball on a quadratic: v' = β v - η ∇f(x), x' = x + v'; both parts move
+    # by small increments, so plain Picard applies
+    A = jnp.diag(jnp.linspace(0.5, 2.0, 5))
+
+    def f(c, eta):
+        x, v = c
+        v = 0.9 * v - eta * (A @ x)
+        return (x + v, v), None
+
+    init = (jnp.ones(5), jnp.zeros(5))
+    etas = jnp.full(300, 0.01)
+    ref, _ = jax.lax.scan(f, init, etas)
+    got, _, stats = jax.jit(
+        lambda c: ij.scan(
+            f, c, etas, method=ij.sequence.Picard(), atol=1e-12, return_stats=True
+        )
+    )(init)
+    assert bool(stats.converged) and int(stats.num_sweeps) < 300
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, atol=1e-9, rtol=0)
+
+
+def upsample(h):  # a 2 x 2 image -> 4 x 4 (each pixel repeated)
+    return jnp.kron(h, jnp.ones((2, 2), h.dtype))
+
+
+@pytest.mark.parametrize("method", METHODS.values(), ids=METHODS.keys())
+def test_a_coarse_to_fine_path_equals_its_sequential_evaluation(method):
+    if method == "increments":
+        method = ij.sequence.Picard()
+    smooth = lambda h, x: h + 0.05 * (jnp.tanh(h + x) - h)  # a small step a stage
+    s = ij.sequence.staged([smooth, smooth, smooth], [upsample, upsample])
+    stages = jnp.repeat(jnp.arange(3), jnp.array([10, 15, 20]))
+    xs = s.inputs(stages, jnp.linspace(-1.0, 1.0, 45))
+    h0 = jnp.array([[0.5, -0.5], [1.0, 0.0]])
+
+    h = h0  # sequentially, with the shapes changing
+    for t in range(45):
+        if t in (10, 25):
+            h = upsample(h)
+        h = smooth(h, xs[2][t])
+
+    c, _, stats = jax.jit(
+        lambda c: ij.scan(s.step, c, xs, method=method, atol=1e-12, return_stats=True)
+    )(s.init(h0))
+    assert s.read(c).shape == (8, 8) and bool(stats.converged)
+    np.testing.assert_allclose(s.read(c), h, atol=1e-9, rtol=0)
+    grad = jax.grad(
+        lambda h0: jnp.sum(
+            s.read(ij.scan(s.step, s.init(h0), xs, method=method, atol=1e-12)[0])
+        )
+    )(h0)
+    ref = jax.grad(lambda h0: jnp.sum(s.read(jax.lax.scan(s.step, s.init(h0), xs)[0])))(
+        h0
+    )
+    np.testing.assert_allclose(grad, ref, atol=1e-8, rtol=1e-8)
+
+
+def test_staged_needs_one_lift_between_stages():
+    with pytest.raises(ValueError, match="3 `steps` need 2 `lifts`, got 1"):
+        ij.sequence.staged([abs, abs, abs], [abs])

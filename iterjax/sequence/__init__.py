@@ -18,7 +18,7 @@ Every method also takes `window=W` (a ParaDiGMS sliding window: O(W) work and
 memory per sweep) and `mesh=` (the time axis sharded over a device mesh).
 
 `samplers` writes diffusion samplers (DDIM, PLMS, DPM-Solver++) as step maps
-for `scan`.
+for `scan`; `staged` a recurrence whose state changes shape (coarse to fine).
 """
 
 from . import samplers as samplers
@@ -35,3 +35,5 @@ from .elk import QuasiELK as QuasiELK
 from .gauss_seidel import GaussSeidel as GaussSeidel
 from .jacobi import Jacobi as Jacobi
 from .picard import Picard as Picard
+from .staged import Staged as Staged
+from .staged import staged as staged
