@@ -1,4 +1,5 @@
-"""The README's examples and the docstring examples run as written."""
+"""The README's and the manual's examples, and the docstring examples, run as
+written."""
 
 import doctest
 import importlib
@@ -26,6 +27,8 @@ MODULES = [
     "iterjax.sequence.picard",
     "iterjax.sequence.deer",
     "iterjax.sequence.decode",
+    "iterjax.sequence.samplers",
+    "iterjax.sequence.staged",
     "iterjax.deq._layer",
     "iterjax.deq._cells",
     "iterjax.deq._stabilize",
@@ -37,7 +40,13 @@ MODULES = [
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-BLOCKS = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+# The README's blocks, then the manual pages' (docs/), in this order
+PAGES = ["README.md", "docs/platform.md"]
+BLOCKS = [
+    block
+    for page in PAGES
+    for block in re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), re.S)
+]
 # Every block tagged python runs (signatures and fragments are tagged text).
 EXAMPLES = BLOCKS
 

@@ -146,9 +146,9 @@ def test_the_reference_site_builds_strictly(tmp_path):
 
 
 def _readme_experiment(where):
-    """The README's "Write your own experiment": mypkg/quadratic.py and my.yaml,
-    as written there, and the command it gives."""
-    readme = (REPO / "README.md").read_text()
+    """The manual's "Write your own experiment" (docs/platform.md):
+    mypkg/quadratic.py and my.yaml, as written there, and the command it gives."""
+    readme = (REPO / "docs" / "platform.md").read_text()
     code = re.search(r"```python\n# mypkg/quadratic.py\n(.*?)```", readme, re.S)
     config = re.search(
         r"```text\n# my.yaml +then: (iterjax run [^\n]*)\n(.*?)```", readme, re.S
