@@ -369,3 +369,19 @@ def test_a_coarse_to_fine_path_equals_its_sequential_evaluation(method):
 def test_staged_needs_one_lift_between_stages():
     with pytest.raises(ValueError, match="3 `steps` need 2 `lifts`, got 1"):
         ij.sequence.staged([abs, abs, abs], [abs])
+
+
+def test_a_coarse_to_fine_path_under_vmap_and_grad():
+    smooth = lambda h, x: h + 0.05 * (jnp.tanh(h + x) - h)
+    s = ij.sequence.staged([smooth, smooth], [upsample])
+    xs = s.inputs(jnp.repeat(jnp.arange(2), 12), jnp.linspace(-1.0, 1.0, 24))
+    h0 = jnp.stack([jnp.eye(2), -jnp.eye(2)])
+
+    def final(h0, scan):
+        return jnp.sum(s.read(scan(s.step, s.init(h0), xs)[0]) ** 2)
+
+    picard = lambda f, c, xs: ij.scan(f, c, xs, method=ij.sequence.Picard(), atol=1e-12)
+    got = jax.jit(jax.vmap(jax.value_and_grad(lambda h: final(h, picard))))(h0)
+    ref = jax.vmap(jax.value_and_grad(lambda h: final(h, jax.lax.scan)))(h0)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, atol=1e-9, rtol=1e-9)
