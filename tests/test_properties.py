@@ -40,6 +40,8 @@ METHODS = {
     "jacobi-w4": ij.Jacobi(window=4),
     "gauss-seidel": ij.GaussSeidel(3),
     "picard": ij.sequence.Picard(),
+    # A_t = diag(1, 0): increments on one coordinate, Jacobi on the other
+    "picard-diagonal": ij.sequence.Picard(diagonal=jnp.array([1.0, 0.0])),
     "quasi-deer": ij.QuasiDEER(),
     "deer": ij.DEER(),
     "deer-w5": ij.DEER(window=5),
