@@ -45,6 +45,7 @@ from .implicit import PhantomAdjoint as PhantomAdjoint
 from .implicit import UnrolledAdjoint as UnrolledAdjoint
 from .linear import CG as CG
 from .linear import GMRES as GMRES
+from .linear import MFAC as MFAC
 from .linear import BiCGStab as BiCGStab
 from .linear import Neumann as Neumann
 from .linear import Richardson as Richardson

@@ -10,6 +10,7 @@ from .gcrodr import GCRODR as GCRODR
 from .krylov import CG as CG
 from .krylov import GMRES as GMRES
 from .krylov import BiCGStab as BiCGStab
+from .mfac import MFAC as MFAC
 from .multigrid import Multigrid as Multigrid
 from .multigrid import MultigridSolver as MultigridSolver
 from .multigrid import Stencil9 as Stencil9
