@@ -110,3 +110,15 @@ def test_docstring_examples(name):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0
     assert result.failed == 0
+
+
+def test_the_readme_lists_every_shipped_config_once_with_claim_and_number():
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("[start:configs]")[1].split("[end:configs]")[0]
+    rows = [r for r in table.splitlines() if r.startswith("| `")]
+    names = [re.match(r"\| `([a-z0-9_]+)", r).group(1) for r in rows]
+    shipped = sorted(p.stem for p in (ROOT / "configs").glob("*.yaml"))
+    assert sorted(names) == shipped
+    for r in rows:  # config, what, claim, number, runtime: none left empty
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert len(cells) == 5 and all(cells), r
