@@ -985,3 +985,70 @@ def test_mfac_as_the_hypergradients_solver_under_jit_vmap_and_grad():
 def test_mfac_bad_input_is_named(make, match):
     with pytest.raises(ValueError, match=match):
         make(jnp.ones((3, 6)))
+
+
+# --- Randomized Nyström preconditioning (Frangella, Tropp & Udell 2023).
+
+
+def _kernel_system(n=300, mu=1e-4, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 3))
+    K = np.exp(-((X[:, None] - X[None]) ** 2).sum(-1) / 2)
+    return jnp.asarray(K + mu * np.eye(n)), jnp.asarray(rng.normal(size=n)), mu
+
+
+def test_nystrom_is_exact_on_a_low_rank_plus_shift_system():
+    # K of rank 10 <= ℓ: the preconditioned operator is (λ_ℓ + μ) I on range(K)
+    # and I elsewhere, two distinct eigenvalues: CG needs at most 2 steps
+    G = jax.random.normal(jax.random.key(0), (10, 80))
+    A = G.T @ G + 0.3 * jnp.eye(80)
+    b = jnp.linspace(-1.0, 1.0, 80)
+    P = ij.linear.NystromPreconditioner(rank=12, shift=0.3)
+    x, stats = ij.CG(rtol=1e-10, preconditioner=P).solve_with_stats(A, b)
+    np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-8)
+    assert bool(stats.converged) and int(stats.num_matvecs) <= 12 + 3
+
+
+def test_nystrom_cuts_cg_products_on_kernel_ridge_under_jit_and_vmap():
+    A, b, mu = _kernel_system()
+    B = jnp.stack([b, -2.0 * b + 1.0])
+    P = ij.linear.NystromPreconditioner(rank=60, shift=mu)
+
+    def run(preconditioner):
+        cg = ij.CG(rtol=1e-8, max_steps=5000, preconditioner=preconditioner)
+        return jax.jit(jax.vmap(lambda b: cg.solve_with_stats(A, b)))(B)
+
+    x, stats = run(P)
+    x_plain, plain = run(None)
+    assert bool(jnp.all(stats.converged)) and bool(jnp.all(plain.converged))
+    for xi, bi in zip(x, B):  # the residual, recomputed
+        assert (
+            float(jnp.linalg.norm(A @ xi - bi))
+            <= 1e-8 * float(jnp.linalg.norm(bi)) * 1.01
+        )
+    # the build's ℓ products included, still far fewer than plain CG's
+    assert int(jnp.max(stats.num_matvecs)) * 2 < int(jnp.min(plain.num_matvecs))
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (
+            lambda: ij.linear.NystromPreconditioner(rank=0),
+            "NystromPreconditioner.*rank",
+        ),
+        (
+            lambda: ij.linear.NystromPreconditioner(shift=-1.0),
+            "NystromPreconditioner.*shift",
+        ),
+        (
+            lambda: ij.CG(preconditioner=ij.linear.NystromPreconditioner(rank=9)).solve(
+                jnp.eye(4), jnp.ones(4)
+            ),
+            "`rank` 9 exceeds the dimension 4",
+        ),
+    ],
+)
+def test_nystrom_bad_hyperparameters_are_named(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -103,6 +103,7 @@ PRECONDITIONERS = {
     "jacobi": linear.JacobiPreconditioner,
     "chebyshev": linear.ChebyshevPreconditioner,
     "multigrid": linear.Multigrid,
+    "nystrom": linear.NystromPreconditioner,
 }
 KINDS: dict[str, dict[str, typing.Any]] = {
     "solver": SOLVERS,

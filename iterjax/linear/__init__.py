@@ -20,6 +20,7 @@ from .preconditioners import AbstractPreconditioner as AbstractPreconditioner
 from .preconditioners import ChebyshevPreconditioner as ChebyshevPreconditioner
 from .preconditioners import FunctionPreconditioner as FunctionPreconditioner
 from .preconditioners import JacobiPreconditioner as JacobiPreconditioner
+from .preconditioners import NystromPreconditioner as NystromPreconditioner
 from .recycle import RecycledCG as RecycledCG
 from .recycle import RecycleState as RecycleState
 from .recycle import similarity_order as similarity_order
