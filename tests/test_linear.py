@@ -1052,3 +1052,47 @@ def test_nystrom_cuts_cg_products_on_kernel_ridge_under_jit_and_vmap():
 def test_nystrom_bad_hyperparameters_are_named(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+# --- Sketch-and-project (randomized block coordinate descent).
+
+
+def test_sketch_and_project_solves_a_kernel_system_under_jit_and_vmap():
+    A, b, _ = _kernel_system(n=200, mu=1e-2)
+    B = jnp.stack([b, jnp.ones(200)])
+    solver = ij.linear.SketchAndProject(block=50)
+    x, stats = jax.jit(jax.vmap(lambda b: solver.solve_with_stats(A, b)))(B)
+    assert bool(jnp.all(stats.converged))
+    for xi, bi in zip(x, B):
+        np.testing.assert_allclose(xi, np.linalg.solve(A, bi), rtol=1e-5, atol=1e-6)
+    # bigger blocks: fewer epochs (each about one product's work)
+    _, big = ij.linear.SketchAndProject(block=100).solve_with_stats(A, b)
+    assert int(big.num_matvecs) < int(stats.num_matvecs[0])
+
+
+def test_sketch_and_project_reports_a_budget_too_small():
+    A, b, _ = _kernel_system(n=200, mu=1e-2)
+    x, stats = ij.linear.SketchAndProject(block=10, max_epochs=1).solve_with_stats(A, b)
+    assert bool(jnp.all(jnp.isfinite(x))) and not bool(stats.converged)
+    assert int(stats.num_matvecs) == 2  # one epoch, then the residual's product
+
+
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: ij.linear.SketchAndProject(block=0), ValueError, "block"),
+        (
+            lambda: ij.linear.SketchAndProject().solve(lambda v: v, jnp.ones(3)),
+            TypeError,
+            "must be a dense matrix",
+        ),
+        (
+            lambda: ij.linear.SketchAndProject().solve(jnp.eye(3), jnp.ones(4)),
+            ValueError,
+            "`b` must be a vector of 3",
+        ),
+    ],
+)
+def test_sketch_and_project_bad_input_is_named(make, error, match):
+    with pytest.raises(error, match=match):
+        make()

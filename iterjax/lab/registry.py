@@ -83,6 +83,7 @@ LINEAR_SOLVERS = {
     "bicgstab": linear.BiCGStab,
     "neumann": linear.Neumann,
     "richardson": linear.Richardson,
+    "sketch_and_project": linear.SketchAndProject,
 }
 ADJOINTS = {
     "implicit": implicit.ImplicitAdjoint,
