@@ -32,6 +32,7 @@ from flax import nnx
 import iterjax as ij
 from iterjax.experiments.common import digits_diffusion as dd
 from iterjax.experiments.common import training
+from iterjax.lab.registry import build
 from iterjax.lab.spec import Count, Fraction, Positive
 from iterjax.lab.tables import markdown_table
 from iterjax.sequence import samplers
@@ -123,7 +124,8 @@ def train(model, cfg: dd.TrainConfig):
         noise = rng.standard_normal((cfg.batch, 64)).astype(np.float32)
         return x[idx], t, noise
 
-    return training.fit(model, dd.denoising_loss, cfg.steps, cfg.lr, batches)
+    opt = build("optimizer", cfg.optimizer)
+    return training.fit(model, dd.denoising_loss, cfg.steps, opt, batches)
 
 
 def allocation(variant, budget, N, first_share):

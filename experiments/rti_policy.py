@@ -108,7 +108,8 @@ def train(cfg):
         noise = r.standard_normal((cfg.batch, 2)).astype(np.float32)
         return actions[idx], states[idx], tau, noise
 
-    losses = training.fit(model, loss, cfg.train_steps, cfg.lr, batches)
+    opt = training.adam_cosine(cfg.lr, cfg.train_steps)
+    losses = training.fit(model, loss, cfg.train_steps, opt, batches)
     return model, losses
 
 

@@ -17,6 +17,7 @@ to the samples' dtype, so sampling can run in float64.
 
 import dataclasses
 import pathlib
+from typing import Annotated
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,8 @@ from flax import nnx
 
 from iterjax.experiments.common import checkpoints, diffusion, training
 from iterjax.experiments.common.deq_models import load_digits
-from iterjax.lab.spec import Count, Positive
+from iterjax.lab.registry import build
+from iterjax.lab.spec import Count, Spec
 from iterjax.sequence import samplers
 
 T_MIN = 1e-3  # sampling ends here: ᾱ(T_MIN) = 0.9999
@@ -43,7 +45,9 @@ class ModelConfig:
 class TrainConfig:
     steps: Count = 6000
     batch: Count = 256
-    lr: Positive = 2e-3
+    # the denoiser's optax optimiser by name (iterjax.lab.optim), e.g.
+    # {name: adam, learning_rate: {name: cosine, init_value: 2e-3, decay_steps: 6000}}
+    optimizer: Annotated[Spec, "optimizer"] = Spec("adam", (("learning_rate", 2e-3),))
     classifier_steps: Count = 1500
     seed: int = 0
 
@@ -123,7 +127,8 @@ def train_denoiser(model_cfg: ModelConfig, cfg: TrainConfig, progress=None):
             progress()
         return x[idx], t, noise
 
-    return model, training.fit(model, denoising_loss, cfg.steps, cfg.lr, batches)
+    opt = build("optimizer", cfg.optimizer)
+    return model, training.fit(model, denoising_loss, cfg.steps, opt, batches)
 
 
 def train_classifier(cfg: TrainConfig):
@@ -139,7 +144,8 @@ def train_classifier(cfg: TrainConfig):
         idx = np.random.default_rng([cfg.seed + 1, k]).integers(0, len(x), 128)
         return x[idx], y[idx]
 
-    training.fit(model, loss, cfg.classifier_steps, 3e-3, batches)
+    opt = training.adam_cosine(3e-3, cfg.classifier_steps)
+    training.fit(model, loss, cfg.classifier_steps, opt, batches)
     accuracy = float(np.mean(np.argmax(np.asarray(model(xt)), -1) == yt))
     return model, accuracy
 

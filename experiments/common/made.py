@@ -96,7 +96,9 @@ def train(side: int, cfg: TrainConfig):
         idx = np.random.default_rng([cfg.seed, k]).integers(0, len(x), cfg.batch)
         return x[idx]
 
-    training.fit(model, nll, cfg.steps, cfg.lr, batches)
+    training.fit(
+        model, nll, cfg.steps, training.adam_cosine(cfg.lr, cfg.steps), batches
+    )
     return model, float(nll(model, jnp.asarray(xt)))
 
 

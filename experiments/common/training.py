@@ -5,12 +5,17 @@ import optax
 from flax import nnx
 
 
-def fit(model: nnx.Module, loss, steps: int, lr: float, batches) -> list[float]:
-    """Adam with a cosine-decayed step on `loss(model, batch)` over `batches(k)`,
-    k = 0 .. steps - 1, updating `model`'s `nnx.Param`s in place (its other
-    variables, masks say, stay as they are). Returns the losses."""
+def adam_cosine(lr: float, steps: int) -> optax.GradientTransformation:
+    """Adam with its step decayed from `lr` to 0 over `steps` by a cosine."""
+    return optax.adam(optax.cosine_decay_schedule(lr, steps))
+
+
+def fit(model: nnx.Module, loss, steps: int, opt, batches) -> list[float]:
+    """`opt` (an optax transformation, e.g. `adam_cosine`) on `loss(model,
+    batch)` over `batches(k)`, k = 0 .. steps - 1, updating `model`'s
+    `nnx.Param`s in place (its other variables, masks say, stay as they are).
+    Returns the losses."""
     graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
-    opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
     state = opt.init(params)
 
     @jax.jit
