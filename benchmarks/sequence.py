@@ -2,11 +2,12 @@
 
 One process, same cell, same inputs. For each (hidden, T, batch) case and method:
 sweeps to atol 1e-6 (float64; the largest over the batch), parallel depth (sweeps x
-depth of one sweep, vs T for lax.scan), wall time of the jitted forward pass and of
-`jax.grad` of a loss through it, as ratios to lax.scan, and the compiled temporary
-memory of both (MB). On a CPU parallel-in-time methods do T-fold more work
-in fewer sequential steps: the wall ratios there are > 1 and the depth is the
-number to read; on a GPU the depth is what the wall time pays.
+depth of one sweep, vs T for lax.scan), wall time of the jitted forward pass (median
+and interquartile range over shuffled rounds, `iterjax.diagnostics.timings`) and
+of `jax.grad` of a loss through it, as ratios of medians to lax.scan's, and the
+compiled temporary memory of both (MB). On a CPU parallel-in-time methods do
+T-fold more work in fewer sequential steps: the wall ratios there are > 1 and the
+depth is the number to read; on a GPU the depth is what the wall time pays.
 
 Run: make bench   (or: python benchmarks/sequence.py [--quick])
 """
@@ -25,7 +26,7 @@ warnings.filterwarnings("ignore")
 
 import iterjax as ij  # noqa: E402
 from benchmarks._common import compiled_bytes, markdown  # noqa: E402
-from iterjax.diagnostics import time_calls  # noqa: E402
+from iterjax.diagnostics import timings  # noqa: E402
 from iterjax.experiments.common import cells  # noqa: E402
 
 ATOL = 1e-6
@@ -89,13 +90,13 @@ def case(hidden, T, batch, rounds, only=None):
                 converged=bool(jnp.all(stats.converged)),
             )
         )
-    tf, tb = time_calls(fwd, rounds), time_calls(bwd, rounds)
+    tf, tb = timings(fwd, rounds), timings(bwd, rounds)
     for r in rows:
         n = r["method"]
         r.update(
-            fwd_ms=tf[n],
-            fwd_ratio=tf[n] / tf["lax.scan"],
-            bwd_ratio=tb[n] / tb["lax.scan"],
+            fwd_ms=str(tf[n]),
+            fwd_ratio=tf[n].median / tf["lax.scan"].median,
+            bwd_ratio=tb[n].median / tb["lax.scan"].median,
             fwd_mem=mem[n][0] / 2**20,
             bwd_mem=mem[n][1] / 2**20,
         )
@@ -106,7 +107,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="two small cases")
     parser.add_argument("--large", action="store_true", help="add hidden 256")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="timed rounds per call (>= 5: quartiles)"
+    )
     parser.add_argument(
         "--methods", help="comma-separated subset, e.g. deer,elk (lax.scan always)"
     )
@@ -131,7 +134,7 @@ def main(argv=None):
                     r["sweeps"],
                     r["depth"],
                     "yes" if r["converged"] else "NO",
-                    f"{r['fwd_ms']:.1f}",
+                    r["fwd_ms"],
                     f"{r['fwd_ratio']:.2f}",
                     f"{r['bwd_ratio']:.2f}",
                     f"{r['fwd_mem']:.2f}",
@@ -150,7 +153,7 @@ HEAD = [
     "sweeps",
     "depth",
     "converged",
-    "fwd ms",
+    "fwd ms, median [IQR]",
     "fwd / lax.scan",
     "grad / lax.scan",
     "fwd temp MB",
