@@ -3,6 +3,7 @@ written."""
 
 import doctest
 import importlib
+import inspect
 import pathlib
 import re
 import subprocess
@@ -122,3 +123,41 @@ def test_the_readme_lists_every_shipped_config_once_with_claim_and_number():
     for r in rows:  # config, what, claim, number, runtime: none left empty
         cells = [c.strip() for c in r.strip("|").split("|")]
         assert len(cells) == 5 and all(cells), r
+
+
+PUBLIC_MODULES = [
+    "iterjax",
+    "iterjax.linear",
+    "iterjax.sequence",
+    "iterjax.sequence.samplers",
+    "iterjax.bilevel",
+    "iterjax.deq",
+    "iterjax.tuning",
+    "iterjax.classical",
+    "iterjax.diagnostics",
+    "iterjax.gallery",
+]
+
+
+def test_every_public_name_is_on_the_api_pages():
+    # `::: module.Name` entries of docs/api; a name counts as documented under
+    # any module that re-exports it (iterjax.CG is iterjax.linear.CG)
+    text = "\n".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
+    documented = {
+        d.rsplit(".", 1)[-1] for d in re.findall(r"^::: ([\w.]+)", text, re.M)
+    }
+    missing = []
+    for name in PUBLIC_MODULES:
+        module = importlib.import_module(name)
+        for attr in getattr(module, "__all__", dir(module)):
+            obj = getattr(module, attr)
+            public = not attr.startswith("_") and not inspect.ismodule(obj)
+            if public and attr not in documented:
+                missing.append(f"{name}.{attr}")
+    assert not missing, missing
+
+
+def test_the_public_name_check_sees_a_missing_name():
+    # guards the check above against one that finds every name everywhere
+    text = "\n".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
+    assert "::: iterjax.MFAC" in text and "::: iterjax.NoSuchName" not in text

@@ -54,6 +54,16 @@ import numpy as np
 from .._checks import concrete_number
 from .._types import Array, Float, Int
 
+__all__ = [
+    "Sampler",
+    "SamplerSteps",
+    "sampler_steps",
+    "ddim",
+    "plms",
+    "dpm_solver_pp",
+    "ddim_transfer",
+]
+
 
 class SamplerSteps(NamedTuple):
     """Per-step inputs of a sampler (the `xs` of the scan), each of shape [N].
