@@ -3,6 +3,7 @@ written."""
 
 import doctest
 import importlib
+import importlib.util
 import inspect
 import pathlib
 import re
@@ -161,3 +162,19 @@ def test_the_public_name_check_sees_a_missing_name():
     # guards the check above against one that finds every name everywhere
     text = "\n".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
     assert "::: iterjax.MFAC" in text and "::: iterjax.NoSuchName" not in text
+
+
+def test_no_api_entry_names_a_module_where_a_function_is_meant():
+    # `::: iterjax.fixed_point` rendered the subpackage's docstring, not the
+    # function's: an entry whose path is a module while the attribute of that
+    # name is a function or class (a re-export shadowing the package) is wrong
+    text = "\n".join(p.read_text() for p in (ROOT / "docs" / "api").glob("*.md"))
+    wrong = []
+    for path in re.findall(r"^::: ([\w.]+)", text, re.M):
+        parent, _, attr = path.rpartition(".")
+        package = importlib.import_module(parent) if parent else None
+        if not hasattr(package, "__path__") or importlib.util.find_spec(path) is None:
+            continue  # not a module's path
+        if not inspect.ismodule(getattr(package, attr)):
+            wrong.append(path)
+    assert not wrong, wrong
