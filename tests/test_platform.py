@@ -1305,3 +1305,17 @@ def test_a_config_field_named_like_a_platform_key_is_refused(toy, monkeypatch):
     monkeypatch.setattr(toy, "Config", Clashing)
     with pytest.raises(cfglib.ConfigError, match="Config field `target` is a reserved"):
         runlib.prepare({"experiment": "toy"})
+
+
+def test_runs_draw_in_the_colour_blind_safe_palette(toy, tmp_path, monkeypatch):
+    def run(cfg, workdir):  # what the experiment's figures would be drawn with
+        cycle = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+        return {"colors": list(cycle)}
+
+    monkeypatch.setattr(toy, "run", run)
+    before = matplotlib.rcParams["axes.prop_cycle"]
+    _, summary = runlib.run_experiment(
+        _config(tmp_path, "experiment: toy\n"), out=tmp_path, quiet=True
+    )
+    assert [c.upper() for c in summary["colors"]] == list(figures.PALETTE)
+    assert matplotlib.rcParams["axes.prop_cycle"] == before  # restored after

@@ -1,4 +1,26 @@
-"""Checks on the figures a run writes."""
+"""The figures a run writes: their style, and checks on them."""
+
+import matplotlib
+from cycler import cycler
+
+# Okabe & Ito (2008): eight colours told apart under every common colour-vision
+# deficiency (no red/green pair); the runs' line and marker colours, in order.
+PALETTE = (
+    "#0072B2",  # blue
+    "#E69F00",  # orange
+    "#009E73",  # bluish green
+    "#CC79A7",  # reddish purple
+    "#56B4E9",  # sky blue
+    "#D55E00",  # vermillion
+    "#F0E442",  # yellow
+    "#000000",  # black
+)
+
+
+def style():
+    """A context in which matplotlib draws with the runs' style: the
+    colour-blind-safe `PALETTE` as the colour cycle."""
+    return matplotlib.rc_context({"axes.prop_cycle": cycler(color=list(PALETTE))})
 
 
 def overlapping_labels(fig) -> list[tuple[str, str]]:

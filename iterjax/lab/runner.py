@@ -41,7 +41,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType
 
 from . import config as cfglib
-from . import registry
+from . import figures, registry
 from . import sweep as sweeplib
 from .config import resolve_config_path
 from .records import (
@@ -133,16 +133,26 @@ def run_experiment(
     its last finished member) with the config recorded there; a config.yaml
     edited since the run started is refused (naming the changed keys) unless
     `force` (then recorded in status.json). The run draws its figures with
-    matplotlib's file-only Agg backend, whatever the display, and uses float64
+    matplotlib's file-only Agg backend, whatever the display, in the
+    colour-blind-safe palette of `iterjax.lab.figures.style`, and uses float64
     when its config's `x64` says so; both are restored afterwards, so that the
     experiments need not set either.
     """
     x64, backend = bool(jax.config.jax_enable_x64), matplotlib.get_backend()
     matplotlib.use("Agg")
     try:
-        return _run_experiment(
-            path, overrides, out, smoke, quiet, resume, compilation_cache, values, force
-        )
+        with figures.style():
+            return _run_experiment(
+                path,
+                overrides,
+                out,
+                smoke,
+                quiet,
+                resume,
+                compilation_cache,
+                values,
+                force,
+            )
     finally:
         jax.config.update("jax_enable_x64", x64)
         matplotlib.use(backend)
