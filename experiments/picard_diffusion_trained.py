@@ -32,6 +32,7 @@ from iterjax.experiments import diffusion_train
 from iterjax.experiments.common import cells, checkpoints
 from iterjax.experiments.common import digits_diffusion as dd
 from iterjax.lab.config import Spec
+from iterjax.lab.figures import PALETTE
 from iterjax.lab.registry import build
 from iterjax.lab.spec import Count, Positive
 from iterjax.lab.tables import markdown_table
@@ -155,18 +156,22 @@ def run(cfg: Config, workdir) -> dict:
 
 def _plot(cfg, rows, images, workdir):
     fig, ax = plt.subplots(1, 3, figsize=(16, 5))
-    for name in cfg.samplers:
-        for label in dict.fromkeys(r["method"] for r in rows):
+    labels = list(dict.fromkeys(r["method"] for r in rows))
+    styles = ["o-", "s--", "^:", "d-."]
+    for color, name in zip(PALETTE, cfg.samplers):  # one colour per sampler
+        for style, label in zip(styles, labels):  # one line style per method
             pts = [
                 (r["steps"], r["sweeps"])
                 for r in rows
                 if r["sampler"] == name and r["method"] == label
             ]
-            ax[0].loglog(*np.asarray(pts).T, "o-", label=f"{name}, {label}")
+            ax[0].loglog(
+                *np.asarray(pts).T, style, color=color, label=f"{name}, {label}"
+            )
         pts = sorted(
             {(r["steps"], r["discretisation"]) for r in rows if r["sampler"] == name}
         )
-        ax[1].loglog(*np.asarray(pts).T, "o-", label=name)
+        ax[1].loglog(*np.asarray(pts).T, "o-", color=color, label=name)
     N = np.asarray(cfg.steps)
     ax[0].loglog(N, N, "k--", lw=0.7, label="N (sequential)")
     ax[0].set(
