@@ -36,6 +36,14 @@ class MFAC(AbstractLinearSolver):
       damping: λ > 0.
       rtol: the tolerance of the residual test (None: 1e-8 in float64, the
         Krylov solvers' default).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, iterjax
+      >>> G = jax.random.normal(jax.random.key(0), (4, 10))  # 4 gradients, d = 10
+      >>> F = 0.1 * jnp.eye(10) + G.T @ G / 4                # the damped Fisher
+      >>> x, stats = iterjax.MFAC(G, 0.1).solve_with_stats(F, jnp.ones(10))
+      >>> bool(stats.converged), bool(jnp.allclose(F @ x, 1.0, atol=1e-4))
+      (True, True)
     """
 
     gradients: PyTree

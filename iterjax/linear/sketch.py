@@ -42,6 +42,14 @@ class SketchAndProject(AbstractLinearSolver):
       rtol: relative residual tolerance (None: 1e-8 in float64).
       max_epochs: passes of ⌈n/τ⌉ steps at most.
       seed: the sampling's PRNG seed.
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> A = jnp.eye(50) + 0.5 * jnp.ones((50, 50)) / 50   # dense, SPD
+      >>> solver = iterjax.linear.SketchAndProject(block=10, rtol=1e-5)
+      >>> x, stats = solver.solve_with_stats(A, jnp.ones(50))
+      >>> bool(stats.converged), bool(jnp.allclose(A @ x, 1.0, atol=1e-4))
+      (True, True)
     """
 
     block: int = struct.field(pytree_node=False, default=32)
