@@ -74,11 +74,7 @@ class Chebyshev(AbstractLinearSolver):
         else:
             (lo, hi), cost = self.bounds, 0
         theta, delta = (hi + lo) / 2, (hi - lo) / 2
-        rtol = (
-            (default_rtol(b) if self.rtol is None else self.rtol)
-            if rtol is None
-            else rtol
-        )
+        rtol = default_rtol(b, rtol, self.rtol)
         tol = jnp.maximum(rtol * tu.two_norm(b), self.atol)
 
         def cond(c):

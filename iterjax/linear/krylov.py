@@ -43,7 +43,12 @@ def check_square(owner, matvec, b):
     check_same_structure(owner, what, jax.eval_shape(matvec, b), b, "b")
 
 
-def default_rtol(b):
+def default_rtol(b, *given):
+    """The first of `given` that is not None (a call's rtol, then the solver's
+    own), else max(1e-8, 10 ε) for the dtype of `b`."""
+    for rtol in given:
+        if rtol is not None:
+            return rtol
     leaves = jax.tree_util.tree_leaves(b)
     eps = max(float(jnp.finfo(jnp.result_type(x)).eps) for x in leaves)
     return max(1e-8, 10 * eps)
@@ -58,7 +63,7 @@ class _Krylov(AbstractLinearSolver):
     )
 
     def _rtol(self, b):
-        return default_rtol(b) if self.rtol is None else self.rtol
+        return default_rtol(b, self.rtol)
 
     def _preconditioner(self, matvec, b):
         """`(apply, build cost, cost per application)`; the identity by default."""

@@ -82,8 +82,7 @@ class MFAC(AbstractLinearSolver):
     def solve_with_stats(self, matvec, b, rtol=None):
         """`(x, LinearStats)`: one product with A, to test |b - A x|₂."""
         x = self.solve(matvec, b)
-        if rtol is None:
-            rtol = default_rtol(b) if self.rtol is None else self.rtol
+        rtol = default_rtol(b, rtol, self.rtol)
         ok = residual_within(matvec, b, x, rtol * tu.two_norm(b))
         stats = LinearStats(jnp.int32(1), ok, ~tu.all_finite(x))
         return nan_in_nan_out(b, x, stats)

@@ -289,8 +289,7 @@ class MultigridSolver(AbstractLinearSolver):
 
     def solve_with_stats(self, matvec, b, rtol=None):
         apply, cost, per_apply = self.cycle.build(matvec, b)
-        if rtol is None:
-            rtol = default_rtol(b) if self.rtol is None else self.rtol
+        rtol = default_rtol(b, rtol, self.rtol)
         tol = jnp.maximum(rtol * jnp.linalg.norm(b), self.atol)
 
         def cond(c):

@@ -63,7 +63,7 @@ class Neumann(AbstractLinearSolver):
         design); `converged` says whether it reached |b - A x|₂ <= rtol |b|₂
         (rtol default: 1e-8 in float64), recomputed with one product more."""
         x = self.solve(matvec, b)
-        rtol = default_rtol(b) if rtol is None else rtol
+        rtol = default_rtol(b, rtol)
         ok = residual_within(matvec, b, x, rtol * tu.two_norm(b))
         finite = tu.all_finite(x)
         stats = LinearStats(jnp.int32(self.terms + 1), ok, ~finite)

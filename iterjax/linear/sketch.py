@@ -79,8 +79,7 @@ class SketchAndProject(AbstractLinearSolver):
         n = b.shape[0]
         tau = min(self.block, n)
         steps = math.ceil(n / tau)
-        if rtol is None:
-            rtol = default_rtol(b) if self.rtol is None else self.rtol
+        rtol = default_rtol(b, rtol, self.rtol)
         tol = rtol * jnp.linalg.norm(b)
 
         def step(_, carry):
