@@ -62,9 +62,6 @@ class _Krylov(AbstractLinearSolver):
         pytree_node=False, default=None
     )
 
-    def _rtol(self, b):
-        return default_rtol(b, self.rtol)
-
     def _preconditioner(self, matvec, b):
         """`(apply, build cost, cost per application)`; the identity by default."""
         pre = as_preconditioner(self.preconditioner)
@@ -126,7 +123,7 @@ class CG(_Krylov):
         dot = lambda u, v: jnp.real(tu.tree_vdot(u, v))
         apply, cost, per_apply = self._preconditioner(matvec, b)
         rs0 = dot(b, b)
-        rtol = self._rtol(b) if rtol is None else rtol
+        rtol = default_rtol(b, rtol, self.rtol)
         tol2 = jnp.maximum(rtol**2 * rs0, self.atol**2)
 
         def cond(c):
@@ -179,7 +176,7 @@ class BiCGStab(_Krylov):
         """jax.scipy's loop, which reports nothing: `converged` is the residual
         recomputed (one product more); -1 products."""
         apply = self._preconditioner(matvec, b)[0]
-        rtol = self._rtol(b) if rtol is None else rtol
+        rtol = default_rtol(b, rtol, self.rtol)
         x = jsl.bicgstab(
             matvec, b, tol=rtol, atol=self.atol, maxiter=self.max_steps, M=apply
         )[0]
@@ -243,7 +240,7 @@ class GMRES(_Krylov):
         grid to coarsen), which custom_linear_solve hands its transposed solve
         only as a function."""
         check_square("GMRES", matvec, b)
-        rtol = self._rtol(b) if rtol is None else rtol
+        rtol = default_rtol(b, rtol, self.rtol)
         pre = self._preconditioner(matvec, b)
         return lambda mv, rhs: self._cycles(mv, rhs, rtol, pre)
 
