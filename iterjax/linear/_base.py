@@ -178,6 +178,16 @@ def nan_in_nan_out(b, x, stats):
     return x, stats._replace(converged=stats.converged & ok)
 
 
+def checked_answer(matvec, b, x, tol, num_matvecs):
+    """`(x, LinearStats)` for a solver whose loop does not report its residual:
+    `converged` is |b - A x|₂ <= tol recomputed (`residual_within`, one product,
+    to count in `num_matvecs`), `breakdown` a non-finite x, and NaN in gives
+    NaN out (`nan_in_nan_out`)."""
+    ok = residual_within(matvec, b, x, tol)
+    stats = LinearStats(jnp.asarray(num_matvecs, jnp.int32), ok, ~tu.all_finite(x))
+    return nan_in_nan_out(b, x, stats)
+
+
 def residual_within(matvec, b, x, tol):
     """|b - A x|₂ <= tol, recomputed (one product): the test of a solver whose
     loop does not report it. A tolerance below the rounding error of computing

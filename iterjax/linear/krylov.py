@@ -19,7 +19,7 @@ import jax.scipy.sparse.linalg as jsl
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range, check_same_structure
-from ._base import AbstractLinearSolver, LinearStats, nan_in_nan_out, residual_within
+from ._base import AbstractLinearSolver, LinearStats, checked_answer, nan_in_nan_out
 from .preconditioners import AbstractPreconditioner, as_preconditioner
 
 
@@ -181,9 +181,7 @@ class BiCGStab(_Krylov):
             matvec, b, tol=rtol, atol=self.atol, maxiter=self.max_steps, M=apply
         )[0]
         tol = jnp.maximum(rtol * tu.two_norm(b), self.atol)
-        ok = residual_within(matvec, b, x, tol)
-        broke = ~tu.all_finite(x)
-        return nan_in_nan_out(b, x, LinearStats(jnp.int32(-1), ok, broke))
+        return checked_answer(matvec, b, x, tol, -1)
 
 
 class GMRES(_Krylov):

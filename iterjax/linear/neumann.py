@@ -22,7 +22,7 @@ from .. import _tree as tu
 from .._checks import check_int, check_range
 from .._iterate import AbstractFixedPointSolver, iterative_solve
 from .._types import Y
-from ._base import AbstractLinearSolver, LinearStats, nan_in_nan_out, residual_within
+from ._base import AbstractLinearSolver, LinearStats, checked_answer, nan_in_nan_out
 from .krylov import default_rtol
 
 
@@ -64,10 +64,7 @@ class Neumann(AbstractLinearSolver):
         (rtol default: 1e-8 in float64), recomputed with one product more."""
         x = self.solve(matvec, b)
         rtol = default_rtol(b, rtol)
-        ok = residual_within(matvec, b, x, rtol * tu.two_norm(b))
-        finite = tu.all_finite(x)
-        stats = LinearStats(jnp.int32(self.terms + 1), ok, ~finite)
-        return nan_in_nan_out(b, x, stats)
+        return checked_answer(matvec, b, x, rtol * tu.two_norm(b), self.terms + 1)
 
 
 class Richardson(AbstractLinearSolver):

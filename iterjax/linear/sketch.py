@@ -7,15 +7,8 @@ import jax.numpy as jnp
 from jax.experimental import sparse
 
 from .. import _struct as struct
-from .. import _tree as tu
 from .._checks import check_int, check_range
-from ._base import (
-    AbstractLinearSolver,
-    LinearStats,
-    MatrixMatvec,
-    nan_in_nan_out,
-    residual_within,
-)
+from ._base import AbstractLinearSolver, MatrixMatvec, checked_answer
 from .krylov import default_rtol
 
 
@@ -103,6 +96,4 @@ class SketchAndProject(AbstractLinearSolver):
 
         start = (jnp.zeros_like(b), -b, jnp.int32(0), jax.random.key(self.seed))
         x, _, epochs, _ = jax.lax.while_loop(going, epoch, start)
-        ok = residual_within(matvec, b, x, tol)
-        stats = LinearStats(epochs + 1, ok, ~tu.all_finite(x))
-        return nan_in_nan_out(b, x, stats)
+        return checked_answer(matvec, b, x, tol, epochs + 1)
