@@ -31,8 +31,6 @@ from flax import nnx
 
 import iterjax as ij
 from iterjax.experiments.common import digits_diffusion as dd
-from iterjax.experiments.common import training
-from iterjax.lab.registry import build
 from iterjax.lab.spec import Count, Fraction, Positive
 from iterjax.lab.tables import markdown_table
 from iterjax.sequence import samplers
@@ -114,20 +112,6 @@ def training_memory(model, batch=256):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
-def train(model, cfg: dd.TrainConfig):
-    x, _, _, _ = dd.images()
-
-    def batches(k):
-        rng = np.random.default_rng([cfg.seed, k])
-        idx = rng.integers(0, len(x), cfg.batch)
-        t = rng.uniform(dd.T_MIN, 1.0, cfg.batch).astype(np.float32)
-        noise = rng.standard_normal((cfg.batch, 64)).astype(np.float32)
-        return x[idx], t, noise
-
-    opt = build("optimizer", cfg.optimizer)
-    return training.fit(model, dd.denoising_loss, cfg.steps, opt, batches)
-
-
 def allocation(variant, budget, N, first_share):
     """Iterations of the layer at each of the N steps (total budget * N)."""
     if variant != "warm+realloc":
@@ -182,7 +166,7 @@ def run(cfg: Config, workdir) -> dict:
     }
     deq = models["fixed point (DEQ)"]
     with workdir.progress(cfg.train.steps, "training the DEQ denoiser") as advance:
-        losses = train(deq, dataclasses.replace(cfg.train))
+        losses = dd.fit_denoiser(deq, cfg.train)
         advance(cfg.train.steps)
     for k in range(0, len(losses), 100):
         workdir.log("train", step=k + 100, loss=float(np.mean(losses[k : k + 100])))

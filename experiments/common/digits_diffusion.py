@@ -115,8 +115,14 @@ def denoising_loss(model, batch):
 
 def train_denoiser(model_cfg: ModelConfig, cfg: TrainConfig, progress=None):
     """A `Denoiser` trained on the training digits; returns (model, losses)."""
-    x, _, _, _ = images()
     model = Denoiser(model_cfg, nnx.Rngs(cfg.seed))
+    return model, fit_denoiser(model, cfg, progress)
+
+
+def fit_denoiser(model, cfg: TrainConfig, progress=None) -> list[float]:
+    """Train any noise-prediction model `model(x_t, t)` on the training digits
+    with `denoising_loss` and `cfg.optimizer` (in place); returns the losses."""
+    x, _, _, _ = images()
 
     def batches(k):
         rng = np.random.default_rng([cfg.seed, k])
@@ -128,7 +134,7 @@ def train_denoiser(model_cfg: ModelConfig, cfg: TrainConfig, progress=None):
         return x[idx], t, noise
 
     opt = build("optimizer", cfg.optimizer)
-    return model, training.fit(model, denoising_loss, cfg.steps, opt, batches)
+    return training.fit(model, denoising_loss, cfg.steps, opt, batches)
 
 
 def train_classifier(cfg: TrainConfig):
