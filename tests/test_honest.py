@@ -27,6 +27,11 @@ SOLVERS = {
     "chebyshev": (lambda cap: linear.Chebyshev(max_steps=cap), "spd"),
     "neumann": (lambda cap: linear.Neumann(8 if cap else 400, damping=0.1), "spd"),
     "richardson": (lambda cap: linear.Richardson(0.1, max_steps=cap or 5000), "spd"),
+    # reads A's blocks: given the matrix, not a function (see `solving`)
+    "sketch_and_project": (
+        lambda cap: linear.SketchAndProject(block=2, max_epochs=cap or 2000),
+        "spd",
+    ),
 }
 
 
@@ -59,6 +64,8 @@ def systems(draw, kind):
 def solving(name, capped):
     make = SOLVERS[name][0]
     solver = make(2 if capped else None)
+    if isinstance(solver, linear.SketchAndProject):
+        return jax.jit(lambda A, b: solver.solve_with_stats(A, b))
     return jax.jit(lambda A, b: solver.solve_with_stats(lambda x: A @ x, b))
 
 
