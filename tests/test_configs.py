@@ -203,6 +203,9 @@ def _check_diffusion_inversion(summary):
         # a solved inversion reconstructs far better than DDIM's approximation
         assert rows[method]["reconstruction_rms"] < rows["ddim"]["reconstruction_rms"]
     assert rows["newton"]["jvps_per_image"] > 0 == rows["anderson"]["jvps_per_image"]
+    # RNRI: one evaluation and one VJP an iteration, one more evaluation a step
+    rnri = rows["rnri"]
+    assert rnri["evaluations_per_image"] == rnri["jvps_per_image"] + rnri["steps"], rnri
 
 
 def _check_fpdm(summary):
