@@ -8,7 +8,7 @@ weighted multinomial logistic regression,
 
 outer problem: the clean validation cross-entropy f(w) (F2SA's MNIST experiment
 at small scale). Each stochastic bilevel solver (SOBA, SABA, AmIGO, StocBiO,
-F2SA; minibatches) and the deterministic implicit baseline (full-batch
+F2SA, BO-REP, V-PBGD; minibatches) and the deterministic implicit baseline (full-batch
 `hypergradient` with implicit CG, Adam on θ, warm-started inner solves) get the
 same budget of per-sample oracle calls (gradients and Hessian-vector products,
 times the batch size). Recorded against oracle calls: test accuracy and loss of
@@ -52,6 +52,8 @@ class Config:
         runs.Solver("amigo", outer_lr=300.0, inner_lr=1.0),
         runs.Solver("stocbio", outer_lr=300.0, inner_lr=1.0),
         runs.Solver("f2sa", outer_lr=300.0, inner_lr=1.0),
+        runs.Solver("borep", outer_lr=0.1, inner_lr=1.0),
+        runs.Solver("vpbgd", outer_lr=300.0, inner_lr=1.0, gamma=10.0),
     )
     seed: int = 0
     x64: bool = True  # float64 (set by the lab for the run)

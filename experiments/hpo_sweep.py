@@ -86,19 +86,16 @@ def curve(cfg: Config):
         p = problem(cfg)
     s = dataclasses.replace(cfg.solver, inner_lr=cfg.solver.inner_lr / p.L)
     solver = runs.make_solver(s, p.inner, p.outer, p.n, p.m)
-    chunk, steps, per_step = runs.chunked(
-        solver, p.n, p.m, cfg.batch, cfg.budget, cfg.evals
-    )
+    chunk, _ = runs.chunked(solver, p.n, p.m, cfg.batch, cfg.budget, cfg.evals)
 
     def evaluated(state, key):
-        state = chunk(state, key)
-        return state, p.test(state.w)
+        state, calls = chunk(state, key)
+        return state, (calls, p.test(state.w))
 
     state = solver.init(p.theta0, p.w0)
     keys = jax.random.split(jax.random.key(cfg.seed), cfg.evals)
-    _, (loss, acc) = jax.lax.scan(evaluated, state, keys)
-    calls = per_step * steps * np.arange(1, cfg.evals + 1)
-    return calls, loss, acc
+    _, (calls, (loss, acc)) = jax.lax.scan(evaluated, state, keys)
+    return jnp.cumsum(calls), loss, acc
 
 
 def trial(cfg: Config) -> dict:

@@ -559,3 +559,175 @@ def test_implicit_formula_at_the_optimistic_selection_on_a_line_of_minimisers():
     other = y_star + 3.0 * jnp.array([2.0, -1.0])  # a ⟂ (2, -1): still on S
     info = bl.hypergradient(outer, inner, theta, other, method=method, return_info=True)
     assert np.isnan(float(info.grad)) and not bool(info.converged)
+
+
+# --- Beyond strong convexity: BO-REP (unbounded smoothness), V-PBGD (a lower
+# level with several minimisers).
+#
+# Unbounded smoothness: w*(θ) = Mθ - noise, F(θ) = ½|Mθ - c|² + ¼Σθ⁴, whose
+# Hessian MᵀM + 3 diag(θ²) grows with the gradient: (L₀, L₁)-smooth, not
+# L-smooth. Its minimiser by Newton's method, to machine precision.
+
+M_U = jnp.array([[1.0, 0.5], [-0.3, 1.0], [0.2, 0.1]])
+C_U = jnp.array([1.0, -2.0, 0.5])
+
+
+def u_inner(w, theta, noise):
+    return 0.5 * jnp.sum((w - M_U @ theta) ** 2) + w @ noise
+
+
+def u_outer(w, theta, noise):
+    return 0.5 * jnp.sum((w - C_U) ** 2) + 0.25 * jnp.sum(theta**4) + w @ noise
+
+
+def u_optimum():
+    grad_F = jax.grad(lambda t: u_outer(M_U @ t, t, jnp.zeros(3)))
+    theta = jnp.zeros(2)
+    for _ in range(50):
+        theta = theta - jnp.linalg.solve(
+            jax.hessian(lambda t: u_outer(M_U @ t, t, jnp.zeros(3)))(theta),
+            grad_F(theta),
+        )
+    assert float(jnp.linalg.norm(grad_F(theta))) < 1e-13
+    return theta
+
+
+def _u_run(solver, steps, theta0, sigma=0.0, key=jax.random.PRNGKey(0)):
+    def body(state, k):
+        ka, kb = jax.random.split(k)
+        noise = lambda k: sigma * jax.random.normal(k, (3,))
+        return solver.step(state, noise(ka), noise(kb))
+
+    state = solver.init(theta0, jnp.zeros(3))
+    return jax.lax.scan(body, state, jax.random.split(key, steps))
+
+
+def test_borep_converges_under_unbounded_smoothness_where_sgd_diverges():
+    theta0, star = jnp.array([20.0, -20.0]), u_optimum()
+    lr = optax.exponential_decay(0.5, 100, 0.7, end_value=1e-5)
+    borep = bl.BOREP(
+        u_inner,
+        u_outer,
+        bl.normalized_momentum(lr, beta=0.5),
+        inner_lr=0.5,
+        init_steps=50,
+        inner_steps=5,
+        period=3,
+    )
+    state, info = jax.jit(lambda: _u_run(borep, 3000, theta0))()
+    assert float(jnp.linalg.norm(state.theta - star)) < 1e-4
+    # noisy oracles: still close
+    noisy, _ = jax.jit(lambda: _u_run(borep, 3000, theta0, sigma=0.1))()
+    assert float(jnp.linalg.norm(noisy.theta - star)) < 0.05
+    # the lower level: refined once (50 steps), then 5 steps every third step
+    grads = np.asarray(info["grads"])
+    assert grads[0] == 51 and list(grads[1:7]) == [1, 1, 6, 1, 1, 6]
+    assert np.all(np.asarray(info["hvps"]) == 2)
+    assert borep.oracles == (1 + 5 / 3, 2)
+    # SOBA with SGD steps of the same start size: the θ⁴ term blows it up
+    soba = bl.SOBA(u_inner, u_outer, optax.sgd(0.5), inner_lr=0.5)
+    state, info = jax.jit(lambda: _u_run(soba, 50, theta0))()
+    assert not bool(info["finite"][-1])
+
+
+def test_vpbgd_is_order_one_over_gamma_close_on_a_line_of_minimisers():
+    # g = ½(a·w - θ)²: S(θ) is a line; f = ½|w - c|² + ½θ². F(θ) = (θ - a·c)²/(2|a|²)
+    # + θ²/2 at the optimistic selection; the penalty's stationary θ solves
+    # γ(θ - a·c)/(1 + γ|a|²) + θ = 0, O(1/γ) from θ* = a·c / (1 + |a|²).
+    a2, ac = float(LINE_A @ LINE_A), float(LINE_A @ LINE_C)
+    inner = lambda w, t, b: 0.5 * (LINE_A @ w - t[0]) ** 2
+    outer = lambda w, t, b: 0.5 * jnp.sum((w - LINE_C) ** 2) + 0.5 * jnp.sum(t**2)
+    exact = ac / (1 + a2)
+    errors = []
+    for gamma in (1.0, 10.0, 100.0):
+        # single loop (one step of z, y and θ a step) and double loop
+        for inner_steps, y_steps in ((1, 1), (5, 20)):
+            solver = bl.VPBGD(
+                inner,
+                outer,
+                optax.sgd(0.2),
+                inner_lr=0.2,
+                gamma=gamma,
+                inner_steps=inner_steps,
+                y_steps=y_steps,
+            )
+            run = lambda s: jax.lax.scan(
+                lambda st, _: s.step(st, None, None),
+                s.init(jnp.array([3.0]), jnp.zeros(2)),
+                None,
+                length=int(400 * gamma / y_steps) + 400,
+            )
+            state, info = jax.jit(run)(solver)
+            closed = gamma * ac / (gamma * (1 + a2) + 1)
+            np.testing.assert_allclose(state.theta[0], closed, rtol=1e-8)
+            assert int(info["hvps"][0]) == 0  # first order only
+            assert int(info["grads"][0]) == inner_steps + 2 * y_steps + 3
+        errors.append(abs(float(state.theta[0]) - exact))
+    for big, small in zip(errors, errors[1:]):  # O(1/γ)
+        assert 8.0 < big / small < 11.0
+
+
+def test_vpbgd_projects_onto_the_lower_level_constraint_set():
+    # g = ½(w₀ - θ)² on Y = {w₁ ≥ 1}; f = ½|w|²: at the selection w = (θ, 1), so
+    # F = (θ² + 1)/2 + θ²/2 is minimal at θ = 0 with w₁ pinned at the bound
+    inner = lambda w, t, b: 0.5 * (w[0] - t[0]) ** 2
+    outer = lambda w, t, b: 0.5 * jnp.sum(w**2) + 0.5 * jnp.sum(t**2)
+    project = lambda w: w.at[1].set(jnp.maximum(w[1], 1.0))
+    solver = bl.VPBGD(
+        inner,
+        outer,
+        optax.sgd(0.2),
+        inner_lr=0.5,
+        gamma=50.0,
+        y_steps=5,
+        project=project,
+    )
+    state = solver.init(jnp.array([2.0]), jnp.array([3.0, 5.0]))
+    state, _ = jax.jit(
+        lambda s: jax.lax.scan(
+            lambda st, _: solver.step(st, None, None), s, None, length=800
+        )
+    )(state)
+    assert abs(float(state.theta[0])) < 1e-6
+    np.testing.assert_allclose(state.aux, jnp.array([0.0, 1.0]), atol=1e-5)
+    with pytest.raises(TypeError, match="`project`"):
+        bl.VPBGD(inner, outer, optax.sgd(0.1), project="clip")
+
+
+@pytest.mark.parametrize("name", ["borep", "vpbgd"])
+def test_borep_and_vpbgd_under_jit_vmap_and_grad(name):
+    lr = 0.3
+    if name == "borep":
+        make = lambda lr: bl.BOREP(
+            q_inner, q_outer, optax.sgd(0.1), inner_lr=lr, init_steps=5, period=2
+        )
+    else:
+        make = lambda lr: bl.VPBGD(q_inner, q_outer, optax.sgd(0.1), inner_lr=lr)
+
+    def loss(theta0, solver):  # F after 6 steps, through the solver's steps
+        state = solver.init(theta0, jnp.zeros(4))
+        state, _ = jax.lax.scan(
+            lambda s, _: solver.step(s, jnp.zeros(4), jnp.zeros(4)),
+            state,
+            None,
+            length=6,
+        )
+        return q_outer(state.w, state.theta, jnp.zeros(4))
+
+    theta0 = jnp.array([0.3, -0.2, 0.5])
+    check_grads(lambda t: loss(t, make(lr)), (theta0,), order=1, modes=["rev"])
+    # vmap over the step size, a pytree leaf: one program, each lane its own
+    lrs = jnp.array([0.1, 0.3])
+    batched = jax.jit(jax.vmap(lambda r: loss(theta0, make(r))))(lrs)
+    singles = [loss(theta0, make(float(r))) for r in lrs]
+    np.testing.assert_allclose(batched, jnp.stack(singles), rtol=1e-12)
+    with pytest.raises(ValueError, match="inner_lr"):
+        make(-1.0)
+    if name == "borep":
+        with pytest.raises(ValueError, match="`period`"):
+            bl.BOREP(q_inner, q_outer, optax.sgd(0.1), period=0)
+        with pytest.raises(ValueError, match="`beta`"):
+            bl.normalized_momentum(0.1, beta=1.0)
+    else:
+        with pytest.raises(ValueError, match="`gamma`"):
+            bl.VPBGD(q_inner, q_outer, optax.sgd(0.1), gamma=0.0)

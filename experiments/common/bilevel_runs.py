@@ -25,18 +25,26 @@ import optax
 import iterjax as ij
 from iterjax import bilevel as bl
 from iterjax.internal import optax_init, optax_step
-from iterjax.lab.spec import Count, NonNegative, Positive
+from iterjax.lab.spec import Count, Fraction, NonNegative, Positive
 
 
 @dataclasses.dataclass(frozen=True)
 class Solver:
-    name: Literal["implicit", "soba", "saba", "amigo", "stocbio", "f2sa"]
-    outer_lr: Positive = 1.0  # sgd on θ (implicit: Adam at a tenth of it)
+    name: Literal[
+        "implicit", "soba", "saba", "amigo", "stocbio", "f2sa", "borep", "vpbgd"
+    ]
+    # sgd on θ (implicit: Adam at a tenth of it; borep: normalised momentum,
+    # steps of length outer_lr)
+    outer_lr: Positive = 1.0
     inner_lr: Positive = 0.5
-    inner_steps: Count = 5  # amigo, stocbio, f2sa
+    inner_steps: Count = 5  # amigo, stocbio, f2sa, borep (per update), vpbgd (z and y)
     lam: Positive = 10.0  # f2sa: λ_0, grown by lam_growth per step to lam_max
     lam_growth: NonNegative = 0.01
     lam_max: Positive = 1000.0
+    gamma: Positive = 100.0  # vpbgd: the penalty
+    period: Count = 5  # borep: outer steps between lower-level updates
+    init_steps: NonNegative = 100  # borep: the initial refinement's steps
+    beta: Fraction = 0.9  # borep: the momentum
     # implicit: the inner Newton-CG's forcing and the adjoint CG's tolerance
     forcing: Literal["fixed", "superlinear", "eisenstat-walker"] = "fixed"
     cg_rtol: Positive = 1e-6
@@ -98,26 +106,42 @@ def make_solver(s, inner, outer, n, m):
             lam_max=s.lam_max,
             **kw,
         )
+    if s.name == "vpbgd":
+        steps = dict(inner_steps=s.inner_steps, y_steps=s.inner_steps)
+        return bl.VPBGD(inner, outer, opt, gamma=s.gamma, **steps, **kw)
+    if s.name == "borep":
+        opt = bl.normalized_momentum(s.outer_lr, s.beta)
+        return bl.BOREP(
+            inner,
+            outer,
+            opt,
+            init_steps=int(s.init_steps),
+            inner_steps=s.inner_steps,
+            period=s.period,
+            **kw,
+        )
     raise ValueError(f"no stochastic solver {s.name!r}")
 
 
 def chunked(solver, n, m, batch, budget, evals):
-    """`(chunk, steps, oracles per step)`: `chunk(state, key)` is `steps` solver
-    steps on random minibatches of indices, a pure function; `evals` chunks
-    spend `budget` per-sample oracle calls."""
-    per_step = sum(solver.oracles) * batch
-    steps = max(1, int(budget / per_step / evals))
+    """`(chunk, steps)`: `chunk(state, key)` is `steps` solver steps on random
+    minibatches of indices, a pure function returning `(state, per-sample
+    oracle calls it spent)` (as the steps' `info` counts them); `evals` chunks
+    spend about `budget` (at the solver's mean calls per step)."""
+    steps = max(1, int(budget / (sum(solver.oracles) * batch) / evals))
 
     def chunk(state, key):
         def body(state, k):
             ki, ko = jax.random.split(k)
             i = jax.random.randint(ki, (batch,), 0, n)
             j = jax.random.randint(ko, (batch,), 0, m)
-            return solver.step(state, i, j)[0], None
+            state, info = solver.step(state, i, j)
+            return state, info["grads"] + info["hvps"]
 
-        return jax.lax.scan(body, state, jax.random.split(key, steps))[0]
+        state, calls = jax.lax.scan(body, state, jax.random.split(key, steps))
+        return state, jnp.sum(calls) * batch
 
-    return chunk, steps, per_step
+    return chunk, steps
 
 
 def run(s, p: Problem, *, batch, budget, evals, evaluate, seed):
@@ -128,16 +152,17 @@ def run(s, p: Problem, *, batch, budget, evals, evaluate, seed):
     s = dataclasses.replace(s, inner_lr=s.inner_lr / p.L)
     solver = make_solver(s, p.inner, p.outer, p.n, p.m)
     state = solver.init(p.theta0, p.w0)
-    chunk, steps, per_step = chunked(solver, p.n, p.m, batch, budget, evals)
+    chunk, _ = chunked(solver, p.n, p.m, batch, budget, evals)
     key = jax.random.PRNGKey(seed)
     chunk = jax.jit(chunk).lower(state, key).compile()
-    curve, seconds = [], 0.0
-    for e in range(evals):
+    curve, seconds, used = [], 0.0, 0
+    for _ in range(evals):
         key, sub = jax.random.split(key)
         start = time.perf_counter()
-        state = jax.block_until_ready(chunk(state, sub))
+        state, calls = jax.block_until_ready(chunk(state, sub))
         seconds += time.perf_counter() - start
-        point = dict(oracles=(e + 1) * steps * per_step, seconds=seconds)
+        used += int(calls)
+        point = dict(oracles=used, seconds=seconds)
         curve.append({**point, **evaluate(state.w, state.theta)})
     return curve
 

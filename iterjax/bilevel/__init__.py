@@ -4,8 +4,11 @@
 loss at the inner minimiser by implicit differentiation, unrolled, truncated or
 forward-mode differentiation of an optimiser, or a first-order penalty method.
 `SOBA`, `SABA`, `AmIGO`, `StocBiO` and `F2SA` are stochastic bilevel solvers
-(`init` / `step`); `bloop` is Bloop's direction for the simple bilevel problem
-(an auxiliary loss among a training loss's minimisers) as an optax transform.
+(`init` / `step`), and beyond strong convexity: `BOREP` (an upper level of
+unbounded smoothness, with `normalized_momentum`) and `VPBGD` (a lower level
+with several minimisers, by a value-function penalty); `bloop` is Bloop's
+direction for the simple bilevel problem (an auxiliary loss among a training
+loss's minimisers) as an optax transform.
 """
 
 from ._argmin import argmin as argmin
@@ -21,7 +24,10 @@ from ._stochastic import BilevelState as BilevelState
 from .amigo import AmIGO as AmIGO
 from .bloop import BloopState as BloopState
 from .bloop import bloop as bloop
+from .borep import BOREP as BOREP
+from .borep import normalized_momentum as normalized_momentum
 from .f2sa import F2SA as F2SA
 from .saba import SABA as SABA
 from .soba import SOBA as SOBA
 from .stocbio import StocBiO as StocBiO
+from .vpbgd import VPBGD as VPBGD

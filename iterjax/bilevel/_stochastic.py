@@ -89,8 +89,9 @@ class _Stochastic(Module):
 
     @property
     @abc.abstractmethod
-    def oracles(self) -> tuple[int, int]:
-        """(gradients, HVPs) per step, each on a minibatch of each loss."""
+    def oracles(self) -> tuple[float, float]:
+        """(gradients, HVPs) per step, each on a minibatch of each loss (on
+        average, for a method whose steps differ)."""
 
     @abc.abstractmethod
     def init(self, theta, w0) -> BilevelState:
@@ -151,3 +152,12 @@ def _sgd(loss, w, theta, batch, lr, steps):
 def _cross(loss, w, theta, batch, v):
     """∂²_θw g · v = ∂_θ <∇_w g(w, θ), v>."""
     return jax.vjp(lambda t: _grad_w(loss, w, t, batch), theta)[1](v)[0]
+
+
+def _soba_directions(g, f, w, theta, v, inner_batch, outer_batch):
+    """SOBA's directions at (w, θ, v): (d_v, d_θ) = (H v + ∇_w f, ∇_θ f + ∂²_θw g v),
+    v's step and the hypergradient estimate (also BO-REP's)."""
+    f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
+    d_v = tu.tree_add(_hvp(g, w, theta, inner_batch, v), f_w)
+    d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
+    return d_v, d_t

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int, check_range
-from ._stochastic import _grad_w, _info, _sgd, _Stochastic, _with_finite
+from ._stochastic import _grad_w, _info, _Stochastic, _with_finite
 
 
 class F2SA(_Stochastic):
@@ -44,24 +44,45 @@ class F2SA(_Stochastic):
 
     def step(self, state, inner_batch=None, outer_batch=None):
         self._check_batches(inner_batch, outer_batch)
-        g, f, eta = self.inner_loss, self.outer_loss, self.inner_lr
-        theta, z, (y, lam) = state.theta, state.w, state.aux
-
-        def y_step(_, y):
-            d = tu.tree_axpy(
-                1.0 / lam,
-                _grad_w(f, y, theta, outer_batch),
-                _grad_w(g, y, theta, inner_batch),
-            )
-            return tu.tree_axpy(-eta, d, y)
-
-        z = _sgd(g, z, theta, inner_batch, eta, self.inner_steps)
-        y = jax.lax.fori_loop(0, self.inner_steps, y_step, y)
-        g_t = lambda w: jax.grad(g, 1)(w, theta, inner_batch)
-        d_t = tu.tree_add(
-            jax.grad(f, 1)(y, theta, outer_batch),
-            tu.tree_scale(lam, tu.tree_sub(g_t(y), g_t(z))),
+        z, (y, lam) = state.w, state.aux
+        steps = (self.inner_steps, self.inner_steps)
+        z, y, d_t = _penalty_step(
+            self, state.theta, z, y, lam, steps, inner_batch, outer_batch
         )
         lam = jnp.minimum(lam + self.lam_growth, self.lam_max)
         info = _info(*self.oracles)
         return _with_finite(self._outer_update(state, d_t, z, (y, lam)), info)
+
+
+def _penalty_step(
+    solver, theta, z, y, lam, steps, inner_batch, outer_batch, project=None
+):
+    """The first-order penalty step of F2SA and V-PBGD: `steps[0]` SGD steps of z
+    on g, `steps[1]` of y on f/λ + g (step size η = `inner_lr`, each projected by
+    `project` when given), and θ's direction
+
+        d = ∇_θ f(y, θ) + λ (∇_θ g(y, θ) - ∇_θ g(z, θ)),
+
+    the gradient in θ of f + λ (g - v̂), v̂ = g(z, θ) ≈ min g. Returns (z, y, d)."""
+    g, f, eta = solver.inner_loss, solver.outer_loss, solver.inner_lr
+    project = project or (lambda w: w)
+
+    def z_step(_, z):
+        return project(tu.tree_axpy(-eta, _grad_w(g, z, theta, inner_batch), z))
+
+    def y_step(_, y):
+        d = tu.tree_axpy(
+            1.0 / lam,
+            _grad_w(f, y, theta, outer_batch),
+            _grad_w(g, y, theta, inner_batch),
+        )
+        return project(tu.tree_axpy(-eta, d, y))
+
+    z = jax.lax.fori_loop(0, steps[0], z_step, z)
+    y = jax.lax.fori_loop(0, steps[1], y_step, y)
+    g_t = lambda w: jax.grad(g, 1)(w, theta, inner_batch)
+    d_t = tu.tree_add(
+        jax.grad(f, 1)(y, theta, outer_batch),
+        tu.tree_scale(lam, tu.tree_sub(g_t(y), g_t(z))),
+    )
+    return z, y, d_t

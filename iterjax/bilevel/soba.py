@@ -1,9 +1,7 @@
 """SOBA, the single-loop stochastic bilevel algorithm (Dagréou et al. 2022)."""
 
-import jax
-
 from .. import _tree as tu
-from ._stochastic import _cross, _grad_w, _hvp, _info, _Stochastic, _with_finite
+from ._stochastic import _grad_w, _info, _soba_directions, _Stochastic, _with_finite
 
 
 class SOBA(_Stochastic):
@@ -27,10 +25,8 @@ class SOBA(_Stochastic):
         self._check_batches(inner_batch, outer_batch)
         g, f, rho = self.inner_loss, self.outer_loss, self.inner_lr
         theta, w, v = state.theta, state.w, state.aux
-        f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
         d_w = _grad_w(g, w, theta, inner_batch)
-        d_v = tu.tree_add(_hvp(g, w, theta, inner_batch, v), f_w)
-        d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
+        d_v, d_t = _soba_directions(g, f, w, theta, v, inner_batch, outer_batch)
         w = tu.tree_axpy(-rho, d_w, w)
         v = tu.tree_axpy(-rho, d_v, v)
         return _with_finite(self._outer_update(state, d_t, w, v), _info(*self.oracles))

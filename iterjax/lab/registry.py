@@ -40,6 +40,7 @@ EXPERIMENTS = {
     "deq_solvers": "iterjax.experiments.deq_solvers",
     "hpo_ridge": "iterjax.experiments.hpo_ridge",
     "data_hypercleaning": "iterjax.experiments.data_hypercleaning",
+    "bilevel_many_minimisers": "iterjax.experiments.bilevel_many_minimisers",
     "hpo_logreg": "iterjax.experiments.hpo_logreg",
     "fixed_point_sweep": "iterjax.experiments.fixed_point_sweep",
     "hpo_sweep": "iterjax.experiments.hpo_sweep",
