@@ -731,3 +731,77 @@ def test_borep_and_vpbgd_under_jit_vmap_and_grad(name):
     else:
         with pytest.raises(ValueError, match="`gamma`"):
             bl.VPBGD(q_inner, q_outer, optax.sgd(0.1), gamma=0.0)
+
+
+# LV-HBA on a lower level with bounds: w*(θ) = argmin {½|w - θ|² : w ≥ b} =
+# max(θ, b); F = ½|w - c|² + ½ρ|θ|², so per component φ(θ) = ½(max(θ, b) - c)²
+# + ½ρθ², convex on each side of b: its minimiser is the better of the two sides'.
+C_CON, B_CON, RHO_CON = (
+    jnp.array([2.0, -1.0, 0.5, -0.3]),
+    jnp.array([0.0, 0.0, 1.0, -1.0]),
+    0.1,
+)
+
+
+def _constrained():
+    f = lambda w, t, b: 0.5 * jnp.sum((w - t) ** 2)
+    F = lambda w, t, b: 0.5 * jnp.sum((w - C_CON) ** 2) + 0.5 * RHO_CON * t @ t
+    con = lambda w, t, b: B_CON - w
+    project = lambda w, t: (jnp.maximum(w, B_CON), t)
+    phi = lambda t: 0.5 * (jnp.maximum(t, B_CON) - C_CON) ** 2 + 0.5 * RHO_CON * t**2
+    above = jnp.maximum(B_CON, C_CON / (1 + RHO_CON))
+    below = jnp.minimum(B_CON, 0.0)
+    star = jnp.where(phi(above) <= phi(below), above, below)
+    return f, F, con, project, star
+
+
+def test_lvhba_solves_a_bilevel_problem_with_a_constrained_lower_level():
+    f, F, con, project, star = _constrained()
+    w_star = jnp.maximum(star, B_CON)
+    assert bool(jnp.any(w_star == B_CON)) and bool(jnp.any(w_star > B_CON))
+    solver = bl.LVHBA(f, F, optax.sgd(0.05), constraint=con, project=project)
+    state = solver.init(jnp.zeros(4), jnp.zeros(4))
+
+    def body(state, _):
+        state, info = solver.step(state, None, None)
+        return state, (jnp.linalg.norm(state.theta - star), info["hvps"])
+
+    state, (errors, hvps) = jax.jit(
+        lambda s: jax.lax.scan(body, s, None, length=20000)
+    )(state)
+    # the upper objective enters as F / c_k: the error falls as c_k grows
+    assert float(errors[-1]) < 0.25 * float(errors[1999]) and float(errors[-1]) < 0.1
+    assert float(jnp.linalg.norm(state.w - w_star)) < 0.01
+    assert bool(jnp.all(state.w >= B_CON))  # projected onto the feasible set
+    assert int(jnp.max(hvps)) == 0  # Hessian-free
+    lam = state.aux.lam
+    assert bool(jnp.all((lam >= 0) & (lam <= solver.multiplier_bound)))
+
+
+def test_lvhba_under_jit_vmap_and_grad_and_rejects_bad_input():
+    f, F, con, project, _ = _constrained()
+    make = lambda lr: bl.LVHBA(
+        f, F, optax.sgd(0.05), constraint=con, project=project, inner_lr=lr
+    )
+
+    def loss(theta0, solver):  # F after 5 steps, from an interior start
+        state = solver.init(theta0, jnp.array([3.0, 2.0, 4.0, 1.0]))
+        state, _ = jax.lax.scan(
+            lambda s, _: solver.step(s, None, None), state, None, length=5
+        )
+        return F(state.w, state.theta, None)
+
+    theta0 = jnp.array([0.3, -0.2, 0.5, 0.1])
+    check_grads(lambda t: loss(t, make(0.05)), (theta0,), order=1, modes=["rev"])
+    lrs = jnp.array([0.02, 0.05])
+    batched = jax.jit(jax.vmap(lambda r: loss(theta0, make(r))))(lrs)
+    singles = [loss(theta0, make(float(r))) for r in lrs]
+    np.testing.assert_allclose(batched, jnp.stack(singles), rtol=1e-12)
+    with pytest.raises(TypeError, match="`constraint`"):
+        bl.LVHBA(f, F, optax.sgd(0.1), constraint=None, project=project)
+    with pytest.raises(TypeError, match="`project`"):
+        bl.LVHBA(f, F, optax.sgd(0.1), constraint=con, project=None)
+    with pytest.raises(ValueError, match="`growth`"):
+        bl.LVHBA(f, F, optax.sgd(0.1), constraint=con, project=project, growth=0.5)
+    with pytest.raises(ValueError, match="`gamma1`"):
+        bl.LVHBA(f, F, optax.sgd(0.1), constraint=con, project=project, gamma1=0.0)

@@ -6,7 +6,8 @@ forward-mode differentiation of an optimiser, or a first-order penalty method.
 `SOBA`, `SABA`, `AmIGO`, `StocBiO` and `F2SA` are stochastic bilevel solvers
 (`init` / `step`), and beyond strong convexity: `BOREP` (an upper level of
 unbounded smoothness, with `normalized_momentum`) and `VPBGD` (a lower level
-with several minimisers, by a value-function penalty); `bloop` is Bloop's
+with several minimisers, by a value-function penalty) and `LVHBA` (a lower
+level with constraints, by a proximal Lagrangian value function); `bloop` is Bloop's
 direction for the simple bilevel problem (an auxiliary loss among a training
 loss's minimisers) as an optax transform.
 """
@@ -27,6 +28,8 @@ from .bloop import bloop as bloop
 from .borep import BOREP as BOREP
 from .borep import normalized_momentum as normalized_momentum
 from .f2sa import F2SA as F2SA
+from .lvhba import LVHBA as LVHBA
+from .lvhba import LVHBAState as LVHBAState
 from .saba import SABA as SABA
 from .soba import SOBA as SOBA
 from .stocbio import StocBiO as StocBiO
