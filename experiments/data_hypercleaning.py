@@ -8,16 +8,16 @@ weighted multinomial logistic regression,
 
 outer problem: the clean validation cross-entropy f(w) (F2SA's MNIST experiment
 at small scale). Each stochastic bilevel solver (SOBA, SABA, AmIGO, StocBiO,
-F2SA, BO-REP, V-PBGD; minibatches) and the deterministic implicit baseline (full-batch
-`hypergradient` with implicit CG, Adam on θ, warm-started inner solves) get the
-same budget of per-sample oracle calls (gradients and Hessian-vector products,
-times the batch size). Recorded against oracle calls: test accuracy and loss of
-the inner iterate, and the fraction of corrupted samples whose weight σ(θ_i)
-fell below one half; summarised as the calls each solver needs to reach the
-baseline's best accuracy and its final held-out loss. `inner_lr` is in units of
-1/L (Böhning's bound on the unweighted loss), so `hpo_sweep` (`problem:
-data_hypercleaning`) tunes the step sizes of every stochastic solver as one
-`jax.vmap`.
+F2SA, BO-REP, V-PBGD, sl-BAMM; minibatches) and the deterministic implicit
+baseline (full-batch `hypergradient` with implicit CG, Adam on θ, warm-started
+inner solves) get the same budget of per-sample oracle calls (gradients and
+Hessian-vector products, times the batch size). Recorded against oracle calls:
+test accuracy and loss of the inner iterate, and the fraction of corrupted
+samples whose weight σ(θ_i) fell below one half; summarised as the calls each
+solver needs to reach the baseline's best accuracy and its final held-out loss.
+`inner_lr` is in units of 1/L (Böhning's bound on the unweighted loss), so
+`hpo_sweep` (`problem: data_hypercleaning`) tunes the step sizes of every
+stochastic solver as one `jax.vmap`.
 """
 
 import dataclasses
@@ -54,6 +54,7 @@ class Config:
         runs.Solver("f2sa", outer_lr=300.0, inner_lr=1.0),
         runs.Solver("borep", outer_lr=0.1, inner_lr=1.0),
         runs.Solver("vpbgd", outer_lr=300.0, inner_lr=1.0, gamma=10.0),
+        runs.Solver("slbamm", outer_lr=1000.0, inner_lr=1.0),
     )
     seed: int = 0
     x64: bool = True  # float64 (set by the lab for the run)

@@ -694,9 +694,26 @@ def test_vpbgd_projects_onto_the_lower_level_constraint_set():
         bl.VPBGD(inner, outer, optax.sgd(0.1), project="clip")
 
 
+def _check_transforms(make, lrs, theta0, w0, outer, batch=None, steps=5):
+    """Through `steps` solver steps from (theta0, w0): check_grads of the outer
+    loss in θ₀ (reverse mode), and a jit + vmap over the step sizes `lrs` (a
+    pytree leaf of the solver) equal to one run per step size."""
+
+    def loss(theta0, solver):
+        state = solver.init(theta0, w0)
+        state, _ = jax.lax.scan(
+            lambda s, _: solver.step(s, batch, batch), state, None, length=steps
+        )
+        return outer(state.w, state.theta, batch)
+
+    check_grads(lambda t: loss(t, make(float(lrs[-1]))), (theta0,), 1, modes=["rev"])
+    batched = jax.jit(jax.vmap(lambda r: loss(theta0, make(r))))(lrs)
+    singles = [loss(theta0, make(float(r))) for r in lrs]
+    np.testing.assert_allclose(batched, jnp.stack(singles), rtol=1e-12)
+
+
 @pytest.mark.parametrize("name", ["borep", "vpbgd"])
 def test_borep_and_vpbgd_under_jit_vmap_and_grad(name):
-    lr = 0.3
     if name == "borep":
         make = lambda lr: bl.BOREP(
             q_inner, q_outer, optax.sgd(0.1), inner_lr=lr, init_steps=5, period=2
@@ -704,23 +721,8 @@ def test_borep_and_vpbgd_under_jit_vmap_and_grad(name):
     else:
         make = lambda lr: bl.VPBGD(q_inner, q_outer, optax.sgd(0.1), inner_lr=lr)
 
-    def loss(theta0, solver):  # F after 6 steps, through the solver's steps
-        state = solver.init(theta0, jnp.zeros(4))
-        state, _ = jax.lax.scan(
-            lambda s, _: solver.step(s, jnp.zeros(4), jnp.zeros(4)),
-            state,
-            None,
-            length=6,
-        )
-        return q_outer(state.w, state.theta, jnp.zeros(4))
-
-    theta0 = jnp.array([0.3, -0.2, 0.5])
-    check_grads(lambda t: loss(t, make(lr)), (theta0,), order=1, modes=["rev"])
-    # vmap over the step size, a pytree leaf: one program, each lane its own
-    lrs = jnp.array([0.1, 0.3])
-    batched = jax.jit(jax.vmap(lambda r: loss(theta0, make(r))))(lrs)
-    singles = [loss(theta0, make(float(r))) for r in lrs]
-    np.testing.assert_allclose(batched, jnp.stack(singles), rtol=1e-12)
+    theta0, zeros = jnp.array([0.3, -0.2, 0.5]), jnp.zeros(4)
+    _check_transforms(make, jnp.array([0.1, 0.3]), theta0, zeros, q_outer, zeros, 6)
     with pytest.raises(ValueError, match="inner_lr"):
         make(-1.0)
     if name == "borep":
@@ -784,19 +786,8 @@ def test_lvhba_under_jit_vmap_and_grad_and_rejects_bad_input():
         f, F, optax.sgd(0.05), constraint=con, project=project, inner_lr=lr
     )
 
-    def loss(theta0, solver):  # F after 5 steps, from an interior start
-        state = solver.init(theta0, jnp.array([3.0, 2.0, 4.0, 1.0]))
-        state, _ = jax.lax.scan(
-            lambda s, _: solver.step(s, None, None), state, None, length=5
-        )
-        return F(state.w, state.theta, None)
-
-    theta0 = jnp.array([0.3, -0.2, 0.5, 0.1])
-    check_grads(lambda t: loss(t, make(0.05)), (theta0,), order=1, modes=["rev"])
-    lrs = jnp.array([0.02, 0.05])
-    batched = jax.jit(jax.vmap(lambda r: loss(theta0, make(r))))(lrs)
-    singles = [loss(theta0, make(float(r))) for r in lrs]
-    np.testing.assert_allclose(batched, jnp.stack(singles), rtol=1e-12)
+    theta0, w0 = jnp.array([0.3, -0.2, 0.5, 0.1]), jnp.array([3.0, 2.0, 4.0, 1.0])
+    _check_transforms(make, jnp.array([0.02, 0.05]), theta0, w0, F)  # interior
     with pytest.raises(TypeError, match="`constraint`"):
         bl.LVHBA(f, F, optax.sgd(0.1), constraint=None, project=project)
     with pytest.raises(TypeError, match="`project`"):
@@ -805,3 +796,46 @@ def test_lvhba_under_jit_vmap_and_grad_and_rejects_bad_input():
         bl.LVHBA(f, F, optax.sgd(0.1), constraint=con, project=project, growth=0.5)
     with pytest.raises(ValueError, match="`gamma1`"):
         bl.LVHBA(f, F, optax.sgd(0.1), constraint=con, project=project, gamma1=0.0)
+
+
+# sl-BAMM on its paper's merely convex toy (a pytree w = {a, b}): g = ½|a|² - θ·a
+# ignores b, so g's minimisers are {a = θ, any b}; f = ½|θ - b|² + ½|a - e|²
+# selects b = θ (optimistic), and θ* = e, w* = (e, e). SOBA's w-step never moves
+# b, so it settles at the wrong θ = e/2 (with b = 0: F(θ) = ½|θ|² + ½|θ - e|²).
+E_MC = jnp.array([1.0, 2.0, -1.0])
+
+
+def _merely_convex():
+    g = lambda w, t, b: 0.5 * w["a"] @ w["a"] - t @ w["a"]
+    f = lambda w, t, b: (
+        0.5 * jnp.sum((t - w["b"]) ** 2) + 0.5 * jnp.sum((w["a"] - E_MC) ** 2)
+    )
+    return g, f, {"a": jnp.zeros(3), "b": jnp.zeros(3)}
+
+
+def test_slbamm_finds_the_optimistic_solution_where_soba_does_not():
+    g, f, w0 = _merely_convex()
+    run = lambda solver: jax.lax.scan(
+        lambda s, _: solver.step(s, None, None),
+        solver.init(jnp.zeros(3), w0),
+        None,
+        length=4000,
+    )
+    state, info = jax.jit(run)(bl.SLBAMM(g, f, optax.sgd(0.2), inner_lr=0.5))
+    np.testing.assert_allclose(state.theta, E_MC, atol=1e-3)
+    np.testing.assert_allclose(state.w["b"], E_MC, atol=1e-3)
+    np.testing.assert_allclose(state.w["a"], E_MC, atol=1e-3)
+    assert (int(info["grads"][0]), int(info["hvps"][0])) == (3, 2)
+    soba, _ = jax.jit(run)(bl.SOBA(g, f, optax.sgd(0.2), inner_lr=0.5))
+    np.testing.assert_allclose(soba.theta, E_MC / 2, atol=1e-3)
+
+
+def test_slbamm_under_jit_vmap_and_grad_and_rejects_bad_input():
+    g, f, w0 = _merely_convex()
+    make = lambda lr: bl.SLBAMM(g, f, optax.sgd(0.2), inner_lr=lr)
+
+    _check_transforms(make, jnp.array([0.2, 0.5]), jnp.array([0.3, -0.2, 0.5]), w0, f)
+    with pytest.raises(ValueError, match="`mu`"):
+        bl.SLBAMM(g, f, optax.sgd(0.1), mu=1.0)
+    with pytest.raises(ValueError, match="`mu_decay`"):
+        bl.SLBAMM(g, f, optax.sgd(0.1), mu_decay=0.0)

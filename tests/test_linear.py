@@ -987,6 +987,59 @@ def test_mfac_bad_input_is_named(make, match):
         make(jnp.ones((3, 6)))
 
 
+def test_sliding_mfac_equals_mfac_on_the_latest_window_under_jit_vmap_and_grad():
+    m, d, lam = 8, 30, 0.05
+    G = jax.random.normal(jax.random.key(0), (50, d))
+    b = jax.random.normal(jax.random.key(1), (d,))
+    empty = ij.linear.SlidingMFAC.empty(jnp.zeros(d), m=m, damping=lam)
+    # 50 pushes through one jitted scan: the window holds the last 8 (in ring
+    # order, which the operator does not see)
+    window = jax.jit(
+        lambda w, G: jax.lax.scan(lambda w, g: (w.push(g), None), w, G)[0]
+    )(empty, G)
+    A = _fisher(G[-m:], lam)
+    x, stats = window.solve_with_stats(A, b)
+    np.testing.assert_allclose(x, np.linalg.solve(A, b), rtol=1e-9)
+    assert bool(stats.converged) and int(stats.num_matvecs) == 1
+    np.testing.assert_allclose(x, ij.linear.MFAC(G[-m:], lam).solve(A, b), rtol=1e-9)
+    # K⁻¹ after 50 rank-2 updates against the recomputed one
+    np.testing.assert_allclose(window.kinv, window.refresh().kinv, atol=1e-12)
+    # a partial window: zero rows, F = λI + (sum of the k gradients' outer
+    # products) / m
+    three = empty.push(G[0]).push(G[1]).push(G[2])
+    A3 = lam * jnp.eye(d) + G[:3].T @ G[:3] / m
+    np.testing.assert_allclose(three.solve(A3, b), np.linalg.solve(A3, b), rtol=1e-9)
+    # honest: an operator it does not stand for is reported
+    assert not bool(window.solve_with_stats(A + 0.5 * jnp.eye(d), b)[1].converged)
+    # vmap over right-hand sides; gradients w.r.t. b and the pushed gradient
+    bs = jax.random.normal(jax.random.key(2), (3, d))
+    np.testing.assert_allclose(
+        jax.vmap(lambda b: window.solve(A, b))(bs),
+        np.linalg.solve(A, bs.T).T,
+        rtol=1e-9,
+    )
+    solve = lambda g, b: empty.push(g).solve(lambda v: v, b)
+    check_grads(solve, (G[0], b), order=1, modes=("rev", "fwd"))
+    # O(d m + m²) a push and a product: doubling d doubles the flops
+    flops = lambda d: (
+        jax.jit(lambda w, g, b: w.push(g).solve(lambda v: v, b))
+        .lower(
+            ij.linear.SlidingMFAC.empty(jnp.zeros(d), m=m, damping=lam),
+            jnp.ones(d),
+            jnp.ones(d),
+        )
+        .compile()
+        .cost_analysis()["flops"]
+    )
+    assert 1.8 < flops(8000) / flops(4000) < 2.2
+    with pytest.raises(ValueError, match="`m` must be"):
+        ij.linear.SlidingMFAC.empty(jnp.zeros(d), m=0)
+    with pytest.raises(ValueError, match="SlidingMFAC.push"):
+        empty.push(jnp.ones(d + 1))
+    with pytest.raises(ValueError, match="damping"):
+        ij.linear.SlidingMFAC.empty(jnp.zeros(d), m=2, damping=0.0)
+
+
 # --- Randomized Nyström preconditioning (Frangella, Tropp & Udell 2023).
 
 

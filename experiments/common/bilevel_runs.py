@@ -31,7 +31,15 @@ from iterjax.lab.spec import Count, Fraction, NonNegative, Positive
 @dataclasses.dataclass(frozen=True)
 class Solver:
     name: Literal[
-        "implicit", "soba", "saba", "amigo", "stocbio", "f2sa", "borep", "vpbgd"
+        "implicit",
+        "soba",
+        "saba",
+        "amigo",
+        "stocbio",
+        "f2sa",
+        "borep",
+        "vpbgd",
+        "slbamm",
     ]
     # sgd on θ (implicit: Adam at a tenth of it; borep: normalised momentum,
     # steps of length outer_lr)
@@ -45,6 +53,8 @@ class Solver:
     period: Count = 5  # borep: outer steps between lower-level updates
     init_steps: NonNegative = 100  # borep: the initial refinement's steps
     beta: Fraction = 0.9  # borep: the momentum
+    mu: Fraction = 0.5  # slbamm: the upper objective's initial weight in w's step
+    mu_decay: Positive = 0.5  # slbamm: μ_k = mu (k + 1)^-mu_decay
     # implicit: the inner Newton-CG's forcing and the adjoint CG's tolerance
     forcing: Literal["fixed", "superlinear", "eisenstat-walker"] = "fixed"
     cg_rtol: Positive = 1e-6
@@ -106,6 +116,8 @@ def make_solver(s, inner, outer, n, m):
             lam_max=s.lam_max,
             **kw,
         )
+    if s.name == "slbamm":
+        return bl.SLBAMM(inner, outer, opt, mu=s.mu, mu_decay=s.mu_decay, **kw)
     if s.name == "vpbgd":
         steps = dict(inner_steps=s.inner_steps, y_steps=s.inner_steps)
         return bl.VPBGD(inner, outer, opt, gamma=s.gamma, **steps, **kw)

@@ -5,8 +5,9 @@ loss at the inner minimiser by implicit differentiation, unrolled, truncated or
 forward-mode differentiation of an optimiser, or a first-order penalty method.
 `SOBA`, `SABA`, `AmIGO`, `StocBiO` and `F2SA` are stochastic bilevel solvers
 (`init` / `step`), and beyond strong convexity: `BOREP` (an upper level of
-unbounded smoothness, with `normalized_momentum`) and `VPBGD` (a lower level
-with several minimisers, by a value-function penalty) and `LVHBA` (a lower
+unbounded smoothness, with `normalized_momentum`), `VPBGD` (a lower level
+with several minimisers, by a value-function penalty), `SLBAMM` (a merely
+convex lower level, by averaging the two objectives) and `LVHBA` (a lower
 level with constraints, by a proximal Lagrangian value function); `bloop` is Bloop's
 direction for the simple bilevel problem (an auxiliary loss among a training
 loss's minimisers) as an optax transform.
@@ -31,6 +32,7 @@ from .f2sa import F2SA as F2SA
 from .lvhba import LVHBA as LVHBA
 from .lvhba import LVHBAState as LVHBAState
 from .saba import SABA as SABA
+from .slbamm import SLBAMM as SLBAMM
 from .soba import SOBA as SOBA
 from .stocbio import StocBiO as StocBiO
 from .vpbgd import VPBGD as VPBGD

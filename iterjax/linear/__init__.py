@@ -11,6 +11,7 @@ from .krylov import CG as CG
 from .krylov import GMRES as GMRES
 from .krylov import BiCGStab as BiCGStab
 from .mfac import MFAC as MFAC
+from .mfac import SlidingMFAC as SlidingMFAC
 from .multigrid import Multigrid as Multigrid
 from .multigrid import MultigridSolver as MultigridSolver
 from .multigrid import Stencil9 as Stencil9
