@@ -8,9 +8,10 @@ forward-mode differentiation of an optimiser, or a first-order penalty method.
 unbounded smoothness, with `normalized_momentum`), `VPBGD` (a lower level
 with several minimisers, by a value-function penalty), `SLBAMM` (a merely
 convex lower level, by averaging the two objectives) and `LVHBA` (a lower
-level with constraints, by a proximal Lagrangian value function); `bloop` is Bloop's
-direction for the simple bilevel problem (an auxiliary loss among a training
-loss's minimisers) as an optax transform.
+level with constraints, by a proximal Lagrangian value function) and
+`MultiBlock` (m lower-level problems sampled blockwise, variance-reduced);
+`bloop` is Bloop's direction for the simple bilevel problem (an auxiliary loss
+among a training loss's minimisers) as an optax transform.
 """
 
 from ._argmin import argmin as argmin
@@ -31,6 +32,8 @@ from .borep import normalized_momentum as normalized_momentum
 from .f2sa import F2SA as F2SA
 from .lvhba import LVHBA as LVHBA
 from .lvhba import LVHBAState as LVHBAState
+from .multiblock import MultiBlock as MultiBlock
+from .multiblock import MultiBlockState as MultiBlockState
 from .saba import SABA as SABA
 from .slbamm import SLBAMM as SLBAMM
 from .soba import SOBA as SOBA
