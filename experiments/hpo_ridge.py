@@ -7,11 +7,12 @@ H = XᵀX/n + diag(e^θ) and w* = H⁻¹ Xᵀy/n:
 
     ∇F(θ) = -e^θ ⊙ w* ⊙ H⁻¹ ∇_w f(w*).
 
-For each method and budget (CG iterations, Neumann terms, unrolled / forward
-steps K, truncation T, penalty λ): relative error against the closed form, cost
-(inner gradients and Hessian-vector products), compiled temp memory and time of
-the jitted hypergradient. Then the penalties themselves are tuned by Adam on the
-implicit hypergradient, and the validation loss before and after is recorded.
+For each method and budget (CG iterations, Neumann terms, M-FAC's gradient
+samples m, unrolled / forward steps K, truncation T, penalty λ): relative error
+against the closed form, cost (inner gradients and Hessian-vector products),
+compiled temp memory and time of the jitted hypergradient. Then the penalties
+themselves are tuned by Adam on the implicit hypergradient, and the validation
+loss before and after is recorded.
 """
 
 import dataclasses
@@ -35,7 +36,13 @@ from iterjax.lab.tables import markdown_table
 @dataclasses.dataclass(frozen=True)
 class Family:
     name: Literal[
-        "implicit_cg", "implicit_neumann", "unrolled", "truncated", "forward", "penalty"
+        "implicit_cg",
+        "implicit_neumann",
+        "implicit_mfac",
+        "unrolled",
+        "truncated",
+        "forward",
+        "penalty",
     ]
     budgets: tuple[float, ...]
     steps: Count = 1000  # inner steps of truncated and penalty
@@ -48,6 +55,7 @@ class Config:
     methods: tuple[Family, ...] = (
         Family("implicit_cg", (1, 2, 4, 8, 16)),
         Family("implicit_neumann", (4, 16, 64, 256, 1024)),
+        Family("implicit_mfac", (10, 30, 100, 300)),
         Family("unrolled", (10, 30, 100, 300, 1000)),
         Family("truncated", (1, 10, 30, 100, 300), steps=1000),
         Family("forward", (10, 30, 100, 300, 1000)),
@@ -86,13 +94,23 @@ def problem(X, y, Xv, yv):
     return inner, outer, exact
 
 
-def method(family, budget, step):
-    """The `iterjax.bilevel` method of a family at a budget; `step` = 1/λ_max(H)."""
+def method(family, budget, step, X, theta0, seed=0):
+    """The `iterjax.bilevel` method of a family at a budget; `step` = 1/λ_max(H).
+
+    M-FAC's m gradients are m training rows drawn without replacement, with
+    damping e^{θ₀}: at θ = θ₀ (every penalty e^{θ₀}) its operator e^{θ₀} I + GᵀG/m
+    is an unbiased subsample of H = e^{θ₀} I + XᵀX/n, and H itself at m = n."""
     sgd = optax.sgd(step)
     b = int(budget)
+
+    def mfac():
+        rows = np.random.default_rng(seed).permutation(X.shape[0])[:b]
+        return bl.Implicit(ij.MFAC(X[rows], float(np.exp(theta0))))
+
     return {
         "implicit_cg": lambda: bl.Implicit(ij.CG(rtol=0.0, max_steps=b)),
         "implicit_neumann": lambda: bl.Implicit(ij.Neumann(b, damping=step)),
+        "implicit_mfac": mfac,
         "unrolled": lambda: bl.Unrolled(sgd, b),
         "truncated": lambda: bl.Truncated(sgd, family.steps, b),
         "forward": lambda: bl.Forward(sgd, b),
@@ -113,7 +131,7 @@ def run(cfg: Config, workdir) -> dict:
     with workdir.progress(total, "hypergradients") as advance:
         for fam in cfg.methods:
             for budget in fam.budgets:
-                m = method(fam, budget, step)
+                m = method(fam, budget, step, X, cfg.theta0, cfg.seed)
                 f = lambda t, m=m: ij.hypergradient(
                     outer, inner, t, w0, method=m, return_info=True
                 )

@@ -43,6 +43,7 @@ EXPERIMENTS = {
     "bilevel_many_minimisers": "iterjax.experiments.bilevel_many_minimisers",
     "bilevel_constrained": "iterjax.experiments.bilevel_constrained",
     "bilevel_multiblock": "iterjax.experiments.bilevel_multiblock",
+    "bloop_multitask": "iterjax.experiments.bloop_multitask",
     "hpo_logreg": "iterjax.experiments.hpo_logreg",
     "fixed_point_sweep": "iterjax.experiments.fixed_point_sweep",
     "hpo_sweep": "iterjax.experiments.hpo_sweep",
