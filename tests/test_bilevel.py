@@ -980,3 +980,85 @@ def test_multiblock_variance_reduction_converges_and_a_step_does_not_grow_with_m
             (jnp.arange(3), jnp.zeros((3, 4), jnp.int32)),
             jnp.zeros((3, 4), jnp.int32),
         )
+
+
+# --- Self-Tuning Networks: a layer gated by the hyperparameters (flax NNX).
+
+
+def test_stn_layer_is_a_dense_layer_until_its_gate_learns():
+    from flax import nnx
+
+    from iterjax.bilevel.stn import STNLinear
+
+    layer = STNLinear(4, 3, 2, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    x = jax.random.normal(jax.random.key(1), (5, 4))
+    W = layer.elem[...] + layer.hyper[...]
+    for h in (jnp.zeros(2), jnp.array([3.0, -1.0]), jnp.ones((5, 2))):
+        np.testing.assert_allclose(layer(x, h), x @ W + layer.bias[...][None, :])
+    layer.gate[...] = jnp.array([[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]])
+    h = jnp.array([0.5, -1.0])
+    scale = 1.0 + h @ layer.gate[...]
+    expected = x @ layer.elem[...] + (x @ layer.hyper[...]) * scale[None, :]
+    np.testing.assert_allclose(layer(x, h), expected, rtol=1e-12)
+    with pytest.raises(ValueError, match="`h` must have 2 features"):
+        layer(x, jnp.zeros(3))
+
+
+def test_stn_best_response_gives_the_ridge_hypergradient():
+    # ridge with log-penalty λ: w*(λ) = (XᵀX/n + e^λ I)⁻¹ Xᵀy/n. A one-output STN
+    # fitted to the training loss at λ̂ - σ, λ̂, λ̂ + σ is affine in λ, so it learns
+    # w*(λ̂) and dw*/dλ: the validation loss's derivative through it is the
+    # hypergradient (closed form by implicit differentiation)
+    from flax import nnx
+
+    from iterjax.bilevel.stn import STNLinear
+    from iterjax.internal import optax_init, optax_step
+
+    n, lam_hat, sigma = N, 1.0, 0.1
+    # centred features: the best response's bias is then mean(y) at every λ, as
+    # the STN's ungated bias can represent
+    Xc, XVc = X - jnp.mean(X, 0)[None, :], XV - jnp.mean(X, 0)[None, :]
+    layer = STNLinear(D, 1, 1, rngs=nnx.Rngs(0), param_dtype=jnp.float64)
+    graph, params = nnx.split(layer)
+
+    def weights(params, lam):  # W(λ) for h = λ - λ̂, and the bias
+        m = nnx.merge(graph, params)
+        scale = (lam - lam_hat) * m.gate[...][0] + m.gate_bias[...]
+        return m.elem[...][:, 0] + m.hyper[...][:, 0] * scale[0], m.bias[...][0]
+
+    def train_loss(params, lam):
+        w, b = weights(params, lam)
+        fit = 0.5 * jnp.mean((Xc @ w + b - Y) ** 2)
+        return fit + 0.5 * jnp.exp(lam) * w @ w
+
+    opt = optax.adam(1e-2)
+
+    lams = lam_hat + sigma * jnp.array([-1.0, 0.0, 1.0])  # λ's spread around λ̂
+
+    def step(carry, key):
+        params, state = carry
+        loss = lambda p: jnp.mean(jax.vmap(lambda lam: train_loss(p, lam))(lams))
+        return optax_step(opt, jax.grad(loss)(params), state, params), None
+
+    keys = jax.random.split(jax.random.key(2), 20000)  # the slope is learnt slowly
+    params, _ = jax.jit(lambda p: jax.lax.scan(step, (p, optax_init(opt, p)), keys)[0])(
+        params
+    )
+
+    val = lambda w, b: 0.5 * jnp.mean((XVc @ w + b - YV) ** 2)
+    stn_grad = jax.grad(lambda lam: val(*weights(params, lam)))(lam_hat)
+
+    def exact_w(lam):  # with the bias fitted too (the STN has one)
+        A = jnp.concatenate([Xc, jnp.ones((n, 1))], 1)
+        reg = jnp.diag(jnp.concatenate([jnp.full(D, jnp.exp(lam)), jnp.zeros(1)]))
+        wb = jnp.linalg.solve(A.T @ A / n + reg, A.T @ Y / n)
+        return wb[:-1], wb[-1]
+
+    exact = jax.grad(lambda lam: val(*exact_w(lam)))(lam_hat)
+    np.testing.assert_allclose(stn_grad, exact, rtol=0.05)
+    # and at λ̂ itself the STN is the best response (to O(σ²): a line through
+    # a curve's three points)
+    w_hat, w_star = weights(params, lam_hat)[0], exact_w(lam_hat)[0]
+    assert float(jnp.linalg.norm(w_hat - w_star)) < 0.03 * float(
+        jnp.linalg.norm(w_star)
+    )
