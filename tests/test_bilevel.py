@@ -944,7 +944,7 @@ def test_multiblock_variance_reduction_converges_and_a_step_does_not_grow_with_m
             blocks_per_step=2,
             variance_reduction=vr,
         )
-        state = jax.jit(lambda: _mb_run(solver, 1500, 2, MB_N, jax.random.PRNGKey(0)))()
+        state = jax.jit(lambda: _mb_run(solver, 800, 2, MB_N, jax.random.PRNGKey(0)))()
         errors[vr] = float(jnp.linalg.norm(state.theta - theta_star))
     # 2 of 8 blocks a step, constant steps: the SAGA tables converge, the plain
     # block mean stalls at its sampling noise
@@ -957,7 +957,7 @@ def test_multiblock_variance_reduction_converges_and_a_step_does_not_grow_with_m
         state = solver.init(jnp.zeros(MB_D), jnp.zeros(MB_D))
         idx = jnp.zeros((2, 4), jnp.int32)
         args = (state, (jnp.array([0, 1]), idx), idx)
-        return jax.jit(solver.step).lower(*args).compile().cost_analysis()["flops"]
+        return jax.jit(solver.step).lower(*args).cost_analysis()["flops"]
 
     assert flops(1024) < 1.2 * flops(8)  # O(I), not O(m): tables are updated in place
     with pytest.raises(ValueError, match="`blocks_per_step`"):

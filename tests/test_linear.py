@@ -1028,7 +1028,6 @@ def test_sliding_mfac_equals_mfac_on_the_latest_window_under_jit_vmap_and_grad()
             jnp.ones(d),
             jnp.ones(d),
         )
-        .compile()
         .cost_analysis()["flops"]
     )
     assert 1.8 < flops(8000) / flops(4000) < 2.2

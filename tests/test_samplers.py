@@ -258,7 +258,7 @@ def test_check_grads_through_parallel_plms():
         return s.sample(c)
 
     check_grads(
-        sample,
+        jax.jit(sample),
         (jnp.array([0.3, -0.2, 0.1]), jnp.ones(3)),
         order=1,
         modes=("rev", "fwd"),
@@ -355,9 +355,11 @@ def test_a_coarse_to_fine_path_equals_its_sequential_evaluation(method):
     )(s.init(h0))
     assert s.read(c).shape == (8, 8) and bool(stats.converged)
     np.testing.assert_allclose(s.read(c), h, atol=1e-9, rtol=0)
-    grad = jax.grad(
-        lambda h0: jnp.sum(
-            s.read(ij.scan(s.step, s.init(h0), xs, method=method, atol=1e-12)[0])
+    grad = jax.jit(
+        jax.grad(
+            lambda h0: jnp.sum(
+                s.read(ij.scan(s.step, s.init(h0), xs, method=method, atol=1e-12)[0])
+            )
         )
     )(h0)
     ref = jax.grad(lambda h0: jnp.sum(s.read(jax.lax.scan(s.step, s.init(h0), xs)[0])))(
