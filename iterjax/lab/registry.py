@@ -45,6 +45,7 @@ EXPERIMENTS = {
     "bilevel_multiblock": "iterjax.experiments.bilevel_multiblock",
     "bloop_multitask": "iterjax.experiments.bloop_multitask",
     "stn_schedule": "iterjax.experiments.stn_schedule",
+    "hyper_representation": "iterjax.experiments.hyper_representation",
     "hpo_logreg": "iterjax.experiments.hpo_logreg",
     "fixed_point_sweep": "iterjax.experiments.fixed_point_sweep",
     "hpo_sweep": "iterjax.experiments.hpo_sweep",
