@@ -86,7 +86,7 @@ def curve(cfg: Config):
         p = problem(cfg)
     s = dataclasses.replace(cfg.solver, inner_lr=cfg.solver.inner_lr / p.L)
     solver = runs.make_solver(s, p.inner, p.outer, p.n, p.m)
-    chunk, _ = runs.chunked(solver, p.n, p.m, cfg.batch, cfg.budget, cfg.evals)
+    chunk = runs.chunked(solver, p.n, p.m, cfg.batch, cfg.budget, cfg.evals)
 
     def evaluated(state, key):
         state, calls = chunk(state, key)

@@ -136,10 +136,10 @@ def make_solver(s, inner, outer, n, m):
 
 
 def chunked(solver, n, m, batch, budget, evals):
-    """`(chunk, steps)`: `chunk(state, key)` is `steps` solver steps on random
-    minibatches of indices, a pure function returning `(state, per-sample
-    oracle calls it spent)` (as the steps' `info` counts them); `evals` chunks
-    spend about `budget` (at the solver's mean calls per step)."""
+    """`chunk(state, key)`: solver steps on random minibatches of indices, a pure
+    function returning `(state, per-sample oracle calls it spent)` (as the
+    steps' `info` counts them); `evals` chunks spend about `budget` (at the
+    solver's mean calls per step)."""
     steps = max(1, int(budget / (sum(solver.oracles) * batch) / evals))
 
     def chunk(state, key):
@@ -153,7 +153,7 @@ def chunked(solver, n, m, batch, budget, evals):
         state, calls = jax.lax.scan(body, state, jax.random.split(key, steps))
         return state, jnp.sum(calls) * batch
 
-    return chunk, steps
+    return chunk
 
 
 def run(s, p: Problem, *, batch, budget, evals, evaluate, seed):
@@ -164,7 +164,7 @@ def run(s, p: Problem, *, batch, budget, evals, evaluate, seed):
     s = dataclasses.replace(s, inner_lr=s.inner_lr / p.L)
     solver = make_solver(s, p.inner, p.outer, p.n, p.m)
     state = solver.init(p.theta0, p.w0)
-    chunk, _ = chunked(solver, p.n, p.m, batch, budget, evals)
+    chunk = chunked(solver, p.n, p.m, batch, budget, evals)
     key = jax.random.PRNGKey(seed)
     chunk = jax.jit(chunk).lower(state, key).compile()
     curve, seconds, used = [], 0.0, 0

@@ -154,6 +154,14 @@ def _cross(loss, w, theta, batch, v):
     return jax.vjp(lambda t: _grad_w(loss, w, t, batch), theta)[1](v)[0]
 
 
+def _soba_update(g, f, w, theta, v, rho, inner_batch, outer_batch):
+    """SOBA's step of (w, v) at θ, and the hypergradient estimate there:
+    (w - ρ ∇_w g, v - ρ (H v + ∇_w f), ∇_θ f + ∂²_θw g v)."""
+    d_v, d_t = _soba_directions(g, f, w, theta, v, inner_batch, outer_batch)
+    w = tu.tree_axpy(-rho, _grad_w(g, w, theta, inner_batch), w)
+    return w, tu.tree_axpy(-rho, d_v, v), d_t
+
+
 def _soba_directions(g, f, w, theta, v, inner_batch, outer_batch):
     """SOBA's directions at (w, θ, v): (d_v, d_θ) = (H v + ∇_w f, ∇_θ f + ∂²_θw g v),
     v's step and the hypergradient estimate (also BO-REP's)."""

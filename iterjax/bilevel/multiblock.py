@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int
-from ._stochastic import _grad_w, _info, _soba_directions, _Stochastic
+from ._stochastic import _info, _soba_update, _Stochastic
 
 
 class MultiBlockState(NamedTuple):
@@ -111,17 +111,13 @@ class MultiBlock(_Stochastic):
         take = lambda t: jax.tree.map(lambda a: a[blocks], t)
         put = lambda t, new: jax.tree.map(lambda a, b: a.at[blocks].set(b), t, new)
 
-        def block(i, w, v, data_in, data_out):
-            batch_in, batch_out = (i, data_in), (i, data_out)
-            d_v, d_t = _soba_directions(g, f, w, theta, v, batch_in, batch_out)
-            w = tu.tree_axpy(-rho, _grad_w(g, w, theta, batch_in), w)
-            return w, tu.tree_axpy(-rho, d_v, v), d_t
+        def block(i, w, v, data_in, data_out):  # SOBA's step on one block
+            return _soba_update(g, f, w, theta, v, rho, (i, data_in), (i, data_out))
 
         W_I, V_I, d = jax.vmap(block)(
             blocks, take(state.w), take(V), inner_data, outer_batch
         )
         W, V = put(state.w, W_I), put(V, V_I)
-        sampled = jax.tree.map(lambda a: jnp.mean(a, 0), d)
         if self.variance_reduction:
             change = jax.tree.map(lambda new, old: new - old, d, take(table))
             direction = tu.tree_add(
@@ -131,7 +127,7 @@ class MultiBlock(_Stochastic):
             mean = jax.tree.map(lambda a, c: a + jnp.sum(c, 0) / m, mean, change)
             table = put(table, d)
         else:
-            direction = sampled
+            direction = jax.tree.map(lambda a: jnp.mean(a, 0), d)
         aux = MultiBlockState(V, table, mean)
         new = self._outer_update(state, direction, W, aux)
         # the rows this step wrote (the others were finite, or an earlier step

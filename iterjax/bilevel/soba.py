@@ -1,7 +1,7 @@
 """SOBA, the single-loop stochastic bilevel algorithm (Dagréou et al. 2022)."""
 
 from .. import _tree as tu
-from ._stochastic import _grad_w, _info, _soba_directions, _Stochastic, _with_finite
+from ._stochastic import _info, _soba_update, _Stochastic, _with_finite
 
 
 class SOBA(_Stochastic):
@@ -24,9 +24,7 @@ class SOBA(_Stochastic):
     def step(self, state, inner_batch=None, outer_batch=None):
         self._check_batches(inner_batch, outer_batch)
         g, f, rho = self.inner_loss, self.outer_loss, self.inner_lr
-        theta, w, v = state.theta, state.w, state.aux
-        d_w = _grad_w(g, w, theta, inner_batch)
-        d_v, d_t = _soba_directions(g, f, w, theta, v, inner_batch, outer_batch)
-        w = tu.tree_axpy(-rho, d_w, w)
-        v = tu.tree_axpy(-rho, d_v, v)
+        w, v, d_t = _soba_update(
+            g, f, state.w, state.theta, state.aux, rho, inner_batch, outer_batch
+        )
         return _with_finite(self._outer_update(state, d_t, w, v), _info(*self.oracles))
