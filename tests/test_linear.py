@@ -1011,6 +1011,8 @@ def test_sliding_mfac_equals_mfac_on_the_latest_window_under_jit_vmap_and_grad()
     np.testing.assert_allclose(three.solve(A3, b), np.linalg.solve(A3, b), rtol=1e-9)
     # honest: an operator it does not stand for is reported
     assert not bool(window.solve_with_stats(A + 0.5 * jnp.eye(d), b)[1].converged)
+    nan_x, nan_stats = window.solve_with_stats(A, b.at[3].set(jnp.nan))
+    assert bool(jnp.all(jnp.isnan(nan_x))) and not bool(nan_stats.converged)
     # vmap over right-hand sides; gradients w.r.t. b and the pushed gradient
     bs = jax.random.normal(jax.random.key(2), (3, d))
     np.testing.assert_allclose(
