@@ -113,12 +113,15 @@ def run(cfg: Config, workdir) -> dict:
         on, off = val_loss(params, lam_hat, 1.0), val_loss(params, lam_hat, 0.0)
         return pi * on + (1 - pi) * off
 
-    def round_(state, key):
+    def round_(state, key, tune):
+        """`fit_steps` local-fit steps, then (if `tune`) one hyperparameter step."""
         params, opt_state, hyper, hyper_state = state
         keys = jax.random.split(key, cfg.fit_steps)
         (params, opt_state, hyper), _ = jax.lax.scan(
             fit, (params, opt_state, hyper), keys
         )
+        if not tune:  # the fixed-hyperparameter baseline
+            return (params, opt_state, hyper, hyper_state), None
         loss, grad = jax.value_and_grad(hyper_objective)(hyper, params)
         hyper, hyper_state = optax_step(hyper_opt, grad, hyper_state, hyper)
         return (params, opt_state, hyper, hyper_state), (hyper, loss)
@@ -126,9 +129,8 @@ def run(cfg: Config, workdir) -> dict:
     def train_run(tune: bool, key):
         hyper = (jnp.float32(cfg.log_decay0), jnp.float32(cfg.dropout_logit0))
         state = (params, optax_init(opt, params), hyper, optax_init(hyper_opt, hyper))
-        step = round_ if tune else lambda s, k: _fixed(round_, s, k)
         keys = jax.random.split(key, cfg.rounds)
-        return jax.lax.scan(step, state, keys)
+        return jax.lax.scan(lambda s, k: round_(s, k, tune), state, keys)
 
     key = jax.random.PRNGKey(cfg.seed)
     (p_stn, _, hyper, _), (schedule, losses) = jax.jit(lambda k: train_run(True, k))(
@@ -166,13 +168,6 @@ def run(cfg: Config, workdir) -> dict:
             [[r["model"], f"{100 * r['test_acc']:.1f}%"] for r in rows],
         ),
     )
-
-
-def _fixed(round_, state, key):
-    """A round that fits the weights but keeps the hyperparameters."""
-    params, opt_state, hyper, hyper_state = state
-    new, (_, loss) = round_(state, key)
-    return (new[0], new[1], hyper, hyper_state), (hyper, loss)
 
 
 def _plot(lams, pis, losses, workdir):
