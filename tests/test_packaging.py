@@ -71,18 +71,18 @@ def test_the_installed_wheel_lists_and_runs_its_configs(fresh_venv):
     site = pathlib.Path(where.strip()).parent.parent
     assert not (site / "experiments").exists() and not (site / "configs").exists()
     # experiments/ and configs/ install as subpackages of iterjax
-    for sub in ("experiments/common/cells.py", "configs/fixed_point_study.yaml"):
+    for sub in ("experiments/common/cells.py", "configs/fixed_point_sweep.yaml"):
         assert (site / "iterjax" / sub).is_file(), sub
     listed = _run([env_dir / "bin" / "iterjax", "list"], cwd, env)
     names = [line.split()[0] for line in listed.splitlines() if line.strip()]
-    assert len(names) >= 14 and "fixed_point_study" in names, listed
+    assert len(names) >= 14 and "fixed_point_sweep" in names, listed
     out = _run(
-        [env_dir / "bin" / "iterjax", "run", "fixed_point_study", "--smoke",
+        [env_dir / "bin" / "iterjax", "run", "fixed_point_sweep", "--smoke",
          "--out", cwd / "runs", "--quiet"],
         cwd,
         env,
     )  # fmt: skip
-    run_dirs = list((cwd / "runs" / "fixed_point_study").iterdir())
+    run_dirs = list((cwd / "runs" / "fixed_point_sweep").iterdir())
     assert len(run_dirs) == 1 and "results in" in out
     assert (run_dirs[0] / "summary.json").exists()
 
