@@ -264,14 +264,18 @@ def test_argmin_at_a_saddle_or_maximum_says_so():
     w0 = jnp.array([0.3, 0.2])
     for solver in [ij.Newton(ij.GMRES()), ij.Anderson()]:  # both find any root
         for loss in (saddle, peak):
-            sol = ij.argmin(loss, w0, 0.0, solver=solver, atol=1e-8)
+            # (jitted: one compilation instead of eager dispatch of every primitive)
+            run = jax.jit(
+                lambda t, loss=loss: ij.argmin(loss, w0, t, solver=solver, atol=1e-8)
+            )
+            sol = run(0.0)
             assert float(sol.residual) <= 1e-8  # the gradient does vanish there
             assert int(sol.result) == 5 and not bool(sol.converged)
             assert float(sol.stats["curvature"]) < -1.0  # -2 along some direction
             assert "not a minimum" in sol.message and "saddle" in sol.message
             with pytest.raises(ij.NonConvergenceError, match="not a minimum"):
                 ij.argmin(loss, w0, 0.0, solver=solver, throw=True)
-        sol = ij.argmin(convex, w0, 1.0, solver=solver)
+        sol = jax.jit(lambda t: ij.argmin(convex, w0, t, solver=solver))(1.0)
         assert int(sol.result) == 0 and float(sol.stats["curvature"]) > 0
     # a flat direction is not negative curvature: a minimum of a singular loss
     flat = lambda w, t: (w[0] + w[1] - t) ** 2
