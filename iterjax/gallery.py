@@ -5,6 +5,7 @@ the solvers built for them need (SOR's splitting, a smoother's sweep)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse as sp
 
 from . import _struct as struct
 
@@ -56,6 +57,31 @@ class Poisson2D(struct.PyTreeNode):
         if n % 2 == 0 or n < 3:
             raise ValueError(f"Poisson2D.coarsen: needs an odd n >= 3, got n = {n}")
         return Poisson2D(self.k[1::2, 1::2], self.shift)
+
+    def assemble(self):
+        """The operator as a scipy.sparse CSR matrix on the row-major unknowns
+        (k and the shift must be concrete, not traced): what algebraic
+        multigrid and the peers of `benchmarks/linear.py` take."""
+        n = self.k.shape[0]
+        east, west, north, south = (np.asarray(a) for a in self._edges())
+        index = np.arange(n * n).reshape(n, n)
+        i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+        diagonal = np.asarray(self.diagonal())
+        rows, cols, values = [index.ravel()], [index.ravel()], [diagonal.ravel()]
+        for coef, di, dj in (
+            (east, 0, 1),
+            (west, 0, -1),
+            (north, -1, 0),
+            (south, 1, 0),
+        ):
+            inside = (0 <= i + di) & (i + di < n) & (0 <= j + dj) & (j + dj < n)
+            rows.append(index[inside])
+            cols.append(index[(i + di)[inside], (j + dj)[inside]])
+            values.append(-coef[inside])
+        return sp.csr_matrix(
+            (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(n * n, n * n),
+        )
 
     def sweep(self, u, b, omega, backward=False):
         """One SOR sweep in red-black order (backward: black first)."""

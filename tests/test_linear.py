@@ -817,7 +817,7 @@ def test_multigrid_as_a_solver_converges_in_steps_flat_in_the_grid_size():
     np.testing.assert_allclose(
         jax.grad(loss)(A.k), jax.grad(ref)(A.k), rtol=1e-8, atol=1e-12
     )
-    with pytest.raises(TypeError, match="`cycle` must be a Multigrid"):
+    with pytest.raises(TypeError, match="`cycle` must be a preconditioner"):
         MultigridSolver(cycle="V")
     with pytest.raises(ValueError, match="max_steps"):
         MultigridSolver(max_steps=0)

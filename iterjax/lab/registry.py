@@ -111,6 +111,7 @@ PRECONDITIONERS = {
     "chebyshev": linear.ChebyshevPreconditioner,
     "multigrid": linear.Multigrid,
     "nystrom": linear.NystromPreconditioner,
+    "amg": linear.SmoothedAggregation,
 }
 KINDS: dict[str, dict[str, typing.Any]] = {
     "solver": SOLVERS,

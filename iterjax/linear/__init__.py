@@ -5,6 +5,7 @@ from ._base import AbstractLinearSolver as AbstractLinearSolver
 from ._base import LinearStats as LinearStats
 from ._base import as_matvec as as_matvec
 from ._base import from_scipy as from_scipy
+from .amg import SmoothedAggregation as SmoothedAggregation
 from .chebyshev import Chebyshev as Chebyshev
 from .gcrodr import GCRODR as GCRODR
 from .krylov import CG as CG

@@ -94,7 +94,8 @@ def _taking_matrices(method):
 
     @functools.wraps(method)
     def wrapped(self, matvec, *args, **kwargs):
-        return method(self, as_matvec(matvec), *args, **kwargs)
+        matvec = as_matvec(matvec)
+        return method(self.prepared(matvec), matvec, *args, **kwargs)
 
     return wrapped
 
@@ -148,6 +149,13 @@ class AbstractLinearSolver(Module):
             cls.solve_with_stats = _taking_matrices(method)
         if "solve" in cls.__dict__:
             cls.solve = _taking_matrices(cls.__dict__["solve"])
+
+    def prepared(self, matvec):
+        """This solver with the host-side setup its parts need done from the
+        operator, while it is concrete (before any tracing of the solve):
+        a preconditioner's hierarchy (`SmoothedAggregation`). Itself by
+        default; every solve calls it."""
+        return self
 
     def solve_loop(self, matvec, b, rtol=None):
         """`solve_with_stats` without its own `custom_linear_solve`: for a caller

@@ -62,6 +62,12 @@ class _Krylov(AbstractLinearSolver):
         pytree_node=False, default=None
     )
 
+    def prepared(self, matvec):
+        pre = as_preconditioner(self.preconditioner)
+        if pre is None:
+            return self
+        return self.replace(preconditioner=pre.prepared(matvec))
+
     def _preconditioner(self, matvec, b):
         """`(apply, build cost, cost per application)`; the identity by default."""
         pre = as_preconditioner(self.preconditioner)

@@ -264,13 +264,18 @@ class MultigridSolver(AbstractLinearSolver):
     (`Multigrid(coarsening="galerkin")`) restore it on moderately rough fields,
     and CG with either cycle as its preconditioner converges on all of them.
 
+    Any preconditioner serves as the cycle; the multigrid ones contract:
+    `Multigrid` on structured grids, `SmoothedAggregation` (algebraic) on a
+    sparse matrix.
+
     Attributes:
-      cycle: the `Multigrid` cycle (V(1,1) with red-black Gauss-Seidel).
+      cycle: the cycle M (default: `Multigrid`'s V(1,1) with red-black
+        Gauss-Seidel).
       rtol, atol: the tolerance (rtol None: 1e-8, or 10 ε for float32).
       max_steps: cap on cycles.
     """
 
-    cycle: Multigrid = struct.field(pytree_node=False, default=Multigrid())
+    cycle: AbstractPreconditioner = struct.field(pytree_node=False, default=Multigrid())
     rtol: float | None = None
     atol: float = 0.0
     max_steps: int = struct.field(pytree_node=False, default=100)
@@ -278,14 +283,18 @@ class MultigridSolver(AbstractLinearSolver):
     transpose = "symmetric"  # reverse mode: one more solve (the cycle is SPD)
 
     def __post_init__(self):
-        if not isinstance(self.cycle, Multigrid):
+        if not isinstance(self.cycle, AbstractPreconditioner):
             raise TypeError(
-                f"MultigridSolver: `cycle` must be a Multigrid, got {self.cycle!r}"
+                "MultigridSolver: `cycle` must be a preconditioner (Multigrid, "
+                f"SmoothedAggregation), got {self.cycle!r}"
             )
         if self.rtol is not None:
             check_range("MultigridSolver", "rtol", self.rtol, lo=0.0)
         check_range("MultigridSolver", "atol", self.atol, lo=0.0)
         check_int("MultigridSolver", "max_steps", self.max_steps, 1)
+
+    def prepared(self, matvec):
+        return self.replace(cycle=self.cycle.prepared(matvec))
 
     def solve_with_stats(self, matvec, b, rtol=None):
         apply, cost, per_apply = self.cycle.build(matvec, b)

@@ -27,6 +27,11 @@ class AbstractPreconditioner(Module):
     def build(self, matvec, b):
         """`(apply, cost, per_apply)` for the operator `matvec`."""
 
+    def prepared(self, matvec):
+        """This preconditioner with any host-side setup done from the concrete
+        operator (`AbstractLinearSolver.prepared`); itself by default."""
+        return self
+
 
 class FunctionPreconditioner(AbstractPreconditioner):
     """A user's function r -> M r (free of operator products).
