@@ -84,6 +84,7 @@ SOLVERS = {
 }
 LINEAR_SOLVERS = {
     "cg": linear.CG,
+    "flexible_cg": linear.FlexibleCG,
     "chebyshev": linear.Chebyshev,
     "gmres": linear.GMRES,
     "bicgstab": linear.BiCGStab,

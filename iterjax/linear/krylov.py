@@ -64,9 +64,8 @@ class _Krylov(AbstractLinearSolver):
 
     def prepared(self, matvec):
         pre = as_preconditioner(self.preconditioner)
-        if pre is None:
-            return self
-        return self.replace(preconditioner=pre.prepared(matvec))
+        ready = None if pre is None else pre.prepared(matvec)
+        return self if ready is pre else self.replace(preconditioner=ready)
 
     def _preconditioner(self, matvec, b):
         """`(apply, build cost, cost per application)`; the identity by default."""

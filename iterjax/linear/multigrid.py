@@ -294,7 +294,8 @@ class MultigridSolver(AbstractLinearSolver):
         check_int("MultigridSolver", "max_steps", self.max_steps, 1)
 
     def prepared(self, matvec):
-        return self.replace(cycle=self.cycle.prepared(matvec))
+        ready = self.cycle.prepared(matvec)
+        return self if ready is self.cycle else self.replace(cycle=ready)
 
     def solve_with_stats(self, matvec, b, rtol=None):
         apply, cost, per_apply = self.cycle.build(matvec, b)
