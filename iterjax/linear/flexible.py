@@ -113,4 +113,3 @@ class FlexibleCG(_Krylov):
         converged = ok & residual_within(matvec, b, x, tol)
         stats = LinearStats(k * (1 + per_apply) + cost + 1, converged, ~ok)
         return nan_in_nan_out(b, x, stats)
-
