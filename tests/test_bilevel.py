@@ -1062,3 +1062,25 @@ def test_stn_best_response_gives_the_ridge_hypergradient():
     assert float(jnp.linalg.norm(w_hat - w_star)) < 0.03 * float(
         jnp.linalg.norm(w_star)
     )
+
+
+def test_lvhba_takes_a_single_scalar_constraint():
+    # one constraint, returned as a scalar: a 0-d multiplier (the sum of the
+    # coordinates bounded below). w*(θ) is θ moved onto {Σw >= 1} along the
+    # all-ones direction; F pulls w to (2, -1), whose sum is already 1.
+    f = lambda w, t, b: 0.5 * jnp.sum((w - t) ** 2)
+    F = lambda w, t, b: 0.5 * jnp.sum((w - jnp.array([2.0, -1.0])) ** 2)
+    con = lambda w, t, b: 1.0 - jnp.sum(w)
+
+    def project(w, t):
+        gap = jnp.maximum(1.0 - jnp.sum(w), 0.0)
+        return w + gap / w.shape[0], t
+
+    solver = bl.LVHBA(f, F, optax.sgd(0.05), constraint=con, project=project)
+    state = solver.init(jnp.zeros(2), jnp.zeros(2))
+    assert state.aux.lam.shape == ()
+    state = jax.jit(
+        lambda s: jax.lax.fori_loop(0, 5000, lambda _, s: solver.step(s)[0], s)
+    )(state)
+    np.testing.assert_allclose(state.w, [2.0, -1.0], atol=0.05)
+    assert float(jnp.sum(state.w)) >= 1.0 - 1e-6

@@ -124,7 +124,7 @@ class LVHBA(_Stochastic):
         g1, g2 = self.gamma1, self.gamma2
 
         def lagrangian(u, t):  # f + λᵀc at (u, θ)
-            return f(u, t, inner_batch) + lam @ con(u, t, inner_batch)
+            return f(u, t, inner_batch) + jnp.sum(lam * con(u, t, inner_batch))
 
         # the value function's proximal min-max: one descent-ascent step
         l_u, l_t = jax.grad(lagrangian, (0, 1))(u, theta)
