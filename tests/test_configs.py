@@ -957,3 +957,29 @@ def test_sampling_config_finds_the_newest_trained_checkpoint(tmp_path):
         sampling, ["checkpoint=latest"], out=tmp_path, smoke=True, quiet=True
     )
     assert summary["model"] == str(trained / "checkpoint")
+
+
+def test_learned_preconditioner_losses_vanish_at_the_inverse_and_are_scale_free():
+    import jax
+    import jax.numpy as jnp
+
+    from iterjax.experiments import learned_preconditioner as lp
+    from iterjax.gallery import Poisson2D
+
+    n = 7
+    k = jnp.asarray(ij.gallery.lognormal_coefficient(n, 1.0, 2, 0))[None]
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(1, n, n)))
+    op = Poisson2D(k[0])
+    dense = jax.vmap(lambda e: op(e.reshape(n, n)).reshape(-1))(jnp.eye(n * n)).T
+    inverse = lambda r, log_k: jnp.linalg.solve(dense, r.reshape(-1)).reshape(n, n)
+    for kind in ("energy", "residual"):
+        loss = lp.loss_function(kind)
+        assert abs(float(loss(inverse, (k, x)))) < 1e-10
+        scaled = lambda r, log_k: -3.0 * inverse(r, log_k)
+        assert abs(float(loss(scaled, (k, x)))) < 1e-10
+    # the identity: the energy loss is what a line search along r leaves
+    r = op(x[0]).reshape(-1)
+    want = 1 - float(r @ r) ** 2 / (float(r @ dense @ r) * float(x[0].reshape(-1) @ r))
+    got = float(lp.loss_function("energy")(lambda r, log_k: r, (k, x)))
+    np.testing.assert_allclose(got, want, rtol=1e-10)
+    assert lp.dilations(7) == [1, 2, 4, 8, 4, 2, 1]

@@ -56,6 +56,7 @@ EXPERIMENTS = {
     "sor_bandit": "iterjax.experiments.sor_bandit",
     "krylov_recycle": "iterjax.experiments.krylov_recycle",
     "linear_solvers": "iterjax.experiments.linear_solvers",
+    "learned_preconditioner": "iterjax.experiments.learned_preconditioner",
     "elk_ar_gru": "iterjax.experiments.elk_ar_gru",
     "schedules": "iterjax.experiments.schedules",
     "diffusion_train": "iterjax.experiments.diffusion_train",
