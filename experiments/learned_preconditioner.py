@@ -236,28 +236,28 @@ def run(cfg: Config, workdir) -> dict:
                         )
                     )
                     x, stats = solve(b)
-                    residual = float(jnp.linalg.norm(b - op(x)) / jnp.linalg.norm(b))
-                    ms = ij.diagnostics.time_calls({"s": (solve, (b,))}, cfg.repeats)
+                    error = float(jnp.linalg.norm(b - op(x)) / jnp.linalg.norm(b))
+                    timed = ij.diagnostics.time_calls({"s": (solve, (b,))}, cfg.repeats)
                     per_solver.setdefault(label, []).append(
                         (
                             _steps(stats, solver, op, b),
                             int(stats.num_matvecs),
-                            residual,
+                            error,
                             bool(stats.converged),
-                            ms["s"],
+                            timed["s"],
                         )
                     )
                     advance()
             for label, results in per_solver.items():
-                steps, products, residual, converged, ms = zip(*results, strict=True)
+                columns = list(zip(*results, strict=True))
                 row = dict(
                     n=n,
                     solver=label,
-                    steps=float(np.mean(steps)),
-                    products=float(np.mean(products)),
-                    residual=max(residual),
-                    converged=all(converged),
-                    ms=float(np.median(ms)),
+                    steps=float(np.mean(columns[0])),
+                    products=float(np.mean(columns[1])),
+                    residual=max(columns[2]),
+                    converged=all(columns[3]),
+                    ms=float(np.median(columns[4])),
                 )
                 workdir.log(**row)
                 rows.append(row)
