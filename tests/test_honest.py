@@ -192,6 +192,70 @@ def test_amg_converged_means_the_true_residual_is_within_tolerance(name, capped,
         assert name == "amg" and field == "rough", (name, field, stats)
 
 
+@st.composite
+def fisher_systems(draw):
+    """(G, A, b) for M-FAC: m = 4 gradients (dense, rank one, zero, huge, or
+    with a non-finite entry), A the damped Fisher they define or another SPD
+    matrix (M-FAC then solves the wrong system); b dense, an impulse, zero or
+    not finite."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    kind = draw(st.sampled_from(["dense", "rank_one", "zero", "huge", "nan"]))
+    G = rng.normal(size=(4, N))
+    G = {
+        "rank_one": np.outer(rng.normal(size=4), rng.normal(size=N)),
+        "zero": np.zeros((4, N)),
+        "huge": 1e150 * G,
+    }.get(kind, G)
+    if kind == "nan":
+        G[1, 2] = np.nan
+    fisher = draw(st.booleans())
+    if fisher:
+        A = MFAC_DAMPING * np.eye(N) + G.T @ G / 4
+    else:
+        Q = np.linalg.qr(rng.normal(size=(N, N)))[0]
+        A = Q @ np.diag(np.geomspace(1.0, 1e3, N)) @ Q.T
+    rhs = draw(st.sampled_from(["dense", "impulse", "zero", "nan"]))
+    b = {"dense": rng.normal(size=N), "zero": np.zeros(N)}.get(rhs, np.eye(N)[0])
+    if rhs == "nan":
+        b = b.copy()
+        b[0] = np.nan
+    return jnp.asarray(G), jnp.asarray(A), jnp.asarray(b), fisher and kind == "dense"
+
+
+MFAC_DAMPING = 0.1
+
+
+@functools.cache
+def mfac_solving(name):
+    def solve(G, A, b):
+        if name == "mfac":
+            solver = linear.MFAC(G, MFAC_DAMPING)
+        else:
+            solver = linear.SlidingMFAC.empty(b, 4, MFAC_DAMPING)
+            for g in G:
+                solver = solver.push(g)
+        return solver.solve_with_stats(lambda x: A @ x, b)
+
+    return jax.jit(solve)
+
+
+@pytest.mark.parametrize("name", ["mfac", "sliding_mfac"])
+@given(data=st.data())
+def test_mfac_converged_means_the_true_residual_is_within_tolerance(name, data):
+    G, A, b, exact = data.draw(fisher_systems())
+    x, stats = mfac_solving(name)(G, A, b)
+    if not bool(jnp.all(jnp.isfinite(b))) or not bool(jnp.all(jnp.isfinite(G))):
+        # NaN in, NaN out (a non-finite gradient makes F non-finite), and said
+        assert not bool(stats.converged)
+        assert not bool(jnp.all(jnp.isfinite(x))) or not bool(jnp.all(jnp.isfinite(b)))
+        return
+    if bool(stats.converged):
+        residual = float(jnp.linalg.norm(b - A @ x))
+        assert residual <= 1e-8 * float(jnp.linalg.norm(b)) * (1 + 1e-6) + 1e-300
+    elif exact:  # F is A itself, well scaled: M-FAC's inverse is exact
+        raise AssertionError(("exact system not converged", stats))
+
+
 def test_bicgstab_capped_is_not_converged():
     A = jnp.array([[4.0, 1, 0, 0], [1, 3, 1, 0], [0, 1, 2, 1], [0, 0, 1, 5]])
     b = jnp.array([1.0, -50, 3, 7])

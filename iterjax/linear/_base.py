@@ -200,8 +200,11 @@ def residual_within(matvec, b, x, tol):
     """|b - A x|₂ <= tol, recomputed (one product): the test of a solver whose
     loop does not report it. A tolerance below the rounding error of computing
     b - A x itself (16 ε (|A x| + |b|), float32's floor) cannot be checked, so
-    that floor stands in for it."""
+    that floor stands in for it. A residual that is not finite (A x
+    overflowed) never passes."""
     ax = matvec(x)
     eps = max(float(jnp.finfo(jnp.result_type(a)).eps) for a in jax.tree.leaves(b))
     floor = 16 * eps * (tu.two_norm(ax) + tu.two_norm(b))
-    return tu.two_norm(tu.tree_sub(b, ax)) <= jnp.maximum(tol, floor)
+    residual = tu.two_norm(tu.tree_sub(b, ax))
+    # an overflowed product makes the floor infinite: never a pass
+    return jnp.isfinite(residual) & (residual <= jnp.maximum(tol, floor))
