@@ -84,8 +84,9 @@ def sweep(seeds, repeats):
     t = sweepbench.compiled(seeds, repeats)
     label = {"one": "one seed", "vmap": f"{seeds} seeds, one jax.vmap"}
     label["loop"] = f"{seeds} seeds, a Python loop"
-    rows = [[label[k], f"{1e3 * t[k]:.2f}", f"{t[k] / t['one']:.2f}"] for k in label]
-    return markdown(["solve", "ms", "/ one seed"], rows)
+    ratio = lambda k: f"{t[k].median / t['one'].median:.2f}"
+    rows = [[label[k], str(t[k]), ratio(k)] for k in label]
+    return markdown(["solve", "ms, median [IQR]", "/ one seed"], rows)
 
 
 def picard_sampling(N, rounds):
@@ -104,7 +105,7 @@ def picard_sampling(N, rounds):
 def jacobi_decoding(num_tokens, rounds):
     from flax import nnx
 
-    from iterjax.diagnostics import time_calls
+    from iterjax.diagnostics import timings
     from iterjax.experiments import jacobi_decoding as jd
     from iterjax.experiments.common import charlm
 
@@ -114,22 +115,24 @@ def jacobi_decoding(num_tokens, rounds):
     run = lambda B: jd.decode_all(model, prompts, num_tokens, B)
     reference = run(1)[0]
     calls = {B: (lambda B=B: run(B), ()) for B in (1, 4, 16)}
-    ms = time_calls(calls, rounds)
+    t = timings(calls, rounds)
     rows = []
     for B in calls:
         tokens, stats = run(B)
         exact = bool(jax.numpy.all(tokens == reference))
+        per_token = [v / num_tokens for v in (t[B].median, t[B].q1, t[B].q3)]
         rows.append(
             [B, f"{float(stats.num_calls.mean()):.1f}", "yes" if exact else "NO"]
-            + [f"{ms[B] / num_tokens:.3f}", f"{ms[B] / ms[1]:.2f}"]
+            + ["{:.3f} [{:.3f}, {:.3f}]".format(*per_token)]
+            + [f"{t[B].median / t[1].median:.2f}"]
         )
-    head = ["block", "model calls", "= sequential", "ms / token", "wall / block 1"]
+    head = ["block", "model calls", "= sequential", "ms / token, median [IQR]"]
+    head += ["wall / block 1"]
     return markdown(head, rows)
 
 
 def deq_step(rounds):
-
-    from iterjax.diagnostics import time_calls
+    from iterjax.diagnostics import timings
     from iterjax.experiments.common import deq_models as dm
 
     cfg = dm.TrainConfig(hidden=64, batch=64)
@@ -140,18 +143,20 @@ def deq_step(rounds):
     key = jax.random.key(0)
     step = lambda: dm.train_step(model, opt, x, y, key)
     _, stats = step()
-    ms = time_calls({"step": (step, ())}, rounds)["step"]
-    head = ["model", "batch", "forward steps (mean)", "ms / step"]
+    t = timings({"step": (step, ())}, rounds)["step"]
+    head = ["model", "batch", "forward steps (mean)", "ms / step, median [IQR]"]
     return markdown(
         head,
-        [["DEQ, hidden 64", cfg.batch, f"{float(stats['steps']):.1f}", f"{ms:.2f}"]],
+        [["DEQ, hidden 64", cfg.batch, f"{float(stats['steps']):.1f}", str(t)]],
     )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="CPU sizes anywhere")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--rounds", type=int, default=5, help="timed calls (>= 5, for the quartiles)"
+    )
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     name = device_name()

@@ -2,8 +2,8 @@
 
 The experiment is the built-in `fixed_point_sweep` config without its grid (Anderson on
 a 64-dimensional `slow_system`, radius 0.9, atol 1e-8). Measured side by side,
-in one process, each the median of `--repeats` end-to-end `iterjax run`s
-(config validation, compile, solves, tables, plots):
+in one process, each the median [interquartile range] of `--repeats`
+end-to-end `iterjax run`s (config validation, compile, solves, tables, plots):
 
 * one seed (`sweep: {seeds: 1}`);
 * N seeds as one `jax.vmap` (`sweep: {seeds: N}`, the default);
@@ -15,7 +15,7 @@ and a Python loop of N calls of the one-seed function (no recompiles). The
 vectorised sweep's while loop runs as long as its slowest member; the loop pays
 per-call dispatch and N sequential solves.
 
-Run: python benchmarks/sweep.py [--seeds 16] [--repeats 3]
+Run: python benchmarks/sweep.py [--seeds 16] [--repeats 5]
 """
 
 import argparse
@@ -32,7 +32,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import load, machine, markdown  # noqa: E402
-from iterjax.diagnostics import time_calls  # noqa: E402
+from iterjax.diagnostics import Timing, timings  # noqa: E402
 from iterjax.lab import runner as runlib  # noqa: E402
 
 BASE = """\
@@ -54,8 +54,9 @@ def end_to_end(tmp, name, sweep, repeats):
         jax.clear_caches()  # every run compiles, as a fresh `iterjax run` would
         start = time.perf_counter()
         runlib.run_experiment(path, out=tmp, quiet=True)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times.append(1e3 * (time.perf_counter() - start))
+    q1, median, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Timing(median, q1, q3, None, repeats)
 
 
 def compiled(seeds, repeats):
@@ -72,15 +73,17 @@ def compiled(seeds, repeats):
         return [one(s) for s in ids]
 
     calls = {"one": (one, (0,)), "vmap": (many, (ids,)), "loop": (loop, (ids,))}
-    return time_calls(calls, repeats)
+    return timings(calls, repeats)
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
     args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error("--repeats must be >= 2 (for the quartiles)")
     n = args.seeds
     with tempfile.TemporaryDirectory() as tmp:
         e2e = {
@@ -93,34 +96,31 @@ def main():
             ),
         }
     ms = compiled(n, max(args.repeats, 10))
-    one = e2e["one seed"]
-    rows = [[k, f"{v:.2f}", f"{v / one:.1f}x"] for k, v in e2e.items()]
-    rows += [
-        ["compiled solve, one seed", f"{ms['one'] / 1e3:.4f}", "1.0x"],
-        [
-            f"compiled solve, {n} seeds vmapped",
-            f"{ms['vmap'] / 1e3:.4f}",
-            f"{ms['vmap'] / ms['one']:.1f}x",
-        ],
-        [
-            f"compiled solve, Python loop of {n}",
-            f"{ms['loop'] / 1e3:.4f}",
-            f"{ms['loop'] / ms['one']:.1f}x",
-        ],
-    ]
+    seconds = lambda t: f"{t.median / 1e3:.4g} [{t.q1 / 1e3:.4g}, {t.q3 / 1e3:.4g}]"
+    one = e2e["one seed"].median
+    rows = [[k, seconds(v), f"{v.median / one:.1f}x"] for k, v in e2e.items()]
+    for key, label in (
+        ("one", "compiled solve, one seed"),
+        ("vmap", f"compiled solve, {n} seeds vmapped"),
+        ("loop", f"compiled solve, Python loop of {n}"),
+    ):
+        rows.append(
+            [label, seconds(ms[key]), f"{ms[key].median / ms['one'].median:.1f}x"]
+        )
     lines = [
         "# benchmarks/sweep.py, float64",
         "",
         machine(),
         "",
         "fixed_point_sweep: Anderson on slow_system, dim 64, radius 0.9; end to "
-        "end = `iterjax run`, compilation included; medians",
+        "end = `iterjax run`, compilation included; median [IQR] over "
+        f"{args.repeats} runs (compiled solves: {max(args.repeats, 10)} calls)",
         "",
-        markdown(["what", "seconds", "vs one seed"], rows),
+        markdown(["what", "seconds, median [IQR]", "vs one seed"], rows),
         "",
         f"vectorised sweep of {n} seeds / one seed, end to end: "
-        f"**{e2e[f'{n} seeds, vmapped'] / one:.1f}x** (target <= 3x; separate "
-        f"runs: {e2e[f'{n} seeds, separate runs'] / one:.1f}x)",
+        f"**{e2e[f'{n} seeds, vmapped'].median / one:.1f}x** (target <= 3x; "
+        f"separate runs: {e2e[f'{n} seeds, separate runs'].median / one:.1f}x)",
     ]
     lines += ["", f"Load average (1/5/15 min) at the end: {load()}"]
     print("\n".join(lines))
