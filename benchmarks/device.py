@@ -57,7 +57,7 @@ def device_name() -> str:
 
 
 def sequences(lengths, rounds):
-    head = ["T", "method", "sweeps", "depth", "converged", "fwd ms"]
+    head = ["T", "method", "sweeps", "depth", "converged", "fwd ms, median [IQR]"]
     head += ["fwd / lax.scan", "grad / lax.scan"]
     rows = []
     for T in lengths:
@@ -71,7 +71,7 @@ def sequences(lengths, rounds):
                     "yes" if r["converged"] else "NO",
                 ]
                 + [
-                    f"{r['fwd_ms']:.2f}",
+                    r["fwd_ms"],
                     f"{r['fwd_ratio']:.2f}",
                     f"{r['bwd_ratio']:.2f}",
                 ]

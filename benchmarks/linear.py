@@ -21,9 +21,13 @@ One process, the same systems for everyone:
    library reports them), the true final relative residual, the median wall
    time with its interquartile range over the timed rounds, and the compile
    time apart.
-2. Sinkhorn against ott-jax 0.6.0 (plain and Anderson-accelerated), at matched
+2. Kernel ridge regression (sklearn's digits, Gaussian kernel): CG, CG with
+   the randomized Nyström preconditioner and sketch-and-project against
+   jax.scipy's and SciPy's CG and a dense Cholesky solve (products include the
+   Nyström build's ℓ).
+3. Sinkhorn against ott-jax 0.6.0 (plain and Anderson-accelerated), at matched
    marginal error (1e-10, L1), on `sinkhorn_newton`'s point clouds.
-3. Bradley-Terry against choix 0.4.1 (ILSR and MM), to the same scores.
+4. Bradley-Terry against choix 0.4.1 (ILSR and MM), to the same scores.
 
 Run: make bench   (or: python benchmarks/linear.py [--quick])
 """
@@ -258,6 +262,69 @@ def amg_rows(grids, rounds):
     return rows
 
 
+def kernel_rows(samples, mu, rank, rounds):
+    """Kernel ridge regression on sklearn's digits: (K + μ I) α = y with K the
+    Gaussian kernel (bandwidth: the median pairwise distance), y the centred
+    labels; CG, Nyström-preconditioned CG and sketch-and-project against
+    jax.scipy's and SciPy's CG and a dense Cholesky solve."""
+    import scipy.linalg
+    import scipy.sparse.linalg
+    from sklearn.datasets import load_digits
+
+    X, labels = load_digits(return_X_y=True)
+    X, labels = X[:samples] / 16.0, labels[:samples].astype(float)
+    d2 = ((X[:, None] - X[None]) ** 2).sum(-1)
+    K = np.exp(-d2 / (2 * np.median(d2)))
+    A_np = K + mu * np.eye(samples)
+    y = labels - labels.mean()
+    A, b = jnp.asarray(A_np), jnp.asarray(y)
+    relres = lambda x: float(
+        np.linalg.norm(A_np @ np.asarray(x) - y) / np.linalg.norm(y)
+    )
+    ours = {
+        "iterjax CG": ij.CG(rtol=RTOL),
+        f"iterjax CG + Nyström(ℓ = {rank})": ij.CG(
+            rtol=RTOL,
+            preconditioner=ij.linear.NystromPreconditioner(rank=rank, shift=mu),
+        ),
+        "iterjax sketch-and-project (block 100)": ij.linear.SketchAndProject(
+            block=100, rtol=RTOL, max_epochs=2000
+        ),
+    }
+    calls, products, answers = {}, {}, {}
+    for label, solver in ours.items():
+        f = jax.jit(lambda b, s=solver: s.solve_with_stats(A, b))
+        answers[label], stats = f(b)
+        calls[label] = (f, (b,))
+        products[label] = int(stats.num_matvecs)
+    f = jax.jit(lambda b: jax.scipy.sparse.linalg.cg(lambda v: A @ v, b, tol=RTOL))
+    answers["jax.scipy cg"], products["jax.scipy cg"] = f(b)[0], "n/a"
+    calls["jax.scipy cg"] = (f, (b,))
+
+    def scipy_cg():
+        count = []
+        x, _ = scipy.sparse.linalg.cg(
+            A_np, y, rtol=RTOL, atol=0.0, maxiter=20000, callback=count.append
+        )
+        return x, len(count)
+
+    answers["scipy cg"], steps = scipy_cg()
+    products["scipy cg"] = f"{steps} steps"
+    calls["scipy cg"] = (scipy_cg, ())
+    cholesky = lambda: scipy.linalg.cho_solve(scipy.linalg.cho_factor(A_np), y)
+    answers["scipy Cholesky (dense)"], products["scipy Cholesky (dense)"] = (
+        cholesky(),
+        "-",
+    )
+    calls["scipy Cholesky (dense)"] = (cholesky, ())
+    t = timings(calls, rounds)
+    rows = [
+        [label, products[label], f"{relres(answers[label]):.1e}", *time_cells(t[label])]
+        for label in calls
+    ]
+    return rows
+
+
 def sinkhorn_rows(points, epsilons, rounds):
     from ott.geometry import geometry
     from ott.problems.linear import linear_problem
@@ -399,6 +466,15 @@ def main():
     lines += ["", "## SA-AMG + CG against pyamg, by grid side", ""]
     head = ["system", "grid", "solver", "CG steps", "rel. residual", *TIME_COLUMNS]
     lines += [markdown(head, amg_rows(grids, rounds)), ""]
+    samples, mu, rank = (500, 1e-4, 50) if args.quick else (1500, 1e-4, 200)
+    lines += [
+        "",
+        f"## Kernel ridge regression, sklearn digits, n = {samples}, μ = {mu:g}, "
+        f"‖b - Ax‖ <= {RTOL:g} ‖b‖",
+        "",
+    ]
+    head = ["solver", "products", "rel. residual", *TIME_COLUMNS]
+    lines += [markdown(head, kernel_rows(samples, mu, rank, rounds)), ""]
     epsilons = (0.01,) if args.quick else (0.01, 0.001)
     points = 100 if args.quick else 200
     lines += ["", f"## Sinkhorn, {points} x {points} points, marginal error 1e-10", ""]
