@@ -32,6 +32,10 @@ SOLVERS = {
         lambda cap: linear.SketchAndProject(block=2, max_epochs=cap or 2000),
         "spd",
     ),
+    "block_kaczmarz": (
+        lambda cap: linear.BlockKaczmarz(block=2, max_epochs=cap or 2000),
+        "any",
+    ),
 }
 
 

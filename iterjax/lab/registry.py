@@ -92,6 +92,7 @@ LINEAR_SOLVERS = {
     "neumann": linear.Neumann,
     "richardson": linear.Richardson,
     "sketch_and_project": linear.SketchAndProject,
+    "block_kaczmarz": linear.BlockKaczmarz,
 }
 ADJOINTS = {
     "implicit": implicit.ImplicitAdjoint,

@@ -28,6 +28,7 @@ from .recycle import RecycledCG as RecycledCG
 from .recycle import RecycleState as RecycleState
 from .recycle import similarity_order as similarity_order
 from .recycle import solve_sequence as solve_sequence
+from .sketch import BlockKaczmarz as BlockKaczmarz
 from .sketch import SketchAndProject as SketchAndProject
 from .stationary import SOR as SOR
 from .stationary import MatrixOperator as MatrixOperator

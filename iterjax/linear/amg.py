@@ -336,7 +336,8 @@ class SmoothedAggregation(AbstractPreconditioner):
             x = x + cast(level.P @ xc)
             return cast(self._smooth(level, x, r))
 
-        apply = lambda r: unravel(cycle(0, tu.ravel(r)[0]))
+        # one program, not op-by-op dispatch of every level when called eagerly
+        apply = jax.jit(lambda r: unravel(cycle(0, tu.ravel(r)[0])))
         return apply, 0, amg.work
 
     def _smooth(self, level, x, r):
