@@ -582,12 +582,11 @@ def u_outer(w, theta, noise):
 
 def u_optimum():
     grad_F = jax.grad(lambda t: u_outer(M_U @ t, t, jnp.zeros(3)))
+    hessian_F = jax.hessian(lambda t: u_outer(M_U @ t, t, jnp.zeros(3)))
+    newton = jax.jit(lambda t: t - jnp.linalg.solve(hessian_F(t), grad_F(t)))
     theta = jnp.zeros(2)
     for _ in range(50):
-        theta = theta - jnp.linalg.solve(
-            jax.hessian(lambda t: u_outer(M_U @ t, t, jnp.zeros(3)))(theta),
-            grad_F(theta),
-        )
+        theta = newton(theta)
     assert float(jnp.linalg.norm(grad_F(theta))) < 1e-13
     return theta
 
@@ -927,11 +926,12 @@ def test_multiblock_with_every_block_and_full_batches_is_the_deterministic_step(
 
 
 def test_multiblock_variance_reduction_converges_and_a_step_does_not_grow_with_m():
+    newton = jax.jit(  # on the closed form F (jitted: not eager dispatch)
+        lambda t: t - jnp.linalg.solve(jax.hessian(mb_F)(t), jax.grad(mb_F)(t))
+    )
     theta_star = jnp.zeros(MB_D)
-    for _ in range(30):  # Newton on the closed form F
-        theta_star = theta_star - jnp.linalg.solve(
-            jax.hessian(mb_F)(theta_star), jax.grad(mb_F)(theta_star)
-        )
+    for _ in range(30):
+        theta_star = newton(theta_star)
     assert float(jnp.linalg.norm(jax.grad(mb_F)(theta_star))) < 1e-12
     errors = {}
     for vr in (True, False):

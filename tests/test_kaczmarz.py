@@ -84,9 +84,10 @@ def test_sketched_inexact_newton_on_constrained_least_squares():
     assert float(jnp.max(jnp.abs(c(x)))) <= 1e-9
     # Newton with dense solves of the KKT system, from the same start
     flat = lambda z: jnp.concatenate(kkt_map((z[:8], z[8:]), None))
+    newton = jax.jit(lambda z: z - jnp.linalg.solve(jax.jacfwd(flat)(z), flat(z)))
     z = jnp.concatenate(start)
     for _ in range(30):
-        z = z - jnp.linalg.solve(jax.jacfwd(flat)(z), flat(z))
+        z = newton(z)
     np.testing.assert_allclose(x, z[:8], atol=1e-8)
     np.testing.assert_allclose(lam, z[8:], atol=1e-8)
 
