@@ -303,12 +303,12 @@ class SmoothedAggregation(AbstractPreconditioner):
     def prepared(self, matvec):
         """Set up from the operator when not yet set up and the operator's
         entries are concrete (class docstring); else itself."""
-        if self.levels is not None or _host_matrix(matvec) is None:
+        if self.levels is not None:
             return self
-        return self.setup(matvec, _dtype(matvec))
+        matrix = _host_matrix(matvec)  # (assembled once: setup takes it as is)
+        return self if matrix is None else self.setup(matrix, _dtype(matvec))
 
     def build(self, matvec, b):
-        amg = self
         if self.levels is None:
             raise ValueError(
                 "SmoothedAggregation: its hierarchy needs the matrix's entries; "
@@ -316,17 +316,17 @@ class SmoothedAggregation(AbstractPreconditioner):
                 "function, or a matrix traced under jit)"
             )
         flat, unravel = tu.ravel(b)
-        if flat.shape[0] != amg.sizes[0]:
+        if flat.shape[0] != self.sizes[0]:
             raise ValueError(
-                f"SmoothedAggregation: set up for {amg.sizes[0]} unknowns, b has "
+                f"SmoothedAggregation: set up for {self.sizes[0]} unknowns, b has "
                 f"{flat.shape[0]}"
             )
-        levels = amg.levels
+        levels = self.levels
         cast = lambda v: v.astype(flat.dtype)
 
         def cycle(depth, r):
             if depth == len(levels):
-                return cast(amg.coarse_inverse @ r)
+                return cast(self.coarse_inverse @ r)
             level = levels[depth]
             x = cast(self._smooth(level, None, r))
             rc = cast(level.R @ (r - level.A @ x))
@@ -338,7 +338,7 @@ class SmoothedAggregation(AbstractPreconditioner):
 
         # one program, not op-by-op dispatch of every level when called eagerly
         apply = jax.jit(lambda r: unravel(cycle(0, tu.ravel(r)[0])))
-        return apply, 0, amg.work
+        return apply, 0, self.work
 
     def _smooth(self, level, x, r):
         """`degree` steps of the smoother from x (None: from 0, whose residual

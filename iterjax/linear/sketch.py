@@ -21,7 +21,23 @@ from ._base import (
 from .krylov import default_rtol
 
 
-class SketchAndProject(AbstractLinearSolver):
+class _Sketching(AbstractLinearSolver):
+    """The hyperparameters and checks that both sketching solvers share."""
+
+    block: int = struct.field(pytree_node=False, default=32)
+    rtol: float | None = None
+    max_epochs: int = struct.field(pytree_node=False, default=1000)
+    seed: int = struct.field(pytree_node=False, default=0)
+
+    def __post_init__(self):
+        name = type(self).__name__
+        check_int(name, "block", self.block, 1)
+        check_int(name, "max_epochs", self.max_epochs, 1)
+        if self.rtol is not None:
+            check_range(name, "rtol", self.rtol, lo=0.0)
+
+
+class SketchAndProject(_Sketching):
     """Randomized block coordinate descent: sketch-and-project in the A-norm.
 
     Each step draws τ coordinates S at random and solves the τ x τ block
@@ -53,17 +69,6 @@ class SketchAndProject(AbstractLinearSolver):
       >>> bool(stats.converged), bool(jnp.allclose(A @ x, 1.0, atol=1e-4))
       (True, True)
     """
-
-    block: int = struct.field(pytree_node=False, default=32)
-    rtol: float | None = None
-    max_epochs: int = struct.field(pytree_node=False, default=1000)
-    seed: int = struct.field(pytree_node=False, default=0)
-
-    def __post_init__(self):
-        check_int("SketchAndProject", "block", self.block, 1)
-        check_int("SketchAndProject", "max_epochs", self.max_epochs, 1)
-        if self.rtol is not None:
-            check_range("SketchAndProject", "rtol", self.rtol, lo=0.0)
 
     def solve_with_stats(self, matvec, b, rtol=None):
         A = matvec.matrix if isinstance(matvec, MatrixMatvec) else None
@@ -108,7 +113,7 @@ class SketchAndProject(AbstractLinearSolver):
         return checked_answer(matvec, b, x, tol, epochs + 1)
 
 
-class BlockKaczmarz(AbstractLinearSolver):
+class BlockKaczmarz(_Sketching):
     """Randomized block Kaczmarz: sketch-and-project in the Euclidean norm, for
     any square nonsingular A (symmetric indefinite ones, such as the KKT
     systems of constrained Newton methods, included).
@@ -147,17 +152,6 @@ class BlockKaczmarz(AbstractLinearSolver):
     """
 
     transpose = "general"  # reverse mode: the same solver on Aᵀ
-
-    block: int = struct.field(pytree_node=False, default=32)
-    rtol: float | None = None
-    max_epochs: int = struct.field(pytree_node=False, default=1000)
-    seed: int = struct.field(pytree_node=False, default=0)
-
-    def __post_init__(self):
-        check_int("BlockKaczmarz", "block", self.block, 1)
-        check_int("BlockKaczmarz", "max_epochs", self.max_epochs, 1)
-        if self.rtol is not None:
-            check_range("BlockKaczmarz", "rtol", self.rtol, lo=0.0)
 
     def solve_with_stats(self, matvec, b, rtol=None):
         flat_b, unravel = tu.ravel(b)
