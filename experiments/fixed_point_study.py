@@ -6,6 +6,12 @@ wall time of the jitted solve, and the residual after each step (plotted). Then,
 for each adjoint, the gradient of a loss through the DEQ cell against a tight
 reference (Newton forward, GMRES backward to 1e-13): relative error, cosine and
 time of `jax.grad`.
+
+The problems: a DEQ cell, a slow system (spectral radius 0.98), a pytree map,
+and gradient descent's map of a logistic loss from a far start (saturated
+sigmoids), where full Newton steps diverge: there Newton's damping schedule
+(`Newton(smoothness=M)`, the O(k⁻³) schedule of "Newton Method Revisited") and the
+Armijo line search (`Backtracking(Newton())`) both converge.
 """
 
 import dataclasses
@@ -23,13 +29,13 @@ from iterjax.lab.registry import build
 from iterjax.lab.spec import Count, NonNegative
 from iterjax.lab.tables import markdown_table
 
-Problem = Literal["tanh_deq", "slow_system", "pytree"]
+Problem = Literal["tanh_deq", "slow_system", "pytree", "logistic"]
 NORMS = {"max": ij.max_norm, "two": ij.two_norm, "rms": ij.rms_norm}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    problems: tuple[Problem, ...] = ("tanh_deq", "slow_system", "pytree")
+    problems: tuple[Problem, ...] = ("tanh_deq", "slow_system", "pytree", "logistic")
     solvers: tuple[Annotated[Spec, "solver"], ...] = (
         Spec("picard"),
         Spec("anderson"),

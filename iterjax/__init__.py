@@ -19,6 +19,7 @@ from ._tree import rms_norm as rms_norm
 from ._tree import two_norm as two_norm
 from .bilevel import argmin as argmin
 from .bilevel import hypergradient as hypergradient
+from .fixed_point import NAGGS as NAGGS
 from .fixed_point import Anderson as Anderson
 from .fixed_point import AsyncCoordinates as AsyncCoordinates
 from .fixed_point import Backtracking as Backtracking
@@ -38,6 +39,7 @@ from .fixed_point import VRHalpern as VRHalpern
 from .fixed_point import finite_sum_fixed_point as finite_sum_fixed_point
 from .fixed_point import fixed_point as fixed_point
 from .fixed_point import fixed_point_chain as fixed_point_chain
+from .fixed_point import nag_gs as nag_gs
 from .fixed_point import root as root
 from .implicit import AbstractAdjoint as AbstractAdjoint
 from .implicit import ImplicitAdjoint as ImplicitAdjoint

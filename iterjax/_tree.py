@@ -24,7 +24,7 @@ def tree_sub(x, y):
     return tree_map(lambda a, b: a - b, x, y)
 
 
-def _like(alpha, a):
+def like(alpha, a):
     """A scalar coefficient in the dtype of leaf `a` (no implicit promotion)."""
     if isinstance(alpha, (int, float, complex)):
         return alpha
@@ -32,17 +32,17 @@ def _like(alpha, a):
 
 
 def tree_scale(alpha, x):
-    return tree_map(lambda a: _like(alpha, a) * a, x)
+    return tree_map(lambda a: like(alpha, a) * a, x)
 
 
 def tree_axpy(alpha, x, y):
     """alpha * x + y."""
-    return tree_map(lambda a, b: _like(alpha, b) * a + b, x, y)
+    return tree_map(lambda a, b: like(alpha, b) * a + b, x, y)
 
 
 def tree_lerp(beta, x, y):
     """(1 - beta) * x + beta * y, the damped (Krasnosel'skii-Mann) update."""
-    return tree_map(lambda a, b: a + _like(beta, a) * (b - a), x, y)
+    return tree_map(lambda a, b: a + like(beta, a) * (b - a), x, y)
 
 
 def tree_vdot(x, y):

@@ -34,8 +34,15 @@ ALL_SOLVERS = [
     ij.Relaxed(ij.Anderson(), 0.8),
     ij.Restarted(ij.Anderson(3)),
     ij.Safeguarded(ij.Broyden()),
+    ij.NAGGS(),
 ]
-IDS = [*SOLVERS, "relaxed-anderson", "restarted-anderson", "safeguarded-broyden"]
+IDS = [
+    *SOLVERS,
+    "relaxed-anderson",
+    "restarted-anderson",
+    "safeguarded-broyden",
+    "nag-gs",
+]
 
 
 def tanh_cell(n=12, radius=0.8, seed=0):

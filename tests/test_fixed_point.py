@@ -3,12 +3,15 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from helpers import ALL_SOLVERS, IDS, PROBLEMS, reference
 
 import iterjax as ij
+from iterjax.experiments.common import problems
 from iterjax.experiments.halpern_vs_picard import disjoint_balls
 from iterjax.fixed_point.halpern import anchor_weight
+from iterjax.internal import optax_init, optax_step
 
 
 @pytest.mark.parametrize("problem", sorted(PROBLEMS))
@@ -78,6 +81,176 @@ def test_newton_quadratic_convergence():
     # Each error roughly squares the previous one.
     assert tr[2] < 10 * tr[1] ** 2
     np.testing.assert_allclose(sol.value, np.sqrt(2.0), rtol=1e-14)
+
+
+def _pseudo_huber_gradient(y, _):
+    """∇ of √(1 + y²): full Newton steps y -> -y³ diverge from |y| > 1."""
+    return y / jnp.sqrt(1 + y**2)
+
+
+@pytest.mark.parametrize("order", [2.0, 3.0, 4.0])
+def test_damped_newton_step_is_the_schedule(order):
+    y0, M = 5.0, 0.7
+    sol = ij.root(
+        _pseudo_huber_gradient,
+        jnp.array(y0),
+        None,
+        solver=ij.Newton(smoothness=M, order=order),
+        atol=0.0,
+        max_steps=1,
+    )
+    s = -y0 * (1 + y0**2)  # -F/F'
+    decrement = np.sqrt(y0 / np.sqrt(1 + y0**2) * -s)  # √(∇Lᵀ H⁻¹ ∇L)
+    theta = (9 * M) ** (1 / (order - 1)) * decrement ** ((order - 2) / (order - 1))
+    np.testing.assert_allclose(sol.value, y0 + s / (1 + theta), rtol=1e-12)
+
+
+def test_damped_newton_converges_where_full_steps_diverge():
+    y0 = jnp.array([5.0, -3.0, 8.0])
+    kw = dict(atol=1e-10, max_steps=300)
+    full = ij.root(_pseudo_huber_gradient, y0, None, solver=ij.Newton(), **kw)
+    assert not bool(full.converged)
+
+    @jax.jit
+    def solve(smoothness, order):
+        solver = ij.Newton(smoothness=smoothness, order=order)
+        return ij.root(_pseudo_huber_gradient, y0, None, solver=solver, **kw)
+
+    # smoothness and order are leaves: a grid of them is one vmapped solve
+    grid = jax.vmap(solve)(jnp.array([10.0, 100.0, 10.0]), jnp.array([4.0, 4.0, 3.0]))
+    assert bool(jnp.all(grid.converged)), grid.num_steps
+    true = jnp.max(jnp.abs(_pseudo_huber_gradient(grid.value, None)), axis=1)
+    assert bool(jnp.all(true <= 1e-10)), true
+    # a larger M takes shorter steps: more of them
+    assert int(grid.num_steps[1]) > int(grid.num_steps[0])
+    # smoothness 0 is Newton's full step, to the bit
+    near = ij.root(_pseudo_huber_gradient, 0.5 * jnp.ones(3), None, **kw)
+    solver = ij.Newton(smoothness=0.0)
+    zero = ij.root(_pseudo_huber_gradient, 0.5 * jnp.ones(3), None, solver=solver, **kw)
+    np.testing.assert_array_equal(near.value, zero.value)
+
+
+def test_damping_schedule_and_line_search_converge_on_the_studys_logistic_start():
+    fn, args, y0 = problems.logistic(dim=16)
+
+    @jax.jit
+    def solve(solver):
+        return ij.fixed_point(fn, y0, args, solver=solver, atol=1e-8, max_steps=100)
+
+    assert not bool(solve(ij.Newton()).converged)
+    for solver in [ij.Newton(smoothness=0.1), ij.Backtracking(ij.Newton())]:
+        sol = solve(solver)
+        assert bool(sol.converged), solver
+        true = jnp.max(jnp.abs(fn(sol.value, args) - sol.value))
+        assert float(true) <= 1e-8
+
+
+@pytest.mark.parametrize("adjoint", [ij.ImplicitAdjoint(), ij.UnrolledAdjoint()])
+def test_damped_newton_gradient_is_the_closed_form(adjoint):
+    # F(y, a) = y / √(1 + y²) - a: y* = a / √(1 - a²), dy*/da = (1 - a²)^(-3/2)
+    F = lambda y, a: _pseudo_huber_gradient(y, None) - a
+    solver = ij.Newton(smoothness=10.0)
+
+    @jax.jit
+    @jax.grad
+    def root(a):
+        kw = dict(solver=solver, adjoint=adjoint, atol=1e-13, max_steps=200)
+        return ij.root(F, jnp.array(5.0), a, **kw).value
+
+    a = 0.3
+    np.testing.assert_allclose(root(a), (1 - a**2) ** -1.5, rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [(dict(smoothness=-1.0), "smoothness"), (dict(order=5.0), "order")],
+)
+def test_damped_newton_rejects_bad_schedules(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        ij.Newton(**kwargs)
+
+
+def _quadratic_gradient_map(kappa=100.0):
+    """Gradient descent's map y - (A y - b) / L on A = diag(1, κ), L = κ."""
+    A = jnp.diag(jnp.array([1.0, kappa]))
+    return lambda y, b: y - (A @ y - b) / kappa
+
+
+def test_nag_gs_steps_are_the_formulas():
+    fn = _quadratic_gradient_map()
+    b, alpha, mu, gamma = jnp.array([1.0, -2.0]), 0.3, 0.05, 0.7
+    y0 = jnp.array([0.5, 0.25])
+    x, g = np.asarray(y0), gamma
+
+    def velocity(v, x, g):
+        d = np.asarray(fn(x, b)) - x  # -h ∇L(x)
+        return (g * v + alpha * mu * x + alpha * d) / (g + alpha * mu)
+
+    # the paper's first step, from v_0 = x_0, does not move x: NAGGS folds it
+    # into init (no evaluation spent)
+    g = (g + alpha * mu) / (1 + alpha)
+    v = velocity(x, x, g)
+    for k in range(1, 5):
+        x = (x + alpha * v) / (1 + alpha)
+        g = (g + alpha * mu) / (1 + alpha)
+        v = velocity(v, x, g)
+        solver = ij.NAGGS(alpha, mu, gamma)
+        sol = ij.fixed_point(fn, y0, b, solver=solver, atol=0.0, max_steps=k)
+        np.testing.assert_allclose(sol.value, x, rtol=1e-13)
+
+
+def test_nag_gs_as_optax_takes_the_solvers_steps():
+    fn = _quadratic_gradient_map()
+    b, y0 = jnp.array([1.0, -2.0]), jnp.array([3.0, 1.0])
+    solver = ij.NAGGS(0.2, mu=0.01, gamma=0.5)
+    opt = ij.nag_gs(0.2, mu=0.01, gamma=0.5)
+    state, y = optax_init(opt, y0), y0
+    for k in range(1, 6):
+        grad = y - fn(y, b)  # h ∇L
+        y, state = optax_step(opt, grad, state, y)
+        want = ij.fixed_point(fn, y0, b, solver=solver, atol=0.0, max_steps=k)
+        np.testing.assert_allclose(y, want.value, rtol=1e-13)
+    # a schedule of the step count is a learning rate too
+    scheduled = ij.nag_gs(optax.constant_schedule(0.2), mu=0.01, gamma=0.5)
+    state = optax_init(scheduled, y0)
+    for _ in range(5):
+        y0, state = optax_step(scheduled, y0 - fn(y0, b), state, y0)
+    np.testing.assert_allclose(y0, y, rtol=1e-13)
+
+
+def test_nag_gs_accelerates_gradient_descent_on_an_ill_conditioned_quadratic():
+    fn, b = _quadratic_gradient_map(), jnp.ones(2)
+    kw = dict(atol=1e-8, max_steps=5000)
+    picard = ij.fixed_point(fn, jnp.zeros(2), b, solver=ij.Picard(), **kw)
+
+    @jax.jit
+    @jax.vmap
+    def nag_gs(alpha):  # the step size is a leaf: a grid of it is one solve
+        solver = ij.NAGGS(alpha, mu=0.01, gamma=0.01)
+        return ij.fixed_point(fn, jnp.zeros(2), b, solver=solver, **kw)
+
+    grid = nag_gs(jnp.array([0.05, 0.1, 0.2]))
+    assert bool(jnp.all(grid.converged))
+    # |residual| <= 1e-8 bounds the error by 1e-8 · L/μ = 1e-6
+    error = jnp.abs(grid.value - jnp.array([[1.0, 0.01]]))
+    assert bool(jnp.all(error <= 1e-6)), error
+    # √κ = 10: at α = 2√(μ/L) about 15x fewer steps than gradient descent
+    assert int(picard.num_steps) > 10 * int(grid.num_steps[2])
+    assert int(grid.num_steps[0]) > int(grid.num_steps[1]) > int(grid.num_steps[2])
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (lambda: ij.NAGGS(step_size=0.0), "step_size"),
+        (lambda: ij.NAGGS(mu=0.0), "mu"),
+        (lambda: ij.NAGGS(gamma=-1.0), "gamma"),
+        (lambda: ij.nag_gs(-0.1), "learning_rate"),
+    ],
+)
+def test_nag_gs_rejects_bad_hyperparameters(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
 
 
 def test_complex_linear_fixed_point(getkey):

@@ -11,6 +11,7 @@ import optax
 import pytest
 import scipy.ndimage
 
+import iterjax as ij
 from iterjax.lab import config as cfglib
 from iterjax.lab import registry
 from iterjax.lab.spec import ConfigError, Spec, spec
@@ -218,6 +219,12 @@ def test_schedule_free_and_polyak_by_name():
     assert isinstance(
         registry.build("optimizer", cfg.optimizer), optax.GradientTransformation
     )
+    block = {"name": "nag_gs", "learning_rate": 0.1, "mu": 0.5, "gamma": 2.0}
+    opt = registry.build("optimizer", _load(optimizer=block).optimizer)
+    want = ij.nag_gs(0.1, mu=0.5, gamma=2.0)
+    np.testing.assert_allclose(_updates(opt), _updates(want), rtol=1e-14)
+    with pytest.raises(ConfigError, match="mu"):
+        _load(optimizer={**block, "mu": 0.0})
 
 
 def test_a_refined_schedule_from_a_recorded_run(tmp_path):

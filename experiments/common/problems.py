@@ -63,8 +63,35 @@ def _pytree_map(y, args):
     return {"a": a, "b": (b,)}
 
 
+def logistic(dim=64, seed=3, mu=1e-3, start=5.0):
+    """Gradient descent's map y - ∇L(y) / ℓ of an L2-regularised logistic loss,
+    L(y) = mean log(1 + exp(-t_i x_iᵀ y)) + μ/2 |y|², with ℓ an upper bound on
+    ∇L's Lipschitz constant: a contraction by 1 - μ/ℓ (slow for small μ).
+
+    The data are 4 dim points whose labels follow a random teacher, with 10% of
+    them flipped. The start y0 = `start` · (1, ..., 1) saturates the sigmoids: the
+    Hessian is tiny there and full Newton steps overshoot.
+    """
+    k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
+    n = 4 * dim
+    x = jax.random.normal(k1, (n, dim)) / jnp.sqrt(dim)
+    teacher = jax.random.normal(k2, (dim,))
+    flip = jax.random.bernoulli(k3, 0.1, (n,))
+    t = jnp.where(flip, -1.0, 1.0) * jnp.sign(x @ teacher)
+    lipschitz = jnp.linalg.norm(x, 2) ** 2 / (4 * n) + mu
+    return _logistic_map, (x, t, mu, lipschitz), jnp.full(dim, start)
+
+
+def _logistic_map(y, args):
+    x, t, mu, lipschitz = args
+    margin = t * (x @ y)
+    grad = -(x.T @ (t * jax.nn.sigmoid(-margin))) / x.shape[0] + mu * y
+    return y - grad / lipschitz
+
+
 PROBLEMS: dict[str, Callable[..., tuple]] = {
     "tanh_deq": tanh_deq,
     "slow_system": slow_system,
     "pytree": pytree_problem,
+    "logistic": logistic,
 }

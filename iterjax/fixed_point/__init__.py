@@ -11,6 +11,8 @@ from .chain import fixed_point_chain as fixed_point_chain
 from .halpern import Halpern as Halpern
 from .lazy_newton import LazyNewton as LazyNewton
 from .momentum import Momentum as Momentum
+from .nag_gs import NAGGS as NAGGS
+from .nag_gs import nag_gs as nag_gs
 from .newton import Newton as Newton
 from .optax_solver import OptaxSolver as OptaxSolver
 from .picard import Picard as Picard

@@ -20,6 +20,7 @@ import numbers
 
 import optax
 
+from ..fixed_point import nag_gs
 from ..tuning import schedules
 from .records import RecordError, read_series
 from .spec import ConfigError, Range, Spec, float_literal
@@ -40,6 +41,7 @@ OPTIMIZERS = {
     "adam": optax.adam,
     "adamw": optax.adamw,
     "polyak_sgd": optax.polyak_sgd,
+    "nag_gs": nag_gs,
     "schedule_free_sgd": optax.contrib.schedule_free_sgd,
     "schedule_free_adamw": optax.contrib.schedule_free_adamw,
 }
@@ -69,6 +71,8 @@ _BOUNDS = {
     "weight_lr_power": _NONNEG,
     "smoothing": _UNIT,
     "scaling": _POSITIVE,
+    "mu": _POSITIVE,
+    "gamma": _POSITIVE,
     "decay_steps": Range(1),
     "transition_steps": Range(1),
     "warmup_steps": Range(0),

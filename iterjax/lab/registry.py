@@ -8,6 +8,7 @@ import jax
 
 from .. import AbstractFixedPointSolver, implicit, linear, sequence
 from ..fixed_point import (
+    NAGGS,
     Anderson,
     AsyncCoordinates,
     Backtracking,
@@ -71,6 +72,7 @@ EXPERIMENTS = {
 SOLVERS = {
     "picard": Picard,
     "momentum": Momentum,
+    "nag_gs": NAGGS,
     "async_coordinates": AsyncCoordinates,
     "anderson": Anderson,
     "broyden": Broyden,
