@@ -132,7 +132,7 @@ def guide(cfg):
     def chain(**stop):
         return lambda z: ij.scan(f, z, xs, method=method, **stop)[0]
 
-    picard = chain(atol=atol)
+    picard = jax.jit(chain(atol=atol))  # compiled once for its three calls below
     g_seq = jax.grad(lambda z: loss(z, lambda z: jax.lax.scan(f, z, xs)[0]))(z)
     rel = {}  # the gradient is taken at the forward solution: its error follows it
     stops = {"working_atol": {"atol": atol}, "grad": cfg.grad_stop.kwargs("max_sweeps")}
