@@ -249,3 +249,97 @@ def test_linen_deq_forward_and_gradients():
         jnp.stack([X, -X])
     )
     np.testing.assert_allclose(zs[0], z, atol=1e-11)
+
+
+def _graphs(batch=(), n=7, seed=0):
+    """Random directed graphs (isolated nodes included), node and edge features."""
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+    adjacency = jax.random.bernoulli(k1, 0.35, (*batch, n, n))
+    adjacency = adjacency.at[..., 0, :].set(False)  # node 0 has no in-neighbours
+    x = jax.random.normal(k2, (*batch, n, 3))
+    edges = jax.random.normal(k3, (*batch, n, n, 2))
+    return x, adjacency, edges
+
+
+def _cgs(**kw):
+    kw = dict(edge_features=2, hidden=5, heads=3, gamma=0.8, atol=1e-12) | kw
+    kw.setdefault("param_dtype", jnp.float64)
+    return ij.deq.ConvergentGraphSolver(3, 2, rngs=nnx.Rngs(0), **kw)
+
+
+@pytest.mark.parametrize(
+    "scale", [1.0, 1e4, 1e300, 0.0], ids=["plain", "large", "huge", "constant"]
+)
+def test_graph_transition_rows_sum_to_gamma_whatever_the_logits(scale):
+    _, adjacency, _ = _graphs()
+    logits = scale * jax.random.normal(jax.random.key(5), (7, 7, 3))
+    a = ij.deq.graph_transition(logits, adjacency, 0.8)
+    assert a.shape == (3, 7, 7) and bool(jnp.all(a >= 0))
+    assert bool(jnp.all(jnp.where(adjacency[None], True, a == 0)))  # edges only
+    has_in = jnp.any(adjacency, axis=-1)
+    want = jnp.where(has_in, 0.8, 0.0)
+    np.testing.assert_allclose(jnp.sum(a, axis=-1), jnp.broadcast_to(want, (3, 7)))
+    # NaN in, NaN out: never a finite transition from a NaN logit
+    bad = ij.deq.graph_transition(logits.at[2, 1, 0].set(jnp.nan), adjacency, 0.8)
+    if bool(adjacency[2, 1]):
+        assert bool(jnp.all(jnp.isnan(bad[0, 2])))
+
+
+def test_cgs_is_the_linear_solve_per_head():
+    cgs = _cgs()
+    x, adjacency, edges = _graphs()
+    y, sol = cgs(x, adjacency, edges, return_solution=True)
+    assert bool(sol.converged)
+    a, b, h = cgs.transition(x, adjacency, edges)
+    z = jnp.stack([jnp.linalg.solve(jnp.eye(7) - a[k], b[:, k]) for k in range(3)], -1)
+    np.testing.assert_allclose(y, cgs.decoder(jnp.concatenate([z, h], -1)), atol=1e-10)
+    # a batch of graphs (leading axes) is the graphs one by one
+    xs, adjs, es = _graphs(batch=(4,), seed=1)
+    ys = cgs(xs, adjs, es)
+    for i in range(4):
+        np.testing.assert_allclose(ys[i], cgs(xs[i], adjs[i], es[i]), atol=1e-10)
+
+
+def test_cgs_contracts_for_any_parameters():
+    cgs = _cgs(solver=ij.Picard(), activation=jnp.tanh, max_steps=500)
+    for layer in (cgs.edge, cgs.source, cgs.encoder):
+        layer.kernel[...] = 1e3 * layer.kernel[...]  # training cannot break it
+    x, adjacency, edges = _graphs()
+    _, sol = cgs(x, adjacency, edges, return_solution=True)
+    assert bool(sol.converged)
+    _, b, _ = cgs.transition(x, adjacency, edges)
+    # Picard from 0 at rate γ: |z_k - z*| <= γ^k |z*| with |z*| <= |b| / (1 - γ)
+    bound = np.log(1e-12 * 0.2 / float(jnp.max(jnp.abs(b)))) / np.log(0.8)
+    assert int(sol.num_steps) <= int(np.ceil(bound)) + 1
+
+
+def test_cgs_gradients_match_unrolled_and_finite_differences():
+    x, adjacency, edges = _graphs()
+
+    def loss(cgs, x):
+        return jnp.sum(jnp.sin(cgs(x, adjacency, edges)))
+
+    grad = nnx.jit(nnx.grad(loss))
+    g_implicit = grad(_cgs(), x)
+    g_unrolled = grad(_cgs(adjoint=ij.UnrolledAdjoint()), x)
+    for a, b in zip(jax.tree.leaves(g_implicit), jax.tree.leaves(g_unrolled)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    graphdef, params = nnx.split(_cgs())
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    v = jax.random.normal(jax.random.key(2), flat.shape)
+    f = jax.jit(lambda p: loss(nnx.merge(graphdef, unravel(p)), x))
+    eps = 1e-6
+    fd = (f(flat + eps * v) - f(flat - eps * v)) / (2 * eps)
+    np.testing.assert_allclose(
+        jax.flatten_util.ravel_pytree(g_implicit)[0] @ v, fd, rtol=1e-6
+    )
+
+
+def test_cgs_rejects_bad_input():
+    x, adjacency, edges = _graphs()
+    with pytest.raises(ValueError, match="edge_features=2, called with edges None"):
+        _cgs()(x, adjacency)
+    with pytest.raises(ValueError, match="gamma"):
+        _cgs(gamma=1.0)
+    with pytest.raises(ValueError, match="heads"):
+        _cgs(heads=0)

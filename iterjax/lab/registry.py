@@ -67,6 +67,7 @@ EXPERIMENTS = {
     "diffusion_inversion": "iterjax.experiments.diffusion_inversion",
     "fpdm": "iterjax.experiments.fpdm",
     "rti_policy": "iterjax.experiments.rti_policy",
+    "graph_solvers": "iterjax.experiments.graph_solvers",
 }
 
 SOLVERS = {
