@@ -68,6 +68,7 @@ EXPERIMENTS = {
     "fpdm": "iterjax.experiments.fpdm",
     "rti_policy": "iterjax.experiments.rti_policy",
     "graph_solvers": "iterjax.experiments.graph_solvers",
+    "optex": "iterjax.experiments.optex",
 }
 
 SOLVERS = {
