@@ -1,11 +1,15 @@
 """Learning-rate schedules for SGD on a logistic-regression suite (PAPERS.md §3.13).
 
-Data bundled with scikit-learn (digits, breast_cancer, wine), standardised, with a
-bias feature. The problem: multinomial logistic regression with a small ridge
-term, f(W) = mean cross-entropy + ½ λ |W|², strongly convex, so its minimum f* is
+Data bundled with scikit-learn (digits, breast_cancer, wine) and MNIST-1D's
+training split (generated offline), standardised, with a bias feature. The
+problem: multinomial logistic regression with a small ridge term,
+f(W) = mean cross-entropy + ½ λ |W|², strongly convex, so its minimum f* is
 found to 1e-10 by Newton-CG (`iterjax.argmin`) and every run is scored by its
-last iterate's suboptimality f(W_T) - f*. SGD (minibatches drawn with
-replacement) runs `steps` steps from W = 0 under each schedule:
+last iterate's suboptimality f(W_T) - f*. `mnist1d_mlp` is MNIST-1D with a
+one-hidden-layer tanh MLP (`mlp_hidden` units, LeCun-normal start): non-convex,
+f* unknown, so its "gap" is the loss itself (f* := 0). SGD (minibatches drawn
+with replacement) runs `steps` steps from W = 0 (the MLP: its start) under each
+schedule:
 
 * `constant`: η; `linear`: η (1 - t/T); `cosine`: η (1 + cos(π t/T)) / 2;
 * `sgdr`: `sgdr_cycles` cosine cycles with warm restarts (optax's `sgdr_schedule`);
@@ -35,7 +39,7 @@ import numpy as np
 import optax
 
 import iterjax as ij
-from iterjax.experiments.common.logreg import load, objective
+from iterjax.experiments.common.logreg import load, mlp_objective, objective
 from iterjax.lab.spec import Count, Fraction, NonNegative, Positive
 from iterjax.lab.tables import markdown_table
 from iterjax.tuning import refined_schedule
@@ -47,11 +51,9 @@ Schedule = Literal[
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    datasets: tuple[Literal["digits", "breast_cancer", "wine"], ...] = (
-        "digits",
-        "breast_cancer",
-        "wine",
-    )
+    datasets: tuple[
+        Literal["digits", "breast_cancer", "wine", "mnist1d", "mnist1d_mlp"], ...
+    ] = ("digits", "breast_cancer", "wine", "mnist1d", "mnist1d_mlp")
     schedules: tuple[Schedule, ...] = (
         "constant",
         "linear",
@@ -67,6 +69,7 @@ class Config:
     lr_grid: tuple[Positive, ...] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     seeds: Count = 5
     sgdr_cycles: Count = 2
+    mlp_hidden: Count = 32
     smoothing: Fraction = 0.1  # the refined schedule's median filter, of T
     target_gap: Positive = 1e-2  # of f(0) - f*
     eval_every: Count = 10
@@ -81,6 +84,19 @@ class Config:
                 f"`steps`={self.steps} must be a multiple of `eval_every`="
                 f"{self.eval_every}"
             )
+
+
+def _problem(data, cfg):
+    """(f, W0, f*, rows): f* by Newton-CG, or 0 for the (non-convex) MLP."""
+    X, Y, classes = load(data.removesuffix("_mlp"))
+    if data.endswith("_mlp"):
+        key = jax.random.key(cfg.seed)
+        f, W0 = mlp_objective(X, Y, cfg.l2, cfg.mlp_hidden, key)
+        return f, W0, 0.0, X.shape[0]
+    f = objective(X, Y, cfg.l2)
+    W0 = jnp.zeros((X.shape[1], classes))
+    best = ij.argmin(lambda W, _: f(W), W0, atol=1e-10, max_steps=100)
+    return f, W0, float(f(best.value)), X.shape[0]
 
 
 def shape(name, cfg, refined=None):
@@ -123,7 +139,7 @@ def train(f, n, W0, cfg, name, refined=None):
             idx = jax.random.randint(key, (cfg.batch,), 0, n)
             value, g = jax.value_and_grad(f)(W, idx)
             upd, state = tx.update(g, state, W, value=value)
-            return (optax.apply_updates(W, upd), state), jnp.linalg.norm(g)
+            return (optax.apply_updates(W, upd), state), optax.global_norm(g)
 
         def chunk(carry, keys):
             carry, norms = jax.lax.scan(step, carry, keys)
@@ -151,14 +167,11 @@ def run(cfg: Config, workdir) -> dict:
     total = len(cfg.datasets) * len(order)
     with workdir.progress(total, "training") as advance:
         for data in cfg.datasets:
-            X, Y, classes = load(data)
-            f = objective(X, Y, cfg.l2)
-            W0 = jnp.zeros((X.shape[1], classes))
-            best = ij.argmin(lambda W, _: f(W), W0, atol=1e-10, max_steps=100)
-            f_star, f0 = float(f(best.value)), float(f(W0))
+            f, W0, f_star, count = _problem(data, cfg)
+            f0 = float(f(W0))
             norms = None
             for name in order:
-                trial = train(f, X.shape[0], W0, cfg, name, norms)
+                trial = train(f, count, W0, cfg, name, norms)
                 grid = jax.vmap(jax.vmap(trial, (None, 0)), (0, None))
                 losses, grad_norms = jax.jit(grid)(lrs, keys)  # (lr, seed, ...)
                 gaps = np.asarray(losses) - f_star
