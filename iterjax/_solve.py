@@ -24,6 +24,8 @@ two agree on when a solve has converged.
 
 import functools
 
+import jax.numpy as jnp
+
 from . import _tree as tu
 from ._checks import (
     check_inexact,
@@ -33,7 +35,7 @@ from ._checks import (
     eval_shape,
 )
 from ._iterate import AbstractFixedPointSolver, iterative_solve
-from ._solution import error_if_failed
+from ._solution import NONFINITE, error_if_failed
 from .implicit import AbstractAdjoint
 
 
@@ -54,7 +56,16 @@ def solve(what, user_fn, fn, y0, args, solver, adjoint, throw, **options):
     sol = adjoint.apply(run, solver, fn, y0, args)
     if throw:
         error_if_failed(sol.result, what)
-    return sol
+    return nan_if_nonfinite(sol)
+
+
+def nan_if_nonfinite(sol):
+    """NaN in, NaN out: a solve that stopped on a non-finite residual (fn gave
+    NaN or inf at its last iterate) returns NaN, not that iterate as if it were
+    an answer; `result` says why."""
+    finite = sol.result != NONFINITE
+    nan = tu.tree_map(lambda a: jnp.full_like(a, jnp.nan), sol.value)
+    return sol.replace(value=tu.tree_where(finite, sol.value, nan))
 
 
 def check_call(what, fn, y0, args, solver, atol, rtol, max_steps, adjoint):

@@ -114,6 +114,18 @@ def test_divergence_is_reported_as_nonfinite_and_stops():
     assert int(sol.result) == 2
     assert int(sol.num_steps) < 1000  # stopped when it overflowed, not at max_steps
     assert "diverged" in sol.message
+    assert bool(jnp.isnan(sol.value))  # never the last finite iterate as an answer
+
+
+def test_a_nan_parameter_gives_a_nan_value_under_every_adjoint():
+    # a DEQ whose parameters went NaN (a NaN gradient step) must not return its
+    # start z0 = 0 as a finite answer
+    fn = lambda y, w: jnp.tanh(w * y + 1.0)
+    for adjoint in (ij.ImplicitAdjoint(), ij.UnrolledAdjoint(), ij.PhantomAdjoint()):
+        sol = ij.fixed_point(fn, jnp.zeros(3), jnp.nan, adjoint=adjoint)
+        assert int(sol.result) == 2 and bool(jnp.all(jnp.isnan(sol.value)))
+        g = jax.grad(lambda w: jnp.sum(ij.fixed_point(fn, jnp.zeros(3), w).value))
+        assert bool(jnp.isnan(g(jnp.nan)))
 
 
 def test_throw_raises_eagerly_with_message():

@@ -377,3 +377,69 @@ def test_a_forward_solve_that_did_not_converge_raises_under_grad_with_throw():
     assert bool(jnp.all(jnp.isfinite(jax.grad(loss)(a, False))))  # (a budget)
     with pytest.raises(Exception, match="max_steps"):
         jax.block_until_ready(jax.grad(loss)(a, True))
+
+
+# ---------------------------------------- NaN at sizes where XLA's max skips it
+# XLA's CPU max-reduction of >= 4096 elements drops NaNs (max of [1, NaN, ...]
+# is 1): a max-norm stopping test built on it passed a NaN as converged. Small
+# random problems never reach that size, so these families do.
+
+BIG = 4096 + 3
+
+
+@functools.cache
+def _nan_solve(solver_name, norm_name):
+    solver = {"picard": ij.Picard(), "anderson": ij.Anderson(history=2)}[solver_name]
+    norm = {"max": ij.max_norm, "two": ij.two_norm, "rms": ij.rms_norm}[norm_name]
+    fn = lambda y, a: 0.5 * y + a
+    run = lambda a: ij.fixed_point(
+        fn, jnp.zeros(BIG), a, solver=solver, atol=1e-6, norm=norm, max_steps=100
+    )
+    return jax.jit(run)
+
+
+@pytest.mark.parametrize("solver_name", ["picard", "anderson"])
+@pytest.mark.parametrize("norm_name", ["max", "two", "rms"])
+@given(
+    at=st.integers(0, BIG - 1),
+    value=st.sampled_from([np.nan, np.inf, -np.inf]),
+    everywhere=st.booleans(),
+)
+def test_a_non_finite_entry_in_a_large_problem_is_never_converged(
+    solver_name, norm_name, at, value, everywhere
+):
+    a = jnp.ones(BIG)
+    a = jnp.full(BIG, value) if everywhere else a.at[at].set(value)
+    sol = _nan_solve(solver_name, norm_name)(a)
+    assert not bool(sol.converged) and int(sol.result) == 2, (sol.result, sol.residual)
+    assert bool(jnp.all(jnp.isnan(sol.value)))  # NaN out, not the last iterate
+
+
+@given(
+    at=st.integers(0, BIG - 1),
+    value=st.sampled_from([np.nan, np.inf]),
+    size=st.sampled_from([1, 7, 4095, 4096, BIG]),
+)
+def test_max_norm_is_numpys_max_abs_with_nan_as_inf(at, value, size):
+    x = np.linspace(-1.0, 1.0, size)
+    x[at % size] = value
+    want = np.inf  # NumPy's max propagates the NaN; as a norm it is non-finite
+    got = float(ij.max_norm({"a": jnp.asarray(x), "b": jnp.zeros(3)}))
+    assert got == want
+    clean = np.linspace(-1.0, 1.0, size)
+    np.testing.assert_equal(float(ij.max_norm(jnp.asarray(clean))), np.abs(clean).max())
+
+
+def test_a_nan_input_to_a_long_scan_is_not_converged():
+    # T x d = 4096 + 3 states: the sequence solvers' residual goes through the
+    # same max-norm
+    f = lambda h, x: (0.5 * h + x, h)
+    xs = jnp.ones((BIG, 1)).at[100].set(jnp.nan)
+    for method in (ij.Jacobi(), ij.DEER()):
+        _, ys, stats = jax.jit(
+            lambda xs, m=method: ij.scan(
+                f, jnp.zeros(1), xs, method=m, return_stats=True
+            )
+        )(xs)
+        assert not bool(stats.converged) and int(stats.result) == 2, method
+        assert not bool(jnp.all(jnp.isfinite(ys[101:])))

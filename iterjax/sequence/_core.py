@@ -76,6 +76,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .. import _struct as struct
+from .. import _tree as tu
 from .._checks import check_int
 from .._iterate import AbstractFixedPointSolver
 from .._module import Module
@@ -457,7 +458,8 @@ class Sweeps(AbstractFixedPointSolver):
         newly = (((index < accepted) & ~kept & ~untested) | candidates)[:, None]
 
         def top(mask):
-            return jnp.stack([jnp.max(jnp.where(mask, x, 0)) for x in (res, upd)])
+            sizes = [tu.nan_safe_max(jnp.where(mask, x, 0)) for x in (res, upd)]
+            return jnp.stack(sizes)
 
         settled = jnp.maximum(state.sizes[0], top(newly))
         others = top(~newly & ~(kept | untested)[:, None])
