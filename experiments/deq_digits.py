@@ -59,6 +59,7 @@ def summarise(v, model, hist):
         train_steps_last=last.get("train_steps", 0.0),
         converged=last.get("train_converged", 1.0),
         diverged=not np.isfinite(last["train_loss"]),
+        skipped=last.get("skipped", 0),
         ms_per_step=float(ms),
     )
 
@@ -88,6 +89,7 @@ def table(rows):
         "best",
         "forward steps (test)",
         "train steps first -> last",
+        "steps skipped (NaN gradient)",
         "ms/step",
     ]
     return markdown_table(
@@ -100,6 +102,7 @@ def table(rows):
                 f"{100 * r['best_test_acc']:.1f}%",
                 f"{r['test_steps']:.1f}",
                 f"{r['train_steps_first']:.1f} -> {r['train_steps_last']:.1f}",
+                r["skipped"],
                 f"{r['ms_per_step']:.1f}",
             ]
             for r in rows

@@ -343,3 +343,47 @@ def test_cgs_rejects_bad_input():
         _cgs(gamma=1.0)
     with pytest.raises(ValueError, match="heads"):
         _cgs(heads=0)
+
+
+def _thompson(u, v):
+    return float(jnp.max(jnp.abs(jnp.log(u) - jnp.log(v))))
+
+
+def test_subhomogeneous_dense_meets_its_condition_for_any_weights():
+    cell = ij.deq.SubhomogeneousDense(
+        3, D, mu=0.4, param_dtype=jnp.float64, rngs=nnx.Rngs(0)
+    )
+    cell.w[...] = 1e3 * cell.w[...]  # no norm bound is needed
+    fn = lambda z: cell(z, X)
+    zs = jnp.exp(4.0 * jax.random.normal(jax.random.key(3), (32, D)))  # e^-12..e^12
+    ratios = jax.vmap(lambda z: ij.deq.subhomogeneity(fn, z))(zs)
+    assert bool(jnp.all(ratios <= 0.4 + 1e-12)), ratios
+    # a μ-contraction in Thompson's metric: one fixed point from any positive start
+    deq = DEQ(cell, solver=ij.Picard(), atol=1e-12, max_steps=300)
+    solve = nnx.jit(lambda deq, z0: deq(X, z0))
+    z_star = solve(deq, jnp.ones(D))
+    np.testing.assert_allclose(solve(deq, 1e6 * jnp.ones(D)), z_star, rtol=1e-10)
+    z = 1e-3 * jnp.ones(D)
+    d0 = _thompson(z, z_star)
+    for k in range(1, 8):
+        z = fn(z)
+        assert _thompson(z, z_star) <= 0.4**k * d0 * (1 + 1e-9) + 1e-12
+    # and the implicit gradient is the unrolled one
+    loss = lambda deq: jnp.sum(jnp.log(deq(X, jnp.ones(D))))
+    grad = nnx.jit(nnx.grad(loss))
+    g_implicit = grad(DEQ(cell, atol=1e-12))
+    g_unrolled = grad(DEQ(cell, adjoint=ij.UnrolledAdjoint(), atol=1e-12))
+    for a, b in zip(jax.tree.leaves(g_implicit), jax.tree.leaves(g_unrolled)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-10)
+
+
+def test_subhomogeneity_measures_and_refutes():
+    z = jnp.array([0.5, 2.0, 7.0])
+    np.testing.assert_allclose(ij.deq.subhomogeneity(lambda z: z**0.3, z), 0.3)
+    assert float(ij.deq.subhomogeneity(lambda z: 2.0 * z, z)) >= 1.0  # homogeneous
+    w = jnp.array([[0.0, -5.0, 1.0], [2.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert float(ij.deq.subhomogeneity(lambda z: jnp.tanh(w @ z), z)) == np.inf
+    nan = ij.deq.subhomogeneity(lambda z: z**0.3 * jnp.nan, z)
+    assert not bool(jnp.isfinite(nan))
+    with pytest.raises(ValueError, match="mu"):
+        ij.deq.SubhomogeneousDense(3, D, mu=1.0, rngs=nnx.Rngs(0))

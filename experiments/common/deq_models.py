@@ -14,7 +14,9 @@ Models:
 
 * `DEQClassifier`: z* = cell(z*, x) per example (an `iterjax.deq.DEQ` under
   `nnx.vmap`), logits = head(z*). The cell is `ContractiveDense` (a contraction
-  for every weight value) or `DenseCell` (unconstrained: tanh(W z + U x + b)).
+  for every weight value), `SubhomogeneousDense` (a contraction in Thompson's
+  metric for every weight value) or `DenseCell` (unconstrained:
+  tanh(W z + U x + b)).
 * `MLP`: 64 -> m -> m -> 10 with tanh, m chosen so the parameter count matches.
 
 `Variant` is one model of a comparison (cell, solver, adjoint, stabilisers);
@@ -48,8 +50,9 @@ CLASSES = 10
 class Variant:
     label: str
     kind: Literal["deq", "mlp"] = "deq"
-    cell: Literal["contractive", "dense"] = "contractive"
+    cell: Literal["contractive", "subhomogeneous", "dense"] = "contractive"
     gamma: float = 0.9  # the contraction factor of the contractive cell
+    mu: float = 0.5  # the subhomogeneity coefficient of the subhomogeneous cell
     solver: Annotated[Spec, "solver"] = Spec("anderson")
     adjoint: Annotated[Spec, "adjoint"] = Spec("implicit")
     jac_reg: NonNegative = 0.0  # weight of the Jacobian penalty / dim(z)
@@ -172,6 +175,8 @@ def make_model(v: Variant, cfg: TrainConfig, in_features=64, dtype=jnp.float32):
     cell: nnx.Module
     if v.cell == "contractive":
         cell = ij.deq.ContractiveDense(in_features, h, gamma=v.gamma, **kw)
+    elif v.cell == "subhomogeneous":
+        cell = ij.deq.SubhomogeneousDense(in_features, h, mu=v.mu, **kw)
     else:
         cell = DenseCell(in_features, h, **kw)
     return DEQClassifier(
@@ -218,8 +223,13 @@ def loss_and_stats(model, x, y, key, jac_reg=0.0, correction=0):
 
 
 def optimizer(model, cfg: TrainConfig, total_steps: int):
+    """AdamW on a cosine schedule that skips a step whose gradient is not finite
+    (`optax.apply_if_finite`): the implicit gradient is NaN, by design, where the
+    backward solve fails (an unconstrained cell near I - J singular); the skipped
+    steps are counted (`skipped` in the rows); 20 in a row stop training."""
     schedule = optax.cosine_decay_schedule(cfg.lr, total_steps)
     tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=20)
     return nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
@@ -292,6 +302,7 @@ def train(
         )
         for k in stats[0] if stats else ():
             row["train_" + k] = float(np.mean([s[k] for s in stats]))
+        row["skipped"] = int(opt.opt_state.total_notfinite[...])
         log(**row)
         history.append(row)
         if advance:
