@@ -124,7 +124,8 @@ class SubhomogeneousDense(nnx.Module):
       >>> cell = iterjax.deq.SubhomogeneousDense(3, 4, mu=0.5, rngs=nnx.Rngs(0))
       >>> cell.w[...] = 100.0 * cell.w[...]  # any size
       >>> x = jnp.ones(3, jnp.float32)
-      >>> bool(iterjax.deq.subhomogeneity(lambda z: cell(z, x), jnp.ones(4)) <= 0.5)
+      >>> z = jnp.ones(4, jnp.float32)
+      >>> bool(iterjax.deq.subhomogeneity(lambda z: cell(z, x), z) <= 0.5)
       True
     """
 
