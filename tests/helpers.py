@@ -34,14 +34,12 @@ ALL_SOLVERS = [
     ij.Relaxed(ij.Anderson(), 0.8),
     ij.Restarted(ij.Anderson(3)),
     ij.Safeguarded(ij.Broyden()),
-    ij.NAGGS(),
 ]
 IDS = [
     *SOLVERS,
     "relaxed-anderson",
     "restarted-anderson",
     "safeguarded-broyden",
-    "nag-gs",
 ]
 
 

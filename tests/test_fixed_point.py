@@ -240,6 +240,21 @@ def test_nag_gs_accelerates_gradient_descent_on_an_ill_conditioned_quadratic():
     assert int(grid.num_steps[0]) > int(grid.num_steps[1]) > int(grid.num_steps[2])
 
 
+@pytest.mark.parametrize("adjoint", [ij.ImplicitAdjoint(), ij.UnrolledAdjoint()])
+def test_nag_gs_gradient_is_the_closed_form(adjoint):
+    # y* = A⁻¹ b on gradient descent's map: d(c·y*)/db = A⁻¹ c
+    fn, c = _quadratic_gradient_map(kappa=4.0), jnp.array([1.0, -2.0])
+    solver = ij.NAGGS(0.5, mu=0.1, gamma=0.1)
+
+    @jax.jit
+    @jax.grad
+    def grad(b):
+        kw = dict(solver=solver, adjoint=adjoint, atol=1e-12, max_steps=2000)
+        return c @ ij.fixed_point(fn, jnp.zeros(2), b, **kw).value
+
+    np.testing.assert_allclose(grad(jnp.ones(2)), c / jnp.array([1.0, 4.0]), rtol=1e-8)
+
+
 @pytest.mark.parametrize(
     ("make", "name"),
     [

@@ -250,6 +250,7 @@ def fixed_point_solver(name):
     solvers = {
         **dict(zip(IDS, ALL_SOLVERS, strict=True)),
         "nesterov": ij.Momentum(nesterov=True),
+        "nag-gs": ij.NAGGS(),
         "async": ij.AsyncCoordinates(fraction=0.5, delay=2),
     }
     solver = solvers[name]

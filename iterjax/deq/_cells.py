@@ -8,6 +8,18 @@ from .._checks import check_int, check_range
 from .._tree import nan_safe_max
 
 
+def _weights(cell, in_features, features, param_dtype, rngs):
+    """(W, U) of a dense cell z, x -> σ(W z + U x + b): W a (features x features)
+    LeCun-normal parameter, U x + b an `nnx.Linear`; sizes checked."""
+    owner = type(cell).__name__
+    check_int(owner, "in_features", in_features, 1)
+    check_int(owner, "features", features, 1)
+    init = jax.nn.initializers.lecun_normal()
+    w = nnx.Param(init(rngs.params(), (features, features), param_dtype))
+    u = nnx.Linear(in_features, features, param_dtype=param_dtype, rngs=rngs)
+    return w, u
+
+
 class ContractiveDense(nnx.Module):
     r"""z ↦ σ(A z + U x + b) with ||A||_∞ <= γ < 1: a contraction in the max norm.
 
@@ -52,12 +64,8 @@ class ContractiveDense(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        check_int("ContractiveDense", "in_features", in_features, 1)
-        check_int("ContractiveDense", "features", features, 1)
         check_range("ContractiveDense", "gamma", gamma, 0.0, 1.0, True, True)
-        init = jax.nn.initializers.lecun_normal()
-        self.w = nnx.Param(init(rngs.params(), (features, features), param_dtype))
-        self.u = nnx.Linear(in_features, features, param_dtype=param_dtype, rngs=rngs)
+        self.w, self.u = _weights(self, in_features, features, param_dtype, rngs)
         self.gamma = gamma
         self.activation = activation
 
@@ -138,12 +146,8 @@ class SubhomogeneousDense(nnx.Module):
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        check_int("SubhomogeneousDense", "in_features", in_features, 1)
-        check_int("SubhomogeneousDense", "features", features, 1)
         check_range("SubhomogeneousDense", "mu", mu, 0.0, 1.0, True, True)
-        init = jax.nn.initializers.lecun_normal()
-        self.w = nnx.Param(init(rngs.params(), (features, features), param_dtype))
-        self.u = nnx.Linear(in_features, features, param_dtype=param_dtype, rngs=rngs)
+        self.w, self.u = _weights(self, in_features, features, param_dtype, rngs)
         self.mu = mu
 
     def __call__(self, z, x):
