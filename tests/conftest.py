@@ -67,11 +67,6 @@ def pytest_addoption(parser):
 
 
 def pytest_collection_modifyitems(config, items):
-    # The modules that hold slow tests (smoke runs, subprocesses) first, each kept
-    # whole (the module-scoped cache release below): the two workers then end on
-    # short tests instead of one idling while the other finishes a 25 s one.
-    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module.__name__ not in slow)
     if not config.getoption("--first-case"):
         return
     seen, keep, drop = set(), [], []
