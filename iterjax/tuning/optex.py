@@ -97,24 +97,32 @@ class OptEx(struct.PyTreeNode):
     def predict(self, params, state: OptExState):
         """ĝ(params), the kernel model's gradient (0 before any history)."""
         flat, unravel = ravel(params)
-        return unravel(self._mean(flat, state))
+        return unravel(self._mean(flat, state, self._factor(state)))
 
-    def _mean(self, flat, state):
-        sq = lambda a, b: jnp.sum((a[:, None] - b[None]) ** 2, axis=-1)
-        kernel = lambda a, b: jnp.exp(-sq(a, b) / (2 * self.lengthscale**2))
+    def _kernel(self, a, b):
+        sq = jnp.sum((a[:, None] - b[None]) ** 2, axis=-1)
+        return jnp.exp(-sq / (2 * self.lengthscale**2))
+
+    def _factor(self, state):
+        """The Cholesky factor of K + σ²I over the filled slots (identity on the
+        empty ones): the history is fixed for a round, so it is factored once."""
         both = state.filled[:, None] & state.filled[None]
-        gram = jnp.where(both, kernel(state.points, state.points), 0.0)
+        gram = jnp.where(both, self._kernel(state.points, state.points), 0.0)
         gram = gram + jnp.diag(jnp.where(state.filled, self.noise, 1.0))
-        k = jnp.where(state.filled, kernel(flat[None], state.points)[0], 0.0)
-        weights = jax.scipy.linalg.solve(gram, k, assume_a="pos")
+        return jax.scipy.linalg.cho_factor(gram)
+
+    def _mean(self, flat, state, factor):
+        k = jnp.where(state.filled, self._kernel(flat[None], state.points)[0], 0.0)
+        weights = jax.scipy.linalg.cho_solve(factor, k)
         return weights @ jnp.where(state.filled[:, None], state.grads, 0.0)
 
     def step(self, grad_fn, params, state: OptExState):
         flat0, unravel = ravel(params)
+        factor = self._factor(state)
 
         def proxy(carry, _):
             flat, opt_state = carry
-            guess = self._mean(flat, state)
+            guess = self._mean(flat, state, factor)
             new, opt_state = optax_step(
                 self.optimizer, unravel(guess), opt_state, unravel(flat)
             )
