@@ -99,8 +99,11 @@ def curve(cfg: Config):
 
 
 def trial(cfg: Config) -> dict:
-    """The metrics of one run, pure in the `ARRAY_KEYS` fields of `cfg`."""
-    return _metrics(*curve(cfg)[1:])
+    """The metrics of one run, pure in the `ARRAY_KEYS` fields of `cfg`, and
+    under `rows` the rows `run` logs (what a sweep's `target:` is searched in)."""
+    calls, loss, acc = curve(cfg)
+    rows = {"oracles": calls, "test_loss": loss, "test_acc": acc}
+    return {**_metrics(loss, acc), "rows": rows}
 
 
 def _metrics(loss, acc):

@@ -1277,7 +1277,59 @@ def test_a_target_records_the_first_step_and_time_that_meet_it(toy, tmp_path):
     assert s2["target"]["reached"] is False and "step" not in s2["target"]
     text = reportlib.markdown([d, d2])
     assert "## Time to target" in text and "not reached" in text
-    assert f"| {d.name} | loss | <= 1.0 | {first + 1} |" in text
+    assert f"| {d.name} | loss | <= 1.0 | yes | {first + 1} |" in text
+
+
+def _sweep_targets(run_dir):
+    rows = [
+        json.loads(x)
+        for f in sorted(run_dir.glob("rows-*.jsonl"))
+        for x in f.read_text().splitlines()
+    ]
+    return {(r["settings"]["lr"], r["settings"]["seed"]): r["target"] for r in rows}
+
+
+@pytest.mark.parametrize("vmap", [True, False], ids=["vectorised", "alone"])
+def test_a_sweeps_members_each_record_their_time_to_target(toy, tmp_path, vmap):
+    # each member's step is the one a single run of it records; lr 0.01 never
+    # gets the loss from 1.5 to 1.0 in 6 steps, lr 0.1 does in 2 or 3
+    target = "target: {metric: loss, below: 1.0}\n"
+    grid = "{grid: {lr: [0.1, 0.01]}, seeds: 2, vmap: " + str(vmap).lower() + "}"
+    text = f"experiment: toy\n{target}sweep: {grid}\n"
+    d, s = runlib.run_experiment(_config(tmp_path, text), out=tmp_path, quiet=True)
+    assert s["vectorised_groups"] == (1 if vmap else 0)
+    targets = _sweep_targets(d)
+    for (lr, seed), t in targets.items():
+        one = f"experiment: toy\n{target}lr: {lr}\nseed: {seed}\n"
+        path = _config(tmp_path, one, f"{lr}-{seed}.yaml")
+        _, single = runlib.run_experiment(path, out=tmp_path / "single", quiet=True)
+        want = single["target"]
+        assert t["reached"] == want["reached"] == (lr == 0.1), (lr, seed)
+        assert t.get("step") == want.get("step") and t.get("value") == want.get("value")
+        assert ("seconds" in t) == (want["reached"] and not vmap)  # a vmap: no clock
+    by_lr = {e["settings"]["lr"]: e for e in s["target"]["settings"]}
+    assert by_lr[0.01]["reached"] == 0 and "step" not in by_lr[0.01]
+    steps = [targets[0.1, seed]["step"] for seed in (0, 1)]
+    assert by_lr[0.1]["reached"] == 2 and by_lr[0.1]["step"]["mean"] == np.mean(steps)
+    assert s["target"]["metric"] == "loss" and s["target"]["device"]
+    text = reportlib.markdown([d])
+    assert f"| {d.name} (lr=0.01) | loss | <= 1.0 | 0 of 2 | not reached |" in text
+    assert (
+        f"| {d.name} (lr=0.1) | loss | <= 1.0 | 2 of 2 | {np.mean(steps):.4g} |" in text
+    )
+
+
+def test_a_target_runs_members_alone_where_the_trial_returns_no_rows(
+    toy, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(toy, "trial", lambda cfg: toy._metrics(cfg, toy._init(cfg)))
+    text = (
+        "experiment: toy\ntarget: {metric: loss, below: 1.0}\n"
+        "sweep: {grid: {lr: [0.1]}, seeds: 2}\n"
+    )
+    d, s = runlib.run_experiment(_config(tmp_path, text), out=tmp_path, quiet=True)
+    assert "returns no `rows`" in capsys.readouterr().err
+    assert all(t["reached"] and "seconds" in t for t in _sweep_targets(d).values())
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,9 @@
 """A tiny experiment for the platform tests: noisy gradient descent on a quadratic.
 
 `run` is a resumable training loop (checkpoints through the workdir); `trial`
-computes the same final metrics as one pure function, so sweeps over `seed` and
-`lr` vectorise. `fail_seed` / `nan_seed` make chosen members crash or report NaN.
+computes the same final metrics (and the rows `run` logs) as one pure function,
+so sweeps over `seed` and `lr` vectorise. `fail_seed` / `nan_seed` make chosen
+members crash or report NaN.
 """
 
 import dataclasses
@@ -47,8 +48,15 @@ def _metrics(cfg, state):
 
 
 def trial(cfg):
-    state = jax.lax.fori_loop(0, cfg.steps, lambda _, s: _update(s, cfg.lr), _init(cfg))
-    return _metrics(cfg, state)
+    """The final metrics, and under `rows` the per-step losses that `run` logs."""
+
+    def step(state, _):
+        state = _update(state, cfg.lr)
+        return state, 0.5 * jnp.sum(state["w"] ** 2)
+
+    state, losses = jax.lax.scan(step, _init(cfg), length=cfg.steps)
+    rows = {"step": jnp.arange(1, cfg.steps + 1, dtype=jnp.int32), "loss": losses}
+    return {**_metrics(cfg, state), "rows": rows}
 
 
 def run(cfg, workdir):

@@ -484,8 +484,10 @@ class Target:
     whose `metric` is at or below `below` (or at or above `above`) is recorded
     in `summary.json` as `target`: its step, the seconds since the run started
     and the device it ran on; `iterjax report` compares them across runs. A run
-    that never gets there says `reached: false`. Example:
-    `target: {metric: loss, below: 0.3}`."""
+    that never gets there says `reached: false`. In a sweep, each member's row
+    carries its own, and `summary.json`'s `target` gathers them per setting (a
+    vectorised member is searched in the rows its `trial` returns, and has a
+    step but no seconds of its own). Example: `target: {metric: loss, below: 0.3}`."""
 
     metric: str
     below: float | None = None
@@ -510,6 +512,10 @@ class Target:
             return x <= self.below
         return self.above is not None and x >= self.above
 
+    def first(self, rows):
+        """The first of `rows` (dicts) whose `metric` meets the target, or None."""
+        return next((r for r in rows if self.met(r.get(self.metric))), None)
+
 
 @dataclasses.dataclass(frozen=True)
 class Platform:
@@ -529,8 +535,6 @@ class Platform:
     target: Target | None = None
 
     def __post_init__(self):
-        if self.target is not None and self.sweep is not None:
-            _fail("target", "applies to a single run, not yet to a sweep's members")
         if self.launcher is not None and self.launcher.name != "local":
             if self.sweep is None:
                 _fail("launcher", "runs a sweep's members as jobs: add a `sweep:`")

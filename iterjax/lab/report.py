@@ -16,7 +16,7 @@ import pathlib
 import yaml
 
 from .records import RecordError, read_json
-from .sweep import scalar_metrics
+from .sweep import label_settings, scalar_metrics
 from .tables import flatten, markdown_table
 
 
@@ -60,6 +60,33 @@ def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
+def _target_rows(name, t):
+    """A run's time to target as report rows: one for a run, one per setting
+    (seeds pooled: how many reached it, their mean step and seconds) for a sweep."""
+    bound = f"<= {t['below']}" if "below" in t else f">= {t['above']}"
+    if "settings" not in t:  # a single run
+        reached = "yes" if t["reached"] else "no"
+        step = t.get("step", "not reached")
+        return [
+            [name, t["metric"], bound, reached, step, t.get("seconds", ""), t["device"]]
+        ]
+    rows = []
+    for e in t["settings"]:
+        mean = lambda key: _fmt(e[key]["mean"]) if key in e else ""
+        rows.append(
+            [
+                f"{name} ({label_settings(e['settings'])})",
+                t["metric"],
+                bound,
+                f"{e['reached']} of {e['n']}",
+                mean("step") or "not reached",
+                mean("seconds"),
+                t["device"],
+            ]
+        )
+    return rows
+
+
 def markdown(run_dirs, relative_to=None) -> str:
     runs = [load(d) for d in run_dirs]
     names = [r["dir"].name for r in runs]
@@ -91,20 +118,9 @@ def markdown(run_dirs, relative_to=None) -> str:
         lines.append("")
 
     targets = [(name, r["summary"].get("target")) for r, name in zip(runs, names)]
-    if any(t for _, t in targets):
-        rows = [
-            [
-                name,
-                t["metric"],
-                f"<= {t['below']}" if "below" in t else f">= {t['above']}",
-                t.get("step", "not reached"),
-                t.get("seconds", ""),
-                t["device"],
-            ]
-            for name, t in targets
-            if t
-        ]
-        head = ["run", "metric", "target", "step", "seconds", "device"]
+    rows = [row for name, t in targets if t for row in _target_rows(name, t)]
+    if rows:
+        head = ["run", "metric", "target", "reached", "step", "seconds", "device"]
         lines += ["## Time to target", "", markdown_table(head, rows), ""]
 
     metrics = [_numbers(r["summary"]) for r in runs]

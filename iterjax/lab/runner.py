@@ -381,6 +381,12 @@ def _run_sweep(p: Prepared, run_dir, quiet, mesh, resume):
         "aggregates": aggregates,
         "table": sweeplib.markdown(aggregates, sweep.seed_key),
     }
+    if p.platform.target is not None:
+        summary["target"] = {
+            **_target_spec(p.platform.target),
+            "device": jax.devices()[0].device_kind,
+            "settings": sweeplib.aggregate_targets(rows, sweep.seed_key),
+        }
     if primary:
         sweeplib.write_tables(run_dir, rows)
         sweeplib.plot(aggregates, rows, sweep.seed_key, workdir)
@@ -400,12 +406,17 @@ def _target_record(target, workdir, resumed):
     searched), and the device."""
     reached = workdir.target_reached
     return {
-        **{k: v for k, v in cfglib.to_dict(target).items() if v is not None},
+        **_target_spec(target),
         "reached": reached is not None,
         **(reached or {}),
         "device": jax.devices()[0].device_kind,
         "resumed": bool(resumed),
     }
+
+
+def _target_spec(target):
+    """The target as summary.json states it: its metric and its bound."""
+    return {k: v for k, v in cfglib.to_dict(target).items() if v is not None}
 
 
 def _recorder(rows_file):
@@ -432,11 +443,14 @@ def _run_groups(p: Prepared, plan, run_dir, mesh, record, advance, primary=True)
     `jax.vmap` (one by one if it fails), the others each as a run of its own in
     `members/NNN/`; on several processes, those are split between them."""
     pid, nproc = jax.process_index(), jax.process_count()
+    target = p.platform.target
     for keys, todo in plan:
         if keys and todo:
             _set_x64(todo[0].cfg)
             try:
-                results = sweeplib.run_vectorised(p.module, todo, keys, mesh)
+                results = sweeplib.run_vectorised(
+                    p.module, todo, keys, mesh, rows=target is not None
+                )
             except Exception as e:  # one bad member: isolate it
                 print(
                     f"iterjax: vectorised group failed ({e}); "
@@ -445,8 +459,12 @@ def _run_groups(p: Prepared, plan, run_dir, mesh, record, advance, primary=True)
                 )
             else:
                 for m, metrics in zip(todo, results):
+                    columns = metrics.pop("rows", None)
+                    row = _row(m, metrics)
+                    if target is not None:
+                        row["target"] = sweeplib.target_in_rows(target, columns)
                     if primary:
-                        record(_row(m, metrics))
+                        record(row)
                     advance()
                 continue
         for m in todo:
@@ -460,6 +478,11 @@ def _run_groups(p: Prepared, plan, run_dir, mesh, record, advance, primary=True)
                 own = mesh if nproc == 1 else None  # no global mesh
                 s = _run_one(p, m.cfg, member_dir, True, own, again, True)
                 row = _row(m, sweeplib.scalar_metrics(s))
+                if "target" in s:
+                    keep = ("reached", "step", "seconds", "value")
+                    row["target"] = {
+                        k: s["target"][k] for k in keep if k in s["target"]
+                    }
             except KeyboardInterrupt:
                 raise
             except Exception as e:

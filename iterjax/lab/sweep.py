@@ -113,7 +113,7 @@ def plan(module, raw: dict, sweep: cfglib.Sweep) -> list[Member]:
                     "`sweep.seed_key`"
                 )
             raise cfglib.ConfigError(
-                f"sweep member {i} ({_label(settings)}): {e}{hint}"
+                f"sweep member {i} ({label_settings(settings)}): {e}{hint}"
             ) from None
         members.append(Member(i, settings, cfg))
     if sweep.vmap:
@@ -132,7 +132,9 @@ def _is_array_key(module, key):
     return hasattr(module, "trial") and any(fnmatch.fnmatch(key, p) for p in patterns)
 
 
-def _label(settings):
+def label_settings(settings):
+    """`k=v, ...`: a sweep setting in one line (floats to 4 digits)."""
+
     def show(v):
         if isinstance(v, dict):
             return v.get("name", v)
@@ -187,8 +189,10 @@ def _indexer(array):
     return lambda index: array[index]
 
 
-def run_vectorised(module, members, keys, mesh=None) -> list[dict]:
-    """`jax.vmap` of `module.trial` over the members' values of `keys`."""
+def run_vectorised(module, members, keys, mesh=None, rows=False) -> list[dict]:
+    """`jax.vmap` of `module.trial` over the members' values of `keys`: each
+    member's metrics, and under `rows` (which `rows=True` requires) the per-step
+    rows its trial returned, as `{column: list}`."""
     base = members[0].cfg
     values = {k: np.asarray([get_dotted(m.cfg, k) for m in members]) for k in keys}
     n = len(members)
@@ -212,10 +216,52 @@ def run_vectorised(module, members, keys, mesh=None) -> list[dict]:
             for k, v in values.items()
         }
     out = jax.jit(jax.vmap(one))(inputs)
+    if rows and not isinstance(out.get("rows"), dict):
+        raise ValueError(
+            f"`target`: {module.__name__}.trial returns no `rows` (the per-step "
+            "metrics a target is searched in)"
+        )
     if jax.process_count() > 1:
         out = multihost_utils.process_allgather(out, tiled=True)
     out = jax.tree.map(np.asarray, out)
-    return [{k: v[i].tolist() for k, v in out.items()} for i in range(n)]
+    return [jax.tree.map(lambda v, i=i: v[i].tolist(), out) for i in range(n)]
+
+
+def target_in_rows(target: cfglib.Target, columns: dict) -> dict:
+    """A vectorised member's time to target, from the rows its trial returned
+    (`{column: list}`; `step` defaults to the row's index): its step and value,
+    no seconds (the members of a vmap share one clock)."""
+    length = len(next(iter(columns.values()), []))
+    rows = [{k: v[i] for k, v in columns.items()} for i in range(length)]
+    hit = target.first({"step": i, **r} for i, r in enumerate(rows))
+    if hit is None:
+        return {"reached": False}
+    return {"reached": True, "step": hit["step"], "value": hit[target.metric]}
+
+
+def aggregate_targets(rows, seed_key) -> list[dict]:
+    """Per setting (all keys but the seed): of the members that finished, how
+    many reached the target, and the mean/min/max of their steps (and seconds,
+    where the members ran alone)."""
+    out: dict = {}
+    for r in rows:
+        if r["status"] == "ok" and "target" in r:
+            key = json.dumps({k: v for k, v in r["settings"].items() if k != seed_key})
+            out.setdefault(key, []).append(r["target"])
+    result = []
+    for key, ts in out.items():
+        hit = [t for t in ts if t["reached"]]
+        entry = {"settings": json.loads(key), "n": len(ts), "reached": len(hit)}
+        for name in ("step", "seconds"):
+            xs = [t[name] for t in hit if t.get(name) is not None]
+            if xs:
+                entry[name] = {
+                    "mean": float(np.mean(xs)),
+                    "min": min(xs),
+                    "max": max(xs),
+                }
+        result.append(entry)
+    return result
 
 
 # --- Results: rows, aggregates over seeds, table, plot.
@@ -297,7 +343,7 @@ def markdown(aggregates, seed_key) -> str:
     names = [k for k in aggregates[0] if k not in ("settings", "n")]
     rows = []
     for a in aggregates:
-        cells = [_label({k: a["settings"][k]}).split("=", 1)[1] for k in keys]
+        cells = [label_settings({k: a["settings"][k]}).split("=", 1)[1] for k in keys]
         cells.append(a["n"])
         cells += [_mean_std(a.get(n)) for n in names]
         rows.append(cells)
@@ -321,7 +367,7 @@ def plot(aggregates, rows, seed_key, workdir, max_metrics=6):
     lines = {}
     for a in aggregates:
         rest = {k: v for k, v in a["settings"].items() if k != xkey}
-        lines.setdefault(_label(rest) or "all", []).append(a)
+        lines.setdefault(label_settings(rest) or "all", []).append(a)
     for ax, name in zip(axes[0], names):
         for label, pts in lines.items():
             if xkey is not None:
