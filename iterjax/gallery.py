@@ -2,6 +2,8 @@
 experiments (as in pyamg's and scipy's galleries): operators that expose what
 the solvers built for them need (SOR's splitting, a smoother's sweep)."""
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,109 @@ import scipy.sparse as sp
 from . import _struct as struct
 
 
-class Poisson2D(struct.PyTreeNode):
+class _GridPoisson(struct.PyTreeNode):
+    """-∇·(k∇u) + c u on a grid of side n in each of `ndim` dimensions, with zero
+    boundary values (2 ndim + 1 points, spacing h = 1 / (n + 1), k given at the
+    nodes and averaged onto the edges), matrix-free, on arrays of k's shape.
+    k = 1, c = 0 is the model Poisson problem; c > 0 (a screened Poisson /
+    implicit heat step) strengthens the diagonal, so Jacobi's spectral radius
+    ρ_J and the best SOR ω shrink.
+
+    Attributes:
+      k: positive coefficients, of shape (n,) * ndim.
+      shift: c >= 0 (a scalar, which may be traced).
+    """
+
+    k: jax.Array
+    shift: float = 0.0
+
+    ndim = 0  # the subclass's dimension
+
+    def __post_init__(self):
+        shape = getattr(self.k, "shape", None)
+        if shape is not None and (len(shape) != self.ndim or len(set(shape)) != 1):
+            raise ValueError(
+                f"{type(self).__name__}: `k` must be a grid of side n in each of "
+                f"{self.ndim} dimensions, got shape {tuple(shape)}"
+            )
+
+    def _edges(self):
+        """(axis, offset, coefficient) of each neighbour: the last axis first
+        (its + side, then its - side), then the others' - and + sides (in 2-D:
+        east, west, north, south, the order sums over them have always taken)."""
+        n = self.k.shape[0]
+        h2 = 1.0 / (n + 1) ** 2
+        kp = jnp.pad(self.k, 1, mode="edge")
+        inner = (slice(1, -1),) * self.ndim
+        centre = kp[inner]
+        edges = []
+        for axis in reversed(range(self.ndim)):
+            for offset in (1, -1) if axis == self.ndim - 1 else (-1, 1):
+                index = list(inner)
+                index[axis] = slice(1 + offset, n + 1 + offset)
+                edges.append((axis, offset, 0.5 * (centre + kp[tuple(index)]) / h2))
+        return edges
+
+    def _neighbours(self, u):
+        up = jnp.pad(u, 1)
+        n = u.shape[0]
+        total = 0.0
+        for axis, offset, coef in self._edges():
+            index = [slice(1, n + 1)] * self.ndim
+            index[axis] = slice(1 + offset, n + 1 + offset)
+            total = total + coef * up[tuple(index)]
+        return total
+
+    def __call__(self, u):
+        return self.diagonal() * u - self._neighbours(u)
+
+    def diagonal(self):
+        return sum(coef for _, _, coef in self._edges()) + self.shift
+
+    def coarsen(self):
+        """The same problem on the grid of spacing 2h (n = 2m + 1 -> m points,
+        the coarse nodes being the fine ones of odd index), k sampled there:
+        the rediscretised operator geometric multigrid uses."""
+        n = self.k.shape[0]
+        if n % 2 == 0 or n < 3:
+            name = type(self).__name__
+            raise ValueError(f"{name}.coarsen: needs an odd n >= 3, got n = {n}")
+        return type(self)(self.k[(slice(1, None, 2),) * self.ndim], self.shift)
+
+    def assemble(self):
+        """The operator as a scipy.sparse CSR matrix on the row-major unknowns
+        (k and the shift must be concrete, not traced): what algebraic
+        multigrid and the peers of `benchmarks/linear.py` take."""
+        shape = self.k.shape
+        index = np.arange(np.prod(shape)).reshape(shape)
+        where = np.indices(shape)
+        diagonal = np.asarray(self.diagonal())
+        rows, cols, values = [index.ravel()], [index.ravel()], [diagonal.ravel()]
+        for axis, offset, coef in self._edges():
+            moved = where.copy()
+            moved[axis] += offset
+            inside = (0 <= moved[axis]) & (moved[axis] < shape[axis])
+            rows.append(index[inside])
+            cols.append(index[tuple(m[inside] for m in moved)])
+            values.append(-np.asarray(coef)[inside])
+        size = index.size
+        return sp.csr_matrix(
+            (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(size, size),
+        )
+
+    def sweep(self, u, b, omega, backward=False):
+        """One SOR sweep in red-black order (the parity of the index sum; nodes
+        of one colour do not touch; backward: black first)."""
+        red = sum(jnp.indices(u.shape)) % 2 == 0
+        d = self.diagonal()
+        for colour in (~red, red) if backward else (red, ~red):
+            gauss_seidel = (b + self._neighbours(u)) / d
+            u = jnp.where(colour, (1 - omega) * u + omega * gauss_seidel, u)
+        return u
+
+
+class Poisson2D(_GridPoisson):
     """-∇·(k∇u) + c u on an n x n interior grid with zero boundary values (5
     points, spacing h = 1 / (n + 1), k given at the nodes and averaged onto the
     edges), matrix-free, on arrays of shape (n, n). k = 1, c = 0 is the model
@@ -22,90 +126,44 @@ class Poisson2D(struct.PyTreeNode):
       shift: c >= 0 (a scalar, which may be traced).
     """
 
-    k: jax.Array
-    shift: float = 0.0
-
-    def _edges(self):
-        n = self.k.shape[0]
-        h2 = 1.0 / (n + 1) ** 2
-        kp = jnp.pad(self.k, 1, mode="edge")
-        east = 0.5 * (kp[1:-1, 1:-1] + kp[1:-1, 2:]) / h2
-        west = 0.5 * (kp[1:-1, 1:-1] + kp[1:-1, :-2]) / h2
-        north = 0.5 * (kp[1:-1, 1:-1] + kp[:-2, 1:-1]) / h2
-        south = 0.5 * (kp[1:-1, 1:-1] + kp[2:, 1:-1]) / h2
-        return east, west, north, south
-
-    def _neighbours(self, u):
-        e, w, n, s = self._edges()
-        up = jnp.pad(u, 1)
-        return (
-            e * up[1:-1, 2:] + w * up[1:-1, :-2] + n * up[:-2, 1:-1] + s * up[2:, 1:-1]
-        )
-
-    def __call__(self, u):
-        return self.diagonal() * u - self._neighbours(u)
-
-    def diagonal(self):
-        e, w, n, s = self._edges()
-        return e + w + n + s + self.shift
-
-    def coarsen(self):
-        """The same problem on the grid of spacing 2h (n = 2m + 1 -> m points,
-        the coarse nodes being the fine ones of odd index), k sampled there:
-        the rediscretised operator geometric multigrid uses."""
-        n = self.k.shape[0]
-        if n % 2 == 0 or n < 3:
-            raise ValueError(f"Poisson2D.coarsen: needs an odd n >= 3, got n = {n}")
-        return Poisson2D(self.k[1::2, 1::2], self.shift)
-
-    def assemble(self):
-        """The operator as a scipy.sparse CSR matrix on the row-major unknowns
-        (k and the shift must be concrete, not traced): what algebraic
-        multigrid and the peers of `benchmarks/linear.py` take."""
-        n = self.k.shape[0]
-        east, west, north, south = (np.asarray(a) for a in self._edges())
-        index = np.arange(n * n).reshape(n, n)
-        i, j = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
-        diagonal = np.asarray(self.diagonal())
-        rows, cols, values = [index.ravel()], [index.ravel()], [diagonal.ravel()]
-        for coef, di, dj in (
-            (east, 0, 1),
-            (west, 0, -1),
-            (north, -1, 0),
-            (south, 1, 0),
-        ):
-            inside = (0 <= i + di) & (i + di < n) & (0 <= j + dj) & (j + dj < n)
-            rows.append(index[inside])
-            cols.append(index[(i + di)[inside], (j + dj)[inside]])
-            values.append(-coef[inside])
-        return sp.csr_matrix(
-            (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
-            shape=(n * n, n * n),
-        )
-
-    def sweep(self, u, b, omega, backward=False):
-        """One SOR sweep in red-black order (backward: black first)."""
-        n = u.shape[0]
-        i, j = jnp.meshgrid(jnp.arange(n), jnp.arange(n), indexing="ij")
-        red = (i + j) % 2 == 0
-        d = self.diagonal()
-        for colour in (~red, red) if backward else (red, ~red):
-            gauss_seidel = (b + self._neighbours(u)) / d
-            u = jnp.where(colour, (1 - omega) * u + omega * gauss_seidel, u)
-        return u
+    ndim = 2
 
 
-def smooth_field(n, width, rng):
-    """An (n, n) NumPy field: white noise from `rng` smoothed by a width x width
-    box filter, then standardised (mean 0, variance 1)."""
-    g = rng.normal(size=(n + width, n + width))
-    c = np.pad(np.cumsum(np.cumsum(g, 0), 1), ((1, 0), (1, 0)))
+class Poisson3D(_GridPoisson):
+    """-∇·(k∇u) + c u on an n x n x n interior grid with zero boundary values
+    (7 points, spacing h = 1 / (n + 1)), matrix-free, on arrays of shape
+    (n, n, n): `Poisson2D`'s operator one dimension up, with the same methods
+    (red-black sweeps, `coarsen()` for geometric multigrid, `assemble()`).
+
+    Attributes:
+      k: (n, n, n) positive coefficients.
+      shift: c >= 0 (a scalar, which may be traced).
+    """
+
+    ndim = 3
+
+
+def smooth_field(n, width, rng, ndim=2):
+    """An (n,) * ndim NumPy field: white noise from `rng` smoothed by a box filter
+    of side `width`, then standardised (mean 0, variance 1)."""
+    g = rng.normal(size=(n + width,) * ndim)
+    c = g
+    for axis in range(ndim):
+        c = np.cumsum(c, axis)
+    c = np.pad(c, ((1, 0),) * ndim)
     w = width
-    box = (c[w:, w:] - c[:-w, w:] - c[w:, :-w] + c[:-w, :-w])[:n, :n]
+    box = 0.0  # inclusion-exclusion over the box's corners
+    for bits in itertools.product((1, 0), repeat=ndim):
+        corner = tuple(slice(w, None) if b else slice(None, -w) for b in bits[::-1])
+        sign = (-1) ** (ndim - sum(bits))
+        box = box + sign * c[corner]
+    box = box[(slice(None, n),) * ndim]
     return (box - box.mean()) / box.std()
 
 
-def lognormal_coefficient(n, sigma=1.0, width=4, seed=0):
+def lognormal_coefficient(n, sigma=1.0, width=4, seed=0, ndim=2):
     """k = exp(σ g), g a `smooth_field`: the rough coefficient of a Darcy-flow
-    problem, `Poisson2D(k)`; it spans about 4σ e-folds (σ = 0: Poisson)."""
-    return np.exp(sigma * smooth_field(n, width, np.random.default_rng(seed)))
+    problem, `Poisson2D(k)` (`Poisson3D(k)` with ndim=3); it spans about 4σ
+    e-folds (σ = 0: Poisson)."""
+    rng = np.random.default_rng(seed)
+    return np.exp(sigma * smooth_field(n, width, rng, ndim))

@@ -1,17 +1,18 @@
 """Geometric multigrid for structured grids: V- and W-cycles as a preconditioner
 (`Multigrid`) and as a solver (`MultigridSolver`).
 
-On the grid of an n x n operator with n = 2m + 1, the coarse grid holds the
-nodes of odd index (spacing 2h). One cycle for A x = r, from x = 0:
+On the grid of an n x n (or n x n x n) operator with n = 2m + 1, the coarse grid
+holds the nodes of odd index (spacing 2h). One cycle for A x = r, from x = 0:
 
     x <- S^ν₁(x; r)                      pre-smoothing
     x <- x + P C(R (r - A x))            coarse correction (C: one cycle at 2h,
                                          two for a W-cycle; exact at the bottom)
     x <- S*^ν₂(x; r)                     post-smoothing, the adjoint sweeps
 
-R is full weighting (the stencil [1 2 1]ᵀ[1 2 1] / 16), P = 4 Rᵀ bilinear
-interpolation, and the coarse operator is the problem rediscretised at 2h
-(`operator.coarsen()`) or the Galerkin product A_2h = R A_h P, a 9-point
+R is full weighting (the stencil [1 2 1]ᵀ[1 2 1] / 16; in 3-D its product with
+[1 2 1] / 4), P = 2^d Rᵀ bilinear (trilinear) interpolation, and the coarse
+operator is the problem rediscretised at 2h (`operator.coarsen()`) or, in 2-D,
+the Galerkin product A_2h = R A_h P, a 9-point
 stencil found by probing (`Stencil9.galerkin`), which needs no coarse
 discretisation and follows rough coefficients that sampling at 2h misses.
 With red-black Gauss-Seidel forward before and backward after (four colours
@@ -21,6 +22,7 @@ independently of h, hence CG + multigrid needs iterations flat in the grid size
 (Trottenberg, Oosterlee & Schüller, *Multigrid*, 2001, ch. 2).
 """
 
+import itertools
 import math
 from typing import Literal
 
@@ -35,20 +37,25 @@ from .preconditioners import AbstractPreconditioner
 
 
 def restrict(r):
-    """Full weighting of an (n, n) grid function, n = 2m + 1, onto (m, m)."""
+    """Full weighting of a grid function of side n = 2m + 1 in each of its
+    dimensions (1, 2 or 3) onto side m: the stencil [1 2 1] / 4 along each."""
     m = (r.shape[-1] - 1) // 2
     rp = jnp.pad(r, 1)
     w = (0.25, 0.5, 0.25)  # offsets -1, 0, 1 around the fine node 2I + 1
-    rows = lambda a: slice(1 + a, 1 + a + 2 * m, 2)  # rp[2I + 1 + a]: offset a - 1
-    return sum(w[a] * w[b] * rp[rows(a), rows(b)] for a in range(3) for b in range(3))
+    # rp[2I + 1 + a] along each axis: offset a - 1
+    around = lambda a: slice(1 + a, 1 + a + 2 * m, 2)
+    return sum(
+        math.prod(w[a] for a in offsets) * rp[tuple(around(a) for a in offsets)]
+        for offsets in itertools.product(range(3), repeat=r.ndim)
+    )
 
 
 def prolong(uc, n):
-    """Bilinear interpolation of an (m, m) grid function onto (n, n), n = 2m + 1:
-    4 Rᵀ, so that the cycle is symmetric by construction."""
-    zeros = jax.ShapeDtypeStruct((n, n), uc.dtype)
+    """Multilinear (bilinear in 2-D) interpolation of a grid function of side m
+    onto side n = 2m + 1: 2^d Rᵀ, so that the cycle is symmetric by construction."""
+    zeros = jax.ShapeDtypeStruct((n,) * uc.ndim, uc.dtype)
     (u,) = jax.linear_transpose(restrict, zeros)(uc)
-    return 4 * u
+    return 2**uc.ndim * u
 
 
 class Stencil9(struct.PyTreeNode):
@@ -124,27 +131,34 @@ def _side(operator):
     return jax.eval_shape(operator.diagonal).shape[0]
 
 
+def _ndim(operator):
+    """The grid's dimension, likewise."""
+    return jax.eval_shape(operator.diagonal).ndim
+
+
 class Multigrid(AbstractPreconditioner):
     """A multigrid cycle as M ≈ A⁻¹, for an operator that can coarsen itself
     (`coarsen()`, `diagonal()`, and `sweep(u, b, omega, backward)` for
-    Gauss-Seidel: `iterjax.gallery.Poisson2D`).
+    Gauss-Seidel: `iterjax.gallery.Poisson2D`, `Poisson3D`).
 
     Levels are made while the grid side is odd and >= 3 (n = 2^L - 1 goes down to
     one point); the bottom level is solved exactly (a dense solve of at most
-    `coarsest`² unknowns, its matrix built once by products there).
+    `coarsest`^d unknowns, its matrix built once by products there: at most 225
+    in 2-D and 343 in 3-D by default).
 
     Products: `per_apply` counts the work of one cycle in fine-grid operator
     products, rounded up: a Gauss-Seidel sweep in red-black order evaluates the
     stencil twice (2), a Jacobi sweep or a residual once (1), each level weighted
-    by its size (1/4 per level in 2-D) and by how often the cycle visits it (the
-    bottom level's dense triangular solves are not counted).
+    by its size (1/4 per level in 2-D, 1/8 in 3-D) and by how often the cycle
+    visits it (the bottom level's dense triangular solves are not counted).
 
     Attributes:
       pre, post: smoothing sweeps before and after the coarse correction.
       cycle: "V" (one coarse cycle per level) or "W" (two).
       smoother: "gauss_seidel" (red-black; backward after) or "jacobi".
       omega: Jacobi's damping (4/5 is best for the 5-point Laplacian).
-      coarsest: the largest side solved directly (else coarsened further).
+      coarsest: the largest side solved directly (else coarsened further;
+        None: 15 in 2-D, 7 in 3-D).
       coarsening: "rediscretise" (`operator.coarsen()`) or "galerkin" (R A P,
         9-point, probed with 9 products of the level above; below the first
         coarse level the Gauss-Seidel smoother runs in four colours).
@@ -157,7 +171,7 @@ class Multigrid(AbstractPreconditioner):
         pytree_node=False, default="gauss_seidel"
     )
     omega: float = 0.8
-    coarsest: int = struct.field(pytree_node=False, default=15)
+    coarsest: int | None = struct.field(pytree_node=False, default=None)
     coarsening: Literal["rediscretise", "galerkin"] = struct.field(
         pytree_node=False, default="rediscretise"
     )
@@ -165,7 +179,8 @@ class Multigrid(AbstractPreconditioner):
     def __post_init__(self):
         check_int("Multigrid", "pre", self.pre, 0)
         check_int("Multigrid", "post", self.post, 0)
-        check_int("Multigrid", "coarsest", self.coarsest, 1)
+        if self.coarsest is not None:
+            check_int("Multigrid", "coarsest", self.coarsest, 1)
         if self.pre + self.post < 1:
             raise ValueError("Multigrid: `pre` + `post` must be >= 1 (no smoothing)")
         if self.cycle not in ("V", "W"):
@@ -189,19 +204,26 @@ class Multigrid(AbstractPreconditioner):
         if not callable(getattr(operator, "coarsen", None)):
             raise TypeError(
                 "Multigrid: the operator must be a structured-grid operator with "
-                "coarsen(), diagonal() and sweep() (e.g. iterjax.gallery.Poisson2D), "
+                "coarsen(), diagonal() and sweep() (e.g. iterjax.gallery.Poisson2D "
+                "or Poisson3D), "
                 f"got {type(operator).__name__}"
             )
+        if self.coarsening == "galerkin" and _ndim(operator) != 2:
+            raise ValueError(
+                "Multigrid: `coarsening`='galerkin' builds 9-point (2-D) coarse "
+                f"stencils; a {_ndim(operator)}-D operator needs 'rediscretise'"
+            )
+        coarsest = self.coarsest or (15 if _ndim(operator) <= 2 else 7)
         ops = [operator]
-        while _side(ops[-1]) > self.coarsest and _side(ops[-1]) % 2 == 1:
+        while _side(ops[-1]) > coarsest and _side(ops[-1]) % 2 == 1:
             if self.coarsening == "galerkin":
                 ops.append(Stencil9.galerkin(ops[-1], _side(ops[-1])))
             else:
                 ops.append(ops[-1].coarsen())
-        if _side(ops[-1]) > self.coarsest:
+        if _side(ops[-1]) > coarsest:
             raise ValueError(
                 f"Multigrid: a grid of side {_side(operator)} coarsens to side "
-                f"{_side(ops[-1])} > `coarsest`={self.coarsest} (an even side "
+                f"{_side(ops[-1])} > `coarsest`={coarsest} (an even side "
                 "cannot be halved): use a side 2^j (s + 1) - 1 with s <= coarsest, "
                 "e.g. 2^j - 1"
             )
@@ -210,8 +232,8 @@ class Multigrid(AbstractPreconditioner):
     def build(self, matvec, b):
         ops = self.levels(matvec)
         bottom = ops[-1]
-        n = _side(bottom)
-        eye = jnp.eye(n * n, dtype=b.dtype).reshape(n * n, n, n)
+        n, d = _side(bottom), _ndim(bottom)
+        eye = jnp.eye(n**d, dtype=b.dtype).reshape(n**d, *(n,) * d)
         dense = jax.vmap(lambda e: bottom(e).reshape(-1))(eye).T
         factor = jax.scipy.linalg.cho_factor(dense)
         solve = lambda r: jax.scipy.linalg.cho_solve(factor, r.reshape(-1)).reshape(
@@ -242,11 +264,11 @@ class Multigrid(AbstractPreconditioner):
         sweep = 2 if self.smoother == "gauss_seidel" else 1
         per_level = sweep * (self.pre + self.post) + 1
         visits = 2 if self.cycle == "W" else 1
-        size = lambda A: _side(A) ** 2 / _side(matvec) ** 2  # in fine points
+        size = lambda A: (_side(A) / _side(matvec)) ** d  # in fine points
         work = sum(
             per_level * visits**level * size(A) for level, A in enumerate(ops[:-1])
         )
-        build = n**2 * size(bottom)  # n² products at n² points
+        build = n**d * size(bottom)  # n^d products at n^d points
         if self.coarsening == "galerkin":  # 9 products of the level above each
             build += sum(9 * size(A) for A in ops[:-1])
         return (lambda r: cycle(0, r)), math.ceil(build), math.ceil(work)
