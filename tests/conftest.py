@@ -90,13 +90,32 @@ def getkey():
     return lambda: next(keys)
 
 
+# Memory mappings a worker may hold before it drops its compiled code (the
+# kernel's default `vm.max_map_count` is 65530).
+MAX_MAPPINGS = 12_000
+
+
+def _mappings() -> int:
+    """This process's memory mappings; unknown (off Linux): as if at the limit."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return MAX_MAPPINGS
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_code():
-    """Drop JAX's compiled executables after each test module.
+    """Drop JAX's compiled executables after a test module, once they are many.
 
     A worker that keeps every executable of ~400 tests holds ~65k memory
     mappings, the kernel's default `vm.max_map_count`, and XLA segfaults on the
-    next compile. Nothing a later module needs is lost but compile time."""
+    next compile. Dropping them only when the mappings near that (not after
+    every module) spares the frees and the recompiles of programs that later
+    modules share. Nothing a later module needs is lost but compile time."""
     yield
-    jax.clear_caches()
-    gc.collect()
+    with open(f"/tmp/maps-{os.getpid()}.log", "a") as f:
+        f.write(f"{_mappings()}\n")
+    if _mappings() > MAX_MAPPINGS:
+        jax.clear_caches()
+        gc.collect()
