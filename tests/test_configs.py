@@ -289,6 +289,19 @@ def _check_hpo_ridge(summary):
     assert summary["tuning"]["val_loss_last"] < summary["tuning"]["val_loss_first"]
 
 
+def _check_hyperparameters_at_scale(summary):
+    # one decay per parameter; the reference is a converged CG solve; CG's
+    # hypergradient improves with its budget and costs one HVP a step (and one
+    # for the residual); tuning lowers the validation loss
+    assert summary["hyperparameters"] == summary["parameters"] == 64 * 16 + 16 + 170
+    assert summary["reference_converged"] and summary["lambda_max"] > 0
+    rows = {(r["method"], r["budget"]): r for r in summary["rows"]}
+    assert rows["cg", 20]["rel_err"] < rows["cg", 5]["rel_err"] < 1.0
+    assert rows["cg", 5]["hvps"] <= 6 and rows["mfac", 8]["hvps"] <= 2
+    curve = summary["tuned"]["cg"]["curve"]
+    assert curve[-1] < curve[0] and 0 < summary["tuned"]["cg"]["test_acc"] <= 1
+
+
 def _check_data_hypercleaning(summary):
     rows = {r["solver"]: r for r in summary["rows"]}
     assert set(rows) >= {"implicit", "saba"}
@@ -393,6 +406,7 @@ SMOKE_CHECKS = {
     "hpo_logreg": _check_hpo_logreg,
     "data_hypercleaning": _check_data_hypercleaning,
     "hpo_ridge": _check_hpo_ridge,
+    "hyperparameters_at_scale": _check_hyperparameters_at_scale,
     "deq_digits": _check_deq_digits,
     "deq_memory": _check_deq_memory,
     "deq_mnist1d": _check_deq_mnist1d,

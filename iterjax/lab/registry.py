@@ -40,6 +40,7 @@ EXPERIMENTS = {
     "deq_memory": "iterjax.experiments.deq_memory",
     "deq_solvers": "iterjax.experiments.deq_solvers",
     "hpo_ridge": "iterjax.experiments.hpo_ridge",
+    "hyperparameters_at_scale": "iterjax.experiments.hyperparameters_at_scale",
     "data_hypercleaning": "iterjax.experiments.data_hypercleaning",
     "bilevel_many_minimisers": "iterjax.experiments.bilevel_many_minimisers",
     "bilevel_constrained": "iterjax.experiments.bilevel_constrained",
