@@ -39,7 +39,7 @@ from sklearn.datasets import load_digits
 
 import iterjax as ij
 from iterjax import bilevel as bl
-from iterjax.diagnostics import compiled_memory, time_calls
+from iterjax.diagnostics import executable_memory, time_calls
 from iterjax.internal import optax_init, optax_step
 from iterjax.lab.spec import Count, Positive
 from iterjax.lab.tables import markdown_table
@@ -195,7 +195,8 @@ def methods(cfg, step, gradients):
 def run(cfg: Config, workdir) -> dict:
     w0, predict, (train, val, test), inner, outer = problem(cfg)
     theta = jnp.full(w0.shape, cfg.theta0)
-    solve = jax.jit(lambda t, w: fit(cfg, inner, t, w))
+    # compiled once, for every solve (all of one shape) and its memory
+    solve = jax.jit(lambda t, w: fit(cfg, inner, t, w)).lower(theta, w0).compile()
     start = time.perf_counter()
     sol = solve(theta, w0)
     w_star = jax.block_until_ready(sol.value)
@@ -215,7 +216,7 @@ def run(cfg: Config, workdir) -> dict:
     )
     ref = hypergradient(lambda _: reference)(theta, w_star, jnp.zeros(0))
     solve_ms = time_calls({"s": (solve, (theta, w0))}, cfg.repeats)["s"]
-    solve_kib = compiled_memory(solve, theta, w0)["temp"] / 1024
+    solve_kib = executable_memory(solve)["temp"] / 1024
     gradients = lambda m: per_example_gradients(predict, w_star, train, m, cfg.seed)
     rows = []
     todo = methods(cfg, step, gradients)
@@ -230,7 +231,7 @@ def run(cfg: Config, workdir) -> dict:
                 budget=int(budget),
                 rel_err=float(err),
                 hvps=int(hg.cost["hvps"]),
-                temp_kib=jf.memory_analysis().temp_size_in_bytes / 1024,
+                temp_kib=executable_memory(jf)["temp"] / 1024,
                 ms=time_calls({"h": (jf, args)}, cfg.repeats)["h"],
             )
             workdir.log(**row)

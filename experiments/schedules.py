@@ -18,7 +18,10 @@ schedule:
   median-smoothed (`iterjax.tuning.refined_schedule`);
 * `schedule_free`: schedule-free SGD (`optax.contrib.schedule_free_sgd`, scored
   at its evaluation point x);
-* `polyak`: stochastic Polyak steps capped at η (`optax.polyak_sgd`, f_min = 0).
+* `polyak`: stochastic Polyak steps capped at η (`optax.polyak_sgd`, f_min = 0);
+* `nag_gs`: NAG-GS (Leplat et al.), the semi-implicit Gauss-Seidel step of a
+  Nesterov-type SDE (`iterjax.nag_gs`), step η, μ = `nag_mu`, γ₀ = `nag_gamma`,
+  no schedule.
 
 Each schedule's η is tuned on the grid `lr_grid`, the grid and `seeds` seeds
 trained as one `jax.vmap`; the best η minimises the seed-mean final
@@ -45,7 +48,14 @@ from iterjax.lab.tables import markdown_table
 from iterjax.tuning import refined_schedule
 
 Schedule = Literal[
-    "constant", "linear", "cosine", "sgdr", "refined", "schedule_free", "polyak"
+    "constant",
+    "linear",
+    "cosine",
+    "sgdr",
+    "refined",
+    "schedule_free",
+    "polyak",
+    "nag_gs",
 ]
 
 
@@ -62,10 +72,13 @@ class Config:
         "refined",
         "schedule_free",
         "polyak",
+        "nag_gs",
     )
     steps: Count = 1000
     batch: Count = 16
     l2: NonNegative = 1e-3  # λ
+    nag_mu: Positive = 1.0  # NAG-GS's μ and γ₀
+    nag_gamma: Positive = 1.0
     lr_grid: tuple[Positive, ...] = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
     seeds: Count = 5
     sgdr_cycles: Count = 2
@@ -123,6 +136,8 @@ def optimizer(name, lr, cfg, refined=None):
         return optax.contrib.schedule_free_sgd(lr)
     if name == "polyak":
         return optax.polyak_sgd(max_learning_rate=lr, f_min=0.0)
+    if name == "nag_gs":  # (η as a schedule: it is traced under the grid's vmap)
+        return ij.nag_gs(lambda _: lr, mu=cfg.nag_mu, gamma=cfg.nag_gamma)
     unit = shape(name, cfg, refined)
     # optax's schedules of an int32 count compute in float32: give them η's float
     return optax.sgd(lambda t: lr * unit(jnp.asarray(t, jnp.result_type(lr))))

@@ -133,9 +133,16 @@ def compiled_memory(f, *args) -> dict:
     Returns `{"temp": ..., "total": ...}`: `temp` is the scratch space of the
     executable (where saved activations live), `total` adds arguments and outputs
     (less aliased buffers), the executable's peak footprint. Compile-time numbers:
-    no run, no device allocator, the same on every call.
+    no run, no device allocator, the same on every call. (Of a program compiled
+    already, `jax.jit(f).lower(*args).compile()`: `executable_memory`.)
     """
-    m = jax.jit(f).lower(*args).compile().memory_analysis()
+    return executable_memory(jax.jit(f).lower(*args).compile())
+
+
+def executable_memory(compiled) -> dict:
+    """`compiled_memory`'s numbers of a compiled program (`jax.stages.Compiled`),
+    without compiling it again."""
+    m = compiled.memory_analysis()
     if m is None:
         raise RuntimeError("compiled_memory: this backend reports no memory analysis")
     total = (

@@ -1,5 +1,5 @@
-"""iterjax.diagnostics' timers, on a fake clock: what they report is what the
-calls took."""
+"""iterjax.diagnostics' timers, on a fake clock (what they report is what the
+calls took), and its compiled-memory numbers."""
 
 import jax
 import jax.numpy as jnp
@@ -81,3 +81,14 @@ def test_eval_counter_counts_every_element_under_vmap():
         # evaluations (the finished lanes are computed, then masked)
         assert len(set(steps.tolist())) > 1
         assert counter.read()["f"] == a.size * (int(steps.max()) + 1)
+
+
+def test_compiled_memory_of_a_function_and_of_its_compiled_program_agree():
+    from iterjax.diagnostics import compiled_memory, executable_memory
+
+    f = lambda x: jnp.cumsum(jnp.outer(x, x), axis=0)
+    x = jnp.ones(64)
+    mine = executable_memory(jax.jit(f).lower(x).compile())
+    assert mine == compiled_memory(f, x)
+    # the output alone (64 x 64 float64) is in the total
+    assert mine["total"] >= 64 * 64 * 8 + 64 * 8 and mine["temp"] >= 0

@@ -217,6 +217,12 @@ def test_nag_gs_as_optax_takes_the_solvers_steps():
     for _ in range(5):
         y0, state = optax_step(scheduled, y0 - fn(y0, b), state, y0)
     np.testing.assert_allclose(y0, y, rtol=1e-13)
+    # optax's extra arguments (value=, as line searches and Polyak pass) are
+    # taken and ignored: the same step
+    grad = y - fn(y, b)
+    plain = opt.update(grad, state, y)[0]
+    extra = opt.update(grad, state, y, value=jnp.sum(y**2))[0]
+    np.testing.assert_array_equal(extra, plain)
 
 
 def test_nag_gs_accelerates_gradient_descent_on_an_ill_conditioned_quadratic():

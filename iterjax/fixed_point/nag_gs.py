@@ -124,7 +124,7 @@ class NAGGSOptaxState(NamedTuple):
 
 def nag_gs(
     learning_rate: float | optax.Schedule, mu: float = 0.1, gamma: float = 0.1
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """NAG-GS as an optax transformation (see `NAGGS` for the iteration).
 
     `update(grads, state, params)` takes ∇L at params = x_k, completes v_k with
@@ -141,7 +141,8 @@ def nag_gs(
         g1 = _gamma(jnp.asarray(gamma, dtype), alpha_at(0), mu)
         return NAGGSOptaxState(jnp.zeros((), jnp.int32), params, g1)
 
-    def update(grads, state, params=None):
+    def update(grads, state, params=None, **extra_args):
+        del extra_args  # (value=..., as optax's line searches pass: not used)
         if params is None:
             raise ValueError("nag_gs: `update` needs `params`")
         alpha = alpha_at(state.steps)
@@ -152,4 +153,4 @@ def nag_gs(
         g = _gamma(state.gamma, alpha_at(state.steps + 1), mu)
         return updates, NAGGSOptaxState(state.steps + 1, v, g)
 
-    return optax.GradientTransformation(init, update)
+    return optax.GradientTransformationExtraArgs(init, update)
