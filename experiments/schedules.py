@@ -33,7 +33,7 @@ is counted over the datasets.
 """
 
 import dataclasses
-from typing import Literal
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -64,16 +64,7 @@ class Config:
     datasets: tuple[
         Literal["digits", "breast_cancer", "wine", "mnist1d", "mnist1d_mlp"], ...
     ] = ("digits", "breast_cancer", "wine", "mnist1d", "mnist1d_mlp")
-    schedules: tuple[Schedule, ...] = (
-        "constant",
-        "linear",
-        "cosine",
-        "sgdr",
-        "refined",
-        "schedule_free",
-        "polyak",
-        "nag_gs",
-    )
+    schedules: tuple[Schedule, ...] = get_args(Schedule)  # all of them
     steps: Count = 1000
     batch: Count = 16
     l2: NonNegative = 1e-3  # λ
