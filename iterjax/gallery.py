@@ -31,11 +31,15 @@ class _GridPoisson(struct.PyTreeNode):
     ndim = 0  # the subclass's dimension
 
     def __post_init__(self):
+        # (leading axes are a batch: an operator of stacked k vmaps as a pytree)
         shape = getattr(self.k, "shape", None)
-        if shape is not None and (len(shape) != self.ndim or len(set(shape)) != 1):
+        if shape is not None and (
+            len(shape) < self.ndim or len(set(shape[len(shape) - self.ndim :])) != 1
+        ):
             raise ValueError(
                 f"{type(self).__name__}: `k` must be a grid of side n in each of "
-                f"{self.ndim} dimensions, got shape {tuple(shape)}"
+                f"{self.ndim} dimensions (after any batch axes), got shape "
+                f"{tuple(shape)}"
             )
 
     def _edges(self):

@@ -1184,6 +1184,13 @@ def test_poisson3d_is_its_assembled_seven_point_matrix():
     np.testing.assert_allclose(np.asarray(swept)[red], (b / A.diagonal())[red])
     with pytest.raises(ValueError, match="`k` must be a grid of side n in each of 3"):
         ij.gallery.Poisson3D(jnp.ones((5, 5)))
+    with pytest.raises(ValueError, match="got shape \\(5, 4, 5\\)"):
+        ij.gallery.Poisson3D(jnp.ones((5, 4, 5)))
+    # stacked fields are a batch of operators, vmapped as a pytree
+    batch = ij.gallery.Poisson3D(jnp.stack([A.k, 2 * A.k]))
+    axes = (ij.gallery.Poisson3D(0, None),)  # k batched, the shift shared
+    out = jax.vmap(lambda op: op(u), in_axes=axes)(batch)
+    np.testing.assert_allclose(out[1], 2 * A(u), rtol=1e-12)
 
 
 def test_restriction_and_prolongation_in_3d():
