@@ -156,7 +156,12 @@ def lambda_max(inner, w, theta, steps):
     """λ_max of H = ∇²_w g(w, θ) by power iteration (`steps` HVPs)."""
     hvp = lambda v: jax.jvp(lambda u: jax.grad(inner)(u, theta), (w,), (v,))[1]
     v = jnp.ones_like(w) / jnp.sqrt(w.size)
-    v = jax.lax.fori_loop(0, steps, lambda _, v: hvp(v) / jnp.linalg.norm(hvp(v)), v)
+
+    def power(_, v):
+        hv = hvp(v)
+        return hv / jnp.linalg.norm(hv)
+
+    v = jax.lax.fori_loop(0, steps, power, v)
     return jnp.vdot(v, hvp(v))
 
 
@@ -217,7 +222,12 @@ def run(cfg: Config, workdir) -> dict:
     ref = hypergradient(lambda _: reference)(theta, w_star, jnp.zeros(0))
     solve_ms = time_calls({"s": (solve, (theta, w0))}, cfg.repeats)["s"]
     solve_kib = executable_memory(solve)["temp"] / 1024
-    gradients = lambda m: per_example_gradients(predict, w_star, train, m, cfg.seed)
+    # M-FAC's rows: one draw of the largest m, whose prefixes are the smaller m's
+    # (the rows are a prefix of one permutation)
+    most = per_example_gradients(
+        predict, w_star, train, max(cfg.mfac_samples), cfg.seed
+    )
+    gradients = lambda m: most[:m]
     rows = []
     todo = methods(cfg, step, gradients)
     with workdir.progress(len(todo) + cfg.tune_steps * 2, "hypergradients") as advance:
@@ -370,23 +380,15 @@ def table(summary):
     ]
     head = ["method", "budget", "rel. error", "HVPs", "temp KiB", "ms", "x inner solve"]
     lines = [markdown_table(head, [cells(r) for r in summary["rows"]]), ""]
-    scored = [
-        [
-            f"per-parameter ({name})",
-            f"{t['val_loss']:.4f}",
-            f"{t['test_loss']:.4f}",
-            f"{t['test_acc']:.3f}",
-        ]
-        for name, t in summary["tuned"].items()
+    scores = lambda label, t: [
+        label,
+        f"{t['val_loss']:.4f}",
+        f"{t['test_loss']:.4f}",
+        f"{t['test_acc']:.3f}",
     ]
+    scored = [scores(f"per-parameter ({n})", t) for n, t in summary["tuned"].items()]
     scored += [
-        [
-            f"single decay {r['decay']:g}",
-            f"{r['val_loss']:.4f}",
-            f"{r['test_loss']:.4f}",
-            f"{r['test_acc']:.3f}",
-        ]
-        for r in summary["grid"]["rows"]
+        scores(f"single decay {r['decay']:g}", r) for r in summary["grid"]["rows"]
     ]
     lines.append(
         markdown_table(["weight decay", "val CE", "test CE", "test acc"], scored)

@@ -12,6 +12,14 @@ import scipy.sparse as sp
 from . import _struct as struct
 
 
+def _shifted(padded, axis, offset):
+    """The interior of a grid padded by one on every side, moved by `offset`
+    along `axis`: the neighbours on that side of every interior node."""
+    index = [slice(1, n - 1) for n in padded.shape]
+    index[axis] = slice(1 + offset, padded.shape[axis] - 1 + offset)
+    return padded[tuple(index)]
+
+
 class _GridPoisson(struct.PyTreeNode):
     """-∇·(k∇u) + c u on a grid of side n in each of `ndim` dimensions, with zero
     boundary values (2 ndim + 1 points, spacing h = 1 / (n + 1), k given at the
@@ -46,27 +54,22 @@ class _GridPoisson(struct.PyTreeNode):
         """(axis, offset, coefficient) of each neighbour: the last axis first
         (its + side, then its - side), then the others' - and + sides (in 2-D:
         east, west, north, south, the order sums over them have always taken)."""
-        n = self.k.shape[0]
-        h2 = 1.0 / (n + 1) ** 2
+        h2 = 1.0 / (self.k.shape[0] + 1) ** 2
         kp = jnp.pad(self.k, 1, mode="edge")
-        inner = (slice(1, -1),) * self.ndim
-        centre = kp[inner]
+        centre = _shifted(kp, 0, 0)
         edges = []
         for axis in reversed(range(self.ndim)):
             for offset in (1, -1) if axis == self.ndim - 1 else (-1, 1):
-                index = list(inner)
-                index[axis] = slice(1 + offset, n + 1 + offset)
-                edges.append((axis, offset, 0.5 * (centre + kp[tuple(index)]) / h2))
+                edges.append(
+                    (axis, offset, 0.5 * (centre + _shifted(kp, axis, offset)) / h2)
+                )
         return edges
 
     def _neighbours(self, u):
         up = jnp.pad(u, 1)
-        n = u.shape[0]
         total = 0.0
         for axis, offset, coef in self._edges():
-            index = [slice(1, n + 1)] * self.ndim
-            index[axis] = slice(1 + offset, n + 1 + offset)
-            total = total + coef * up[tuple(index)]
+            total = total + coef * _shifted(up, axis, offset)
         return total
 
     def __call__(self, u):

@@ -114,8 +114,6 @@ def _release_compiled_code():
     every module) spares the frees and the recompiles of programs that later
     modules share. Nothing a later module needs is lost but compile time."""
     yield
-    with open(f"/tmp/maps-{os.getpid()}.log", "a") as f:
-        f.write(f"{_mappings()}\n")
     if _mappings() > MAX_MAPPINGS:
         jax.clear_caches()
         gc.collect()

@@ -1253,7 +1253,7 @@ def test_a_3d_multigrid_cycle_is_spd_and_solves_under_jit_vmap_and_grad():
     x, y = jax.random.normal(jax.random.PRNGKey(2), (2, 15, 15, 15))
     np.testing.assert_allclose(jnp.vdot(apply(x), y), jnp.vdot(x, apply(y)), rtol=1e-11)
     assert float(jnp.vdot(apply(x), x)) > 0
-    # the cycle alone as a solver: steps flat, the true residual within rtol
+    # the cycle alone as a solver: converged, the true residual within rtol
     solver = MultigridSolver(cycle=mg, rtol=1e-10)
     x, stats = jax.jit(lambda b: solver.solve_with_stats(A, b))(b)
     assert bool(stats.converged)

@@ -41,9 +41,12 @@ def _update(state, lr):
     return {"w": w, "key": jax.random.key_data(key)}
 
 
+def _loss(state):
+    return 0.5 * jnp.sum(state["w"] ** 2)
+
+
 def _metrics(cfg, state):
-    loss = 0.5 * jnp.sum(state["w"] ** 2)
-    loss = jnp.where(cfg.seed == cfg.nan_seed, jnp.nan, loss)
+    loss = jnp.where(cfg.seed == cfg.nan_seed, jnp.nan, _loss(state))
     return {"loss": loss, "w0": state["w"][0]}
 
 
@@ -52,7 +55,7 @@ def trial(cfg):
 
     def step(state, _):
         state = _update(state, cfg.lr)
-        return state, 0.5 * jnp.sum(state["w"] ** 2)
+        return state, _loss(state)
 
     state, losses = jax.lax.scan(step, _init(cfg), length=cfg.steps)
     rows = {"step": jnp.arange(1, cfg.steps + 1, dtype=jnp.int32), "loss": losses}
@@ -67,7 +70,7 @@ def run(cfg, workdir):
     with workdir.progress(cfg.steps - start, "training") as advance:
         for step in range(start + 1, cfg.steps + 1):
             state = _update(state, cfg.lr)
-            workdir.log("train", step=step, loss=float(0.5 * jnp.sum(state["w"] ** 2)))
+            workdir.log("train", step=step, loss=float(_loss(state)))
             workdir.checkpoint(step, state)
             advance()
     fig, ax = plt.subplots()
