@@ -120,6 +120,48 @@ def test_argmin_matches_closed_form_and_finite_differences():
     np.testing.assert_allclose(jax.grad(F)(THETA), exact(THETA), rtol=1e-8)
 
 
+def wells(w, t):
+    """A tilted double well per coordinate: local minima near ±1, a maximum
+    near 0, where the Hessian is negative definite."""
+    return jnp.sum((w**2 - 1) ** 2) + jnp.dot(t, w)
+
+
+def test_argmin_minimises_a_non_convex_loss_from_negative_curvature():
+    # From w0 = 0.1 (negative curvature) plain Newton-CG breaks down (NaN, not
+    # converged); the default line-search Newton-CG reaches the local minimum
+    # near +1 in each coordinate, the root of 4w³ - 4w + t with 12w² - 4 > 0.
+    t = jnp.array([0.1, -0.2, 0.3])
+    w0 = jnp.full(3, 0.1)
+    plain = ij.argmin(wells, w0, t, solver=ij.Newton(ij.CG(), forcing="superlinear"))
+    assert not bool(plain.converged) and bool(jnp.all(jnp.isnan(plain.value)))
+    sol = ij.argmin(wells, w0, t, atol=1e-12)
+    roots = [np.roots([4.0, 0.0, -4.0, float(ti)]).real.max() for ti in t]
+    assert bool(sol.converged)
+    np.testing.assert_allclose(sol.value, roots, rtol=1e-12)
+    # differentiable at the local minimum: dw*/dt = -1/(12w² - 4), per coordinate
+    solve = lambda t: ij.argmin(wells, w0, t, atol=1e-12).value
+    np.testing.assert_allclose(
+        jnp.diag(jax.jacobian(solve)(t)), -1 / (12 * sol.value**2 - 4), rtol=1e-8
+    )
+    check_grads(lambda t: jnp.sum(solve(t) ** 3), (t,), order=1, modes=["rev"])
+
+
+def test_argmin_on_a_non_convex_loss_under_jit_and_vmap():
+    # a batch of starts on both sides of the maxima: each lane its own step
+    # count and local minimum, the same as one at a time
+    starts = jnp.array([[0.1, -0.1, 0.5], [-0.3, 0.2, 2.0], [1.5, -1.5, 0.05]])
+    t = jnp.array([0.1, -0.2, 0.3])
+    run = jax.jit(jax.vmap(lambda w0: ij.argmin(wells, w0, t, atol=1e-12)))
+    batch = run(starts)
+    assert bool(jnp.all(batch.converged))
+    assert bool(jnp.all(12 * batch.value**2 - 4 > 0))  # local minima
+    assert len(np.unique(np.sign(batch.value), axis=0)) == 3  # three of them
+    for i, w0 in enumerate(starts):
+        one = ij.argmin(wells, w0, t, atol=1e-12)
+        np.testing.assert_allclose(batch.value[i], one.value, rtol=1e-12)
+        assert int(batch.num_steps[i]) == int(one.num_steps)
+
+
 @pytest.mark.parametrize("forcing", ["superlinear", "eisenstat-walker"])
 def test_newton_with_adaptive_forcing(forcing):
     # Logistic-type inner problem: Newton-CG with adaptive forcing reaches the

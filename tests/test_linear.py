@@ -1276,3 +1276,34 @@ def test_a_3d_multigrid_cycle_is_spd_and_solves_under_jit_vmap_and_grad():
     # Galerkin coarse levels are 9-point stencils: 2-D only, said
     with pytest.raises(ValueError, match="'galerkin' builds 9-point \\(2-D\\)"):
         Multigrid(coarsening="galerkin").build(A, b)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_truncated_cg_returns_a_descent_step_where_cg_gives_nan(seed):
+    # Newton-CG's inner loop: on a symmetric indefinite A, CG(indefinite=
+    # "truncate") returns the CG iterate before the first p·Ap <= 0 (the same
+    # as CG capped one step earlier), or b when the first step meets it; each
+    # lowers the model q(x) = ½xᵀAx - bᵀx below q(0) = 0 (a descent direction
+    # of L for b = -∇L, A = ∇²L). Plain CG says NaN; both report a breakdown.
+    rng = np.random.default_rng(seed)
+    Q = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    A = jnp.asarray(Q @ np.diag([-3.0, -0.5, 0.1, 1.0, 2.0, 5.0]) @ Q.T)
+    b = jnp.asarray(rng.normal(size=6))
+    truncated = ij.CG(indefinite="truncate")
+    x, stats = truncated.solve_with_stats(A, b)
+    plain_x, plain = ij.CG().solve_with_stats(A, b)
+    assert bool(stats.breakdown) and bool(plain.breakdown)
+    assert not bool(stats.converged) and bool(jnp.all(jnp.isnan(plain_x)))
+    assert float(0.5 * x @ A @ x - b @ x) < 0 and float(b @ x) > 0
+    k = int(stats.num_matvecs) - 1  # the steps before the breakdown
+    if k:
+        np.testing.assert_allclose(x, ij.CG(max_steps=k).solve(A, b), rtol=1e-12)
+    else:
+        np.testing.assert_array_equal(x, b)
+    # a negative definite A: the first step breaks down, x = b
+    np.testing.assert_array_equal(truncated.solve(-jnp.eye(6), b), b)
+    # positive definite: the same solve as plain CG, bitwise
+    spd_A = A + 4 * jnp.eye(6)
+    np.testing.assert_array_equal(truncated.solve(spd_A, b), ij.CG().solve(spd_A, b))
+    with pytest.raises(ValueError, match="indefinite"):
+        ij.CG(indefinite="stop")

@@ -187,6 +187,57 @@ def test_backtracking_makes_newton_converge_from_far():
     np.testing.assert_allclose(a.trace, b.trace, rtol=1e-12)
 
 
+def test_backtracking_on_a_loss_descends_and_shortens_into_its_domain():
+    # L(y) = Σ (y² - 1/4)² - log(1 - y²)/10 is NaN for |y| >= 1, where its
+    # gradient is finite and vanishes at ±1.03: full Newton steps from 0.15 leave
+    # the domain and end there. The search on L shrinks NaN trials, so every
+    # accepted step lowers L and the solve ends at the local minimum inside.
+    loss = lambda y: jnp.sum((y**2 - 0.25) ** 2) - 0.1 * jnp.sum(jnp.log1p(-(y**2)))
+    fn = lambda y, a: y - jax.grad(loss)(y)
+    y0 = jnp.array([0.15])
+    newton = ij.Newton(ij.CG(indefinite="truncate"), forcing="superlinear")
+    searched = ij.Backtracking(newton, objective=loss)
+    sol = ij.fixed_point(fn, y0, solver=searched, atol=1e-12)
+    assert bool(sol.converged) and int(sol.stats["shrinks"]) > 0
+    step = jax.jit(lambda y, state: searched.step(fn, y, None, state))
+    y, state, losses = y0, searched.init(fn, y0, None), [loss(y0)]
+    for _ in range(int(sol.num_steps)):
+        y, state = step(y, state)
+        losses.append(loss(y))
+    assert np.all(np.diff(np.asarray(losses)) <= 0), losses
+    np.testing.assert_allclose(y, sol.value, rtol=1e-12)
+    eigs = np.linalg.eigvalsh(jax.hessian(loss)(sol.value))
+    assert eigs.min() > 0 and np.all(np.abs(sol.value) < 1)
+    outside = ij.fixed_point(fn, y0, solver=newton, atol=1e-12).value
+    assert not bool(jnp.isfinite(loss(outside))), outside
+
+
+def test_backtracking_on_a_loss_turns_to_the_gradient_off_descent():
+    # Plain CG's Newton step is NaN on negative curvature (at y = 0.1 of the
+    # double well): the search takes the residual -∇L instead, and counts it.
+    loss = lambda y: jnp.sum((y**2 - 1) ** 2)
+    fn = lambda y, a: y - jax.grad(loss)(y)
+    y0 = jnp.full(3, 0.1)
+    plain = ij.Newton(ij.CG(), forcing="superlinear")
+    sol = ij.fixed_point(fn, y0, solver=ij.Backtracking(plain, objective=loss))
+    assert bool(sol.converged) and int(sol.stats["turns"]) > 0
+    np.testing.assert_allclose(sol.value, 1.0, atol=1e-6)
+    assert "turns" not in ij.fixed_point(fn, y0, solver=ij.Backtracking(plain)).stats
+
+
+@pytest.mark.parametrize(
+    "objective, error, match",
+    [
+        ("loss", TypeError, "`objective` must be None or callable"),
+        (lambda y: y, ValueError, "`objective` must return a scalar"),
+    ],
+)
+def test_backtracking_names_a_bad_objective(objective, error, match):
+    with pytest.raises(error, match=match):
+        solver = ij.Backtracking(ij.Newton(), objective=objective)
+        ij.fixed_point(lambda y, a: y / 2, jnp.ones(2), solver=solver)
+
+
 def picard_iterates(fn, y, args, k):
     out = []
     for _ in range(k):

@@ -59,7 +59,7 @@ from .._optax import optax_init, optax_step
 from .._solution import error_if_failed, result_code
 from .._types import Array, Bool, Float, Int
 from ..linear import CG, AbstractLinearSolver
-from ._argmin import INEXACT_NEWTON, argmin
+from ._argmin import argmin
 
 
 class HyperGrad(NamedTuple):
@@ -98,13 +98,14 @@ class Implicit(AbstractMethod):
         definite: otherwise reported as a failure), `Neumann(k)`, `Richardson()`
         (both need the spectrum of H inside (0, 2): scale the inner loss),
         `GMRES()`, `BiCGStab()`.
-      solver: the inner solver (as in `argmin`; default inexact Newton-CG).
+      solver: the inner solver (as in `argmin`; default None: line-search
+        inexact Newton-CG).
       atol, max_steps, norm: the inner solve's tolerance on |∇_w g| (in `norm`,
         default the max norm) and step cap.
     """
 
     linear_solver: AbstractLinearSolver = struct.field(pytree_node=False, default=CG())
-    solver: Any = struct.field(pytree_node=False, default=INEXACT_NEWTON)
+    solver: Any = struct.field(pytree_node=False, default=None)
     atol: float = 1e-10
     max_steps: int = struct.field(pytree_node=False, default=256)
     norm: Any = struct.field(pytree_node=False, default=tu.max_abs)

@@ -22,6 +22,8 @@ from .._checks import check_int, check_range, check_same_structure
 from ._base import AbstractLinearSolver, LinearStats, checked_answer, nan_in_nan_out
 from .preconditioners import AbstractPreconditioner, as_preconditioner
 
+INDEFINITE = ("nan", "truncate")
+
 
 def _identity(r):
     return r
@@ -94,6 +96,16 @@ class CG(_Krylov):
     solve, so that its derivatives are NaN too: an implicit gradient through an
     indefinite Hessian is meaningless; use GMRES or BiCGStab there).
 
+    `indefinite="truncate"` returns instead the iterate before that step, or the
+    first direction (b; M b preconditioned) if it is the first step: the inner
+    loop of line-search Newton-CG (Nocedal & Wright 2006, Algorithm 7.1; scipy's
+    Newton-CG). For a Newton system H s = -∇L every CG iterate from 0 before a
+    direction of non-positive curvature is a descent direction of L (each lowers
+    the quadratic model ½ sᵀHs + ∇Lᵀs, which is 0 at s = 0), and so is b = -∇L
+    (and M b): a step that a line search can shorten, where plain CG gives NaN.
+    It is not a solution of A x = b (reported not converged, `breakdown`): not
+    for an implicit adjoint.
+
     With a `preconditioner` M (symmetric positive definite) it is preconditioned
     CG: z = M r takes r's place in the directions and in α, β.
 
@@ -111,16 +123,23 @@ class CG(_Krylov):
         `ChebyshevPreconditioner(degree)` or a function r -> M r
         (all three Krylov solvers take it).
       restart: None, or the steps per cycle (>= 1; 1 is steepest descent).
+      indefinite: on p·Ap <= 0, "nan" (default: x = NaN) or "truncate" (the
+        iterate so far; the first direction at the first step).
     """
 
     transpose = "symmetric"  # reverse mode: one more solve
 
     restart: int | None = struct.field(pytree_node=False, default=None)
+    indefinite: str = struct.field(pytree_node=False, default="nan")
 
     def __post_init__(self):
         self._check()
         if self.restart is not None:
             check_int("CG", "restart", self.restart, 1)
+        if self.indefinite not in INDEFINITE:
+            raise ValueError(
+                f"CG: `indefinite` must be one of {INDEFINITE}, got {self.indefinite!r}"
+            )
 
     def solve_with_stats(self, matvec, b, rtol=None):
         size = sum(jnp.size(a) for a in jax.tree_util.tree_leaves(b))
@@ -141,6 +160,8 @@ class CG(_Krylov):
             pap = dot(p, ap)
             ok = pap > 0
             alpha = jnp.where(ok, rz / jnp.where(ok, pap, 1), 0)
+            if self.indefinite == "truncate":  # the first direction is b
+                alpha = jnp.where(ok | (k > 0), alpha, 1)
             x = tu.tree_axpy(alpha, p, x)
             r = tu.tree_axpy(-alpha, ap, r)
             z = apply(r)
@@ -167,7 +188,8 @@ class CG(_Krylov):
         # products: one per step, plus the preconditioner's (built once, applied
         # at the start and once per step)
         matvecs = k * (1 + per_apply) + cost + per_apply
-        x = tu.tree_map(lambda a: jnp.where(ok, a, jnp.nan), x)  # A not PD: NaN
+        if self.indefinite == "nan":  # A not positive definite: NaN
+            x = tu.tree_map(lambda a: jnp.where(ok, a, jnp.nan), x)
         return nan_in_nan_out(b, x, LinearStats(matvecs, ok & (rs <= tol2), ~ok))
 
 
