@@ -132,7 +132,8 @@ class Backtracking(AbstractFixedPointSolver):
             turn = ~(slope < 0)  # not a descent direction (or NaN): d = r
             d = tu.tree_where(turn, r, d)
             slope = jnp.where(turn, -tu.tree_vdot(r, r), slope)
-            first = self._merit(fn, tu.tree_add(y, d), args)
+            full = tu.tree_where(turn, tu.tree_add(y, r), y_full)  # y + d, exactly
+            first = self._merit(fn, full, args)
         frozen = jax.lax.stop_gradient((y, d, args, state.merit, slope))
 
         def too_long(c):
