@@ -59,6 +59,7 @@ bench: $(PEERS) $(TORCH)
 	$(PY) benchmarks/bilevel.py
 	$(PY) benchmarks/sweep.py
 	$(PY) benchmarks/linear.py
+	$(PY) benchmarks/linear.py --amg-3d
 
 # On a lent GPU or TPU: the measurements the papers' headline claims need, in
 # <= 8 minutes; benchmarks/results/device_<device>.md (small sizes on a CPU).

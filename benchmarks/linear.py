@@ -188,21 +188,30 @@ def krylov_rows(name, op, rounds):
     return rows, ratios
 
 
-def amg_rows(grids, rounds):
+GRID_OPERATORS = {2: ij.gallery.Poisson2D, 3: ij.gallery.Poisson3D}
+
+
+def amg_rows(grids, rounds, ndim=2):
     """Smoothed-aggregation AMG + CG against pyamg's on the Poisson and Darcy
-    systems of each grid side: CG steps, solve time (setup apart, timed too),
-    the true relative residual. pyamg smooths with symmetric Gauss-Seidel by
-    default; its run with iterjax's Jacobi smoothing is the like-for-like
-    count (iterjax's Chebyshev smoother is its default)."""
+    systems of each grid side (n^ndim unknowns): CG steps, solve time (setup
+    apart, timed too), the true relative residual. pyamg smooths with
+    symmetric Gauss-Seidel by default; its run with iterjax's Jacobi smoothing
+    is the like-for-like count (iterjax's Chebyshev smoother is its default).
+    In 3-D iterjax's geometric multigrid (rediscretised V(1,1)) + CG joins."""
     import pyamg
 
     rows = []
     for name, sigma in (("poisson", 0.0), ("darcy", 1.0)):
         for n in grids:
-            k = ij.gallery.lognormal_coefficient(n) if sigma else np.ones((n, n))
-            op = ij.gallery.Poisson2D(jnp.asarray(k))
+            shape = (n,) * ndim
+            k = (
+                ij.gallery.lognormal_coefficient(n, ndim=ndim)
+                if sigma
+                else np.ones(shape)
+            )
+            op = GRID_OPERATORS[ndim](jnp.asarray(k))
             a = op.assemble()
-            rhs = np.ones(n * n)
+            rhs = np.ones(n**ndim)
             relres = lambda x: (
                 np.linalg.norm(rhs - a @ np.ravel(x)) / np.linalg.norm(rhs)
             )
@@ -220,12 +229,21 @@ def amg_rows(grids, rounds):
                         rtol=RTOL, preconditioner=amg
                     ).solve_with_stats(op, b)
                 )
-                b = jnp.ones((n, n))
+                b = jnp.ones(shape)
                 x, stats = f(ready, b)
                 calls[label] = (f, (ready, b))
                 steps[label] = (int(stats.num_matvecs) - ready.work) // (1 + ready.work)
                 answers[label] = x
                 calls[label + " setup"] = ((lambda amg=amg: amg.setup(a)), ())
+            if ndim == 3:  # geometric multigrid: no setup beyond the cycle's own
+                label = "iterjax multigrid V(1,1) + CG"
+                mg = ij.CG(rtol=RTOL, preconditioner=ij.linear.Multigrid())
+                f = jax.jit(lambda b: mg.solve_with_stats(op, b))
+                b = jnp.ones(shape)
+                x, stats = f(b)
+                calls[label], answers[label] = (f, (b,)), x
+                _, cost, per = ij.linear.Multigrid().build(op, b)  # in products
+                steps[label] = (int(stats.num_matvecs) - cost - per) // (1 + per)
             jacobi = ("jacobi", {"omega": 4 / 3, "iterations": 1})
             for label, options in (
                 ("pyamg SA-AMG + CG", {}),
@@ -252,7 +270,7 @@ def amg_rows(grids, rounds):
                 rows.append(
                     [
                         name,
-                        f"{n}²",
+                        f"{n}{'²' if ndim == 2 else '³'}",
                         label,
                         "-" if setup else steps[label],
                         "-" if setup else f"{relres(answers[label]):.1e}",
@@ -435,7 +453,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, 5 rounds")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument(
+        "--amg-3d",
+        action="store_true",
+        help="only SA-AMG + CG against pyamg on 3-D grids (linear_amg3d_<backend>.md)",
+    )
     args = parser.parse_args()
+    if args.amg_3d:
+        return amg_3d(args)
     rounds = 5 if args.quick else 10
     grid = 31 if args.quick else 63
     lines = [
@@ -502,6 +527,30 @@ def main():
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"linear_{jax.default_backend()}.md").write_text(text)
+
+
+def amg_3d(args):
+    """The 3-D section alone, in its own file."""
+    rounds = 5 if args.quick else 10
+    grids = (15,) if args.quick else (15, 31, 63)
+    lines = [
+        f"# benchmarks/linear.py --amg-3d, float64, {rounds} timed rounds after a "
+        "first call",
+        "",
+        machine(),
+        "",
+        f"## SA-AMG + CG against pyamg, 3-D grids, ‖b - Ax‖ <= {RTOL:g} ‖b‖",
+        "",
+    ]
+    head = ["system", "grid", "solver", "CG steps", "rel. residual", *TIME_COLUMNS]
+    lines += [markdown(head, amg_rows(grids, rounds, ndim=3)), ""]
+    lines += [f"Load average (1/5/15 min) at the end: {load()}"]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if not args.quick:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"linear_amg3d_{jax.default_backend()}.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Linear solvers and preconditioners on Poisson and Darcy systems of growing size.
 
 -∇·(k∇u) = 1 on n x n interior grids (`iterjax.gallery.Poisson2D`, 5 points,
-matrix-free), with k = 1 (`poisson`) or k = exp(σ g), g a smoothed white noise
+matrix-free), or n x n x n ones with `ndim: 3` (`Poisson3D`, 7 points), with
+k = 1 (`poisson`) or k = exp(σ g), g a smoothed white noise
 (`lognormal`, `iterjax.gallery.lognormal_coefficient`: about 4σ e-folds of
 contrast), for every n in `grids` and every linear solver of `solvers`, each
 to ‖b - Ax‖₂ <= `rtol` ‖b‖₂. The solvers are registry specs, so any solver
@@ -26,18 +27,20 @@ import jax.numpy as jnp
 import matplotlib.pyplot as plt
 
 import iterjax as ij
-from iterjax.gallery import Poisson2D, lognormal_coefficient
+from iterjax.gallery import Poisson2D, Poisson3D, lognormal_coefficient
 from iterjax.lab.config import Spec
 from iterjax.lab.registry import build
 from iterjax.lab.spec import Count, NonNegative, Positive
 from iterjax.lab.tables import markdown_table
 
 Field = Literal["poisson", "lognormal"]
+OPERATORS = {2: Poisson2D, 3: Poisson3D}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     grids: tuple[Count, ...] = (31, 63, 127, 255)
+    ndim: Literal[2, 3] = 2  # the grid's dimension: n^ndim unknowns
     fields: tuple[Field, ...] = ("poisson", "lognormal")
     sigma: NonNegative = 1.0  # the lognormal field's log-standard deviation
     width: Count = 4  # its smoothing (box filter) width, in grid points
@@ -73,8 +76,9 @@ class Config:
 
 def coefficient(cfg, field, n):
     if field == "poisson":
-        return jnp.ones((n, n))
-    return jnp.asarray(lognormal_coefficient(n, cfg.sigma, cfg.width, cfg.seed))
+        return jnp.ones((n,) * cfg.ndim)
+    k = lognormal_coefficient(n, cfg.sigma, cfg.width, cfg.seed, ndim=cfg.ndim)
+    return jnp.asarray(k)
 
 
 def run(cfg: Config, workdir) -> dict:
@@ -83,8 +87,8 @@ def run(cfg: Config, workdir) -> dict:
     with workdir.progress(total, "solving") as advance:
         for field in cfg.fields:
             for n in cfg.grids:
-                op = Poisson2D(coefficient(cfg, field, n))
-                b = jnp.ones((n, n))
+                op = OPERATORS[cfg.ndim](coefficient(cfg, field, n))
+                b = jnp.ones((n,) * cfg.ndim)
                 for s in cfg.solvers:
                     solver = build("linear_solver", s)
                     solve = jax.jit(

@@ -394,7 +394,17 @@ def _check_krylov_recycle(summary):
         assert r["saving"] > 1.0, r  # fewer products than the same solver alone
 
 
+def _check_multigrid_poisson(summary):
+    # every 3-D solve converged, and its true residual (recomputed by the
+    # experiment) is within the tolerance: the honest counts the header quotes
+    rows = summary["rows"]
+    assert rows and {r["n"] for r in rows} == {15}
+    for r in rows:
+        assert r["converged"] and r["residual"] <= 1e-8 * (1 + 1e-6), r
+
+
 SMOKE_CHECKS = {
+    "multigrid_poisson": _check_multigrid_poisson,
     "krylov_recycle": _check_krylov_recycle,
     "sor_bandit": _check_sor_bandit,
     "sinkhorn_newton": _check_sinkhorn_newton,
@@ -563,6 +573,13 @@ def test_preconditioner_specs_nest_in_linear_solvers():
     )
     assert registry.build("linear_solver", spec) == ij.CG(
         preconditioner=ij.linear.Multigrid(coarsening="galerkin")
+    )
+    # multigrid as a linear solver (MultigridSolver), its cycle a preconditioner
+    cycles = registry.to_spec(
+        "linear_solver", {"name": "multigrid", "cycle": {"name": "amg"}}, "s"
+    )
+    assert registry.build("linear_solver", cycles) == ij.linear.MultigridSolver(
+        cycle=ij.linear.SmoothedAggregation()
     )
     jacobi = registry.to_spec(
         "linear_solver", {"name": "gmres", "preconditioner": "jacobi"}, "s"

@@ -98,6 +98,7 @@ LINEAR_SOLVERS = {
     "richardson": linear.Richardson,
     "sketch_and_project": linear.SketchAndProject,
     "block_kaczmarz": linear.BlockKaczmarz,
+    "multigrid": linear.MultigridSolver,  # `cycle`: any preconditioner spec
 }
 ADJOINTS = {
     "implicit": implicit.ImplicitAdjoint,
