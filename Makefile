@@ -3,10 +3,11 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 PEERS   := .venv/.peers-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 TORCH   := .venv-torch/.installed-torch-2.13.0-torchdeq-0.1.0
+BENCHOPT_VENV := .venv-benchopt/.installed-benchopt-1.10.0-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 CONFIG  ?= fixed_point_study
 PYTEST_WORKERS ?= 2
 
-.PHONY: run test test-fast lint format bench bench-device smoke docs clean
+.PHONY: run test test-fast lint format bench bench-benchopt bench-device smoke docs clean
 
 $(STAMP):
 	test -x $(PY) || python3 -m venv .venv
@@ -25,6 +26,15 @@ $(TORCH):
 	test -x .venv-torch/bin/python || python3 -m venv .venv-torch
 	.venv-torch/bin/python -m pip install -q torch==2.13.0 torchdeq==0.1.0
 	touch $(TORCH)
+
+# benchopt's bilevel benchmark, for benchmarks/bilevel_benchopt.py only: its own
+# venv (iterjax, benchopt==1.10.0 and its dependencies).
+$(BENCHOPT_VENV):
+	test -x .venv-benchopt/bin/python || python3 -m venv .venv-benchopt
+	.venv-benchopt/bin/python -m pip install -q --upgrade pip
+	.venv-benchopt/bin/python -m pip install -q -c constraints.txt -e ".[lab]"
+	.venv-benchopt/bin/python -m pip install -q benchopt==1.10.0
+	rm -f .venv-benchopt/.installed-*; touch $(BENCHOPT_VENV)
 
 run: $(STAMP)
 	$(PY) -m iterjax run $(CONFIG)
@@ -63,11 +73,16 @@ bench: $(PEERS) $(TORCH)
 
 # On a lent GPU or TPU: the measurements the papers' headline claims need, in
 # <= 8 minutes; benchmarks/results/device_<device>.md (small sizes on a CPU).
+# BENCHOPT=PATH: a checkout of github.com/benchopt/benchmark_bilevel
+bench-benchopt: $(BENCHOPT_VENV)
+	@test -n "$(BENCHOPT)" || { echo "give BENCHOPT=PATH (a checkout of benchopt/benchmark_bilevel)"; exit 2; }
+	.venv-benchopt/bin/python benchmarks/bilevel_benchopt.py --benchopt $(BENCHOPT)
+
 bench-device: $(STAMP)
 	$(PY) benchmarks/device.py
 
 clean:
-	rm -rf .venv .venv-torch runs build site *.egg-info
+	rm -rf .venv .venv-torch .venv-benchopt runs build site *.egg-info
 
 # The API reference site, offline: site/index.html.
 docs: $(STAMP)
