@@ -124,10 +124,11 @@ def problem(cfg):
 
 
 def fit(cfg, inner, theta, w):
-    """w*(θ): optax's L-BFGS until |∇_w g|_∞ <= atol or `lbfgs_steps` (the
-    MLP's loss is not convex far from a minimum, where Newton-CG meets negative
-    curvature), then argmin's Newton-CG to the tolerance, its implicit adjoint
-    attached (no step where L-BFGS got there)."""
+    """w*(θ): optax's L-BFGS until |∇_w g|_∞ <= atol / 10 or `lbfgs_steps`,
+    then argmin to the tolerance, its implicit adjoint attached (no step where
+    L-BFGS got there). A speed choice: argmin's line-search Newton-CG alone
+    also converges from w0 (at θ0: 54 steps, 1283 HVPs, 145 shrinks, 1.5 s
+    against 0.85 s, to another local minimum, loss 0.25013 against 0.25017)."""
     opt = optax.lbfgs()
     loss = lambda w: inner(w, theta)
     value_and_grad = optax.value_and_grad_from_state(loss)
