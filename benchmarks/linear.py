@@ -520,13 +520,19 @@ def main():
         "best iterjax newman / choix ilsr time: "
         + ", ".join(f"density {k:g}: {v:.2f}x" for k, v in ratios.items())
     )
+    finish(lines, args, "linear")
+
+
+def finish(lines, args, stem):
+    """Print the report, ended by the load average; unless --quick, write it
+    to `<out>/<stem>_<backend>.md`."""
     lines += ["", f"Load average (1/5/15 min) at the end: {load()}"]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"linear_{jax.default_backend()}.md").write_text(text)
+        (out / f"{stem}_{jax.default_backend()}.md").write_text(text)
 
 
 def amg_3d(args):
@@ -543,14 +549,8 @@ def amg_3d(args):
         "",
     ]
     head = ["system", "grid", "solver", "CG steps", "rel. residual", *TIME_COLUMNS]
-    lines += [markdown(head, amg_rows(grids, rounds, ndim=3)), ""]
-    lines += [f"Load average (1/5/15 min) at the end: {load()}"]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if not args.quick:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"linear_amg3d_{jax.default_backend()}.md").write_text(text)
+    lines += [markdown(head, amg_rows(grids, rounds, ndim=3))]
+    finish(lines, args, "linear_amg3d")
 
 
 if __name__ == "__main__":
