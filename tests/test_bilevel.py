@@ -311,6 +311,19 @@ def test_stochastic_solvers_reach_the_bilevel_optimum(name):
     )
 
 
+@pytest.mark.parametrize("name", SOLVERS)
+def test_a_jitted_step_compiles_once_from_a_weakly_typed_start(name):
+    # jnp.full(3, 0.0) is weakly typed; the state from init is not, so the
+    # state a step returns has init's types and `jax.jit(step)` one compilation
+    solver = SOLVERS[name]()
+    state = solver.init(jnp.full(3, 0.0), jnp.full(4, 0.0))
+    assert not any(a.weak_type for a in jax.tree.leaves(state))
+    step = jax.jit(solver.step)
+    for _ in range(3):
+        state, _ = step(state, jnp.zeros(4), jnp.zeros(4))
+    assert step._cache_size() == 1
+
+
 def test_stochastic_solvers_vmap_and_reject_bad_input():
     solver = SOLVERS["soba"]()
     keys = jax.random.split(jax.random.PRNGKey(1), 3)

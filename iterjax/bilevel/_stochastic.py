@@ -132,7 +132,10 @@ class _Stochastic(Module):
 
     def _init(self, theta, w, aux):
         opt_state = optax_init(self.outer_optimizer, theta)
-        return BilevelState(theta, w, aux, opt_state, jnp.int32(0))
+        state = BilevelState(theta, w, aux, opt_state, jnp.int32(0))
+        # Strongly typed leaves: a weakly typed θ0 (`jnp.full(d, -2.0)`) would
+        # come back strong from the first step, and a jitted `step` compile twice.
+        return jax.tree.map(lambda a: jnp.asarray(a, jnp.asarray(a).dtype), state)
 
 
 def _grad_w(loss, w, theta, batch):
