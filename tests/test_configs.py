@@ -447,6 +447,11 @@ def _write(tmp_path, text):
     [
         ("experiment: nope\n", [], "unknown experiment 'nope'"),
         ("experiment: fixed_point_study\ndimm: 3\n", [], "`dimm`: unknown key"),
+        (
+            "experiment: hpo_logreg\nsolvers: [{name: soba, fresh_batches: true}]\n",
+            [],
+            "`fresh_batches` is for the solvers with inner loops",
+        ),
         ("experiment: fixed_point_study\ndim: three\n", [], "`dim`: expected an int"),
         (
             "experiment: jacobi_rnn\nlengths: [64, 0]\n",

@@ -58,6 +58,16 @@ class Solver:
     # implicit: the inner Newton-CG's forcing and the adjoint CG's tolerance
     forcing: Literal["fixed", "superlinear", "eisenstat-walker"] = "fixed"
     cg_rtol: Positive = 1e-6
+    # amigo, stocbio: a fresh minibatch for every inner oracle call of a step
+    # (`iterjax.bilevel.Batches`, as their papers sample), not one a step
+    fresh_batches: bool = False
+
+    def __post_init__(self):
+        if self.fresh_batches and self.name not in ("amigo", "stocbio"):
+            raise ValueError(
+                f"`fresh_batches` is for the solvers with inner loops (amigo, "
+                f"stocbio), not {self.name}"
+            )
 
 
 class Problem(NamedTuple):
@@ -135,17 +145,20 @@ def make_solver(s, inner, outer, n, m):
     raise ValueError(f"no stochastic solver {s.name!r}")
 
 
-def chunked(solver, n, m, batch, budget, evals):
+def chunked(solver, n, m, batch, budget, evals, fresh=False):
     """`chunk(state, key)`: solver steps on random minibatches of indices, a pure
     function returning `(state, per-sample oracle calls it spent)` (as the
     steps' `info` counts them); `evals` chunks spend about `budget` (at the
-    solver's mean calls per step)."""
+    solver's mean calls per step). `fresh`: a `Batches` stack of
+    `solver.inner_batches` inner minibatches a step."""
     steps = max(1, int(budget / (sum(solver.oracles) * batch) / evals))
+    shape = (solver.inner_batches, batch) if fresh else (batch,)
 
     def chunk(state, key):
         def body(state, k):
             ki, ko = jax.random.split(k)
-            i = jax.random.randint(ki, (batch,), 0, n)
+            i = jax.random.randint(ki, shape, 0, n)
+            i = bl.Batches(i) if fresh else i
             j = jax.random.randint(ko, (batch,), 0, m)
             state, info = solver.step(state, i, j)
             return state, info["grads"] + info["hvps"]
@@ -164,7 +177,7 @@ def run(s, p: Problem, *, batch, budget, evals, evaluate, seed):
     s = dataclasses.replace(s, inner_lr=s.inner_lr / p.L)
     solver = make_solver(s, p.inner, p.outer, p.n, p.m)
     state = solver.init(p.theta0, p.w0)
-    chunk = chunked(solver, p.n, p.m, batch, budget, evals)
+    chunk = chunked(solver, p.n, p.m, batch, budget, evals, s.fresh_batches)
     key = jax.random.PRNGKey(seed)
     chunk = jax.jit(chunk).lower(state, key).compile()
     curve, seconds, used = [], 0.0, 0

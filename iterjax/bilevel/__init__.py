@@ -23,6 +23,7 @@ from ._hypergradient import Penalty as Penalty
 from ._hypergradient import Truncated as Truncated
 from ._hypergradient import Unrolled as Unrolled
 from ._hypergradient import hypergradient as hypergradient
+from ._stochastic import Batches as Batches
 from ._stochastic import BilevelState as BilevelState
 from .amigo import AmIGO as AmIGO
 from .bloop import BloopState as BloopState

@@ -29,6 +29,11 @@ Methods (H = ∂²g/∂w², all products matrix-free):
 `info` reports the oracle calls of the step, each on the batch passed to `step`:
 `grads` (gradients of f or g) and `hvps` (Hessian- or mixed-vector products);
 and `finite`, False once a step made the state non-finite (a NaN sample).
+
+Solvers with inner loops (StocBiO, AmIGO) take either one inner batch for every
+inner oracle call of a step, or `Batches(stack)`: a fresh batch for each call,
+stacked on a leading axis (call t uses stack[t mod len]; `solver.inner_batches`
+calls a step), as their papers sample them.
 """
 
 import abc
@@ -44,6 +49,25 @@ from .._checks import check_range
 from .._module import Module
 from .._optax import optax_init, optax_step
 from .._types import Array, Int
+
+
+class Batches(NamedTuple):
+    """Minibatches stacked on a leading axis, one per inner oracle call of a
+    step (StocBiO, AmIGO): call t of a step uses `stack[t mod len]`."""
+
+    stack: Any
+
+
+def _nth(batch, t):
+    """The batch of inner oracle call t: `batch` itself, or a `Batches`
+    stack's entry t (cyclically)."""
+    if not isinstance(batch, Batches):
+        return batch
+    size = jax.tree.leaves(batch.stack)[0].shape[0]
+    return jax.tree.map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, t % size, keepdims=False),
+        batch.stack,
+    )
 
 
 class BilevelState(NamedTuple):
@@ -101,10 +125,29 @@ class _Stochastic(Module):
     def step(self, state, inner_batch, outer_batch):
         """One outer step on a minibatch of each loss: `(state, info)`."""
 
+    stacked = False  # takes `Batches` for its inner oracle calls
+
+    @property
+    def inner_batches(self) -> int:
+        """Inner oracle calls a step: the length of a `Batches` stack that
+        gives each its own batch."""
+        return 1
+
     def _check_batches(self, inner_batch, outer_batch):
         """An empty minibatch (a leaf with a leading axis of size 0) would move
-        the step and oracle counts but not θ: refuse it, naming the batch."""
+        the step and oracle counts but not θ: refuse it, naming the batch; so
+        is a `Batches` stack where the solver takes one batch."""
         name = type(self).__name__
+        if isinstance(outer_batch, Batches) or (
+            isinstance(inner_batch, Batches) and not self.stacked
+        ):
+            raise ValueError(
+                f"{name}.step: `Batches` (a stack of minibatches) is for the inner "
+                "batch of a solver with inner loops (StocBiO, AmIGO)"
+            )
+        if isinstance(inner_batch, Batches):
+            inner_batch = inner_batch.stack  # each entry: the same checks
+            inner_batch = jax.tree.map(lambda a: a[0], inner_batch)
         for what, batch in (("inner_batch", inner_batch), ("outer_batch", outer_batch)):
             leaves = jax.tree_util.tree_leaves_with_path(batch)
             for _, leaf in leaves:
@@ -146,9 +189,13 @@ def _hvp(loss, w, theta, batch, v):
     return jax.jvp(lambda w: _grad_w(loss, w, theta, batch), (w,), (v,))[1]
 
 
-def _sgd(loss, w, theta, batch, lr, steps):
-    """`steps` SGD steps w <- w - lr ∇_w loss(w, θ, batch) (a fori_loop)."""
-    step = lambda _, w: tu.tree_axpy(-lr, _grad_w(loss, w, theta, batch), w)
+def _sgd(loss, w, theta, batch, lr, steps, first=0):
+    """`steps` SGD steps w <- w - lr ∇_w loss(w, θ, batch_t) (a fori_loop), on
+    inner oracle calls t = first, first + 1, ... (`_nth`)."""
+
+    def step(t, w):
+        return tu.tree_axpy(-lr, _grad_w(loss, w, theta, _nth(batch, first + t)), w)
+
     return jax.lax.fori_loop(0, steps, step, w)
 
 

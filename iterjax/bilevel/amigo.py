@@ -5,7 +5,15 @@ import jax
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int
-from ._stochastic import _cross, _hvp, _info, _sgd, _Stochastic, _with_finite
+from ._stochastic import (
+    _cross,
+    _hvp,
+    _info,
+    _nth,
+    _sgd,
+    _Stochastic,
+    _with_finite,
+)
 
 
 class AmIGO(_Stochastic):
@@ -20,6 +28,13 @@ class AmIGO(_Stochastic):
 
     inner_steps: int = struct.field(pytree_node=False, default=5)
     v_steps: int = struct.field(pytree_node=False, default=5)
+
+    stacked = True
+
+    @property
+    def inner_batches(self) -> int:
+        """K SGD steps on w, the v steps and the cross product."""
+        return self.inner_steps + self.v_steps + 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -42,11 +57,14 @@ class AmIGO(_Stochastic):
         w = _sgd(g, state.w, theta, inner_batch, eta, self.inner_steps)
         f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
 
-        def v_step(_, v):
-            d = tu.tree_add(_hvp(g, w, theta, inner_batch, v), f_w)
+        k = self.inner_steps
+
+        def v_step(t, v):
+            d = tu.tree_add(_hvp(g, w, theta, _nth(inner_batch, k + t), v), f_w)
             return tu.tree_axpy(-eta, d, v)
 
         v = jax.lax.fori_loop(0, self.v_steps, v_step, state.aux)
-        d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
+        last = _nth(inner_batch, self.inner_batches - 1)
+        d_t = tu.tree_add(f_t, _cross(g, w, theta, last, v))
         info = _info(*self.oracles)
         return _with_finite(self._outer_update(state, d_t, w, v), info)

@@ -5,7 +5,15 @@ import jax
 from .. import _struct as struct
 from .. import _tree as tu
 from .._checks import check_int
-from ._stochastic import _cross, _hvp, _info, _sgd, _Stochastic, _with_finite
+from ._stochastic import (
+    _cross,
+    _hvp,
+    _info,
+    _nth,
+    _sgd,
+    _Stochastic,
+    _with_finite,
+)
 
 
 class StocBiO(_Stochastic):
@@ -20,6 +28,13 @@ class StocBiO(_Stochastic):
 
     inner_steps: int = struct.field(pytree_node=False, default=10)
     neumann_terms: int = struct.field(pytree_node=False, default=10)
+
+    stacked = True
+
+    @property
+    def inner_batches(self) -> int:
+        """K SGD steps, Q - 1 Neumann products and the cross product."""
+        return self.inner_steps + self.neumann_terms
 
     def __post_init__(self):
         super().__post_init__()
@@ -42,13 +57,17 @@ class StocBiO(_Stochastic):
         w = _sgd(g, state.w, theta, inner_batch, eta, self.inner_steps)
         f_w, f_t = jax.grad(f, (0, 1))(w, theta, outer_batch)
 
-        def neumann(_, carry):  # term <- (I - ηH) term, total += term
+        k = self.inner_steps
+
+        def neumann(q, carry):  # term <- (I - ηH) term, total += term
             total, term = carry
-            term = tu.tree_axpy(-eta, _hvp(g, w, theta, inner_batch, term), term)
+            batch = _nth(inner_batch, k + q)
+            term = tu.tree_axpy(-eta, _hvp(g, w, theta, batch, term), term)
             return tu.tree_add(total, term), term
 
         total, _ = jax.lax.fori_loop(0, self.neumann_terms - 1, neumann, (f_w, f_w))
         v = tu.tree_scale(-eta, total)  # ≈ -H⁻¹ ∇_w f
-        d_t = tu.tree_add(f_t, _cross(g, w, theta, inner_batch, v))
+        last = _nth(inner_batch, self.inner_batches - 1)
+        d_t = tu.tree_add(f_t, _cross(g, w, theta, last, v))
         info = _info(*self.oracles)
         return _with_finite(self._outer_update(state, d_t, w, v), info)
