@@ -18,7 +18,9 @@ through shuffled contiguous batches, iterjax draws random indices.
 
 iterjax's AmIGO and StocBiO also run with a fresh batch for every inner oracle
 call (`iterjax.bilevel.Batches`, "fresh batches"), as benchopt and their papers
-sample.
+sample; its SABA also on the problem written as a sum over the batches of a
+fixed partition (losses of batch ids: "rows per batch"), where its memory has
+benchopt's rows.
 
 Reported per solver and side: the median time of a block, the held-out (test)
 cross-entropy after the last block (mean and spread over seeds), and at matched
@@ -60,6 +62,13 @@ STEPS = dict(outer_lr=1.0, inner_lr=0.5)
 SOLVERS = {name: STEPS for name in ("soba", "saba", "amigo", "stocbio")}
 INNER_STEPS = 5
 NEUMANN_TERMS = 10  # iterjax StocBiO's default; benchopt's n_shia_steps
+# iterjax's other ways to run a solver, each a side of its own
+FRESH = {"iterjax, fresh batches": {"fresh": True}}
+VARIANTS = {
+    "amigo": FRESH,
+    "stocbio": FRESH,
+    "saba": {"iterjax, rows per batch": {"by_batch": True}},
+}
 
 
 def benchopt_solver(path, name, p, lr, batch, eval_freq, seed):
@@ -124,9 +133,36 @@ def run_benchopt(solver, blocks, test, shape):
     return seconds, losses
 
 
-def run_iterjax(name, p, lr, batch, eval_freq, blocks, seed, fresh=False):
+def over_batches(p, batch):
+    """`p` as a finite sum over the minibatches of a fixed partition of each
+    set (contiguous, the last one clamped into the data, as `sliced` reads
+    benchopt's): its losses take batch ids. SABA's memory then has a row a
+    batch, as benchopt's."""
+
+    def lift(loss, n):
+        def f(w, theta, ids):
+            idx = jnp.minimum(ids[:, None] * batch, n - batch) + jnp.arange(batch)
+            return loss(w, theta, idx.ravel())
+
+        return f
+
+    count = lambda n: -(-n // batch)
+    return p._replace(
+        inner=lift(p.inner, p.n),
+        outer=lift(p.outer, p.m),
+        n=count(p.n),
+        m=count(p.m),
+    )
+
+
+def run_iterjax(
+    name, p, lr, batch, eval_freq, blocks, seed, fresh=False, by_batch=False
+):
     """The same through iterjax's solver: `eval_freq` steps a jitted block
-    (`fresh`: a fresh inner batch for every inner oracle call, `Batches`)."""
+    (`fresh`: a fresh inner batch for every inner oracle call, `Batches`;
+    `by_batch`: the sums over batches of a fixed partition, one id a step)."""
+    if by_batch:
+        p, batch = over_batches(p, batch), 1
     inner_lr = lr["inner_lr"] / p.L
     s = runs.Solver(name, outer_lr=lr["outer_lr"], inner_lr=inner_lr)
     s = dataclasses.replace(s, inner_steps=INNER_STEPS, fresh_batches=fresh)
@@ -193,14 +229,11 @@ def main():
     rows, ratios = [], []
     for name, lr in SOLVERS.items():
         curves, times = {}, {}
-        sides = ["iterjax", "iterjax, fresh batches", "benchopt"]
-        if name not in ("amigo", "stocbio"):
-            sides.remove("iterjax, fresh batches")
-        for side in sides:
+        sides = {"iterjax": {}, **VARIANTS.get(name, {}), "benchopt": None}
+        for side, options in sides.items():
             losses, seconds = [], []
             for seed in range(args.seeds):
-                if side.startswith("iterjax"):
-                    fresh = side.endswith("fresh batches")
+                if options is not None:
                     t, loss = run_iterjax(
                         name,
                         p,
@@ -209,7 +242,7 @@ def main():
                         args.eval_freq,
                         args.blocks,
                         seed,
-                        fresh,
+                        **options,
                     )
                 else:
                     solver = benchopt_solver(
@@ -237,7 +270,7 @@ def main():
                     f"{reach[side]} (loss {target:.4f})",
                 ]
             )
-        for side in sides[:-1]:
+        for side in list(sides)[:-1]:
             ratio = times[side] / times["benchopt"]
             line = f"{name} ({side}): / benchopt time a block {ratio:.2f}x"
             if reach[side] and reach["benchopt"]:
