@@ -141,7 +141,6 @@ GRID_CASES = [
         "galerkin-multigrid",
         "galerkin-cg-multigrid",
     ]
-    if ndim == 2 or not name.startswith("galerkin")  # Galerkin levels: 2-D only
 ]
 
 

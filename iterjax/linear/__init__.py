@@ -16,6 +16,7 @@ from .mfac import MFAC as MFAC
 from .mfac import SlidingMFAC as SlidingMFAC
 from .multigrid import Multigrid as Multigrid
 from .multigrid import MultigridSolver as MultigridSolver
+from .multigrid import Stencil as Stencil
 from .multigrid import Stencil9 as Stencil9
 from .neumann import Neumann as Neumann
 from .neumann import Richardson as Richardson
