@@ -126,7 +126,7 @@ class Backtracking(AbstractFixedPointSolver):
         if self.objective is None:
             turn = jnp.array(False)
             slope = -tu.two_norm(r)
-            first = tu.two_norm(inner.residual)
+            first = jax.lax.stop_gradient(tu.two_norm(inner.residual))
         else:
             slope = -tu.tree_vdot(r, d)
             turn = ~(slope < 0)  # not a descent direction (or NaN): d = r
