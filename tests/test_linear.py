@@ -1296,8 +1296,9 @@ def test_3d_galerkin_levels_are_27_point_stencils_that_follow_rough_fields():
     x = jax.lax.fori_loop(0, 400, lambda _, x: G.sweep(x, b, 1.0), jnp.zeros_like(b))
     np.testing.assert_allclose(G(x), b, rtol=1e-8, atol=1e-8)
     # on a rough field (σ = 2) CG + Galerkin V(1,1) needs fewer products than
-    # with rediscretised levels, its build included, and reaches the true residual
-    n = 31
+    # with rediscretised levels, its build included (139 against 184 at 15³;
+    # 174 against 346 at 31³), and reaches the true residual
+    n = 15
     k = jnp.asarray(ij.gallery.lognormal_coefficient(n, 2.0, 4, 0, ndim=3))
     A, b = ij.gallery.Poisson3D(k), jnp.ones((n, n, n))
     products = {}
@@ -1307,7 +1308,7 @@ def test_3d_galerkin_levels_are_27_point_stencils_that_follow_rough_fields():
         assert bool(stats.converged)
         assert float(jnp.linalg.norm(b - A(x)) / jnp.linalg.norm(b)) <= 1e-8
         products[coarsening] = int(stats.num_matvecs)
-    assert products["galerkin"] * 1.5 < products["rediscretise"], products
+    assert products["galerkin"] * 1.25 < products["rediscretise"], products
 
 
 @pytest.mark.parametrize("seed", range(4))
