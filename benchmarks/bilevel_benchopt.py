@@ -51,7 +51,6 @@ jax.config.update("jax_enable_x64", True)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import RESULTS, machine, markdown  # noqa: E402
-from iterjax import bilevel as bl  # noqa: E402
 from iterjax.experiments import hpo_logreg  # noqa: E402
 from iterjax.experiments.common import bilevel_runs as runs  # noqa: E402
 
@@ -104,14 +103,19 @@ def benchopt_solver(path, name, p, lr, batch, eval_freq, seed):
     return solver
 
 
+def contiguous(start, n, size):
+    """The indices of the `size` samples from `start`, the start clamped so
+    that they lie in [0, n) (as a dynamic slice clamps it)."""
+    return jnp.minimum(start, n - size) + jnp.arange(size)
+
+
 def sliced(loss, n, shape):
     """benchopt's loss signature, f(inner, outer, start, batch_size), on a flat
     inner variable (its SABA's memory tables assume vectors): the contiguous
     batch from `start` (clamped into the data, as a dynamic slice)."""
 
     def f(w, theta, start, batch_size):
-        start = jnp.minimum(start, n - batch_size)
-        return loss(w.reshape(shape), theta, start + jnp.arange(batch_size))
+        return loss(w.reshape(shape), theta, contiguous(start, n, batch_size))
 
     return f
 
@@ -141,8 +145,7 @@ def over_batches(p, batch):
 
     def lift(loss, n):
         def f(w, theta, ids):
-            idx = jnp.minimum(ids[:, None] * batch, n - batch) + jnp.arange(batch)
-            return loss(w, theta, idx.ravel())
+            return loss(w, theta, contiguous(ids[:, None] * batch, n, batch).ravel())
 
         return f
 
@@ -167,16 +170,10 @@ def run_iterjax(
     s = runs.Solver(name, outer_lr=lr["outer_lr"], inner_lr=inner_lr)
     s = dataclasses.replace(s, inner_steps=INNER_STEPS, fresh_batches=fresh)
     solver = runs.make_solver(s, p.inner, p.outer, p.n, p.m)
-    shape = (solver.inner_batches, batch) if fresh else (batch,)
+    step = runs.random_step(solver, p.n, p.m, batch, fresh)
 
     def block(state, key):
-        def body(state, k):
-            ki, ko = jax.random.split(k)
-            i = jax.random.randint(ki, shape, 0, p.n)
-            j = jax.random.randint(ko, (batch,), 0, p.m)
-            i = bl.Batches(i) if fresh else i
-            return solver.step(state, i, j)[0], None
-
+        body = lambda state, k: (step(state, k)[0], None)
         return jax.lax.scan(body, state, jax.random.split(key, eval_freq))[0]
 
     state = solver.init(p.theta0, p.w0)

@@ -145,24 +145,32 @@ def make_solver(s, inner, outer, n, m):
     raise ValueError(f"no stochastic solver {s.name!r}")
 
 
-def chunked(solver, n, m, batch, budget, evals, fresh=False):
-    """`chunk(state, key)`: solver steps on random minibatches of indices, a pure
-    function returning `(state, per-sample oracle calls it spent)` (as the
-    steps' `info` counts them); `evals` chunks spend about `budget` (at the
-    solver's mean calls per step). `fresh`: a `Batches` stack of
-    `solver.inner_batches` inner minibatches a step."""
-    steps = max(1, int(budget / (sum(solver.oracles) * batch) / evals))
+def random_step(solver, n, m, batch, fresh=False):
+    """`step(state, key)`: one solver step on random minibatches of indices
+    (`fresh`: a `Batches` stack of `solver.inner_batches` inner minibatches),
+    returning `(state, oracle calls)`: the step's gradients and HVPs, each on
+    one minibatch."""
     shape = (solver.inner_batches, batch) if fresh else (batch,)
 
-    def chunk(state, key):
-        def body(state, k):
-            ki, ko = jax.random.split(k)
-            i = jax.random.randint(ki, shape, 0, n)
-            i = bl.Batches(i) if fresh else i
-            j = jax.random.randint(ko, (batch,), 0, m)
-            state, info = solver.step(state, i, j)
-            return state, info["grads"] + info["hvps"]
+    def step(state, key):
+        ki, ko = jax.random.split(key)
+        i = jax.random.randint(ki, shape, 0, n)
+        i = bl.Batches(i) if fresh else i
+        j = jax.random.randint(ko, (batch,), 0, m)
+        state, info = solver.step(state, i, j)
+        return state, info["grads"] + info["hvps"]
 
+    return step
+
+
+def chunked(solver, n, m, batch, budget, evals, fresh=False):
+    """`chunk(state, key)`: `random_step`s, a pure function returning `(state,
+    per-sample oracle calls it spent)` (as the steps' `info` counts them);
+    `evals` chunks spend about `budget` (at the solver's mean calls per step)."""
+    steps = max(1, int(budget / (sum(solver.oracles) * batch) / evals))
+    body = random_step(solver, n, m, batch, fresh)
+
+    def chunk(state, key):
         state, calls = jax.lax.scan(body, state, jax.random.split(key, steps))
         return state, jnp.sum(calls) * batch
 

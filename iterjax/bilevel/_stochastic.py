@@ -125,12 +125,10 @@ class _Stochastic(Module):
     def step(self, state, inner_batch, outer_batch):
         """One outer step on a minibatch of each loss: `(state, info)`."""
 
-    stacked = False  # takes `Batches` for its inner oracle calls
-
     @property
     def inner_batches(self) -> int:
         """Inner oracle calls a step: the length of a `Batches` stack that
-        gives each its own batch."""
+        gives each its own batch (1: the step takes one batch, not a stack)."""
         return 1
 
     def _check_batches(self, inner_batch, outer_batch):
@@ -139,7 +137,7 @@ class _Stochastic(Module):
         is a `Batches` stack where the solver takes one batch."""
         name = type(self).__name__
         if isinstance(outer_batch, Batches) or (
-            isinstance(inner_batch, Batches) and not self.stacked
+            isinstance(inner_batch, Batches) and self.inner_batches == 1
         ):
             raise ValueError(
                 f"{name}.step: `Batches` (a stack of minibatches) is for the inner "

@@ -29,8 +29,6 @@ class AmIGO(_Stochastic):
     inner_steps: int = struct.field(pytree_node=False, default=5)
     v_steps: int = struct.field(pytree_node=False, default=5)
 
-    stacked = True
-
     @property
     def inner_batches(self) -> int:
         """K SGD steps on w, the v steps and the cross product."""

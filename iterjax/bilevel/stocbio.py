@@ -29,8 +29,6 @@ class StocBiO(_Stochastic):
     inner_steps: int = struct.field(pytree_node=False, default=10)
     neumann_terms: int = struct.field(pytree_node=False, default=10)
 
-    stacked = True
-
     @property
     def inner_batches(self) -> int:
         """K SGD steps, Q - 1 Neumann products and the cross product."""

@@ -79,20 +79,14 @@ class Stencil(struct.PyTreeNode):
         """The stencil of a linear `fn` on n^ndim grids whose stencil lies
         within 3^ndim, from 3^ndim products: with colours (i_k mod 3)_k, each
         node sees one node of each colour in its 3^ndim neighbourhood."""
-        idx = jnp.meshgrid(*[jnp.arange(n)] * ndim, indexing="ij")
-        offsets = list(itertools.product(range(3), repeat=ndim))
-        every = lambda conditions: functools.reduce(jnp.logical_and, conditions)
-        masks = jnp.stack(
-            [
-                every([i % 3 == c for i, c in zip(idx, colour, strict=True)])
-                for colour in offsets
-            ]
-        ).astype(dtype)
+        masks = jnp.stack(_colour_classes(n, ndim, 3)).astype(dtype)
         outs = jax.vmap(fn)(masks)  # (3^ndim, n, ..., n)
-        # the colour of node i + a - 1, numbered as `offsets` orders them
+        # the colour of node i + a - 1, numbered as `_colour_classes` orders them
+        idx = tuple(jnp.indices((n,) * ndim))
         colour_of = lambda a: sum(
             3 ** (ndim - 1 - k) * ((i + a[k] - 1) % 3) for k, i in enumerate(idx)
         )
+        offsets = itertools.product(range(3), repeat=ndim)
         w = [outs[(colour_of(a), *idx)] for a in offsets]
         return cls(jnp.stack(w, axis=-1).reshape((n,) * ndim + (3,) * ndim))
 
@@ -124,13 +118,7 @@ class Stencil(struct.PyTreeNode):
 
     def sweep(self, u, b, omega, backward=False):
         """One SOR sweep in 2^d-colour order."""
-        idx = jnp.meshgrid(*[jnp.arange(u.shape[0])] * self.ndim, indexing="ij")
-        colours = [
-            functools.reduce(
-                jnp.logical_and, [i % 2 == c for i, c in zip(idx, parity, strict=True)]
-            )
-            for parity in itertools.product((0, 1), repeat=self.ndim)
-        ]
+        colours = _colour_classes(u.shape[0], self.ndim, 2)
         d = self.diagonal()
         for colour in reversed(colours) if backward else colours:
             u = jnp.where(colour, u + omega * (b - self(u)) / d, u)
@@ -138,6 +126,18 @@ class Stencil(struct.PyTreeNode):
 
 
 Stencil9 = Stencil  # the 2-D (9-point) name
+
+
+def _colour_classes(n, ndim, modulus):
+    """The nodes of an n^ndim grid by their indices mod `modulus`: one boolean
+    mask per residue tuple, in `itertools.product` order."""
+    idx = jnp.indices((n,) * ndim)
+    return [
+        functools.reduce(
+            jnp.logical_and, [i % modulus == c for i, c in zip(idx, residues)]
+        )
+        for residues in itertools.product(range(modulus), repeat=ndim)
+    ]
 
 
 def _side(operator):
