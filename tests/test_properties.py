@@ -252,6 +252,8 @@ def fixed_point_solver(name):
         "nesterov": ij.Momentum(nesterov=True),
         "nag-gs": ij.NAGGS(),
         "async": ij.AsyncCoordinates(fraction=0.5, delay=2),
+        # the Armijo rule on |r|: a NaN trial fails it (shrinks the step)
+        "backtracking-newton": ij.Backtracking(ij.Newton()),
     }
     solver = solvers[name]
     run = lambda args: ij.fixed_point(
@@ -272,6 +274,7 @@ def fixed_point_solver(name):
         "nesterov",
         "async",
         "nag-gs",
+        "backtracking-newton",
     ],
 )
 @given(problem=maps())
