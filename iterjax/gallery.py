@@ -37,6 +37,8 @@ class _GridPoisson(struct.PyTreeNode):
     shift: float = 0.0
 
     ndim = 0  # the subclass's dimension
+    points = property(lambda self: 2 * self.ndim + 1)  # stencil points per node
+    sweep_products = 2  # a red-black sweep evaluates the neighbours twice
 
     def __post_init__(self):
         # (leading axes are a batch: an operator of stacked k vmaps as a pytree)

@@ -39,24 +39,29 @@ from .preconditioners import AbstractPreconditioner
 
 def restrict(r):
     """Full weighting of a grid function of side n = 2m + 1 in each of its
-    dimensions (1, 2 or 3) onto side m: the stencil [1 2 1] / 4 along each."""
+    dimensions (1, 2 or 3) onto side m: the stencil [1 2 1] / 4 along each axis
+    in turn (separable: 3 d terms, not 3^d)."""
     m = (r.shape[-1] - 1) // 2
-    rp = jnp.pad(r, 1)
-    w = (0.25, 0.5, 0.25)  # offsets -1, 0, 1 around the fine node 2I + 1
-    # rp[2I + 1 + a] along each axis: offset a - 1
-    around = lambda a: slice(1 + a, 1 + a + 2 * m, 2)
-    return sum(
-        math.prod(w[a] for a in offsets) * rp[tuple(around(a) for a in offsets)]
-        for offsets in itertools.product(range(3), repeat=r.ndim)
-    )
+    for axis in range(r.ndim):  # coarse node I from fine nodes 2I, 2I + 1, 2I + 2
+        at = lambda a: jax.lax.slice_in_dim(r, a, a + 2 * m - 1, 2, axis)
+        r = 0.25 * at(0) + 0.5 * at(1) + 0.25 * at(2)
+    return r
 
 
 def prolong(uc, n):
     """Multilinear (bilinear in 2-D) interpolation of a grid function of side m
-    onto side n = 2m + 1: 2^d Rᵀ, so that the cycle is symmetric by construction."""
-    zeros = jax.ShapeDtypeStruct((n,) * uc.ndim, uc.dtype)
-    (u,) = jax.linear_transpose(restrict, zeros)(uc)
-    return 2**uc.ndim * u
+    onto side n = 2m + 1, [1 2 1] / 2 along each axis in turn: 2^d Rᵀ, so that
+    the cycle is symmetric."""
+    u = uc
+    zero = jnp.zeros((), uc.dtype)
+    for axis in range(uc.ndim):
+        # coarse node I at 2I + 2 of a line of n + 2: zeros between, two beyond
+        config = [(0, 0, 0)] * u.ndim
+        config[axis] = (2, 2, 1)
+        z = jax.lax.pad(u, zero, config)
+        at = lambda a: jax.lax.slice_in_dim(z, a, a + n, 1, axis)
+        u = 0.5 * at(0) + at(1) + 0.5 * at(2)
+    return u
 
 
 class Stencil(struct.PyTreeNode):
@@ -103,12 +108,21 @@ class Stencil(struct.PyTreeNode):
         return self.w.ndim // 2
 
     def __call__(self, u):
+        return self._at(u, (0,) * self.ndim, 1)
+
+    def _at(self, u, first, step):
+        """(A u) at the nodes first + step j (each axis), from the padded grid."""
         n = u.shape[0]
         up = jnp.pad(u, 1)
+        nodes = tuple(slice(f, None, step) for f in first)
         return sum(
-            self.w[(..., *a)] * up[tuple(slice(b, b + n) for b in a)]
+            self.w[(*nodes, *a)]
+            * up[tuple(slice(f + b, n + b, step) for f, b in zip(first, a))]
             for a in itertools.product(range(3), repeat=self.ndim)
         )
+
+    points = property(lambda self: 3**self.ndim)  # stencil points per node
+    sweep_products = 1  # a sweep evaluates the stencil once at every node
 
     def diagonal(self):
         return self.w[(..., *(1,) * self.ndim)]
@@ -117,11 +131,17 @@ class Stencil(struct.PyTreeNode):
         return Stencil.galerkin(self, self.w.shape[0])
 
     def sweep(self, u, b, omega, backward=False):
-        """One SOR sweep in 2^d-colour order."""
-        colours = _colour_classes(u.shape[0], self.ndim, 2)
+        """One SOR sweep in 2^d-colour order, each colour (a parity per index)
+        evaluated at its own nodes only: one stencil product a sweep."""
+        colours = list(itertools.product(range(2), repeat=self.ndim))
         d = self.diagonal()
-        for colour in reversed(colours) if backward else colours:
-            u = jnp.where(colour, u + omega * (b - self(u)) / d, u)
+        for first in reversed(colours) if backward else colours:
+            nodes = tuple(slice(f, None, 2) for f in first)
+            step = omega * (b[nodes] - self._at(u, first, 2)) / d[nodes]
+            # back onto the grid: the colour's nodes, zeros between (interior pad)
+            n = u.shape[0]
+            config = [(f, n - f - 2 * s + 1, 1) for f, s in zip(first, step.shape)]
+            u = u + jax.lax.pad(step, jnp.zeros((), u.dtype), config)
         return u
 
 
@@ -161,13 +181,15 @@ class Multigrid(AbstractPreconditioner):
     in 2-D and 343 in 3-D by default).
 
     Products: `per_apply` counts the work of one cycle in fine-grid operator
-    products, rounded up: a Gauss-Seidel sweep in red-black order evaluates the
-    stencil twice (2), a Jacobi sweep or a residual once (1), each level weighted
-    by its size (1/4 per level in 2-D, 1/8 in 3-D) and by how often the cycle
-    visits it (the bottom level's dense triangular solves are not counted). On
-    Galerkin levels this undercounts: a sweep there runs in 2^d colours, each
-    evaluating a 3^d-point stencil (in 3-D, CG + Galerkin V(1,1) took 2.1x the
-    time of rediscretised levels at 63³ for 0.73x the count).
+    products, rounded up. A level's product weighs its nodes and its stencil's
+    points against the fine operator's (`points`: 5 or 7 for the Poisson
+    operators, 9 or 27 on Galerkin levels), so a rediscretised 2-D level counts
+    1/4 and a 27-point Galerkin level under a 7-point operator 27/56. A
+    Gauss-Seidel sweep counts the operator's `sweep_products` (red-black on the
+    Poisson operators evaluates the stencil twice, a `Stencil`'s 2^d colours
+    once in all), a Jacobi sweep or a residual one product; each level is
+    weighted by how often the cycle visits it (the bottom level's dense
+    triangular solves are not counted).
 
     Attributes:
       pre, post: smoothing sweeps before and after the coarse correction.
@@ -274,16 +296,20 @@ class Multigrid(AbstractPreconditioner):
             u = u + prolong(uc, r.shape[-1])
             return smooth(A, u, r, self.post, True)
 
-        sweep = 2 if self.smoother == "gauss_seidel" else 1
-        per_level = sweep * (self.pre + self.post) + 1
+        # one product of A in fine-grid products: its nodes times its points
+        cost = lambda A: (_side(A) / _side(matvec)) ** d * A.points / matvec.points
+        gauss_seidel = self.smoother == "gauss_seidel"
         visits = 2 if self.cycle == "W" else 1
-        size = lambda A: (_side(A) / _side(matvec)) ** d  # in fine points
-        work = sum(
-            per_level * visits**level * size(A) for level, A in enumerate(ops[:-1])
-        )
-        build = n**d * size(bottom)  # n^d products at n^d points
+        work = 0.0
+        for level, A in enumerate(ops[:-1]):
+            sweep = A.sweep_products if gauss_seidel else 1
+            here = (sweep * (self.pre + self.post) + 1) * cost(A)  # and a residual
+            if visits == 2 and level + 2 < len(ops):  # the second visit's residual
+                here += cost(ops[level + 1])
+            work += visits**level * here
+        build = n**d * cost(bottom)  # n^d products to assemble the bottom
         if self.coarsening == "galerkin":  # 3^d products of the level above each
-            build += sum(3**d * size(A) for A in ops[:-1])
+            build += sum(3**d * cost(A) for A in ops[:-1])
         return (lambda r: cycle(0, r)), math.ceil(build), math.ceil(work)
 
 
