@@ -26,6 +26,7 @@ decay of a grid.
 """
 
 import dataclasses
+import functools
 import time
 from typing import Literal
 
@@ -200,7 +201,7 @@ def methods(cfg, step, gradients):
 
 def run(cfg: Config, workdir) -> dict:
     w0, predict, (train, val, test), inner, outer = problem(cfg)
-    theta = jnp.full(w0.shape, cfg.theta0)
+    theta = jnp.full(w0.shape, cfg.theta0, w0.dtype)  # strongly typed: one compile
     # compiled once, for every solve (all of one shape) and its memory
     solve = jax.jit(lambda t, w: fit(cfg, inner, t, w)).lower(theta, w0).compile()
     start = time.perf_counter()
@@ -323,13 +324,17 @@ def decay_grid(cfg, inner, predict, data, w0, solve):
 
 def _scores(predict, w, data):
     names = ("train", "val", "test")
-    out = {
-        f"{n}_loss": float(cross_entropy(predict, w, d)) for n, d in zip(names, data)
-    }
-    out.update(
-        {f"{n}_acc": float(accuracy(predict, w, d)) for n, d in zip(names, data)}
-    )
+    losses, accuracies = _metrics(predict, w, data)
+    out = {f"{n}_loss": float(v) for n, v in zip(names, losses)}
+    out.update({f"{n}_acc": float(v) for n, v in zip(names, accuracies)})
     return out
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _metrics(predict, w, data):
+    """Cross-entropy and accuracy on each data set, one compiled call."""
+    losses = [cross_entropy(predict, w, d) for d in data]
+    return losses, [accuracy(predict, w, d) for d in data]
 
 
 def plot(rows, tuned, grid, workdir):
