@@ -61,6 +61,15 @@ def test_readme_has_an_example_per_pillar():
     assert sum(b.startswith("import") for b in EXAMPLES) >= 6
 
 
+def test_the_readme_is_a_short_front_door():
+    # issue 41: at most 300 lines, and a short example (<= 20 lines) for at
+    # least each of the four pillars; the manual is the docs site
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    own = re.findall(r"```python\n(.*?)```", readme, re.S)
+    assert sum(len(b.splitlines()) <= 20 for b in own) >= 4
+
+
 # What each README example must also satisfy, run after it in the same process.
 CHECKS = {
     1: [  # the penalty hypergradient approximates the implicit one
