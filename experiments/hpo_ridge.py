@@ -121,7 +121,7 @@ def method(family, budget, step, X, theta0, seed=0):
 def run(cfg: Config, workdir) -> dict:
     X, y, Xv, yv = load(cfg)
     inner, outer, exact = problem(X, y, Xv, yv)
-    theta = jnp.full(X.shape[1], cfg.theta0)
+    theta = jnp.full(X.shape[1], cfg.theta0, X.dtype)  # strongly typed: one compile
     w0 = jnp.zeros(X.shape[1])
     ref, H = exact(theta)
     eigs = jnp.linalg.eigvalsh(H)
