@@ -90,7 +90,9 @@ def _lookup(summary, term):
     name, select, path = _TERM.match(term).groups()
     node = summary[name]
     if select is not None:
-        want = dict(p.split("=", 1) for p in map(str.strip, select.split(",")))
+        # k=v pairs split at the commas outside parentheses (labels hold some)
+        pairs = re.split(r",(?![^()]*\))", select)
+        want = dict(p.split("=", 1) for p in map(str.strip, pairs))
         match = [r for r in node if all(str(r[k]) == v for k, v in want.items())]
         assert len(match) == 1, f"{term}: {len(match)} rows match"
         node = match[0]

@@ -121,13 +121,19 @@ def grid_systems(draw, ndim):
 
 @functools.cache
 def grid_solving(name, capped, ndim):
-    coarsening = "galerkin" if name.startswith("galerkin") else "rediscretise"
-    cycle = linear.Multigrid(coarsest=3, coarsening=coarsening)
+    kind, _, rest = name.partition("-")
+    if kind not in ("galerkin", "operator"):
+        kind, rest = "rediscretise", name
+    cycle = linear.Multigrid(
+        coarsest=3,
+        coarsening="rediscretise" if kind == "rediscretise" else "galerkin",
+        interpolation="operator" if kind == "operator" else "multilinear",
+    )
     cap = 2 if capped else None
     solver = {
         "multigrid": linear.MultigridSolver(cycle, max_steps=cap or 100),
         "cg-multigrid": linear.CG(max_steps=cap, preconditioner=cycle),
-    }[name.removeprefix("galerkin-")]
+    }[rest]
     operator = OPERATORS[ndim]
     return jax.jit(lambda k, b: solver.solve_with_stats(operator(k), b))
 
@@ -140,6 +146,7 @@ GRID_CASES = [
         "cg-multigrid",
         "galerkin-multigrid",
         "galerkin-cg-multigrid",
+        *(["operator-multigrid", "operator-cg-multigrid"] if ndim == 2 else []),
     ]
 ]
 
@@ -170,8 +177,9 @@ def test_multigrid_converged_means_the_true_residual_is_within_tolerance(
     elif not capped:
         # CG + multigrid solves every family; the cycle alone diverges on rough
         # fields with rediscretised coarse operators (ρ(I - MA) > 1) and is too
-        # slow there with Galerkin ones (bilinear interpolation), said by its flag
-        assert name in ("multigrid", "galerkin-multigrid") and field == "rough", (
+        # slow there with Galerkin ones, said by its flag
+        alone = ("multigrid", "galerkin-multigrid", "operator-multigrid")
+        assert name in alone and field == "rough", (
             name,
             field,
             stats,

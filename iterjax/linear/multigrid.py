@@ -96,12 +96,13 @@ class Stencil(struct.PyTreeNode):
         return cls(jnp.stack(w, axis=-1).reshape((n,) * ndim + (3,) * ndim))
 
     @classmethod
-    def galerkin(cls, operator, n):
-        """R A P on the coarse grid of an n^d operator, n = 2m + 1."""
+    def galerkin(cls, operator, n, transfer=None):
+        """R A P on the coarse grid of an n^d operator, n = 2m + 1 (R, P: full
+        weighting and multilinear interpolation, or `transfer` = (R, P))."""
         m = (n - 1) // 2
-        coarse = lambda uc: restrict(operator(prolong(uc, n)))
-        dtype = jax.eval_shape(operator.diagonal).dtype
-        return cls.probe(coarse, m, dtype, _ndim(operator))
+        R, P = transfer or (restrict, lambda uc: prolong(uc, n))
+        coarse = lambda uc: R(operator(P(uc)))
+        return cls.probe(coarse, m, _dtype(operator), _ndim(operator))
 
     @property
     def ndim(self):
@@ -148,6 +149,59 @@ class Stencil(struct.PyTreeNode):
 Stencil9 = Stencil  # the 2-D (9-point) name
 
 
+def operator_transfer(stencil):
+    """Operator-dependent interpolation P and restriction R = Pᵀ / 4 on a 2-D
+    grid of side n = 2m + 1 (Alcouffe, Brandt, Dendy & Painter 1981), from the
+    fine operator's 9-point `Stencil` w (coarse nodes at odd indices):
+
+        coarse node:              u = u_c
+        between two along axis 0: u = -(Σ_b w[-1, b] u_{i-1} + Σ_b w[+1, b] u_{i+1})
+                                        / Σ_b w[0, b]   (the stencil collapsed
+                                        along axis 1; likewise along axis 1)
+        centre of a coarse cell:  u = -Σ_{a ≠ 0} w[a] u_{i+a} / w[0]  (its own
+                                        equation, from the eight values above)
+
+    On a constant-coefficient Laplacian this is bilinear interpolation; where k
+    jumps it follows the flux (u interpolated across an interface weighs the
+    side of larger k), which bilinear interpolation does not. Returns (R, P)."""
+    w = stencil.w
+    n = w.shape[0]
+    i, j = jnp.indices((n, n))
+    along0 = (i % 2 == 0) & (j % 2 == 1)  # coarse neighbours at i ± 1
+    along1 = (i % 2 == 1) & (j % 2 == 0)  # coarse neighbours at j ± 1
+    centre = (i % 2 == 0) & (j % 2 == 0)
+
+    def weight(where, numerator, denominator):  # 0 off `where` (and finite)
+        return jnp.where(where, -numerator / jnp.where(where, denominator, 1), 0)
+
+    rows, cols = w.sum(-1), w.sum(-2)  # (n, n, 3): summed over b, over a
+    w0 = (
+        weight(along0, rows[..., 0], rows[..., 1]),
+        weight(along0, rows[..., 2], rows[..., 1]),
+    )
+    w1 = (
+        weight(along1, cols[..., 0], cols[..., 1]),
+        weight(along1, cols[..., 2], cols[..., 1]),
+    )
+    wc = weight(centre, 1.0, stencil.diagonal())
+
+    def P(uc):
+        u = jnp.zeros((n, n), uc.dtype).at[1::2, 1::2].set(uc)
+        up = jnp.pad(u, 1)
+        u = (
+            u
+            + w0[0] * up[:-2, 1:-1]
+            + w0[1] * up[2:, 1:-1]
+            + w1[0] * up[1:-1, :-2]
+            + w1[1] * up[1:-1, 2:]
+        )
+        return u + wc * stencil(u)  # u is 0 at the centres: their equation
+
+    zeros = jax.ShapeDtypeStruct(((n - 1) // 2,) * 2, w.dtype)
+    transpose = jax.linear_transpose(P, zeros)
+    return (lambda r: transpose(r)[0] / 4), P
+
+
 def _colour_classes(n, ndim, modulus):
     """The nodes of an n^ndim grid by their indices mod `modulus`: one boolean
     mask per residue tuple, in `itertools.product` order."""
@@ -168,6 +222,11 @@ def _side(operator):
 def _ndim(operator):
     """The grid's dimension, likewise."""
     return jax.eval_shape(operator.diagonal).ndim
+
+
+def _dtype(operator):
+    """The operator's dtype, likewise."""
+    return jax.eval_shape(operator.diagonal).dtype
 
 
 class Multigrid(AbstractPreconditioner):
@@ -202,6 +261,10 @@ class Multigrid(AbstractPreconditioner):
         a `Stencil` of 3^d points, probed with 3^d products of the level above;
         below the first coarse level the Gauss-Seidel smoother runs in 2^d
         colours).
+      interpolation: "multilinear" (P = 2^d Rᵀ, R full weighting) or
+        "operator" (2-D Galerkin levels only: `operator_transfer`, P from each
+        level's own stencil, R = Pᵀ / 4; probing the fine operator's stencil
+        costs 9 products, and each transfer evaluates the level's stencil once).
     """
 
     pre: int = struct.field(pytree_node=False, default=1)
@@ -214,6 +277,9 @@ class Multigrid(AbstractPreconditioner):
     coarsest: int | None = struct.field(pytree_node=False, default=None)
     coarsening: Literal["rediscretise", "galerkin"] = struct.field(
         pytree_node=False, default="rediscretise"
+    )
+    interpolation: Literal["multilinear", "operator"] = struct.field(
+        pytree_node=False, default="multilinear"
     )
 
     def __post_init__(self):
@@ -238,9 +304,24 @@ class Multigrid(AbstractPreconditioner):
                 "Multigrid: `coarsening` must be 'rediscretise' or 'galerkin', got "
                 f"{self.coarsening!r}"
             )
+        if self.interpolation not in ("multilinear", "operator"):
+            raise ValueError(
+                "Multigrid: `interpolation` must be 'multilinear' or 'operator', "
+                f"got {self.interpolation!r}"
+            )
+        if self.interpolation == "operator" and self.coarsening != "galerkin":
+            raise ValueError(
+                "Multigrid: `interpolation`='operator' needs "
+                "`coarsening`='galerkin' (the coarse operator R A P of its P)"
+            )
 
     def levels(self, operator):
         """The operators from fine to coarse."""
+        return self._hierarchy(operator)[0]
+
+    def _hierarchy(self, operator):
+        """The operators from fine to coarse, and the (R, P) between each level
+        and the next."""
         if not callable(getattr(operator, "coarsen", None)):
             raise TypeError(
                 "Multigrid: the operator must be a structured-grid operator with "
@@ -248,13 +329,27 @@ class Multigrid(AbstractPreconditioner):
                 "or Poisson3D), "
                 f"got {type(operator).__name__}"
             )
-        coarsest = self.coarsest or (15 if _ndim(operator) <= 2 else 7)
-        ops = [operator]
+        d = _ndim(operator)
+        if self.interpolation == "operator" and d != 2:
+            raise ValueError(
+                f"Multigrid: `interpolation`='operator' is 2-D only, got a {d}-D "
+                "operator"
+            )
+        coarsest = self.coarsest or (15 if d <= 2 else 7)
+        ops, transfers = [operator], []
         while _side(ops[-1]) > coarsest and _side(ops[-1]) % 2 == 1:
-            if self.coarsening == "galerkin":
-                ops.append(Stencil.galerkin(ops[-1], _side(ops[-1])))
+            A, n = ops[-1], _side(ops[-1])
+            if self.interpolation == "operator":
+                stencil = (
+                    A if isinstance(A, Stencil) else Stencil.probe(A, n, _dtype(A))
+                )
+                transfers.append(operator_transfer(stencil))
             else:
-                ops.append(ops[-1].coarsen())
+                transfers.append((restrict, functools.partial(prolong, n=n)))
+            if self.coarsening == "galerkin":
+                ops.append(Stencil.galerkin(A, n, transfers[-1]))
+            else:
+                ops.append(A.coarsen())
         if _side(ops[-1]) > coarsest:
             raise ValueError(
                 f"Multigrid: a grid of side {_side(operator)} coarsens to side "
@@ -262,10 +357,10 @@ class Multigrid(AbstractPreconditioner):
                 "cannot be halved): use a side 2^j (s + 1) - 1 with s <= coarsest, "
                 "e.g. 2^j - 1"
             )
-        return ops
+        return ops, transfers
 
     def build(self, matvec, b):
-        ops = self.levels(matvec)
+        ops, transfers = self._hierarchy(matvec)
         bottom = ops[-1]
         n, d = _side(bottom), _ndim(bottom)
         eye = jnp.eye(n**d, dtype=b.dtype).reshape(n**d, *(n,) * d)
@@ -287,13 +382,14 @@ class Multigrid(AbstractPreconditioner):
             A = ops[level]
             if level == len(ops) - 1:
                 return solve(r)
+            R, P = transfers[level]
             u = smooth(A, jnp.zeros_like(r), r, self.pre, False)
-            rc = restrict(r - A(u))
+            rc = R(r - A(u))
             uc = cycle(level + 1, rc)
             if self.cycle == "W" and level + 1 < len(ops) - 1:
                 coarse = ops[level + 1]
                 uc = uc + cycle(level + 1, rc - coarse(uc))
-            u = u + prolong(uc, r.shape[-1])
+            u = u + P(uc)
             return smooth(A, u, r, self.post, True)
 
         # one product of A in fine-grid products: its nodes times its points
@@ -304,12 +400,16 @@ class Multigrid(AbstractPreconditioner):
         for level, A in enumerate(ops[:-1]):
             sweep = A.sweep_products if gauss_seidel else 1
             here = (sweep * (self.pre + self.post) + 1) * cost(A)  # and a residual
+            if self.interpolation == "operator":  # P and Pᵀ: a 9-point stencil each
+                here += 2 * cost(A) * 3**d / A.points
             if visits == 2 and level + 2 < len(ops):  # the second visit's residual
                 here += cost(ops[level + 1])
             work += visits**level * here
         build = n**d * cost(bottom)  # n^d products to assemble the bottom
         if self.coarsening == "galerkin":  # 3^d products of the level above each
             build += sum(3**d * cost(A) for A in ops[:-1])
+        if self.interpolation == "operator":  # the fine operator's stencil, probed
+            build += 0 if isinstance(matvec, Stencil) else 3**d
         return (lambda r: cycle(0, r)), math.ceil(build), math.ceil(work)
 
 
