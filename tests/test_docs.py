@@ -145,6 +145,18 @@ def test_docstring_examples(name):
     assert result.failed == 0
 
 
+def test_the_configs_reference_is_generated_from_the_typed_configs():
+    # docs/configs.md cannot drift: regenerate it with
+    # `python -m iterjax.lab.reference > docs/configs.md`
+    from iterjax.lab import reference
+
+    page = (ROOT / "docs" / "configs.md").read_text()
+    assert page == reference.markdown(), "docs/configs.md is stale: regenerate it"
+    # every experiment and platform block is there, with its keys' ranges
+    assert "### `linear_solvers`" in page and "### `sweep.random`" in page
+    assert "| `sigma` | a number >= 0.0 | `1.0` |" in page
+
+
 def test_the_readme_lists_every_shipped_config_once_with_claim_and_number():
     readme = (ROOT / "README.md").read_text()
     table = readme.split("[start:configs]")[1].split("[end:configs]")[0]

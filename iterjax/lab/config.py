@@ -145,6 +145,14 @@ def _describe(tp):
         return " or ".join(repr(c) for c in typing.get_args(tp))
     if typing.get_origin(tp) is tuple:
         return f"a list, each {_describe(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        null = " or null" if len(arms) < len(typing.get_args(tp)) else ""
+        return " or ".join(_describe(a) for a in arms) + null
+    if typing.get_origin(tp) is dict:
+        return "a mapping"
+    if tp is Any:
+        return "any value"
     return _SCALARS.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -371,9 +379,9 @@ class RandomSearch:
     `{uniform: [lo, hi]}`, `{log_uniform: [lo, hi]}`, `{int_uniform: [lo, hi]}`
     (both ends included) or `{choice: [v1, v2, ...]}`."""
 
-    num: int
-    space: dict[str, dict[str, tuple[Any, ...]]]
-    seed: int = 0
+    num: int  # draws
+    space: dict[str, dict[str, tuple[Any, ...]]]  # dotted key -> {kind: values}
+    seed: int = 0  # the draws' seed
 
     def __post_init__(self):
         if self.num < 1:
@@ -420,10 +428,12 @@ class Sweep:
     `false` runs them one after another.
     """
 
+    # dotted key -> list of values
     grid: dict[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
-    random: RandomSearch | None = None
-    seeds: int | tuple[int, ...] = ()
-    seed_key: str = "seed"
+    random: RandomSearch | None = None  # random search, below
+    seeds: int | tuple[int, ...] = ()  # n (0..n-1) or a list of seeds
+    seed_key: str = "seed"  # the config key the seeds set
+    # null: vectorise where the experiment allows; true: insist; false: one by one
     vmap: bool | None = None
 
     def __post_init__(self):
@@ -443,8 +453,8 @@ class MeshSpec:
     """A device mesh over `jax.devices()`: `shape` (one -1 takes the devices
     left) and `axes` names. Sweeps shard their members over the first axis."""
 
-    shape: tuple[int, ...] = (-1,)
-    axes: tuple[str, ...] = ("data",)
+    shape: tuple[int, ...] = (-1,)  # devices per axis; one -1 takes the rest
+    axes: tuple[str, ...] = ("data",)  # axis names; sweeps shard over the first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -452,9 +462,9 @@ class DistributedSpec:
     """Arguments of `jax.distributed.initialize`; all None means auto-detect
     (SLURM, TPU pods, Open MPI), as does `distributed: auto`."""
 
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None  # processes in the job
+    process_id: int | None = None  # this process's index
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,9 +482,10 @@ class Launcher:
     `{timeout_min: 60, slurm_partition: gpu, gpus_per_node: 1}`.
     """
 
-    name: Literal["local", "submitit"] = "local"
-    cluster: Literal["auto", "slurm", "local", "debug"] = "auto"
-    folder: str | None = None
+    name: Literal["local", "submitit"] = "local"  # here, or jobs through submitit
+    cluster: Literal["auto", "slurm", "local", "debug"] = "auto"  # submitit's executor
+    folder: str | None = None  # submitit's logs (default <run>/submitit)
+    # submitit's executor parameters
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -489,9 +500,9 @@ class Target:
     vectorised member is searched in the rows its `trial` returns, and has a
     step but no seconds of its own). Example: `target: {metric: loss, below: 0.3}`."""
 
-    metric: str
-    below: float | None = None
-    above: float | None = None
+    metric: str  # a logged column
+    below: float | None = None  # reached at or below this
+    above: float | None = None  # or at or above this (give one)
 
     def __post_init__(self):
         if (self.below is None) == (self.above is None):
@@ -521,18 +532,18 @@ class Target:
 class Platform:
     """The reserved top-level config keys."""
 
-    sweep: Sweep | None = None
-    mesh: MeshSpec | None = None
-    distributed: Literal["auto"] | DistributedSpec | None = None
-    compilation_cache: str | None = None
-    checkpoint_every: int = 0
+    sweep: Sweep | None = None  # runs over settings: grid, random, seeds
+    mesh: MeshSpec | None = None  # a device mesh; sweeps shard over it
+    distributed: Literal["auto"] | DistributedSpec | None = None  # multi-host
+    compilation_cache: str | None = None  # a folder for JAX's persistent cache
+    checkpoint_every: int = 0  # steps between checkpoints for --resume (0: none)
     # where logged rows go: metrics.jsonl (always: the run's record, which
     # resume cuts back) and, optionally, TensorBoard event files (tensorboard),
     # W&B offline runs (wandb) or a writer registered with
     # `registry.register("writer", name, cls)`
     writers: tuple[str, ...] = ("jsonl",)
-    launcher: Launcher | None = None
-    target: Target | None = None
+    launcher: Launcher | None = None  # where a sweep's members run
+    target: Target | None = None  # a time-to-result target
 
     def __post_init__(self):
         if self.launcher is not None and self.launcher.name != "local":
