@@ -70,6 +70,7 @@ bench: $(PEERS) $(TORCH)
 	$(PY) benchmarks/sweep.py
 	$(PY) benchmarks/linear.py
 	$(PY) benchmarks/linear.py --amg-3d
+	$(if $(MFAC),$(PY) benchmarks/mfac.py --mfac $(MFAC),@echo "benchmarks/mfac.py skipped: give MFAC=PATH (a checkout of IST-DASLab/M-FAC)")
 
 # On a lent GPU or TPU: the measurements the papers' headline claims need, in
 # <= 8 minutes; benchmarks/results/device_<device>.md (small sizes on a CPU).
