@@ -133,6 +133,12 @@ class Poisson2D(_GridPoisson):
     Attributes:
       k: (n, n) positive coefficients.
       shift: c >= 0 (a scalar, which may be traced).
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> A = iterjax.gallery.Poisson2D(jnp.ones((3, 3)))
+      >>> A(jnp.ones((3, 3))).shape, A.assemble().shape  # matrix-free, or scipy CSR
+      ((3, 3), (9, 9))
     """
 
     ndim = 2
@@ -147,6 +153,12 @@ class Poisson3D(_GridPoisson):
     Attributes:
       k: (n, n, n) positive coefficients.
       shift: c >= 0 (a scalar, which may be traced).
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> A = iterjax.gallery.Poisson3D(jnp.ones((3, 3, 3)))
+      >>> A(jnp.ones((3, 3, 3))).shape, A.assemble().shape
+      ((3, 3, 3), (27, 27))
     """
 
     ndim = 3
@@ -173,6 +185,13 @@ def smooth_field(n, width, rng, ndim=2):
 def lognormal_coefficient(n, sigma=1.0, width=4, seed=0, ndim=2):
     """k = exp(σ g), g a `smooth_field`: the rough coefficient of a Darcy-flow
     problem, `Poisson2D(k)` (`Poisson3D(k)` with ndim=3); it spans about 4σ
-    e-folds (σ = 0: Poisson)."""
+    e-folds (σ = 0: Poisson).
+
+    Example:
+      >>> import iterjax
+      >>> k = iterjax.gallery.lognormal_coefficient(15, sigma=1.0)
+      >>> k.shape, bool((k > 0).all())
+      ((15, 15), True)
+    """
     rng = np.random.default_rng(seed)
     return np.exp(sigma * smooth_field(n, width, rng, ndim))

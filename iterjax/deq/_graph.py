@@ -83,7 +83,7 @@ class ConvergentGraphSolver(nnx.Module):
       >>> from flax import nnx
       >>> cgs = iterjax.deq.ConvergentGraphSolver(2, 1, rngs=nnx.Rngs(0))
       >>> ring = jnp.roll(jnp.eye(5, dtype=bool), 1, axis=1)  # j = i + 1 -> i
-      >>> y, sol = cgs(jnp.ones((5, 2)), ring, return_solution=True)
+      >>> y, sol = cgs(jnp.ones((5, 2), jnp.float32), ring, return_solution=True)
       >>> y.shape, bool(sol.converged)
       ((5, 1), True)
     """

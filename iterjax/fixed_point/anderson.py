@@ -42,6 +42,13 @@ class Anderson(AbstractFixedPointSolver):
       mixing: β in (0, 1], the damping of the underlying Picard step.
       regularization: λ >= 0, relative Tikhonov regularisation (floored at 100 ε
         of the dtype).
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> f = lambda z, a: jnp.cos(a * z)  # z* = cos(z*)
+      >>> sol = iterjax.fixed_point(f, jnp.zeros(()), 1.0, solver=iterjax.Anderson(3))
+      >>> bool(sol.converged), round(float(sol.value), 4)
+      (True, 0.7391)
     """
 
     history: int = struct.field(pytree_node=False, default=5)

@@ -83,6 +83,13 @@ class Newton(AbstractFixedPointSolver):
       smoothness: M >= 0 of the damping schedule; 0 (the default) takes full
         steps.
       order: q in [2, 4] of the damping schedule.
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> f = lambda z, a: jnp.cos(a * z)  # z* = cos(z*)
+      >>> sol = iterjax.fixed_point(f, jnp.zeros(()), 1.0, solver=iterjax.Newton())
+      >>> bool(sol.converged), round(float(sol.value), 4), int(sol.num_steps) < 10
+      (True, 0.7391, True)
     """
 
     linear_solver: AbstractLinearSolver = struct.field(

@@ -125,6 +125,13 @@ class CG(_Krylov):
       restart: None, or the steps per cycle (>= 1; 1 is steepest descent).
       indefinite: on p·Ap <= 0, "nan" (default: x = NaN) or "truncate" (the
         iterate so far; the first direction at the first step).
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> A, b = jnp.array([[4.0, 1.0], [1.0, 3.0]]), jnp.array([1.0, 2.0])
+      >>> x, stats = iterjax.CG().solve_with_stats(A, b)  # A: a matrix or a function
+      >>> bool(stats.converged), bool(jnp.allclose(A @ x, b))
+      (True, True)
     """
 
     transpose = "symmetric"  # reverse mode: one more solve
@@ -194,7 +201,15 @@ class CG(_Krylov):
 
 
 class BiCGStab(_Krylov):
-    """Biconjugate gradient stabilised (general square A)."""
+    """Biconjugate gradient stabilised (general square A).
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> A, b = jnp.array([[4.0, 1.0], [-2.0, 3.0]]), jnp.array([1.0, 2.0])
+      >>> x, stats = iterjax.BiCGStab().solve_with_stats(A, b)  # A nonsymmetric
+      >>> bool(stats.converged), bool(jnp.allclose(A @ x, b))
+      (True, True)
+    """
 
     def __post_init__(self):
         self._check()
@@ -235,6 +250,13 @@ class GMRES(_Krylov):
         that stagnate.
       max_steps: cap on restart cycles (jax.scipy's `maxiter`, and its default
         10 n when None).
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> A, b = jnp.array([[4.0, 1.0], [-2.0, 3.0]]), jnp.array([1.0, 2.0])
+      >>> x, stats = iterjax.GMRES(restart=2).solve_with_stats(lambda v: A @ v, b)
+      >>> bool(stats.converged), bool(jnp.allclose(A @ x, b))
+      (True, True)
     """
 
     restart: int = struct.field(pytree_node=False, default=20)
