@@ -78,6 +78,16 @@ class Backtracking(AbstractFixedPointSolver):
         its values are never differentiated).
 
     `Solution.stats["shrinks"]` counts the trials beyond the first.
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> f = lambda z, a: z - jnp.arctan(z - a)  # root a; full Newton steps overshoot
+      >>> z0 = jnp.full((), 3.0)
+      >>> newton = iterjax.fixed_point(f, z0, 0.0, solver=iterjax.Newton())
+      >>> solver = iterjax.Backtracking(iterjax.Newton())
+      >>> sol = iterjax.fixed_point(f, z0, 0.0, solver=solver)
+      >>> bool(newton.converged), bool(sol.converged), abs(float(sol.value)) < 1e-6
+      (False, True, True)
     """
 
     solver: AbstractFixedPointSolver

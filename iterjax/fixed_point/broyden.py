@@ -35,6 +35,13 @@ class Broyden(AbstractFixedPointSolver):
 
     Attributes:
       history: m >= 1, the number of rank-one updates before a restart.
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> f = lambda z, a: jnp.cos(a * z)  # z* = cos(z*)
+      >>> sol = iterjax.fixed_point(f, jnp.zeros(2), 1.0, solver=iterjax.Broyden())
+      >>> bool(sol.converged), [round(float(v), 4) for v in sol.value]
+      (True, [0.7391, 0.7391])
     """
 
     history: int = struct.field(pytree_node=False, default=16)

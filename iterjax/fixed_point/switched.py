@@ -49,6 +49,14 @@ class Switched(AbstractFixedPointSolver):
     `Solution.stats` holds the second solver's summary (its counts, such as
     "jvps", include the first solver's) and `switched_at`, the step at which it
     took over (-1 if it never did).
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> f = lambda z, a: jnp.cos(a * z)
+      >>> solver = iterjax.Switched(iterjax.Picard(), iterjax.Newton(), after=3)
+      >>> sol = iterjax.fixed_point(f, jnp.zeros(()), 1.0, solver=solver)
+      >>> bool(sol.converged), int(sol.stats["switched_at"])
+      (True, 3)
     """
 
     first: AbstractFixedPointSolver

@@ -32,7 +32,16 @@ from .deer import DEER
 
 
 class Sequential(AbstractSequenceMethod):
-    """Plain `jax.lax.scan`: the reference, and the method for integer carries."""
+    """Plain `jax.lax.scan`: the reference, and the method for integer carries.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, iterjax
+      >>> f = lambda h, x: (h + x, h)
+      >>> method = iterjax.Sequential()
+      >>> h, ys = iterjax.scan(f, jnp.zeros(()), jnp.ones(5), method=method)
+      >>> float(h), [float(y) for y in ys]  # lax.scan itself
+      (5.0, [0.0, 1.0, 2.0, 3.0, 4.0])
+    """
 
 
 @struct.dataclass

@@ -63,6 +63,14 @@ class QuasiDEER(AbstractSequenceMethod):
     Attributes:
       damping: k in [0, 1).
       jvp_batch: how many basis JVPs are vectorised together (None: all D).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, iterjax
+      >>> f = lambda h, x: (jnp.tanh(0.5 * h + x), h)  # h: a vector; diagonal Jacobians
+      >>> xs = jnp.ones((64, 3))
+      >>> h, ys = iterjax.scan(f, jnp.zeros(3), xs, method=iterjax.QuasiDEER())
+      >>> bool(jnp.allclose(ys, jax.lax.scan(f, jnp.zeros(3), xs)[1], atol=1e-5))
+      True
     """
 
     damping: float = 0.0

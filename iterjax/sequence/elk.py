@@ -41,6 +41,14 @@ class ELK(AbstractSequenceMethod):
         residual-tied λ.
       smooth: step with the smoothed means (True, default: the exact
         Levenberg-Marquardt step) or the filtered means (False, as the paper).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, iterjax
+      >>> f = lambda h, x: (jnp.tanh(0.5 * h + x), h)
+      >>> xs = jnp.ones((64, 3))
+      >>> h, ys = iterjax.scan(f, jnp.zeros(3), xs, method=iterjax.ELK())
+      >>> bool(jnp.allclose(ys, jax.lax.scan(f, jnp.zeros(3), xs)[1], atol=1e-5))
+      True
     """
 
     damping: float = 0.1
@@ -75,6 +83,14 @@ class QuasiELK(ELK):
     Attributes:
       damping, sigmasq, smooth: as for `ELK`.
       jvp_batch: basis JVPs evaluated at once for the diagonal (see `QuasiDEER`).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, iterjax
+      >>> f = lambda h, x: (jnp.tanh(0.5 * h + x), h)
+      >>> xs = jnp.ones((64, 3))
+      >>> h, ys = iterjax.scan(f, jnp.zeros(3), xs, method=iterjax.QuasiELK())
+      >>> bool(jnp.allclose(ys, jax.lax.scan(f, jnp.zeros(3), xs)[1], atol=1e-5))
+      True
     """
 
     jvp_batch: int | None = struct.field(pytree_node=False, default=16)

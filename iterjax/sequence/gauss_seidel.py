@@ -19,6 +19,15 @@ class GaussSeidel(AbstractSequenceMethod):
 
     Attributes:
       block: steps per block (>= 1).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, iterjax
+      >>> f = lambda h, x: (0.5 * jnp.tanh(h) + x, h)
+      >>> xs = jnp.linspace(0.0, 1.0, 64)
+      >>> method = iterjax.GaussSeidel(block=8)
+      >>> h, ys = iterjax.scan(f, jnp.zeros(()), xs, method=method)
+      >>> bool(jnp.allclose(ys, jax.lax.scan(f, jnp.zeros(()), xs)[1], atol=1e-5))
+      True
     """
 
     block: int = struct.field(pytree_node=False, default=8)
