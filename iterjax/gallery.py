@@ -166,7 +166,14 @@ class Poisson3D(_GridPoisson):
 
 def smooth_field(n, width, rng, ndim=2):
     """An (n,) * ndim NumPy field: white noise from `rng` smoothed by a box filter
-    of side `width`, then standardised (mean 0, variance 1)."""
+    of side `width`, then standardised (mean 0, variance 1).
+
+    Example:
+      >>> import numpy as np, iterjax
+      >>> g = iterjax.gallery.smooth_field(16, 4, np.random.default_rng(0))
+      >>> g.shape, round(float(g.mean()), 6), round(float(g.std()), 6)
+      ((16, 16), 0.0, 1.0)
+    """
     g = rng.normal(size=(n + width,) * ndim)
     c = g
     for axis in range(ndim):

@@ -56,7 +56,14 @@ def _is_scipy_sparse(A):
 
 def as_matvec(A):
     """The function x -> A x of a linear operator given as a function (returned
-    as it is), a square dense 2-D array or a square BCOO matrix."""
+    as it is), a square dense 2-D array or a square BCOO matrix.
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> matvec = iterjax.linear.as_matvec(jnp.eye(2) * 3.0)
+      >>> [float(v) for v in matvec(jnp.ones(2))]
+      [3.0, 3.0]
+    """
     if isinstance(A, sparse.BCOO | jax.Array | np.ndarray):
         shape = A.shape[-2:] if A.ndim >= 2 else A.shape
         if A.ndim < 2 or shape[0] != shape[1]:
@@ -79,7 +86,15 @@ def as_matvec(A):
 
 def from_scipy(A, dtype=None) -> sparse.BCOO:
     """A scipy.sparse matrix as a `BCOO` matrix that every solver takes (and
-    that jits, vmaps and differentiates with respect to its values)."""
+    that jits, vmaps and differentiates with respect to its values).
+
+    Example:
+      >>> import jax.numpy as jnp, scipy.sparse as sp, iterjax
+      >>> A = iterjax.linear.from_scipy(sp.diags([2.0, 3.0, 4.0]).tocsr())  # BCOO
+      >>> x, stats = iterjax.CG().solve_with_stats(A, jnp.ones(3))
+      >>> bool(stats.converged), [round(float(v), 4) for v in x]
+      (True, [0.5, 0.3333, 0.25])
+    """
     if not _is_scipy_sparse(A):
         raise TypeError(f"`A` must be a scipy.sparse matrix, got {type(A).__name__}")
     coo = A.tocoo()
