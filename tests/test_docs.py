@@ -66,6 +66,8 @@ MODULES = [
     "iterjax.linear.stationary",
     "iterjax.linear.chebyshev",
     "iterjax.linear._base",
+    "iterjax.classical.bradley_terry",
+    "iterjax.classical.sinkhorn",
 ]
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -275,11 +277,7 @@ WITHOUT_EXAMPLE = {
     "iterjax.bilevel.bloop",
     "iterjax.classical.Potentials",
     "iterjax.classical.SparseNewton",
-    "iterjax.classical.bradley_terry",
-    "iterjax.classical.marginal_error",
-    "iterjax.classical.sinkhorn",
     "iterjax.classical.strongly_connected",
-    "iterjax.classical.transport_plan",
     "iterjax.deq.GraphPropagation",
     "iterjax.deq.graph_transition",
     "iterjax.deq.subhomogeneity",

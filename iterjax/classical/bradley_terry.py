@@ -61,6 +61,14 @@ def bradley_terry(
     Returns:
       `fixed_point`'s `Solution`; its value is the log-scores s, with mean zero
       (choix's normalisation).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from iterjax.classical import bradley_terry
+      >>> wins = jnp.array([[0.0, 3.0, 3.0], [1.0, 0.0, 2.0], [1.0, 2.0, 0.0]])
+      >>> sol = bradley_terry(wins, atol=1e-6)  # log-scores, mean 0
+      >>> bool(sol.converged), bool(sol.value[0] > sol.value[1])
+      (True, True)
     """
     wins = jnp.asarray(wins)
     _check(wins, iteration)
