@@ -47,22 +47,18 @@ def field_comments(cls) -> dict[str, str]:
     for token in tokenize.generate_tokens(io.StringIO(source).readline):
         if token.type == tokenize.COMMENT:
             comments[token.start[0]] = token.string.lstrip("#").strip()
-    out = {}
-    for number, line in enumerate(source.splitlines(), start=1):
+    lines, out = source.splitlines(), {}
+    for number, line in enumerate(lines, start=1):
         field = re.match(r"    (\w+)\s*:", line)
         if not field:
             continue
-        text = [comments[number]] if number in comments else []
-        above = number - 1
-        while (
-            not text
-            and above in comments
-            and source.splitlines()[above - 1].lstrip().startswith("#")
-        ):
+        if number in comments:
+            out[field.group(1)] = comments[number]
+            continue
+        above = number - 1  # the run of comment-only lines just above
+        while above in comments and lines[above - 1].lstrip().startswith("#"):
             above -= 1
-        if not text:
-            text = [comments[k] for k in range(above + 1, number)]
-        out[field.group(1)] = " ".join(text)
+        out[field.group(1)] = " ".join(comments[k] for k in range(above + 1, number))
     return out
 
 
@@ -92,12 +88,9 @@ def table(cls) -> str:
 
 
 def _first_line(doc) -> str:
-    lines = (doc or "").strip().splitlines()
-    return (
-        " ".join(line.strip() for line in lines[: lines.index("")])
-        if ("" in lines)
-        else " ".join(line.strip() for line in lines)
-    )
+    """A docstring's first paragraph, on one line."""
+    paragraph = (doc or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in paragraph.splitlines())
 
 
 def markdown() -> str:

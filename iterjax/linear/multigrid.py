@@ -100,7 +100,7 @@ class Stencil(struct.PyTreeNode):
         """R A P on the coarse grid of an n^d operator, n = 2m + 1 (R, P: full
         weighting and multilinear interpolation, or `transfer` = (R, P))."""
         m = (n - 1) // 2
-        R, P = transfer or (restrict, lambda uc: prolong(uc, n))
+        R, P = transfer or _multilinear(n)
         coarse = lambda uc: R(operator(P(uc)))
         return cls.probe(coarse, m, _dtype(operator), _ndim(operator))
 
@@ -135,18 +135,23 @@ class Stencil(struct.PyTreeNode):
         """One SOR sweep in 2^d-colour order, each colour (a parity per index)
         evaluated at its own nodes only: one stencil product a sweep."""
         colours = list(itertools.product(range(2), repeat=self.ndim))
-        d = self.diagonal()
+        d, n = self.diagonal(), u.shape[0]
         for first in reversed(colours) if backward else colours:
             nodes = tuple(slice(f, None, 2) for f in first)
             step = omega * (b[nodes] - self._at(u, first, 2)) / d[nodes]
             # back onto the grid: the colour's nodes, zeros between (interior pad)
-            n = u.shape[0]
             config = [(f, n - f - 2 * s + 1, 1) for f, s in zip(first, step.shape)]
             u = u + jax.lax.pad(step, jnp.zeros((), u.dtype), config)
         return u
 
 
 Stencil9 = Stencil  # the 2-D (9-point) name
+
+
+def _multilinear(n):
+    """(R, P) between side n = 2m + 1 and side m: full weighting and
+    multilinear interpolation."""
+    return restrict, functools.partial(prolong, n=n)
 
 
 def operator_transfer(stencil):
@@ -353,7 +358,7 @@ class Multigrid(AbstractPreconditioner):
                 )
                 transfers.append(operator_transfer(stencil))
             else:
-                transfers.append((restrict, functools.partial(prolong, n=n)))
+                transfers.append(_multilinear(n))
             if self.coarsening == "galerkin":
                 ops.append(Stencil.galerkin(A, n, transfers[-1]))
             else:
