@@ -1021,3 +1021,37 @@ def test_learned_preconditioner_losses_vanish_at_the_inverse_and_are_scale_free(
     got = float(lp.loss_function("energy")(lambda r, log_k: r, (k, x)))
     np.testing.assert_allclose(got, want, rtol=1e-10)
     assert lp.dilations(7) == [1, 2, 4, 8, 4, 2, 1]
+
+
+def test_learned_factor_starts_from_the_scaled_lower_part_and_its_loss_is_lis():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from iterjax.experiments import learned_preconditioner as lp
+    from iterjax.experiments.common.digits_diffusion import cast
+    from iterjax.gallery import Poisson2D
+    from iterjax.linear import cholesky
+
+    n = 7
+    k = jnp.asarray(ij.gallery.lognormal_coefficient(n, 1.0, 2, 0))
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)))
+    op = Poisson2D(k)
+    A = op.assemble().toarray()
+    matrix = lambda f: np.stack(
+        [np.ravel(f(jnp.asarray(e.reshape(n, n)))) for e in np.eye(n * n)], axis=1
+    )
+    # at initialisation (last layer zero): L = D^{1/2} (I + strictly lower part
+    # of D^{-1/2} A D^{-1/2}), so M = L Lᵀ is symmetric positive definite
+    factor = cast(lp.FactorNetwork(4, 3, nnx.Rngs(0)), jnp.float64)(op)
+    root = np.sqrt(np.diag(A))
+    want = np.diag(root) @ (np.eye(n * n) + np.tril(A / np.outer(root, root), -1))
+    np.testing.assert_allclose(matrix(factor.lower_matvec), want, atol=1e-10)
+    M = matrix(factor)
+    assert np.linalg.eigvalsh((M + M.T) / 2).min() > 0
+    # Li et al.'s loss |L Lᵀ x - A x|² / |A x|², here of the IC(0) factor
+    ic = lambda op: cholesky.incomplete_cholesky(*cholesky.star(op, n, k.dtype, 2))
+    M = matrix(ic(op))
+    r = A @ np.ravel(x)
+    want = np.sum((M @ np.ravel(x) - r) ** 2) / np.sum(r**2)
+    got = float(lp.factor_loss(ic, (k[None], x[None])))
+    np.testing.assert_allclose(got, want, rtol=1e-10)

@@ -65,6 +65,7 @@ MODULES = [
     "iterjax.implicit",
     "iterjax.linear.stationary",
     "iterjax.linear.chebyshev",
+    "iterjax.linear.cholesky",
     "iterjax.linear._base",
     "iterjax.classical.bradley_terry",
     "iterjax.classical.sinkhorn",

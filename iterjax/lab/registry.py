@@ -121,6 +121,7 @@ PRECONDITIONERS = {
     "multigrid": linear.Multigrid,
     "nystrom": linear.NystromPreconditioner,
     "amg": linear.SmoothedAggregation,
+    "ic": linear.IncompleteCholesky,
 }
 KINDS: dict[str, dict[str, typing.Any]] = {
     "solver": SOLVERS,

@@ -7,6 +7,8 @@ from ._base import as_matvec as as_matvec
 from ._base import from_scipy as from_scipy
 from .amg import SmoothedAggregation as SmoothedAggregation
 from .chebyshev import Chebyshev as Chebyshev
+from .cholesky import GridFactor as GridFactor
+from .cholesky import IncompleteCholesky as IncompleteCholesky
 from .flexible import FlexibleCG as FlexibleCG
 from .gcrodr import GCRODR as GCRODR
 from .krylov import CG as CG
