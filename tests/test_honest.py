@@ -147,7 +147,8 @@ GRID_CASES = [
         "cg-multigrid",
         "galerkin-multigrid",
         "galerkin-cg-multigrid",
-        *(["operator-multigrid", "operator-cg-multigrid"] if ndim == 2 else []),
+        "operator-multigrid",
+        "operator-cg-multigrid",
         "cg-ic",
     ]
 ]

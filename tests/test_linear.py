@@ -1288,6 +1288,18 @@ def cycle_counts(mg, A):
     return counts[0]
 
 
+def galerkin_cg_steps(A, b, interpolation):
+    """CG + Galerkin V(1,1)'s steps to rtol 1e-8, checked on the true residual."""
+    mg = Multigrid(coarsening="galerkin", interpolation=interpolation)
+    x, stats = jax.jit(
+        lambda b: ij.CG(rtol=1e-8, preconditioner=mg).solve_with_stats(A, b)
+    )(b)
+    assert bool(stats.converged)
+    assert float(jnp.linalg.norm(b - A(x)) / jnp.linalg.norm(b)) <= 1e-8
+    build, per_apply = cycle_counts(mg, A)
+    return (int(stats.num_matvecs) - build - per_apply) / (1 + per_apply)
+
+
 def test_operator_dependent_interpolation_is_bilinear_on_poisson_and_follows_rough_k():
     from iterjax.linear.multigrid import operator_transfer, prolong, restrict
 
@@ -1298,31 +1310,67 @@ def test_operator_dependent_interpolation_is_bilinear_on_poisson_and_follows_rou
     np.testing.assert_allclose(P(uc), prolong(uc, 31), rtol=0, atol=1e-14)
     np.testing.assert_allclose(R(r), restrict(r), rtol=0, atol=1e-14)
     # on log-normal k (σ = 3, about twelve e-folds) the flux-following P needs
-    # far fewer CG iterations than multilinear Galerkin levels (products 236
-    # against 379 at 63², 375 against 1127 at 255²), to the true residual
+    # far fewer CG iterations than multilinear Galerkin levels (products 202
+    # against 379 at 63², 309 against 1127 at 255²), to the true residual
     n = 63
     k = jnp.asarray(ij.gallery.lognormal_coefficient(n, 3.0, 4, 0))
     A, b = ij.gallery.Poisson2D(k), jnp.ones((n, n))
-    iterations = {}
-    for interpolation in ("multilinear", "operator"):
-        mg = Multigrid(coarsening="galerkin", interpolation=interpolation)
-        x, stats = jax.jit(
-            lambda b, mg=mg: ij.CG(rtol=1e-8, preconditioner=mg).solve_with_stats(A, b)
-        )(b)
-        assert bool(stats.converged)
-        assert float(jnp.linalg.norm(b - A(x)) / jnp.linalg.norm(b)) <= 1e-8
-        build, per_apply = cycle_counts(mg, A)
-        steps = (int(stats.num_matvecs) - build - per_apply) / (1 + per_apply)
-        iterations[interpolation] = steps
+    iterations = {i: galerkin_cg_steps(A, b, i) for i in ("multilinear", "operator")}
     assert iterations["operator"] * 1.5 < iterations["multilinear"], iterations
     with pytest.raises(ValueError, match="`interpolation`='operator' needs"):
         Multigrid(interpolation="operator")
     with pytest.raises(ValueError, match="`interpolation` must be"):
         Multigrid(coarsening="galerkin", interpolation="cubic")
-    with pytest.raises(ValueError, match="2-D only"):
-        Multigrid(coarsening="galerkin", interpolation="operator").levels(
-            ij.gallery.Poisson3D(jnp.ones((7, 7, 7)))
-        )
+    # a transfer costs its classes' terms at their own nodes (2 an edge node,
+    # 8 a centre), not a stencil over the grid: on 63² (levels 63, 31, and a
+    # dense 15²) V(1,1) counts 2 sweeps, a residual and 2 transfers of 9-point
+    # terms on the fine level, 3 sweeps' worth of 9-point products below
+    from iterjax.linear.multigrid import transfer_terms
+
+    assert transfer_terms(5, 2) == (2 * 3 * 2 + 2 * 3 * 2 + 8 * 9) / 25
+    fine = ij.gallery.Poisson2D(jnp.ones((63, 63)))
+    mg = Multigrid(coarsening="galerkin", interpolation="operator")
+    level = (31 / 63) ** 2 * 9 / 5
+    want = (
+        5
+        + 2 * transfer_terms(63, 2) / 5
+        + 3 * level
+        + 2 * level * transfer_terms(31, 2) / 9
+    )
+    build, per_apply = cycle_counts(mg, fine)
+    assert per_apply == math.ceil(want)
+    # the build: the fine stencil probed (9), each Galerkin level probed (9
+    # products of the level above and 9 of each transfer), the dense 15² bottom
+    transfers = 2 * transfer_terms(63, 2) / 5 + level * 2 * transfer_terms(31, 2) / 9
+    bottom = 225 * (15 / 63) ** 2 * 9 / 5
+    assert build == math.ceil(bottom + 9 + 9 * (1 + level) + 9 * transfers)
+
+
+def test_operator_dependent_interpolation_in_3d_is_trilinear_and_follows_rough_k():
+    from iterjax.linear.multigrid import operator_transfer, prolong, restrict
+
+    A = ij.gallery.Poisson3D(jnp.ones((15, 15, 15)))
+    R, P = operator_transfer(Stencil.probe(A, 15, jnp.float64, 3))
+    uc = jax.random.normal(jax.random.PRNGKey(7), (7, 7, 7))
+    r = jax.random.normal(jax.random.PRNGKey(8), (15, 15, 15))
+    np.testing.assert_allclose(P(uc), prolong(uc, 15), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(R(r), restrict(r), rtol=0, atol=1e-13)
+    # on any field a coarse cell's centre solves its own 27-point equation:
+    # A P u_c vanishes there (and R is P's transpose over 8)
+    k = jnp.asarray(ij.gallery.lognormal_coefficient(15, 2.0, 3, 1, ndim=3))
+    A = ij.gallery.Poisson3D(k)
+    R, P = operator_transfer(Stencil.probe(A, 15, jnp.float64, 3))
+    residual = A(P(uc))
+    centres = residual[::2, ::2, ::2]
+    assert float(jnp.max(jnp.abs(centres))) < 1e-12 * float(jnp.max(jnp.abs(residual)))
+    np.testing.assert_allclose(jnp.vdot(R(r), uc), jnp.vdot(r, P(uc)) / 8, rtol=1e-12)
+    # on a rough field (σ = 2) CG + Galerkin V(1,1) with it needs fewer steps
+    # than with trilinear transfers, to the true residual
+    n = 31
+    k = jnp.asarray(ij.gallery.lognormal_coefficient(n, 2.0, 3, 0, ndim=3))
+    A, b = ij.gallery.Poisson3D(k), jnp.ones((n, n, n))
+    steps = {i: galerkin_cg_steps(A, b, i) for i in ("multilinear", "operator")}
+    assert steps["operator"] < steps["multilinear"], steps
 
 
 def test_3d_galerkin_levels_are_27_point_stencils_that_follow_rough_fields():

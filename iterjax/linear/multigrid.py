@@ -155,56 +155,85 @@ def _multilinear(n):
 
 
 def operator_transfer(stencil):
-    """Operator-dependent interpolation P and restriction R = Pᵀ / 4 on a 2-D
-    grid of side n = 2m + 1 (Alcouffe, Brandt, Dendy & Painter 1981), from the
-    fine operator's 9-point `Stencil` w (coarse nodes at odd indices):
+    """Operator-dependent interpolation P and restriction R = Pᵀ / 2^d on a grid
+    of side n = 2m + 1 in d = 2 or 3 dimensions (Alcouffe, Brandt, Dendy &
+    Painter 1981; in 3-D as in Dendy's black-box multigrid), from the fine
+    operator's 3^d-point `Stencil` w (coarse nodes at odd indices).
 
-        coarse node:              u = u_c
-        between two along axis 0: u = -(Σ_b w[-1, b] u_{i-1} + Σ_b w[+1, b] u_{i+1})
-                                        / Σ_b w[0, b]   (the stencil collapsed
-                                        along axis 1; likewise along axis 1)
-        centre of a coarse cell:  u = -Σ_{a ≠ 0} w[a] u_{i+a} / w[0]  (its own
-                                        equation, from the eight values above)
+    A fine node's class is the set F of axes along which its index is even
+    (between coarse nodes): F = ∅ is a coarse node, u = u_c. For |F| = 1, 2,
+    ..., d in turn, a node of class F solves its own equation with the stencil
+    collapsed (summed) over the other axes, w_F, from its neighbours within F,
+    which belong to smaller classes and are already known:
 
-    On a constant-coefficient Laplacian this is bilinear interpolation; where k
-    jumps it follows the flux (u interpolated across an interface weighs the
-    side of larger k), which bilinear interpolation does not. Returns (R, P)."""
+        u = -Σ_{o ∈ {-1, 0, 1}^F, o ≠ 0} w_F[o] u_{i+o} / w_F[0]
+
+    In 2-D: a node between two coarse nodes along axis 0 uses the stencil
+    collapsed along axis 1, and a coarse cell's centre its full 9-point
+    equation; in 3-D, edges, then faces (9-point collapsed stencils), then
+    cell centres (27 points). On a constant-coefficient Laplacian this is
+    multilinear interpolation; where k jumps it follows the flux (u
+    interpolated across an interface weighs the side of larger k), which
+    multilinear interpolation does not. Each class is evaluated at its own
+    nodes only: P costs `transfer_terms(n, d)` multiply-adds a fine node, and
+    so does R. Returns (R, P)."""
     w = stencil.w
-    n = w.shape[0]
-    i, j = jnp.indices((n, n))
-    along0 = (i % 2 == 0) & (j % 2 == 1)  # coarse neighbours at i ± 1
-    along1 = (i % 2 == 1) & (j % 2 == 0)  # coarse neighbours at j ± 1
-    centre = (i % 2 == 0) & (j % 2 == 0)
+    n, d = w.shape[0], stencil.ndim
+    m = (n - 1) // 2
+    classes = [
+        F for size in range(1, d + 1) for F in itertools.combinations(range(d), size)
+    ]
 
-    def weight(where, numerator, denominator):  # 0 off `where` (and finite)
-        return jnp.where(where, -numerator / jnp.where(where, denominator, 1), 0)
+    def nodes(F, offset=None):
+        """F's nodes (even indices along F, odd elsewhere), moved by `offset`
+        along F, as slices of the grid padded by one."""
+        offset = offset or {}
+        return tuple(
+            slice(offset.get(a, 0) + 1, offset.get(a, 0) + n + 1, 2)
+            if a in F
+            else slice(2, n, 2)
+            for a in range(d)
+        )
 
-    rows, cols = w.sum(-1), w.sum(-2)  # (n, n, 3): summed over b, over a
-    w0 = (
-        weight(along0, rows[..., 0], rows[..., 1]),
-        weight(along0, rows[..., 2], rows[..., 1]),
-    )
-    w1 = (
-        weight(along1, cols[..., 0], cols[..., 1]),
-        weight(along1, cols[..., 2], cols[..., 1]),
-    )
-    wc = weight(centre, 1.0, stencil.diagonal())
+    weights = {}
+    for F in classes:  # the class's nodes first, then the collapse
+        others = tuple(d + a for a in range(d) if a not in F)
+        collapsed = w[_unpadded(nodes(F))].sum(others)
+        centre = collapsed[(...,) + (1,) * len(F)]
+        weights[F] = -collapsed / centre[(...,) + (None,) * len(F)]
 
     def P(uc):
-        u = jnp.zeros((n, n), uc.dtype).at[1::2, 1::2].set(uc)
-        up = jnp.pad(u, 1)
-        u = (
-            u
-            + w0[0] * up[:-2, 1:-1]
-            + w0[1] * up[2:, 1:-1]
-            + w1[0] * up[1:-1, :-2]
-            + w1[1] * up[1:-1, 2:]
-        )
-        return u + wc * stencil(u)  # u is 0 at the centres: their equation
+        up = jnp.zeros((n + 2,) * d, uc.dtype).at[(slice(2, n, 2),) * d].set(uc)
+        for F in classes:
+            value = sum(
+                weights[F][(..., *(b + 1 for b in o))] * up[nodes(F, dict(zip(F, o)))]
+                for o in itertools.product((-1, 0, 1), repeat=len(F))
+                if any(o)
+            )
+            up = up.at[nodes(F)].set(value)
+        return up[(slice(1, n + 1),) * d]
 
-    zeros = jax.ShapeDtypeStruct(((n - 1) // 2,) * 2, w.dtype)
+    zeros = jax.ShapeDtypeStruct((m,) * d, w.dtype)
     transpose = jax.linear_transpose(P, zeros)
-    return (lambda r: transpose(r)[0] / 4), P
+    return (lambda r: transpose(r)[0] / 2**d), P
+
+
+def transfer_terms(n, d):
+    """Multiply-adds a fine node of one operator-dependent transfer (P or R)
+    on a grid of side n = 2m + 1: Σ_F (3^|F| - 1) (nodes of class F) / n^d."""
+    m = (n - 1) // 2
+    return (
+        sum(
+            math.comb(d, size) * (3**size - 1) * (m + 1) ** size * m ** (d - size)
+            for size in range(1, d + 1)
+        )
+        / n**d
+    )
+
+
+def _unpadded(slices):
+    """Slices of a grid padded by one, shifted back onto the grid itself."""
+    return tuple(slice(s.start - 1, s.stop - 1, s.step) for s in slices)
 
 
 def _colour_classes(n, ndim, modulus):
@@ -267,9 +296,11 @@ class Multigrid(AbstractPreconditioner):
         below the first coarse level the Gauss-Seidel smoother runs in 2^d
         colours).
       interpolation: "multilinear" (P = 2^d Rᵀ, R full weighting) or
-        "operator" (2-D Galerkin levels only: `operator_transfer`, P from each
-        level's own stencil, R = Pᵀ / 4; probing the fine operator's stencil
-        costs 9 products, and each transfer evaluates the level's stencil once).
+        "operator" (Galerkin levels only: `operator_transfer`, P from each
+        level's own stencil, R = Pᵀ / 2^d; probing the fine operator's stencil
+        costs 3^d products, and each transfer `transfer_terms` multiply-adds a
+        node: a third of a 9-point product in 2-D, a quarter of a 27-point one
+        in 3-D, counted in the cycle and in the 3^d probes of R A P).
 
     Example:
       >>> import jax.numpy as jnp, iterjax
@@ -343,18 +374,13 @@ class Multigrid(AbstractPreconditioner):
                 f"got {type(operator).__name__}"
             )
         d = _ndim(operator)
-        if self.interpolation == "operator" and d != 2:
-            raise ValueError(
-                f"Multigrid: `interpolation`='operator' is 2-D only, got a {d}-D "
-                "operator"
-            )
         coarsest = self.coarsest or (15 if d <= 2 else 7)
         ops, transfers = [operator], []
         while _side(ops[-1]) > coarsest and _side(ops[-1]) % 2 == 1:
             A, n = ops[-1], _side(ops[-1])
             if self.interpolation == "operator":
                 stencil = (
-                    A if isinstance(A, Stencil) else Stencil.probe(A, n, _dtype(A))
+                    A if isinstance(A, Stencil) else Stencil.probe(A, n, _dtype(A), d)
                 )
                 transfers.append(operator_transfer(stencil))
             else:
@@ -413,14 +439,17 @@ class Multigrid(AbstractPreconditioner):
         for level, A in enumerate(ops[:-1]):
             sweep = A.sweep_products if gauss_seidel else 1
             here = (sweep * (self.pre + self.post) + 1) * cost(A)  # and a residual
-            if self.interpolation == "operator":  # P and Pᵀ: a 9-point stencil each
-                here += 2 * cost(A) * 3**d / A.points
+            if self.interpolation == "operator":  # P and R, each class at its nodes
+                here += 2 * cost(A) * transfer_terms(_side(A), d) / A.points
             if visits == 2 and level + 2 < len(ops):  # the second visit's residual
                 here += cost(ops[level + 1])
             work += visits**level * here
         build = n**d * cost(bottom)  # n^d products to assemble the bottom
         if self.coarsening == "galerkin":  # 3^d products of the level above each
             build += sum(3**d * cost(A) for A in ops[:-1])
+        if self.interpolation == "operator":  # and 3^d of each transfer around it
+            terms = lambda A: transfer_terms(_side(A), d) / A.points
+            build += sum(3**d * 2 * cost(A) * terms(A) for A in ops[:-1])
         if self.interpolation == "operator":  # the fine operator's stencil, probed
             build += 0 if isinstance(matvec, Stencil) else 3**d
         return (lambda r: cycle(0, r)), math.ceil(build), math.ceil(work)
