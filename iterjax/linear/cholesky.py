@@ -90,6 +90,7 @@ class GridFactor(struct.PyTreeNode):
         return flip(_lower_solve(flip(self.diag), upper, flip(y)))
 
 
+@jax.jit
 def incomplete_cholesky(centre, couplings):
     """IC(0) of a symmetric star operator (module docstring): `centre` c, (n,)^d,
     and `couplings` α, (d,) + (n,)^d, α[a][i] = A[i, i - e_a]."""
@@ -185,6 +186,7 @@ def _inside(lower):
     return jnp.stack([jnp.where(first(a) > 0, lower[a], 0) for a in range(d)])
 
 
+@jax.jit
 def _lower_solve(diag, lower, r):
     """y with L y = r (module docstring), by wavefronts."""
 
