@@ -140,7 +140,7 @@ def grid_solving(name, capped, ndim):
 
 
 GRID_CASES = [
-    (name, ndim)
+    (name, ndim, capped)
     for ndim in (2, 3)
     for name in [
         "multigrid",
@@ -151,12 +151,17 @@ GRID_CASES = [
         "operator-cg-multigrid",
         "cg-ic",
     ]
+    for capped in (False, True)
+    # (the cap's rule is the solvers' own, tested capped in 2-D and with
+    # multilinear levels in 3-D: 3-D operator-dependent levels compile slowly)
+    if not (capped and ndim == 3 and name.startswith("operator"))
 ]
 
 
-@pytest.mark.parametrize("capped", [False, True], ids=["free", "capped"])
 @pytest.mark.parametrize(
-    "name,ndim", GRID_CASES, ids=[f"{n}-{d}d" for n, d in GRID_CASES]
+    "name,ndim,capped",
+    GRID_CASES,
+    ids=[f"{n}-{d}d-{'capped' if c else 'free'}" for n, d, c in GRID_CASES],
 )
 @given(data=st.data())
 def test_grid_solvers_converged_means_the_true_residual_is_within_tolerance(

@@ -184,38 +184,67 @@ def operator_transfer(stencil):
         F for size in range(1, d + 1) for F in itertools.combinations(range(d), size)
     ]
 
-    def nodes(F, offset=None):
-        """F's nodes (even indices along F, odd elsewhere), moved by `offset`
-        along F, as slices of the grid padded by one."""
-        offset = offset or {}
-        return tuple(
-            slice(offset.get(a, 0) + 1, offset.get(a, 0) + n + 1, 2)
-            if a in F
-            else slice(2, n, 2)
-            for a in range(d)
-        )
-
+    # a grid function is held as 2^d parity blocks, block[p] the nodes whose
+    # index along axis a has parity p[a] (1: odd, coarse-like): class F is the
+    # block even along F, odd elsewhere; its neighbours are contiguous slices
+    parity = lambda F: tuple(0 if a in F else 1 for a in range(d))
     weights = {}
     for F in classes:  # the class's nodes first, then the collapse
+        at = tuple(slice(0 if a in F else 1, n, 2) for a in range(d))
         others = tuple(d + a for a in range(d) if a not in F)
-        collapsed = w[_unpadded(nodes(F))].sum(others)
+        collapsed = w[at].sum(others)
         centre = collapsed[(...,) + (1,) * len(F)]
         weights[F] = -collapsed / centre[(...,) + (None,) * len(F)]
 
+    def neighbour(blocks, F, o):
+        """The values at F's nodes moved by o along F (zero off the grid)."""
+        p, block = list(parity(F)), None
+        for a, step in zip(F, o):
+            p[a] = 1 if step else 0
+        block = blocks[tuple(p)]
+        for a, step in zip(F, o):
+            if step:  # even 2j + step is odd 2j' + 1, j' = j - 1 or j
+                pad = [(0, 0)] * d
+                pad[a] = (1, 1)
+                block = jax.lax.slice_in_dim(
+                    jnp.pad(block, pad),
+                    (step + 1) // 2,
+                    (step + 1) // 2 + m + 1,
+                    axis=a,
+                )
+        return block
+
     def P(uc):
-        up = jnp.zeros((n + 2,) * d, uc.dtype).at[(slice(2, n, 2),) * d].set(uc)
+        blocks = {(1,) * d: uc}
         for F in classes:
-            value = sum(
-                weights[F][(..., *(b + 1 for b in o))] * up[nodes(F, dict(zip(F, o)))]
+            blocks[parity(F)] = sum(
+                weights[F][(..., *(b + 1 for b in o))] * neighbour(blocks, F, o)
                 for o in itertools.product((-1, 0, 1), repeat=len(F))
                 if any(o)
             )
-            up = up.at[nodes(F)].set(value)
-        return up[(slice(1, n + 1),) * d]
+        for axis in range(d):  # interleave the parities, one axis at a time
+            blocks = {
+                key[1:]: _interleave(blocks[(0, *key[1:])], blocks[key], axis)
+                for key in blocks
+                if key[0] == 1
+            }
+        return blocks[()]
 
     zeros = jax.ShapeDtypeStruct((m,) * d, w.dtype)
     transpose = jax.linear_transpose(P, zeros)
     return (lambda r: transpose(r)[0] / 2**d), P
+
+
+def _interleave(even, odd, axis):
+    """The grid whose nodes along `axis` are even's (m + 1) at even indices and
+    odd's (m) at odd ones."""
+    m = odd.shape[axis]
+    head = jax.lax.slice_in_dim(even, 0, m, axis=axis)
+    pair = jnp.stack([head, odd], axis=axis + 1)
+    shape = list(odd.shape)
+    shape[axis] = 2 * m
+    tail = jax.lax.slice_in_dim(even, m, m + 1, axis=axis)
+    return jnp.concatenate([pair.reshape(shape), tail], axis=axis)
 
 
 def transfer_terms(n, d):
@@ -229,11 +258,6 @@ def transfer_terms(n, d):
         )
         / n**d
     )
-
-
-def _unpadded(slices):
-    """Slices of a grid padded by one, shifted back onto the grid itself."""
-    return tuple(slice(s.start - 1, s.stop - 1, s.step) for s in slices)
 
 
 def _colour_classes(n, ndim, modulus):
