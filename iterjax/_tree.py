@@ -60,7 +60,13 @@ def nan_safe_max(a, **kwargs):
 
 def max_abs(x):
     """The infinity norm of a pytree: the largest |x_i| over all leaves (inf
-    where a leaf holds a NaN)."""
+    where a leaf holds a NaN).
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> x = {"a": jnp.array([3.0, -4.0]), "b": jnp.array(1.0)}
+      >>> float(iterjax.max_norm(x)), float(iterjax.max_norm(jnp.array([1.0, jnp.nan])))
+      (4.0, inf)"""
     leaves = [nan_safe_max(jnp.abs(a), initial=0.0) for a in jtu.tree_leaves(x)]
     return _reduce(nan_safe_max, leaves)
 
@@ -69,13 +75,23 @@ max_norm = max_abs
 
 
 def two_norm(x):
-    """The Euclidean norm of a pytree (all leaves flattened together)."""
+    """The Euclidean norm of a pytree (all leaves flattened together).
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> float(iterjax.two_norm({"a": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)}))
+      5.0"""
     leaves = [jnp.sum(jnp.abs(a) ** 2) for a in jtu.tree_leaves(x)]
     return jnp.sqrt(_reduce(jnp.sum, leaves))
 
 
 def rms_norm(x):
-    """two_norm(x) / sqrt(number of elements)."""
+    """two_norm(x) / sqrt(number of elements).
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> float(iterjax.rms_norm({"a": jnp.array([3.0, 0.0]), "b": jnp.array(4.0)}))
+      2.886751..."""
     size = sum(jnp.size(a) for a in jtu.tree_leaves(x))
     return two_norm(x) / max(size, 1) ** 0.5
 

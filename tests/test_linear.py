@@ -1365,13 +1365,8 @@ def test_operator_dependent_interpolation_in_3d_is_trilinear_and_follows_rough_k
     centres = residual[::2, ::2, ::2]
     assert float(jnp.max(jnp.abs(centres))) < 1e-12 * float(jnp.max(jnp.abs(residual)))
     np.testing.assert_allclose(jnp.vdot(R(r), uc), jnp.vdot(r, P(uc)) / 8, rtol=1e-12)
-    # on a rough field (σ = 2) CG + Galerkin V(1,1) with it needs fewer steps
-    # than with trilinear transfers (12 against 14), to the true residual
-    n = 15
-    k = jnp.asarray(ij.gallery.lognormal_coefficient(n, 2.0, 3, 0, ndim=3))
-    A, b = ij.gallery.Poisson3D(k), jnp.ones((n, n, n))
-    steps = {i: galerkin_cg_steps(A, b, i) for i in ("multilinear", "operator")}
-    assert steps["operator"] < steps["multilinear"], steps
+    # (CG with it converges to dense solves on adversarial fields in 3-D:
+    # tests/test_honest.py; its compile takes ~6 s, so no second solve here)
 
 
 def test_3d_galerkin_levels_are_27_point_stencils_that_follow_rough_fields():

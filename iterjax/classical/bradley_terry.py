@@ -134,7 +134,15 @@ def _check(wins, iteration):
 def strongly_connected(wins) -> bool:
     """Whether the directed graph "i beat j" (`wins[i, j] > 0`) is strongly
     connected: the condition for unique maximum-likelihood scores (concrete
-    `wins` only)."""
+    `wins` only).
+
+    Example:
+      >>> import numpy as np, iterjax
+      >>> from iterjax.classical import strongly_connected
+      >>> cycle = np.array([[0, 1, 0], [0, 0, 1], [1, 0, 0]])  # 0 > 1 > 2 > 0
+      >>> chain = np.array([[0, 1, 0], [0, 0, 1], [0, 0, 0]])  # 2 never wins
+      >>> strongly_connected(cycle), strongly_connected(chain)
+      (True, False)"""
     w = np.asarray(wins)
     return not (_unreached(w > 0).size or _unreached(w.T > 0).size)
 

@@ -172,6 +172,7 @@ class Workdir:
             if not hasattr(fig.canvas, "get_renderer"):  # a Figure() without pyplot
                 FigureCanvasAgg(fig)
             fig.canvas.draw()  # lays it out
+            fig.set_layout_engine("none")  # and keeps it: savefig draws again
             found = overlapping_labels(fig)
             if found:
                 pairs = "; ".join(f"{a!r} overlaps {b!r}" for a, b in found)

@@ -202,7 +202,13 @@ def solve_sequence(solver, matvec, systems, bs):
 def similarity_order(features):
     """A greedy nearest-neighbour tour of the systems (SKR's sorting): start at
     system 0, then always go to the nearest unvisited one (Euclidean distance
-    of `features`, shape (N, d)). Returns the permutation (N,), int32."""
+    of `features`, shape (N, d)). Returns the permutation (N,), int32.
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> features = jnp.array([[0.0], [5.0], [1.0], [4.0]])
+      >>> iterjax.linear.similarity_order(features).tolist()
+      [0, 2, 3, 1]"""
     features = jnp.asarray(features)
     n = features.shape[0]
     dist = jnp.sum((features[:, None] - features[None]) ** 2, axis=-1)

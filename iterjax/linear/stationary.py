@@ -40,6 +40,13 @@ class MatrixOperator(struct.PyTreeNode):
 
     Attributes:
       matrix: (n, n), with a nonzero diagonal.
+
+    Example:
+      >>> import jax.numpy as jnp, iterjax
+      >>> A = iterjax.linear.MatrixOperator(jnp.array([[4.0, 1.0], [1.0, 3.0]]))
+      >>> sol = iterjax.linear.SOR(1.0, atol=1e-6).solve(A, jnp.array([1.0, 2.0]))
+      >>> bool(sol.converged), bool(jnp.allclose(A(sol.value), jnp.array([1.0, 2.0])))
+      (True, True)
     """
 
     matrix: jax.Array

@@ -39,6 +39,11 @@ def refined_weights(grad_norms, smoothing: float = 0.0) -> np.ndarray:
 
     Returns:
       (T,) numpy float64 weights in [0, 1], the largest 1.
+
+    Example:
+      >>> import numpy as np, iterjax
+      >>> iterjax.tuning.refined_weights(np.ones(5)).tolist()  # constant: linear decay
+      [1.0, 0.75, 0.5, 0.25, 0.0]
     """
     g = np.asarray(grad_norms, dtype=np.float64)
     if g.ndim != 1 or g.size < 2:
